@@ -1,0 +1,1 @@
+"""Bootstrap node: a long-lived DHT server and gossip relay for operators."""

@@ -1,0 +1,1 @@
+"""ONNX models for edgeswarm: registry, runtime sessions, input limits, hardware probe."""

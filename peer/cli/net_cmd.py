@@ -1,0 +1,1 @@
+"""`edgeswarm id|run|bootstrap|peers` (filled in by the peer-foundation work)."""
