@@ -1,0 +1,229 @@
+"""Who witnesses an account's transfers, and who referees a job.
+
+An account's committee is the ``3f+1`` members of a pool whose key
+(sha256 of the peer id) is closest, by XOR, to
+``sha256(domain || account || beacon)``. The beacon is a public value fixed
+before the account could influence it (the network's genesis beacon, or an
+older agreed state hash), so a payer cannot grind keys until its own Sybils
+become its witnesses: a fresh key changes only ``account``, and the pool only
+admits accounts that are aged and have earned (``EligibilityPolicy``).
+
+Small swarms: when fewer than ``3f+1`` pool members are eligible, the
+committee is drawn from ``pool | fallback`` (the network's bootstrap/genesis
+witnesses), and if that is still short it is simply smaller. A committee of
+``n`` members tolerates ``f = (n-1)//3`` byzantine witnesses (0 for n < 4)
+and needs ``quorum = (n+f)//2 + 1`` votes, which keeps any two quorums
+overlapping in an honest member; ``Committee.degraded`` says the target size
+was not met. Referee panels use the same rule with another domain tag and
+the job id in place of the account.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from protocols.codec import encode
+from protocols.errors import LocalProtocolError
+from protocols.signing import signing_bytes
+
+COMMITTEE_DOMAIN = "edgeswarm/committee/v1"
+REFEREE_DOMAIN = "edgeswarm/referees/v1"
+MAX_COMMITTEE = 64
+
+
+def fault_tolerance(n: int) -> int:
+    """Byzantine members a committee of ``n`` tolerates: ``(n-1)//3``."""
+    return max(0, (n - 1) // 3)
+
+
+def quorum_size(n: int) -> int:
+    """Votes needed: ``(n+f)//2 + 1`` (= 2f+1 when n = 3f+1); two quorums share an honest member."""
+    if n < 1:
+        raise LocalProtocolError("a committee needs at least one member")
+    return (n + fault_tolerance(n)) // 2 + 1
+
+
+@dataclass(frozen=True)
+class Committee:
+    """The witnesses of one account (members sorted by closeness, nearest first)."""
+
+    account: str
+    members: tuple[str, ...]
+    target_size: int
+    _set: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.members) <= MAX_COMMITTEE:
+            raise LocalProtocolError(
+                f"a committee has 1..{MAX_COMMITTEE} members, got {len(self.members)}"
+            )
+        if len(set(self.members)) != len(self.members):
+            raise LocalProtocolError("committee members must be distinct")
+        if self.account in self.members:
+            raise LocalProtocolError("an account cannot witness its own transfers")
+        object.__setattr__(self, "_set", frozenset(self.members))
+
+    def __contains__(self, peer_id: object) -> bool:
+        return peer_id in self._set
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+    @property
+    def f(self) -> int:
+        return fault_tolerance(self.size)
+
+    @property
+    def quorum(self) -> int:
+        return quorum_size(self.size)
+
+    @property
+    def degraded(self) -> bool:
+        """True when fewer members than ``3f+1`` for the configured f could be found."""
+        return self.size < self.target_size
+
+
+@dataclass(frozen=True)
+class RefereePanel:
+    """The referees of one job; ``threshold`` matching verdicts decide it (a majority)."""
+
+    job_id: bytes
+    members: tuple[str, ...]
+
+    def __contains__(self, peer_id: object) -> bool:
+        return peer_id in self.members
+
+    @property
+    def threshold(self) -> int:
+        return len(self.members) // 2 + 1
+
+
+def _target(domain: str, subject: bytes, beacon: bytes) -> int:
+    return int.from_bytes(
+        hashlib.sha256(signing_bytes(domain, encode([subject, beacon]))).digest(), "big"
+    )
+
+
+def _key(peer_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(peer_id.encode()).digest(), "big")
+
+
+def closest(domain: str, subject: bytes, beacon: bytes, pool: Iterable[str], k: int) -> list[str]:
+    """The ``k`` pool members closest (XOR) to the target; ties by peer id. Deterministic."""
+    target = _target(domain, subject, beacon)
+    return sorted(set(pool), key=lambda p: (_key(p) ^ target, p))[:k]
+
+
+def select_committee(
+    account: str,
+    beacon: bytes,
+    pool: Iterable[str],
+    *,
+    f: int = 1,
+    fallback: Iterable[str] = (),
+) -> Committee:
+    """``3f+1`` witnesses for ``account`` from ``pool`` (topped up from ``fallback`` if short)."""
+    if f < 0 or 3 * f + 1 > MAX_COMMITTEE:
+        raise LocalProtocolError(f"f must be 0..{(MAX_COMMITTEE - 1) // 3}, got {f}")
+    size = 3 * f + 1
+    candidates = set(pool) - {account}
+    if len(candidates) < size:
+        candidates |= set(fallback) - {account}
+    if not candidates:
+        raise LocalProtocolError(f"no witness candidates for {account}: pool and fallback empty")
+    members = closest(COMMITTEE_DOMAIN, account.encode(), beacon, candidates, size)
+    return Committee(account=account, members=tuple(members), target_size=size)
+
+
+def select_referees(
+    job_id: bytes,
+    parties: Iterable[str],
+    beacon: bytes,
+    pool: Iterable[str],
+    *,
+    size: int = 3,
+    fallback: Iterable[str] = (),
+) -> RefereePanel:
+    """``size`` referees for a job, never one of its ``parties`` (requester, executors)."""
+    if not 1 <= size <= MAX_COMMITTEE:
+        raise LocalProtocolError(f"referee panel size must be 1..{MAX_COMMITTEE}, got {size}")
+    excluded = set(parties)
+    candidates = set(pool) - excluded
+    if len(candidates) < size:
+        candidates |= set(fallback) - excluded
+    if not candidates:
+        raise LocalProtocolError("no referee candidates: pool and fallback empty")
+    return RefereePanel(
+        job_id=job_id, members=tuple(closest(REFEREE_DOMAIN, job_id, beacon, candidates, size))
+    )
+
+
+@dataclass(frozen=True)
+class EligibilityPolicy:
+    """Who may join the witness/referee pool: proven identity and matured earnings."""
+
+    min_earned: int = 10_000_000  # 10 credits, earned and out of escrow
+
+    def eligible(
+        self, matured_earned: Mapping[str, int], identities: Iterable[str], banned: Iterable[str]
+    ) -> frozenset[str]:
+        ids, bad = set(identities), set(banned)
+        return frozenset(
+            a
+            for a, e in matured_earned.items()
+            if e >= self.min_earned and a in ids and a not in bad
+        )
+
+
+@dataclass(frozen=True)
+class CommitteeRule:
+    """The agreed inputs of selection for one epoch: beacon, pool, fallback, f, panel size.
+
+    Every peer must use the same rule to agree on certificates; in this build
+    the I/O layer pins it from network config (fallback = bootstrap
+    witnesses) and may pin a pool computed by ``EligibilityPolicy`` from an
+    agreed checkpoint. Committees are cached per account.
+    """
+
+    beacon: bytes
+    pool: frozenset[str] = frozenset()
+    fallback: frozenset[str] = frozenset()
+    f: int = 1
+    referee_panel_size: int = 3
+    _cache: dict[str, Committee] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def committee_for(self, account: str) -> Committee:
+        c = self._cache.get(account)
+        if c is None:
+            c = select_committee(account, self.beacon, self.pool, f=self.f, fallback=self.fallback)
+            if len(self._cache) < 100_000:
+                self._cache[account] = c
+        return c
+
+    def referees_for(self, job_id: bytes, parties: Iterable[str]) -> RefereePanel:
+        return select_referees(
+            job_id,
+            parties,
+            self.beacon,
+            self.pool,
+            size=self.referee_panel_size,
+            fallback=self.fallback,
+        )
+
+
+__all__ = [
+    "Committee",
+    "CommitteeRule",
+    "EligibilityPolicy",
+    "RefereePanel",
+    "closest",
+    "fault_tolerance",
+    "quorum_size",
+    "select_committee",
+    "select_referees",
+]
