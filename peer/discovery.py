@@ -1,0 +1,397 @@
+"""Capability ads in the Kademlia DHT, model providers, and how ads are listed.
+
+Publishing: the ad is stored under ``/edgeswarm-ad/<peer id>`` with
+``put_value`` (which stores it locally and at the closest peers), and is
+re-published at half its TTL, whenever we join a bootstrap node, and when the
+load or the served models change. Its ``seq`` is derived from the clock
+(milliseconds, strictly increasing), so a restarted peer outranks the ad it
+published in its previous life without persisting a counter.
+
+Validation: every node runs ``AdValidator`` for the ``edgeswarm-ad``
+namespace, so forged, oversize, expired or garbage records are refused on
+PUT (never stored) and ignored on GET; ``select`` keeps the higher seq. The
+DHT keeps a stored record 24 h whatever its content says, so the maintenance
+loop also drops expired ads from the local store.
+
+Looking up one ad: py-libp2p's ``get_value`` answers from the local store
+when it holds *any* copy and then never asks the network again (and it caches
+every answer it fetched), so a listing would pin stale load figures. We ask
+the peers instead: the owner itself (freshest copy) plus the closest peers to
+the key, validate every answer and keep the best (``better_record``).
+
+Listing all ads: a DHT cannot enumerate its keys, so ``find_ads`` looks up
+the ad key of every peer we know of: the routing table, the connected peers,
+the peerstore (peers learned from FIND_NODE answers) and the owners of ads
+stored at us. A routing-table refresh first (one iterative self-lookup plus
+one per bucket) fills these sets. For each candidate we ask its owner and the
+3 locally-closest peers to its key in one round. A peer that is gone stops
+answering and its stored copies expire, so it drops out of the listing
+within one ad TTL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import nacl.signing
+import trio
+from libp2p.abc import IHost
+from libp2p.kad_dht.kad_dht import KadDHT
+from libp2p.peer.id import ID
+from libp2p.records.validator import Validator
+
+from protocols.ad import (
+    AD_KEY_PREFIX,
+    AD_MAX_SIZE,
+    CapabilityAd,
+    Device,
+    ModelOffer,
+    ad_key,
+    better_record,
+    build_ad,
+    parse_ad_record,
+    peer_id_from_ad_key,
+    select_best,
+)
+from protocols.errors import ProtocolError
+from protocols.identity import public_key_from_peer_id
+
+log = logging.getLogger(__name__)
+
+ModelEntry = tuple[str, str, float]
+"""(cid, name, p50_ms) of a model this peer serves."""
+ModelsSource = Iterable[ModelEntry] | Callable[[], Iterable[ModelEntry]] | None
+
+QUERY_TIMEOUT = 3.0  # one GET_VALUE at one peer
+WALK_TIMEOUT = 10.0  # one iterative lookup
+PUBLISH_TIMEOUT = 30.0
+MIN_PUBLISH_INTERVAL = 1.0  # debounce load updates
+PURGE_INTERVAL = 30.0  # drop expired ads from our store at least this often
+LIST_CONCURRENCY = 16
+LIST_CLOSEST = 3
+
+_SHA256_HEX = re.compile(r"^(?:sha256:)?([0-9a-f]{64})$")
+
+
+class AdRejected(ValueError):
+    """The DHT validator refused a record; py-libp2p treats any exception as 'reject'."""
+
+
+class AdValidator(Validator):
+    """py-libp2p validator for the ``edgeswarm-ad`` namespace (wraps protocols.ad)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+
+    def validate(self, key: str, value: bytes) -> None:
+        try:
+            parse_ad_record(key, value, self._clock())
+        except ProtocolError as exc:
+            log.debug("rejected ad record under %s: %s", key[:80], exc)
+            raise AdRejected(f"{key[:80]}: {exc}") from None
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        return select_best(key, values, self._clock())
+
+
+def provider_key(cid: str) -> str:
+    """DHT provider key for a model cid.
+
+    A sha256 hex cid (optionally ``sha256:``-prefixed) becomes its multihash
+    (``1220`` + digest) in hex, the same key an IPFS node would use for that
+    digest; anything else is passed to py-libp2p as is (e.g. a CID string).
+    """
+    m = _SHA256_HEX.match(cid.lower())
+    return "1220" + m.group(1) if m else cid
+
+
+@dataclass(frozen=True)
+class Provider:
+    """A peer that announced it serves a cid, with the addresses it gave."""
+
+    peer_id: str
+    addrs: tuple[str, ...]
+
+
+def _models_now(source: ModelsSource) -> tuple[ModelOffer, ...]:
+    if source is None:
+        return ()
+    entries = source() if callable(source) else source
+    out: dict[str, ModelOffer] = {}
+    for cid, name, p50 in entries:
+        out.setdefault(cid, ModelOffer(cid=cid, name=name, p50_ms=float(p50)))
+    return tuple(out.values())
+
+
+def _is_edgeswarm_peer(peer_id: str) -> bool:
+    try:
+        public_key_from_peer_id(peer_id)
+    except ProtocolError:
+        return False
+    return True
+
+
+@dataclass
+class AdState:
+    """What goes into our next ad (mutable inputs; the ad itself is immutable)."""
+
+    addrs: tuple[str, ...]
+    devices: tuple[Device, ...]
+    providers: tuple[str, ...]
+    price: float
+    models: ModelsSource = None
+    load: float = 0.0
+    queue: int = 0
+    provided: set[str] = field(default_factory=set)
+
+
+class Discovery:
+    """Publishes our ad, provides our models, finds others' ads and providers."""
+
+    def __init__(
+        self,
+        host: IHost,
+        dht: KadDHT,
+        key: nacl.signing.SigningKey,
+        state: AdState | None,
+        *,
+        ttl: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.host = host
+        self.dht = dht
+        self._key = key
+        self._state = state
+        self._ttl = ttl
+        self._clock = clock
+        self._seq = 0
+        self._wake = trio.Event()
+        self.current_ad: CapabilityAd | None = None
+        self.peer_id = str(host.get_id())
+
+    # -- publishing -------------------------------------------------------
+
+    @property
+    def publishes(self) -> bool:
+        return self._state is not None
+
+    def request_publish(self) -> None:
+        """Publish again soon (after a join, a load change, new models)."""
+        self._wake.set()
+
+    def set_load(self, load: float, queue: int) -> None:
+        if self._state is not None:
+            self._state.load, self._state.queue = float(load), int(queue)
+            self.request_publish()
+
+    def _next_ad(self) -> CapabilityAd:
+        assert self._state is not None
+        now = self._clock()
+        self._seq = max(self._seq + 1, int(now * 1000))
+        s = self._state
+        return CapabilityAd(
+            peer_id=self.peer_id,
+            addrs=s.addrs,
+            devices=s.devices,
+            providers=s.providers,
+            models=_models_now(s.models),
+            price=s.price,
+            load=s.load,
+            queue=s.queue,
+            seq=self._seq,
+            expires_at=now + self._ttl,
+        )
+
+    async def publish_once(self) -> None:
+        """Sign a fresh ad, store it in the DHT, and provide any cid not yet provided."""
+        if self._state is None:
+            return
+        ad = self._next_ad()
+        value = build_ad(self._key, ad)
+        self.current_ad = ad
+        with trio.move_on_after(PUBLISH_TIMEOUT) as scope:
+            try:
+                await self.dht.put_value(ad_key(self.peer_id), value)
+            except (ValueError, OSError, trio.BrokenResourceError) as exc:
+                log.warning("could not publish capability ad (seq %d): %s", ad.seq, exc)
+        if scope.cancelled_caught:
+            log.warning("publishing the capability ad took over %.0f s", PUBLISH_TIMEOUT)
+        log.debug("published ad seq %d with %d models", ad.seq, len(ad.models))
+        for model in ad.models:
+            if model.cid not in self._state.provided:
+                with trio.move_on_after(PUBLISH_TIMEOUT):
+                    try:
+                        await self.dht.provide(provider_key(model.cid))
+                        self._state.provided.add(model.cid)
+                    except (ValueError, OSError) as exc:
+                        log.warning("could not provide model %s: %s", model.cid, exc)
+
+    def reprovide_all(self) -> None:
+        """Forget which cids were provided, so the next publish announces them all again."""
+        if self._state is not None:
+            self._state.provided.clear()
+            self.request_publish()
+
+    def purge_expired(self) -> int:
+        """Drop ads from our DHT store that are expired or invalid (py-libp2p keeps them 24 h)."""
+        store = self.dht.value_store
+        prefix = AD_KEY_PREFIX.encode()
+        now = self._clock()
+        dropped = 0
+        for kb in [k for k in list(store.store) if k.startswith(prefix)]:
+            record = store.store[kb][0]
+            try:
+                parse_ad_record(kb.decode(), record.value, now)
+            except (ProtocolError, UnicodeDecodeError):
+                store.remove(kb)
+                dropped += 1
+        return dropped
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Publish now, then keep the ad fresh; reports started after the first publish."""
+        await self.publish_once()
+        task_status.started()
+        last = self._clock()
+        while True:
+            wait = PURGE_INTERVAL
+            if self.publishes:  # re-publish at half-life
+                wait = min(wait, max(0.0, last + self._ttl / 2 - self._clock()))
+            requested = False
+            with trio.move_on_after(wait):
+                await self._wake.wait()
+                requested = True
+            if requested:
+                # A rate limit, not a settle-down sleep: load updates can come fast.
+                since = self._clock() - last
+                if since < MIN_PUBLISH_INTERVAL:
+                    await trio.sleep(MIN_PUBLISH_INTERVAL - since)
+                self._wake = trio.Event()
+            self.purge_expired()
+            if self.publishes and (requested or self._clock() >= last + self._ttl / 2):
+                await self.publish_once()
+                last = self._clock()
+
+    # -- finding ----------------------------------------------------------
+
+    async def _ask(self, peer: ID, key: str) -> CapabilityAd | None:
+        kb = key.encode()
+        with trio.move_on_after(QUERY_TIMEOUT):
+            try:
+                rec = await self.dht.value_store._get_from_peer(peer, kb, return_record=True)
+            except Exception as exc:  # py-libp2p raises many types on a dead peer
+                log.debug("GET %s from %s failed: %s", key, peer, exc)
+                return None
+            value = getattr(rec, "value", None)
+            if not value or len(value) > AD_MAX_SIZE:
+                return None
+            try:
+                return parse_ad_record(key, value, self._clock())
+            except ProtocolError as exc:
+                log.info("peer %s answered with an invalid ad for %s: %s", peer, key, exc)
+        return None
+
+    def _local(self, key: str) -> CapabilityAd | None:
+        rec = self.dht.value_store.get(key.encode())
+        if rec is None:
+            return None
+        try:
+            return parse_ad_record(key, rec.value, self._clock())
+        except ProtocolError:
+            return None
+
+    async def find_ad(self, peer_id: str, *, walk: bool = True) -> CapabilityAd | None:
+        """The best valid ad of ``peer_id`` we can find now, or None.
+
+        ``walk=True`` runs an iterative DHT lookup for the key's closest peers;
+        ``walk=False`` asks only the owner and the closest peers we know.
+        """
+        key = ad_key(peer_id)
+        mine = self.current_ad if peer_id == self.peer_id else None
+        if mine is not None and mine.expires_at > self._clock():
+            return mine
+        found: list[CapabilityAd] = []
+        local = self._local(key)
+        if local is not None:
+            found.append(local)
+        kb = key.encode()
+        targets: list[ID] = []
+        owner = ID.from_base58(peer_id)
+        if owner != self.host.get_id():
+            targets.append(owner)
+        if walk:
+            with trio.move_on_after(WALK_TIMEOUT):
+                closest = await self.dht.peer_routing.find_closest_peers_network(kb)
+                targets += [p for p in closest if p not in targets]
+        else:
+            closest = self.dht.routing_table.find_local_closest_peers(kb, LIST_CLOSEST)
+            targets += [p for p in closest if p not in targets]
+        targets = [p for p in targets if p != self.host.get_id()]
+
+        async def ask(p: ID) -> None:
+            ad = await self._ask(p, key)
+            if ad is not None:
+                found.append(ad)
+
+        async with trio.open_nursery() as nursery:
+            for p in targets:
+                nursery.start_soon(ask, p)
+        best: CapabilityAd | None = None
+        for ad in found:
+            best = ad if best is None else better_record(ad, best)
+        return best
+
+    def known_peer_ids(self) -> set[str]:
+        """Every peer id we could look an ad up for (see the module docstring)."""
+        ids: set[str] = {str(p) for p in self.dht.routing_table.get_peer_ids()}
+        ids |= {str(p) for p in self.host.get_connected_peers()}
+        with contextlib.suppress(Exception):  # the other sources suffice
+            ids |= {str(p) for p in self.host.get_peerstore().peers_with_addrs()}
+        prefix = AD_KEY_PREFIX.encode()
+        for kb in list(self.dht.value_store.store):
+            if kb.startswith(prefix):
+                with contextlib.suppress(ProtocolError, UnicodeDecodeError):
+                    ids.add(peer_id_from_ad_key(kb.decode()))
+        if self.publishes:
+            ids.add(self.peer_id)
+        return {i for i in ids if _is_edgeswarm_peer(i)}
+
+    async def find_ads(self, *, refresh: bool = True) -> list[CapabilityAd]:
+        """Valid ads of every peer we know of (ours included), sorted by peer id."""
+        if refresh:
+            with trio.move_on_after(WALK_TIMEOUT):
+                try:
+                    await self.dht.refresh_routing_table()
+                except Exception as exc:
+                    log.debug("routing table refresh failed: %s", exc)
+        ids = sorted(self.known_peer_ids())
+        results: dict[str, CapabilityAd] = {}
+        limiter = trio.CapacityLimiter(LIST_CONCURRENCY)
+
+        async def one(pid: str) -> None:
+            async with limiter:
+                ad = await self.find_ad(pid, walk=False)
+            if ad is not None:
+                results[pid] = ad
+
+        async with trio.open_nursery() as nursery:
+            for pid in ids:
+                nursery.start_soon(one, pid)
+        return [results[p] for p in sorted(results)]
+
+    async def find_providers(self, cid: str, *, count: int = 20) -> list[Provider]:
+        """Peers that provide ``cid``, each once (py-libp2p can repeat a provider)."""
+        with trio.move_on_after(WALK_TIMEOUT):
+            infos = await self.dht.find_providers(provider_key(cid), count)
+            seen: dict[str, Provider] = {}
+            for info in infos:
+                pid = str(info.peer_id)
+                if pid not in seen:
+                    seen[pid] = Provider(pid, tuple(str(a) for a in info.addrs))
+            return list(seen.values())
+        return []

@@ -1,0 +1,355 @@
+"""``open_peer``: one edgeswarm peer with all its network services, started and stopped together.
+
+::
+
+    async with open_peer(config, models=[(cid, "mobilenet", 12.5)]) as peer:
+        print(peer.peer_id, peer.listen_addrs)
+        for ad in await peer.find_ads():
+            ...
+
+Roles:
+
+* ``"peer"`` (default): DHT server, publishes a capability ad, provides the
+  cids of its models, joins gossipsub.
+* ``"bootstrap"``: DHT server and gossip relay with no ad and no models.
+* ``"client"``: DHT client (answers no DHT queries, stores nothing for
+  others) that only looks things up, e.g. ``edgeswarm peers``.
+
+Every service runs in a nursery owned by this context manager; on exit all of
+them stop and the host closes, nothing is left running. Bootstrap nodes that
+cannot be reached are retried with exponential backoff (0.5 s .. 30 s) for as
+long as the peer runs; whenever a link comes up (again) the peer refreshes
+its routing table and re-publishes its ad.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+import nacl.signing
+import trio
+from libp2p.abc import IHost, INetConn, INetStream, INotifee
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.peer.id import ID
+from libp2p.pubsub.gossipsub import (
+    PROTOCOL_ID,
+    PROTOCOL_ID_V11,
+    PROTOCOL_ID_V12,
+    GossipSub,
+)
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.tools.anyio_service import background_trio_service
+from multiaddr import Multiaddr
+
+from peer.config import Config
+from peer.discovery import (
+    WALK_TIMEOUT,
+    AdState,
+    AdValidator,
+    Discovery,
+    ModelsSource,
+    Provider,
+)
+from peer.host import (
+    DIAL_TIMEOUT,
+    build_host,
+    connect,
+    peer_info_from_addr,
+    running_host,
+)
+from peer.identity import load_or_create_identity
+from peer.logging_setup import exception_leaves, install_libp2p_filter, log_exception_leaves
+from protocols.ad import AD_NAMESPACE, MAX_ADDRS, CapabilityAd, Device
+
+log = logging.getLogger(__name__)
+
+Role = Literal["peer", "bootstrap", "client"]
+ROLES: tuple[Role, ...] = ("peer", "bootstrap", "client")
+
+BACKOFF_START = 0.5
+BACKOFF_MAX = 30.0
+GOSSIP_HEARTBEAT = 1  # seconds; py-libp2p's default of 120 s makes meshes slow to form
+
+
+@functools.cache
+def _probe_hardware() -> Any:
+    from edge_models.hardware import probe  # onnxruntime import: only for peers with an ad
+
+    return probe()
+
+
+def _devices_of(hardware: Any) -> tuple[Device, ...]:
+    out = []
+    for d in hardware.devices():
+        mem = d.get("memory")
+        out.append(
+            Device(
+                kind=str(d.get("kind") or "cpu")[:64],
+                name=str(d.get("name") or "")[:256],
+                memory=int(mem) if isinstance(mem, int) and mem >= 0 else None,
+            )
+        )
+    return tuple(out[:16])
+
+
+class _LinkWatcher(INotifee):
+    """Sets an event when the connection to a watched peer goes away."""
+
+    def __init__(self) -> None:
+        self.lost: dict[ID, trio.Event] = {}
+
+    async def opened_stream(self, network: Any, stream: INetStream) -> None:
+        pass
+
+    async def closed_stream(self, network: Any, stream: INetStream) -> None:
+        pass
+
+    async def connected(self, network: Any, conn: INetConn) -> None:
+        pass
+
+    async def disconnected(self, network: Any, conn: INetConn) -> None:
+        peer = conn.muxed_conn.peer_id
+        event = self.lost.get(peer)
+        if event is not None and peer not in network.connections:
+            event.set()
+
+    async def listen(self, network: Any, multiaddr: Multiaddr) -> None:
+        pass
+
+    async def listen_close(self, network: Any, multiaddr: Multiaddr) -> None:
+        pass
+
+
+class BootstrapLink:
+    """Keeps us connected to one bootstrap node: dial, back off, re-dial when lost."""
+
+    def __init__(self, peer: Peer, address: str, watcher: _LinkWatcher) -> None:
+        self.peer = peer
+        self.address = address
+        self.info = peer_info_from_addr(address)
+        self.watcher = watcher
+        self.delay = BACKOFF_START
+        self.joined = 0  # how many times the link came up
+
+    async def attempt(self) -> bool:
+        host = self.peer.host
+        if self.info.peer_id == host.get_id():
+            return True  # listed ourselves (a bootstrap node given its own address)
+        lost = trio.Event()
+        self.watcher.lost[self.info.peer_id] = lost
+        try:
+            await connect(host, self.address, limit=DIAL_TIMEOUT)
+        except (OSError, trio.TooSlowError, Exception) as exc:
+            log.warning(
+                "bootstrap %s unreachable (%s); retrying in %.1f s",
+                self.address,
+                str(exc) or type(exc).__name__,
+                self.delay,
+            )
+            return False
+        self.delay = BACKOFF_START
+        self.joined += 1
+        log.info("joined the network through bootstrap %s", self.address)
+        await self.peer.dht.add_peer(self.info.peer_id, skip_server_mode_check=True)
+        with trio.move_on_after(WALK_TIMEOUT):
+            try:
+                await self.peer.dht.refresh_routing_table()
+            except Exception as exc:  # a lookup failing must not end the link
+                log.debug("routing table refresh after join failed: %s", exc)
+        if self.joined > 1:
+            self.peer.discovery.reprovide_all()
+        else:
+            self.peer.discovery.request_publish()
+        return True
+
+    async def run(self, connected: bool) -> None:
+        """Forever: while connected wait for the link to drop; else retry with backoff."""
+        while True:
+            if connected:
+                await self.watcher.lost[self.info.peer_id].wait()
+                log.warning("lost bootstrap %s; reconnecting", self.address)
+            else:
+                await trio.sleep(self.delay * random.uniform(0.8, 1.2))
+                self.delay = min(self.delay * 2, BACKOFF_MAX)
+            connected = await self.attempt()
+
+
+class Peer:
+    """A running edgeswarm peer. Made by ``open_peer``; valid only inside its ``async with``."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        role: Role,
+        key: nacl.signing.SigningKey,
+        host: IHost,
+        dht: KadDHT,
+        pubsub: Pubsub,
+        gossipsub: GossipSub,
+        discovery: Discovery,
+        listen_addrs: list[str],
+    ) -> None:
+        self.config = config
+        self.role = role
+        self.key = key
+        self.host = host
+        self.dht = dht
+        self.pubsub = pubsub
+        self.gossipsub = gossipsub
+        self.discovery = discovery
+        self.listen_addrs = listen_addrs
+        self.peer_id = str(host.get_id())
+        self.bootstrap_links: list[BootstrapLink] = []
+
+    @property
+    def ad(self) -> CapabilityAd | None:
+        """The ad we published last (None for bootstrap and client roles)."""
+        return self.discovery.current_ad
+
+    async def find_ads(self, *, refresh: bool = True) -> list[CapabilityAd]:
+        """Valid ads of every peer we know of, ours included; see peer.discovery."""
+        return await self.discovery.find_ads(refresh=refresh)
+
+    async def find_ad(self, peer_id: str) -> CapabilityAd | None:
+        return await self.discovery.find_ad(peer_id)
+
+    async def find_providers(self, cid: str) -> list[Provider]:
+        return await self.discovery.find_providers(cid)
+
+    def set_load(self, load: float, queue: int) -> None:
+        """Record current load/queue; the ad is re-published shortly (at most once a second)."""
+        self.discovery.set_load(load, queue)
+
+    def models_changed(self) -> None:
+        """The models source changed: re-publish the ad and provide any new cid."""
+        self.discovery.request_publish()
+
+    async def connect(self, address: str) -> str:
+        """Dial a full multiaddr (``.../p2p/<id>``) and return the peer id."""
+        info = await connect(self.host, address)
+        return str(info.peer_id)
+
+    def connected_peers(self) -> list[str]:
+        return sorted(str(p) for p in self.host.get_connected_peers())
+
+
+def _reraise_single(group: BaseExceptionGroup[Any], body_error: BaseException | None) -> None:
+    """Trio wraps errors in (nested) groups; give a lone error back unwrapped.
+
+    That keeps ``except ListenError`` and errors from the caller's own ``async
+    with`` body working as callers expect.
+    """
+    leaves = [leaf for leaf in exception_leaves(group) if not isinstance(leaf, trio.Cancelled)]
+    if body_error is not None and leaves and all(leaf is body_error for leaf in leaves):
+        raise body_error
+    if len(leaves) == 1 and isinstance(leaves[0], Exception):
+        raise leaves[0]
+
+
+@asynccontextmanager
+async def open_peer(
+    config: Config,
+    *,
+    models: ModelsSource = None,
+    role: Role = "peer",
+    hardware: Any = None,
+    key: nacl.signing.SigningKey | None = None,
+    one_connection_per_peer: bool = True,
+) -> AsyncIterator[Peer]:
+    """Start a peer (host, DHT, gossipsub, ad publisher, bootstrap links); stop it all on exit.
+
+    ``models``: what the ad lists and what is provided in the DHT, as an
+    iterable of ``(cid, name, p50_ms)`` or a callable returning one (called at
+    every publish; call ``peer.models_changed()`` after a change).
+    ``hardware``: an ``edge_models.hardware.HardwareInfo`` (probed once per
+    process if None). ``key``: use this identity instead of the data dir's
+    (``edgeswarm peers`` uses a throw-away key so it never impersonates a
+    running peer that shares its data dir). Raises ``peer.identity.IdentityError``,
+    ``peer.host.AddressError`` or ``peer.host.ListenError`` with a clear message
+    before anything starts running.
+    """
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    for address in config.bootstrap:
+        peer_info_from_addr(address)  # AddressError now, not in a background task
+    if key is None:
+        key = load_or_create_identity(config.key_path)
+    host = build_host(key, one_connection_per_peer=one_connection_per_peer, mdns=config.mdns)
+    install_libp2p_filter()
+    body_error: BaseException | None = None
+    try:
+        async with running_host(host, config.listen) as listen_addrs:
+            mode = DHTMode.CLIENT if role == "client" else DHTMode.SERVER
+            dht = KadDHT(host, mode, enable_random_walk=False)
+            dht.register_validator(AD_NAMESPACE, AdValidator())
+            gossipsub = GossipSub(
+                protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID],
+                degree=6,
+                degree_low=4,
+                degree_high=12,
+                heartbeat_interval=GOSSIP_HEARTBEAT,
+            )
+            pubsub = Pubsub(host, gossipsub)
+            state: AdState | None = None
+            if role == "peer":
+                hw = hardware if hardware is not None else _probe_hardware()
+                state = AdState(
+                    addrs=tuple(a for a in listen_addrs if len(a) <= 256)[:MAX_ADDRS],
+                    devices=_devices_of(hw),
+                    providers=tuple(str(p)[:256] for p in hw.providers)[:16],
+                    price=config.price,
+                    models=models,
+                )
+            discovery = Discovery(host, dht, key, state, ttl=config.ad_ttl)
+            peer = Peer(
+                config=config,
+                role=role,
+                key=key,
+                host=host,
+                dht=dht,
+                pubsub=pubsub,
+                gossipsub=gossipsub,
+                discovery=discovery,
+                listen_addrs=listen_addrs,
+            )
+            async with (
+                background_trio_service(pubsub),
+                background_trio_service(gossipsub),
+                background_trio_service(dht),
+            ):
+                await pubsub.wait_until_ready()
+                watcher = _LinkWatcher()
+                host.get_network().register_notifee(watcher)
+                links = [BootstrapLink(peer, a, watcher) for a in config.bootstrap]
+                peer.bootstrap_links = links
+                first: dict[int, bool] = {}
+
+                async def first_attempt(i: int, link: BootstrapLink) -> None:
+                    first[i] = await link.attempt()
+
+                # First dial to every bootstrap in parallel, so the first ad goes out
+                # to the network; failures continue in the background.
+                async with trio.open_nursery() as dials:
+                    for i, link in enumerate(links):
+                        dials.start_soon(first_attempt, i, link)
+                async with trio.open_nursery() as nursery:
+                    for i, link in enumerate(links):
+                        nursery.start_soon(link.run, first[i])
+                    await nursery.start(discovery.run)
+                    try:
+                        yield peer
+                    except BaseException as exc:
+                        body_error = exc
+                        raise
+                    finally:
+                        nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        _reraise_single(group, body_error)
+        log_exception_leaves(log, group, "peer services failed")
+        raise
