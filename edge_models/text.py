@@ -106,7 +106,8 @@ class BertTokenizer:
 def _is_control(ch: str) -> bool:
     if ch in "\t\n\r":
         return False
-    return unicodedata.category(ch) in ("Cc", "Cf")
+    # As in BERT: every "C*" category (control, format, private use, unassigned).
+    return unicodedata.category(ch).startswith("C")
 
 
 def _is_whitespace(ch: str) -> bool:

@@ -167,3 +167,37 @@ def all_dtypes_model(path: Path) -> Path:
     nodes = [helper.make_node("Identity", [f"in_{n}"], [f"out_{n}"]) for n in types]
     graph = helper.make_graph(nodes, "all_dtypes", inputs, outputs)
     return _save(_model(graph), path)
+
+
+def tiny_reshape_model(path: Path) -> Path:
+    """y = Reshape(x, shape): fails at run time when ``shape`` does not fit ``x``."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])
+    shape = helper.make_tensor_value_info("shape", TensorProto.INT64, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None])
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "tiny_reshape", [x, shape], [y]
+    )
+    return _save(_model(graph), path)
+
+
+def sequence_input_model(path: Path) -> Path:
+    """A model whose input is a sequence of tensors (not supported: rejected)."""
+    seq = helper.make_tensor_sequence_value_info("xs", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    pos = numpy_helper.from_array(np.array(0, dtype=np.int64), "pos")
+    graph = helper.make_graph(
+        [helper.make_node("SequenceAt", ["xs", "pos"], ["y"])],
+        "seq",
+        [seq],
+        [y],
+        initializer=[pos],
+    )
+    return _save(_model(graph), path)
+
+
+def broken_graph_model(path: Path) -> Path:
+    """Parses as ONNX but fails the checker: a node reads a value nobody produces."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    graph = helper.make_graph([helper.make_node("Add", ["x", "ghost"], ["y"])], "broken", [x], [y])
+    return _save(_model(graph), path)
