@@ -161,7 +161,7 @@ def test_execution_failed(registry: Registry, src: Path, runtime: ModelRuntime) 
 def test_timeout_stops_a_long_run(registry: Registry, src: Path, runtime: ModelRuntime) -> None:
     registry.add_file(models.slow_loop_model(src / "loop.onnx"), "loop")
     x = np.ones(4, np.float32)
-    with pytest.raises(Timeout, match="longer than its timeout of 0.2 s"):
+    with pytest.raises(Timeout, match=r"longer than its timeout of 0\.2 s"):
         runtime.run("loop", {"x": x, "iters": np.array(10**12)}, timeout=0.2)
     # The session is still fine afterwards.
     np.testing.assert_allclose(runtime.run("loop", {"x": x, "iters": np.array(3)})["y"], x)
