@@ -133,6 +133,14 @@ class LedgerState:
         self._receipts[receipt.receipt_id] = receipt
         return self._add(receipt.receipt_id, FactKind.ARBITRATED_RECEIPT, receipt.to_bytes())
 
+    def ingest_payable(self, receipt: PayableReceipt) -> bool:
+        """``ingest_receipt`` or ``ingest_arbitrated_receipt``, whichever ``receipt`` is."""
+        if isinstance(receipt, Receipt):
+            return self.ingest_receipt(receipt)
+        if isinstance(receipt, ArbitratedReceipt):
+            return self.ingest_arbitrated_receipt(receipt)
+        raise TypeError(f"not a receipt: {type(receipt).__name__}")
+
     def ingest_certificate(self, cert: Certificate) -> bool:
         cert.verify(self.rule.committee_for(cert.account))
         if cert.digest in self._facts:

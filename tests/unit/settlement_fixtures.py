@@ -12,6 +12,7 @@ from protocols.committee import CommitteeRule
 from protocols.identity import peer_id_from_public_key
 from protocols.ledger import CreditPolicy, Transfer, sign_transfer
 from protocols.ledger_state import LedgerState
+from protocols.proofs import PayableReceipt
 from protocols.receipt import Receipt, ResultCommitment, commit, content_digest
 from protocols.signed import Signed
 from protocols.witness import PersistLock, ReplyVote, Witness
@@ -63,7 +64,7 @@ def receipt(
 
 
 def transfer(
-    payer: nacl.signing.SigningKey, r: Receipt, seq: int, *, time_ms: int = NOW_MS
+    payer: nacl.signing.SigningKey, r: PayableReceipt, seq: int, *, time_ms: int = NOW_MS
 ) -> Signed[Transfer]:
     return sign_transfer(
         payer,
@@ -110,12 +111,14 @@ class World:
         self.ledgers = [LedgerState(self.rul, self.pol) for _ in WITNESS_KEYS]
         self.view = LedgerState(self.rul, self.pol)
 
-    def certify(self, t: Signed[Transfer], r: Receipt, now_ms: int = NOW_MS) -> Certificate | None:
+    def certify(
+        self, t: Signed[Transfer], r: PayableReceipt, now_ms: int = NOW_MS
+    ) -> Certificate | None:
         """Ask every witness; persist locks at once; return the certificate if a quorum signed."""
         asm = CertificateAssembler(t, self.rul.committee_for(t.message.payer))
         cert = None
         for w, led in zip(self.witnesses, self.ledgers, strict=True):
-            led.ingest_receipt(r)
+            led.ingest_payable(r)
             action = w.handle_transfer(t, r, led, now_ms)
             if isinstance(action, PersistLock):
                 action = w.lock_persisted(action.record)
