@@ -63,7 +63,7 @@ async def _read_listen_line(proc: trio.Process, name: str, log_path: Path) -> li
     while True:
         chunk = await proc.stdout.receive_some(4096)
         if not chunk:
-            tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+            tail = (await trio.Path(log_path).read_text(errors="replace"))[-2000:]
             raise SwarmError(f"{name} exited before announcing its address:\n{tail}")
         buf += chunk
         if len(buf) > _MAX_LINE:
@@ -109,7 +109,7 @@ class LocalSwarm:
         data_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.root / f"{name}.log"
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        with open(log_path, "wb") as stderr:
+        with log_path.open("wb") as stderr:
             proc = await trio.lowlevel.open_process(
                 edgeswarm_argv(*args, "--data-dir", str(data_dir)),
                 stdout=subprocess.PIPE,

@@ -12,7 +12,7 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import nacl.signing
 import trio
@@ -27,7 +27,7 @@ log = logging.getLogger("edgeswarm.demo")
 DEMO_PRICES = (1.0, 2.0, 3.0)
 
 
-async def _wait_for_ads(bootstrap: str, expect: int, timeout: float) -> list:  # type: ignore[type-arg]
+async def _wait_for_ads(bootstrap: str, expect: int, wait_s: float) -> list[Any]:
     from peer.node import open_peer
 
     config = Config(
@@ -36,9 +36,9 @@ async def _wait_for_ads(bootstrap: str, expect: int, timeout: float) -> list:  #
         bootstrap=(bootstrap,),
     )
     key = nacl.signing.SigningKey.generate()
-    ads: list = []  # type: ignore[type-arg]
+    ads: list[Any] = []
     async with open_peer(config, role="client", key=key) as client:
-        with trio.move_on_after(timeout):
+        with trio.move_on_after(wait_s):
             while len(ads) < expect:  # bounded by the timeout; each pass is a real DHT query
                 ads = await client.find_ads()
                 if len(ads) < expect:
@@ -83,7 +83,7 @@ def demo_command(
                     f"peer{i + 1} ({price:g} credits/job) listening on {sp.address}", soft_wrap=True
                 )
             t0 = time.monotonic()
-            ads = await _wait_for_ads(boot.address, peers, timeout=60.0)
+            ads = await _wait_for_ads(boot.address, peers, wait_s=60.0)
             console.print(
                 f"found {len(ads)} capability ads through the DHT in {time.monotonic() - t0:.2f} s"
             )
