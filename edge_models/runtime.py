@@ -380,7 +380,8 @@ class ModelRuntime:
         if budget <= 0:
             raise ExecutionTimeout(f"model {entry.name!r}: timeout must be positive, got {budget}")
         start = time.monotonic()
-        if not self._slots.acquire(timeout=budget):
+        # Non-blocking first: the common uncontended case skips the timed wait's setup.
+        if not self._slots.acquire(blocking=False) and not self._slots.acquire(timeout=budget):
             raise ExecutionTimeout(
                 f"model {entry.name!r}: no execution slot free within {budget:g} s "
                 f"({self.max_concurrent} runs at a time)"
@@ -535,6 +536,19 @@ class ModelRuntime:
             )
         load_ms = (time.perf_counter() - t0) * 1e3
         chosen = session.get_providers()[0]
+        if want is not None and chosen != want:
+            # onnxruntime falls back to CPU silently when a GPU provider cannot start.
+            raise ExecutionFailed(
+                f"model {entry.name!r}: provider {want} could not start (onnxruntime fell "
+                f"back to {chosen})"
+            )
+        if chosen != candidates[0]:
+            log.warning(
+                "model %s runs on %s: %s was preferred but could not take it",
+                entry.name,
+                chosen,
+                candidates[0],
+            )
         output_names = tuple(o.name for o in session.get_outputs())
         p50 = self._warm_up(entry, session)
         rss_delta = max(self._process.memory_info().rss - rss_before, 0)
