@@ -42,6 +42,7 @@ from peer.identity import libp2p_key_pair
 log = logging.getLogger(__name__)
 
 DIAL_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 5.0
 
 
 class AddressError(ValueError):
@@ -176,6 +177,11 @@ async def running_host(host: IHost, listen: Sequence[str]) -> AsyncIterator[list
             if mdns is not None:
                 with contextlib.suppress(Exception):
                     mdns.stop()
+            # Stopping the service alone leaves the TCP listeners' system tasks
+            # running; close() shuts connections and listeners first. Shielded
+            # (and bounded) so it also runs when we are being cancelled.
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                await host.close()
 
 
 async def connect(host: IHost, address: str, *, limit: float = DIAL_TIMEOUT) -> PeerInfo:

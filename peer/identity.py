@@ -33,10 +33,10 @@ class IdentityError(Exception):
 
 
 def _check_mode(path: Path, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise IdentityError(f"identity key {path} is not a regular file; move it away")
     if os.name == "nt":  # POSIX permission bits do not apply
         return
-    if not stat.S_ISREG(st.st_mode):
-        raise IdentityError(f"identity key {path} is not a regular file")
     loose = st.st_mode & 0o077
     if loose:
         raise IdentityError(
@@ -51,9 +51,13 @@ def _load(path: Path) -> nacl.signing.SigningKey:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError as exc:
         raise IdentityError(f"cannot open identity key {path}: {exc.strerror}") from exc
-    with os.fdopen(fd, "rb") as f:
-        _check_mode(path, os.fstat(f.fileno()))
-        data = f.read(SEED_SIZE + 1)
+    try:
+        _check_mode(path, os.fstat(fd))
+        data = os.read(fd, SEED_SIZE + 1)
+    except OSError as exc:
+        raise IdentityError(f"cannot read identity key {path}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
     if len(data) != SEED_SIZE:
         raise IdentityError(
             f"identity key {path} is corrupt: expected {SEED_SIZE} bytes, found "

@@ -69,6 +69,11 @@ def install_libp2p_filter() -> None:
             continue
         if _FILTER not in obj.filters:
             obj.addFilter(_FILTER)
+    # The auto-connector pins itself to INFO and reports its state every 30 s;
+    # let it inherit the level of the "libp2p" logger like the rest.
+    auto = logging.getLogger("libp2p.network.auto_connector")
+    if auto.level == logging.INFO:
+        auto.setLevel(logging.NOTSET)
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -92,8 +97,6 @@ def setup_logging(level: str = "INFO") -> None:
     # py-libp2p turns propagation off, so its warnings bypass our handler (and
     # its format); route them through ours, where the filter applies.
     libp2p_logger.propagate = True
-    # This one pins itself to INFO and logs its state every 30 s.
-    logging.getLogger("libp2p.network.auto_connector").setLevel(libp2p_level)
     install_libp2p_filter()
 
 

@@ -142,6 +142,11 @@ class BootstrapLink:
             return True  # listed ourselves (a bootstrap node given its own address)
         lost = trio.Event()
         self.watcher.lost[self.info.peer_id] = lost
+        # The swarm refuses to re-dial a peer that failed in the last 60 s; our
+        # own backoff decides when to retry, so lift that block.
+        unblock = getattr(host.get_network(), "unblock_peer", None)
+        if unblock is not None:
+            unblock(self.info.peer_id)
         try:
             await connect(host, self.address, limit=DIAL_TIMEOUT)
         except (OSError, trio.TooSlowError, Exception) as exc:
@@ -247,9 +252,9 @@ def _reraise_single(group: BaseExceptionGroup[Any], body_error: BaseException | 
     """
     leaves = [leaf for leaf in exception_leaves(group) if not isinstance(leaf, trio.Cancelled)]
     if body_error is not None and leaves and all(leaf is body_error for leaf in leaves):
-        raise body_error
+        raise body_error from None
     if len(leaves) == 1 and isinstance(leaves[0], Exception):
-        raise leaves[0]
+        raise leaves[0] from None
 
 
 @asynccontextmanager
