@@ -48,6 +48,8 @@ _HEX_RE = re.compile(r"[0-9a-f]+")
 MIN_PREFIX = 4
 # tmp/ files older than this belong to a crashed writer.
 _STALE_TMP_S = 3600.0
+# How old the last full re-read may be before a lookup miss forces another.
+_RESCAN_AFTER_S = 1.0
 
 
 class NameTaken(InvalidModel):
@@ -75,6 +77,7 @@ class Registry:
         self._lock = threading.RLock()
         self._entries: dict[str, ModelEntry] = {}
         self._by_name: dict[str, ModelEntry] = {}
+        self._seen: tuple[int, float] = (-1, 0.0)
         self._clean_stale_tmp()
         self.refresh()
 
@@ -82,6 +85,7 @@ class Registry:
 
     def refresh(self) -> None:
         """Re-read the store from disk (another process may have changed it)."""
+        self._seen = (self._meta_mtime(), time.monotonic())
         entries: dict[str, ModelEntry] = {}
         for meta in self._meta.glob("*.json"):
             cid = meta.stem
@@ -97,13 +101,25 @@ class Registry:
         with self._lock:
             self._set_index(entries)
 
+    def _meta_mtime(self) -> int:
+        try:
+            return self._meta.stat().st_mtime_ns
+        except OSError:
+            return -1
+
+    def _maybe_changed(self) -> bool:
+        # A miss re-reads the disk only if meta/ changed (or a clock tick may have
+        # hidden a change), so lookups of unknown names stay cheap.
+        mtime, at = self._seen
+        return self._meta_mtime() != mtime or time.monotonic() - at > _RESCAN_AFTER_S
+
     def list(self) -> list[ModelEntry]:
         return sorted(self._entries.values(), key=lambda e: (e.name, e.cid))
 
     def get(self, ref: str) -> ModelEntry:
         """A model by name, full cid, or unique cid prefix (at least 4 hex digits)."""
         found = self._lookup(ref)
-        if found is None:
+        if found is None and self._maybe_changed():
             self.refresh()
             found = self._lookup(ref)
         if found is None:

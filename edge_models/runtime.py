@@ -378,7 +378,9 @@ class ModelRuntime:
         validate_inputs(entry, inputs, self.limits)
         budget = self.timeout if timeout is None else timeout
         if budget <= 0:
-            raise ExecutionTimeout(f"model {entry.name!r}: timeout must be positive, got {budget}")
+            raise ExecutionTimeout(
+                f"model {entry.name!r}: no time left to run (timeout {budget:g} s)"
+            )
         start = time.monotonic()
         # Non-blocking first: the common uncontended case skips the timed wait's setup.
         if not self._slots.acquire(blocking=False) and not self._slots.acquire(timeout=budget):
@@ -387,9 +389,9 @@ class ModelRuntime:
                 f"({self.max_concurrent} runs at a time)"
             )
         try:
+            waited = time.monotonic() - start
             loaded = self._cached(entry.cid) or self.load(entry.cid)
-            remaining = budget - (time.monotonic() - start)
-            return self._execute(loaded, inputs, max(remaining, 1e-3), budget)
+            return self._execute(loaded, inputs, max(budget - waited, 1e-3), budget)
         finally:
             self._slots.release()
 

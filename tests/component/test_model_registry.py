@@ -258,3 +258,30 @@ def test_orphan_blob_without_metadata_is_not_a_model(registry: Registry, src: Pa
     fresh = Registry(registry.root)
     assert fresh.list() == []
     assert fresh.add_file(models.tiny_add_model(src / "a.onnx"), "a").cid == entry.cid
+
+
+def test_misses_reread_the_disk_only_after_a_change(
+    registry: Registry, src: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import edge_models.registry as reg
+
+    monkeypatch.setattr(reg, "_RESCAN_AFTER_S", 3600.0)
+    # Date the last change well back, so the next change surely moves the mtime.
+    old = time.time() - 60
+    os.utime(registry.root / "meta", (old, old))
+    registry.refresh()
+    reads: list[int] = []
+    real = registry.refresh
+
+    def counting() -> None:
+        reads.append(1)
+        real()
+
+    monkeypatch.setattr(registry, "refresh", counting)
+    for _ in range(3):
+        with pytest.raises(ModelNotFound):
+            registry.get("unknown")
+    assert reads == []
+    Registry(registry.root).add_file(models.tiny_add_model(src / "a.onnx"), "new")
+    assert registry.get("new").name == "new"
+    assert reads == [1]

@@ -303,3 +303,8 @@ def test_removed_model_is_not_run(add_model: ModelEntry, registry: Registry) -> 
         rt.evict(add_model.cid)
         with pytest.raises(ModelNotFound):
             rt.run("add", {"x": np.ones(1, np.float32), "y": np.ones(1, np.float32)})
+
+
+def test_no_time_left(add_model: ModelEntry, runtime: ModelRuntime) -> None:
+    with pytest.raises(Timeout, match="no time left"):
+        runtime.run("add", {"x": np.ones(1, np.float32), "y": np.ones(1, np.float32)}, timeout=0)
