@@ -63,6 +63,9 @@ def test_entries_persist_across_instances(registry: Registry, src: Path) -> None
 
 
 def test_another_instance_sees_new_models_on_lookup(registry: Registry, src: Path) -> None:
+    old = time.time() - 60  # so the add below surely moves meta/'s mtime
+    os.utime(registry.root / "meta", (old, old))
+    registry.refresh()
     other = Registry(registry.root)  # e.g. the CLI beside a running peer
     entry = other.add_file(models.tiny_add_model(src / "a.onnx"), "late")
     assert registry.get("late") == entry
