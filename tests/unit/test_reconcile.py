@@ -75,7 +75,7 @@ def test_equal_sets_finish_in_one_round_trip() -> None:
 
 
 def test_empty_against_large_respects_the_message_cap() -> None:
-    big = ids("y", 20_000)
+    big = ids("y", 6_000)
     a, _, largest = run([], big, max_message_bytes=8192, max_rounds=400)
     assert a.need == sorted(big) and a.have == []
     assert largest <= 8192
