@@ -24,6 +24,7 @@ Rules (docs/settlement.md has the reasoning):
 from __future__ import annotations
 
 import hashlib
+from bisect import insort
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum
@@ -83,6 +84,16 @@ class _Fact:
     data: bytes
 
 
+@dataclass
+class _Derived:
+    """Views folded from the facts; rebuilt after a fraud proof or a certificate conflict,
+    updated in place for the common case (a new certificate for a fresh (payer, seq))."""
+
+    effective: list[Transfer]
+    balances: dict[str, int]
+    incoming: dict[str, list[Transfer]]
+
+
 class LedgerState:
     """All verified facts one peer holds, and what follows from them.
 
@@ -98,15 +109,17 @@ class LedgerState:
         self.policy = policy or CreditPolicy()
         self._facts: dict[bytes, _Fact] = {}
         self._receipts: dict[bytes, PayableReceipt] = {}
+        self._by_commitment: dict[bytes, set[bytes]] = {}
+        self._arbitrated_by_requester: dict[str, list[ArbitratedReceipt]] = {}
         self._certs: dict[bytes, Certificate] = {}
         self._by_seq: dict[tuple[str, int], set[bytes]] = {}
+        self._next_seq: dict[str, int] = {}
         self._paid_receipts: set[bytes] = set()
         self._fraud_time: dict[str, int] = {}
         self._banned: set[str] = set()
         self._identities: set[str] = set()
-        self._ids_cache: list[bytes] | None = None
-        self._effective_cache: list[Transfer] | None = None
-        self._balances_cache: dict[str, int] | None = None
+        self._ids: list[bytes] | None = None
+        self._derived: _Derived | None = None
 
     # --- ingest ---------------------------------------------------------------------------
 
@@ -114,24 +127,29 @@ class LedgerState:
         if fact_id in self._facts:
             return False
         self._facts[fact_id] = _Fact(kind, data)
-        self._ids_cache = self._effective_cache = self._balances_cache = None
+        if self._ids is not None:
+            insort(self._ids, fact_id)
         return True
+
+    def _add_receipt(self, receipt: PayableReceipt, kind: FactKind, data: bytes) -> bool:
+        rid = receipt.receipt_id
+        if rid in self._facts:
+            return False
+        self._receipts[rid] = receipt
+        self._by_commitment.setdefault(receipt.commitment.digest, set()).add(rid)
+        if isinstance(receipt, ArbitratedReceipt):
+            self._arbitrated_by_requester.setdefault(receipt.requester, []).append(receipt)
+        return self._add(rid, kind, data)
 
     def ingest_receipt(self, receipt: Receipt) -> bool:
         receipt.verify()
-        if receipt.receipt_id in self._facts:
-            return False
-        self._receipts[receipt.receipt_id] = receipt
-        return self._add(receipt.receipt_id, FactKind.RECEIPT, receipt.to_bytes())
+        return self._add_receipt(receipt, FactKind.RECEIPT, receipt.to_bytes())
 
     def ingest_arbitrated_receipt(self, receipt: ArbitratedReceipt) -> bool:
         receipt.verify(
             self.rule.referees_for(receipt.job_id, (receipt.requester, receipt.executor))
         )
-        if receipt.receipt_id in self._facts:
-            return False
-        self._receipts[receipt.receipt_id] = receipt
-        return self._add(receipt.receipt_id, FactKind.ARBITRATED_RECEIPT, receipt.to_bytes())
+        return self._add_receipt(receipt, FactKind.ARBITRATED_RECEIPT, receipt.to_bytes())
 
     def ingest_payable(self, receipt: PayableReceipt) -> bool:
         """``ingest_receipt`` or ``ingest_arbitrated_receipt``, whichever ``receipt`` is."""
@@ -147,8 +165,27 @@ class LedgerState:
             return False
         t = cert.transfer.message
         self._certs[cert.digest] = cert
-        self._by_seq.setdefault((t.payer, t.seq), set()).add(cert.digest)
+        digests = self._by_seq.setdefault((t.payer, t.seq), set())
+        first = not digests
+        digests.add(cert.digest)
         self._paid_receipts.add(t.receipt_id)
+        nxt = self._next_seq.get(t.payer, 1)
+        while (t.payer, nxt) in self._by_seq:
+            nxt += 1
+        self._next_seq[t.payer] = nxt
+        d = self._derived
+        if d is not None:
+            if not first:
+                self._derived = None  # a conflict may change the canonical transfer
+            elif not self.is_reversed(t):
+                d.effective.append(t)
+                for account, delta in ((t.payer, -t.amount), (t.payee, t.amount)):
+                    value = d.balances.get(account, 0) + delta
+                    if value:
+                        d.balances[account] = value
+                    else:
+                        d.balances.pop(account, None)
+                d.incoming.setdefault(t.payee, []).append(t)
         return self._add(cert.digest, FactKind.CERTIFICATE, cert.to_bytes())
 
     def ingest_fraud_proof(self, proof: FraudProof) -> bool:
@@ -159,6 +196,7 @@ class LedgerState:
         old = self._fraud_time.get(proof.offender)
         self._fraud_time[proof.offender] = proof.time_ms if old is None else min(old, proof.time_ms)
         self._banned.add(proof.offender)
+        self._derived = None
         return self._add(proof.fact_id, FactKind.FRAUD_PROOF, proof.to_bytes())
 
     def ingest_equivocation_proof(self, proof: EquivocationProof) -> bool:
@@ -194,10 +232,10 @@ class LedgerState:
     # --- sync -----------------------------------------------------------------------------
 
     def fact_ids(self) -> list[bytes]:
-        """Sorted ids of every fact held: the set that ``reconcile`` works on."""
-        if self._ids_cache is None:
-            self._ids_cache = sorted(self._facts)
-        return self._ids_cache
+        """Sorted ids of every fact held: the set that ``reconcile`` works on (do not mutate)."""
+        if self._ids is None:
+            self._ids = sorted(self._facts)
+        return self._ids
 
     def item(self, fact_id: bytes) -> tuple[FactKind, bytes] | None:
         fact = self._facts.get(fact_id)
@@ -227,23 +265,21 @@ class LedgerState:
         T = self._fraud_time.get(t.payee)
         return T is not None and t.time_ms >= T - self.policy.fraud_window_ms
 
-    def _effective(self) -> list[Transfer]:
-        if self._effective_cache is None:
-            self._effective_cache = [
-                t for t in self.canonical_transfers() if not self.is_reversed(t)
-            ]
-        return self._effective_cache
+    def _view(self) -> _Derived:
+        if self._derived is None:
+            effective = [t for t in self.canonical_transfers() if not self.is_reversed(t)]
+            incoming: dict[str, list[Transfer]] = {}
+            for t in effective:
+                incoming.setdefault(t.payee, []).append(t)
+            self._derived = _Derived(effective, fold_balances(effective), incoming)
+        return self._derived
 
     def balances(self) -> dict[str, int]:
         """Account -> balance (micro-credits), zero balances omitted; the values sum to 0."""
-        if self._balances_cache is None:
-            self._balances_cache = fold_balances(self._effective())
-        return dict(self._balances_cache)
+        return dict(self._view().balances)
 
     def balance(self, account: str) -> int:
-        if self._balances_cache is None:
-            self._balances_cache = fold_balances(self._effective())
-        return self._balances_cache.get(account, 0)
+        return self._view().balances.get(account, 0)
 
     def forfeited(self) -> dict[str, int]:
         """Proven cheater -> total of its reversed payouts."""
@@ -255,24 +291,19 @@ class LedgerState:
 
     def next_seq(self, account: str) -> int:
         """1 + the highest seq s such that seqs 1..s of ``account`` are all certified here."""
-        seq = 1
-        while (account, seq) in self._by_seq:
-            seq += 1
-        return seq
+        return self._next_seq.get(account, 1)
 
     def escrowed(self, account: str, now_ms: int) -> int:
         """Incoming payments still inside the fraud window at ``now_ms``."""
         w = self.policy.fraud_window_ms
-        return sum(
-            t.amount for t in self._effective() if t.payee == account and t.time_ms + w > now_ms
-        )
+        incoming = self._view().incoming.get(account, [])
+        return sum(t.amount for t in incoming if t.time_ms + w > now_ms)
 
     def earned(self, account: str, now_ms: int) -> int:
         """Incoming payments out of escrow at ``now_ms`` (what grows the credit limit)."""
         w = self.policy.fraud_window_ms
-        return sum(
-            t.amount for t in self._effective() if t.payee == account and t.time_ms + w <= now_ms
-        )
+        incoming = self._view().incoming.get(account, [])
+        return sum(t.amount for t in incoming if t.time_ms + w <= now_ms)
 
     def spendable(self, account: str, now_ms: int) -> int:
         return self.balance(account) - self.escrowed(account, now_ms)
@@ -297,27 +328,18 @@ class LedgerState:
         """Paid if this receipt, or any receipt for the same commitment, has a certificate."""
         if receipt.receipt_id in self._paid_receipts:
             return True
-        key = receipt.commitment.digest
-        return any(
-            rid in self._paid_receipts
-            for rid, r in self._receipts.items()
-            if r.commitment.digest == key and rid != receipt.receipt_id
-        )
+        same = self._by_commitment.get(receipt.commitment.digest, set())
+        return any(rid in self._paid_receipts for rid in same)
 
     def outstanding_debts(self, account: str) -> list[ArbitratedReceipt]:
         """Arbitrated receipts ``account`` owes and has not paid (they block its other payments)."""
-        return [
-            r
-            for r in self._receipts.values()
-            if isinstance(r, ArbitratedReceipt) and r.requester == account and not self.is_paid(r)
-        ]
+        return [r for r in self._arbitrated_by_requester.get(account, []) if not self.is_paid(r)]
 
     def eligible_pool(self, now_ms: int, min_earned: int) -> frozenset[str]:
         """Accounts with a proven identity, not banned, and ``earned >= min_earned``."""
-        payees = {t.payee for t in self._effective()}
         return frozenset(
             a
-            for a in payees
+            for a in self._view().incoming
             if self.has_identity(a)
             and not self.is_banned(a)
             and self.earned(a, now_ms) >= min_earned

@@ -242,6 +242,8 @@ def test_credit_limits_hold_under_any_payment_sequence(payments: list[tuple[int,
     view = world.view
     assert view is not None
     assert sum(view.balances().values()) == 0
+    # The incrementally kept balances equal a fold from scratch.
+    assert view.balances() == fold_balances(view.canonical_transfers())
     for k in keys:
         earned = view.earned(pid(k), NOW_MS)
         assert view.balance(pid(k)) >= -(500 + earned // 2)
