@@ -130,9 +130,7 @@ class Certificate:
         """Raise unless the transfer and at least ``committee.quorum`` distinct votes are valid."""
         t = self.transfer.message
         if committee.account != t.payer:
-            raise LocalProtocolError(
-                f"committee is for {committee.account}, certificate for {t.payer}"
-            )
+            raise ValidationError(f"certificate is for {t.payer}, expected {committee.account}")
         self.transfer.verify()
         witnesses = [v.message.witness for v in self.votes]
         if len(set(witnesses)) != len(witnesses):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from settlement_fixtures import (
@@ -319,3 +319,24 @@ class DoubleSpend(RuleBasedStateMachine):
 
 TestDoubleSpend = DoubleSpend.TestCase
 TestDoubleSpend.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.data())
+def test_bit_flipped_certificates_never_verify(data: st.DataObject) -> None:
+    cert = _CERT.get("c")
+    if cert is None:
+        world = _world()
+        r = receipt(P, X, 10, 1)
+        cert = world.certify(transfer(P, r, 1), r)
+        assert cert is not None
+        _CERT["c"] = cert
+    committee = committee_rule().committee_for(pid(P))
+    raw = bytearray(cert.to_bytes())
+    i = data.draw(st.integers(0, len(raw) - 1))
+    raw[i] ^= 1 << data.draw(st.integers(0, 7))
+    with pytest.raises(RemoteProtocolError):
+        Certificate.from_bytes(bytes(raw)).verify(committee)
+
+
+_CERT: dict[str, Certificate] = {}
