@@ -1,0 +1,468 @@
+"""The requester's side of one job (or one lease): a sans-IO state machine.
+
+Drive it like h11: call ``start()`` once, then ``handle(event)`` for every
+bid, timer, award failure or result; each call returns the actions the I/O
+layer must perform, in order. The machine never reads a clock (every event
+carries ``now``) and never signs: ``Publish``/``SendAward``/``Complete`` hand
+the I/O layer the message to sign with its key.
+
+Guarantees (checked by the stateful tests):
+- exactly one terminal action per job, ``Complete`` or ``Fail``; after it
+  every event is ignored, so a job is never paid twice;
+- at most one award outstanding: a new ``SendAward`` only after the previous
+  one failed (``AwardFailed``/``ExecutorGone``) or was revoked (``CancelAward``);
+- no award at or past the deadline, and no ``Complete`` for a result that
+  arrives after it.
+
+Phases: COLLECTING (bid window of auction ``round``) -> AWARDED (waiting for
+the winner's result, timer at ``min(deadline, now + eta * slack + grace)``) ->
+DONE. A failed award falls back to the next ranked bid; with none left a new
+auction (round + 1) is published while one more bid window fits before the
+deadline and ``max_rounds`` allows, else the job fails.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Container, Mapping
+from dataclasses import dataclass, field, replace
+
+from protocols.errors import LocalProtocolError, ProtocolError
+from protocols.market import Award, Bid, JobRequest
+from protocols.receipt import ResultCommitment
+from protocols.selection import DEFAULT_WEIGHTS, Weights, rank_bids
+from protocols.signed import Signed
+
+# --- failures (raised to the user by the I/O layer) -----------------------------
+
+
+class MarketFailure(ProtocolError):
+    """A job ended without a result. Nothing is owed for it."""
+
+    def __init__(self, message: str, *, model_cid: str, job_id: bytes) -> None:
+        super().__init__(message)
+        self.model_cid = model_cid
+        self.job_id = job_id
+
+
+class NoExecutors(MarketFailure):
+    """No usable bid arrived for the model in any auction."""
+
+    def __init__(
+        self, *, model_cid: str, job_id: bytes, waited_s: float, rounds: int, bids_seen: int = 0
+    ) -> None:
+        why = (
+            "no peer serving it answered"
+            if bids_seen == 0
+            else f"all {bids_seen} bids were over the max price, expired or too slow"
+        )
+        super().__init__(
+            f"no executor for model {model_cid} within {waited_s:.1f} s "
+            f"({rounds} auction{'s' if rounds != 1 else ''}): {why}",
+            model_cid=model_cid,
+            job_id=job_id,
+        )
+        self.waited_s = waited_s
+        self.rounds = rounds
+        self.bids_seen = bids_seen
+
+
+class ExecutorsFailed(MarketFailure):
+    """Executors bid but every award failed, and no new auction fits."""
+
+    def __init__(
+        self, *, model_cid: str, job_id: bytes, attempts: tuple[tuple[str, str], ...]
+    ) -> None:
+        tried = "; ".join(f"{ex}: {why}" for ex, why in attempts) or "none"
+        super().__init__(
+            f"every executor for model {model_cid} failed ({tried})",
+            model_cid=model_cid,
+            job_id=job_id,
+        )
+        self.attempts = attempts
+
+
+class DeadlineExceeded(MarketFailure):
+    """The deadline passed before an acceptable result arrived."""
+
+    def __init__(
+        self,
+        *,
+        model_cid: str,
+        job_id: bytes,
+        deadline: float,
+        attempts: tuple[tuple[str, str], ...],
+    ) -> None:
+        tried = "; ".join(f"{ex}: {why}" for ex, why in attempts) or "no award was made"
+        super().__init__(
+            f"job on model {model_cid} missed its deadline ({tried})",
+            model_cid=model_cid,
+            job_id=job_id,
+        )
+        self.deadline = deadline
+        self.attempts = attempts
+
+
+# --- events -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BidReceived:
+    """A bid whose signature the I/O layer checked (``Signed[Bid].message``)."""
+
+    bid: Bid
+    now: float
+
+
+@dataclass(frozen=True)
+class TimerFired:
+    """The timer from the last ``StartTimer`` fired (early or spurious fires are ignored)."""
+
+    now: float
+
+
+@dataclass(frozen=True)
+class AwardFailed:
+    """The award to ``executor`` failed: unreachable, refused (JobError), stream broke."""
+
+    executor: str
+    reason: str
+    now: float
+
+
+@dataclass(frozen=True)
+class ExecutorGone:
+    """The awarded executor disconnected."""
+
+    executor: str
+    now: float
+
+
+@dataclass(frozen=True)
+class ResultReceived:
+    """The executor's signed commitment (signature checked) and whether its outputs check out.
+
+    ``outputs_ok`` is the I/O layer's verdict: outputs decode, match the
+    model's declared outputs, and their digest (batch digest for a lease)
+    equals ``commitment.output_digest``. ``problem`` says why not.
+    """
+
+    commitment: Signed[ResultCommitment]
+    outputs_ok: bool
+    now: float
+    problem: str = ""
+
+
+@dataclass(frozen=True)
+class DeadlineReached:
+    now: float
+
+
+Event = BidReceived | TimerFired | AwardFailed | ExecutorGone | ResultReceived | DeadlineReached
+
+# --- actions ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Publish:
+    """Sign ``request`` and publish it on the model's gossip topic."""
+
+    request: JobRequest
+
+
+@dataclass(frozen=True)
+class StartTimer:
+    """(Re)arm this job's single timer for ``at``; replaces any earlier one."""
+
+    at: float
+
+
+@dataclass(frozen=True)
+class SendAward:
+    """Sign ``award``, open ``/edgeswarm/job/1`` to ``executor``, send it and the payload."""
+
+    executor: str
+    award: Award
+    bid: Bid
+
+
+@dataclass(frozen=True)
+class CancelAward:
+    """Give up on the award to ``executor`` (close the stream); it will not be paid."""
+
+    executor: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Complete:
+    """Terminal: sign the Acceptance of ``commitment``, send it, keep the Receipt."""
+
+    commitment: Signed[ResultCommitment]
+    award: Award
+
+
+@dataclass(frozen=True)
+class Fail:
+    """Terminal: the job failed with ``error``; nothing is paid."""
+
+    error: MarketFailure
+
+
+Action = Publish | StartTimer | SendAward | CancelAward | Complete | Fail
+
+
+class Phase(enum.Enum):
+    NEW = "new"
+    COLLECTING = "collecting"
+    AWARDED = "awarded"
+    DONE = "done"
+
+
+@dataclass(frozen=True)
+class RequesterPolicy:
+    """Retry and timing knobs (defaults suit interactive jobs)."""
+
+    max_rounds: int = 3
+    # The executor gets eta * eta_slack + grace_s before we fall back to the next bid.
+    eta_slack: float = 2.0
+    grace_s: float = 1.0
+    weights: Weights = DEFAULT_WEIGHTS
+
+    def __post_init__(self) -> None:
+        if self.max_rounds < 1 or self.eta_slack < 1.0 or self.grace_s < 0.0:
+            raise LocalProtocolError(
+                "RequesterPolicy needs max_rounds>=1, eta_slack>=1, grace_s>=0"
+            )
+
+
+@dataclass
+class _Current:
+    bid: Bid
+    award: Award
+    awarded_at: float
+    result_by: float
+
+
+@dataclass
+class RequesterJob:
+    """One job's auction, award, retries and acceptance.
+
+    ``input_digest`` (single jobs) lets the machine check that the commitment
+    is about the inputs we sent; for leases the I/O layer checks the batch
+    digests and reports through ``ResultReceived.outputs_ok``.
+    """
+
+    request: JobRequest
+    now: float
+    reputation: Mapping[str, float] = field(default_factory=dict)
+    banned: Container[str] = frozenset()
+    policy: RequesterPolicy = field(default_factory=RequesterPolicy)
+    input_digest: bytes | None = None
+
+    phase: Phase = field(default=Phase.NEW, init=False)
+    outcome: Complete | Fail | None = field(default=None, init=False)
+    attempts: list[tuple[str, str]] = field(default_factory=list, init=False)
+    _started: float = field(default=0.0, init=False)
+    _window_end: float = field(default=0.0, init=False)
+    _bids: list[Bid] = field(default_factory=list, init=False)
+    _bids_seen: int = field(default=0, init=False)
+    _tried: set[str] = field(default_factory=set, init=False)
+    _current: _Current | None = field(default=None, init=False)
+
+    @property
+    def awarded_to(self) -> str | None:
+        return None if self._current is None else self._current.bid.executor
+
+    @property
+    def round(self) -> int:
+        return self.request.round
+
+    def start(self) -> list[Action]:
+        if self.phase is not Phase.NEW:
+            raise LocalProtocolError("RequesterJob.start() may be called only once")
+        self._started = self.now
+        if self.now >= self.request.deadline:
+            return self._fail_no_time()
+        return self._open_auction()
+
+    def handle(self, event: Event) -> list[Action]:
+        if self.phase is Phase.NEW:
+            raise LocalProtocolError("call RequesterJob.start() before handle()")
+        if self.phase is Phase.DONE:
+            return []
+        self.now = max(self.now, event.now)
+        if isinstance(event, BidReceived):
+            return self._on_bid(event.bid)
+        if isinstance(event, AwardFailed):
+            return self._on_award_failed(event.executor, event.reason)
+        if isinstance(event, ExecutorGone):
+            return self._on_award_failed(event.executor, "executor went away")
+        if isinstance(event, ResultReceived):
+            return self._on_result(event)
+        if isinstance(event, DeadlineReached):
+            return self._fail_no_time()
+        return self._on_timer()
+
+    # --- transitions ----------------------------------------------------------
+
+    def _on_bid(self, bid: Bid) -> list[Action]:
+        if bid.job_id != self.request.job_id or bid.executor in self._tried:
+            return []
+        self._bids_seen += 1
+        self._bids.append(bid)
+        return []
+
+    def _on_timer(self) -> list[Action]:
+        if self.now >= self.request.deadline:
+            return self._fail_no_time()
+        if self.phase is Phase.COLLECTING and self.now >= self._window_end:
+            return self._award_next()
+        if self.phase is Phase.AWARDED and self._current and self.now >= self._current.result_by:
+            executor = self._current.bid.executor
+            reason = f"no result {self.now - self._current.awarded_at:.1f} s after the award"
+            return [CancelAward(executor, reason), *self._after_failure(executor, reason)]
+        return []
+
+    def _on_award_failed(self, executor: str, reason: str) -> list[Action]:
+        if self.phase is not Phase.AWARDED or self.awarded_to != executor:
+            return []
+        return self._after_failure(executor, reason)
+
+    def _on_result(self, event: ResultReceived) -> list[Action]:
+        c = event.commitment.message
+        if (
+            self.phase is not Phase.AWARDED
+            or self._current is None
+            or c.executor != self.awarded_to
+        ):
+            return []  # a revoked or unknown executor's result: never paid
+        if self.now > self.request.deadline:
+            return self._fail_no_time()
+        problem = self._check_commitment(c) or (
+            "" if event.outputs_ok else event.problem or "bad outputs"
+        )
+        if problem:
+            return [CancelAward(c.executor, problem), *self._after_failure(c.executor, problem)]
+        done = Complete(commitment=event.commitment, award=self._current.award)
+        self._finish(done)
+        return [done]
+
+    def _check_commitment(self, c: ResultCommitment) -> str:
+        assert self._current is not None
+        award = self._current.award
+        if c.job_id != award.job_id or c.requester != award.requester:
+            return "commitment is for another job or requester"
+        if c.model_cid != award.model_cid:
+            return "commitment names another model"
+        if c.count > award.max_jobs:
+            return f"commitment covers {c.count} jobs, the award allows {award.max_jobs}"
+        if c.price != award.price * c.count:
+            return f"commitment asks {c.price}, the award says {award.price} x {c.count}"
+        if c.count == 1 and self.input_digest is not None and c.input_digest != self.input_digest:
+            return "commitment is about other inputs"
+        return ""
+
+    # --- helpers ------------------------------------------------------------------
+
+    def _open_auction(self) -> list[Action]:
+        self.phase = Phase.COLLECTING
+        self._window_end = min(self.now + self.request.bid_window, self.request.deadline)
+        return [Publish(self.request), StartTimer(self._window_end)]
+
+    def _award_next(self) -> list[Action]:
+        assert self._current is None
+        ranked = rank_bids(
+            self.request,
+            (b for b in self._bids if b.executor not in self._tried),
+            now=self.now,
+            reputation=self.reputation,
+            banned=self.banned,
+            weights=self.policy.weights,
+        )
+        if not ranked:
+            return self._reauction_or_fail()
+        bid = ranked[0]
+        self._tried.add(bid.executor)
+        award = Award(
+            job_id=self.request.job_id,
+            requester=self.request.requester,
+            executor=bid.executor,
+            model_cid=self.request.model_cid,
+            price=bid.price,
+            deadline=self.request.deadline,
+            lease=self.request.lease,
+        )
+        result_by = min(
+            self.request.deadline,
+            self.now + bid.eta_ms / 1000.0 * self.policy.eta_slack + self.policy.grace_s,
+        )
+        self._current = _Current(bid=bid, award=award, awarded_at=self.now, result_by=result_by)
+        self.phase = Phase.AWARDED
+        return [SendAward(bid.executor, award, bid), StartTimer(result_by)]
+
+    def _after_failure(self, executor: str, reason: str) -> list[Action]:
+        self.attempts.append((executor, reason))
+        self._current = None
+        self.phase = Phase.COLLECTING
+        return self._award_next()
+
+    def _reauction_or_fail(self) -> list[Action]:
+        window = self.request.bid_window
+        if (
+            self.request.round + 1 < self.policy.max_rounds
+            and self.now + window < self.request.deadline
+        ):
+            nonce = hashlib.sha256(self.request.nonce + bytes([self.request.round + 1])).digest()[
+                :16
+            ]
+            self.request = replace(self.request, round=self.request.round + 1, nonce=nonce)
+            self._bids = [b for b in self._bids if b.executor not in self._tried]
+            return self._open_auction()
+        if self.now >= self.request.deadline:
+            return self._fail_no_time()
+        if self.attempts:
+            return self._terminal(
+                ExecutorsFailed(
+                    model_cid=self.request.model_cid,
+                    job_id=self.request.job_id,
+                    attempts=tuple(self.attempts),
+                )
+            )
+        return self._terminal(self._no_executors())
+
+    def _no_executors(self) -> NoExecutors:
+        return NoExecutors(
+            model_cid=self.request.model_cid,
+            job_id=self.request.job_id,
+            waited_s=self.now - self._started,
+            rounds=self.request.round + 1,
+            bids_seen=self._bids_seen,
+        )
+
+    def _fail_no_time(self) -> list[Action]:
+        pre: list[Action] = []
+        if self._current is not None:
+            pre.append(CancelAward(self._current.bid.executor, "deadline reached"))
+            self.attempts.append((self._current.bid.executor, "deadline reached"))
+        if not self.attempts:
+            error: MarketFailure = self._no_executors()
+        else:
+            error = DeadlineExceeded(
+                model_cid=self.request.model_cid,
+                job_id=self.request.job_id,
+                deadline=self.request.deadline,
+                attempts=tuple(self.attempts),
+            )
+        return [*pre, *self._terminal(error)]
+
+    def _terminal(self, error: MarketFailure) -> list[Action]:
+        fail = Fail(error)
+        self._finish(fail)
+        return [fail]
+
+    def _finish(self, outcome: Complete | Fail) -> None:
+        self.outcome = outcome
+        self.phase = Phase.DONE
+        self._current = None

@@ -1,0 +1,285 @@
+"""RequesterJob: auction, award, fallbacks, re-auctions, deadline, exactly one outcome."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import nacl.signing
+import pytest
+
+from protocols.errors import LocalProtocolError
+from protocols.identity import peer_id_from_public_key
+from protocols.market import Bid, JobRequest, LeaseTerms, TensorMeta
+from protocols.receipt import Receipt, ResultCommitment, batch_digest, commit, content_digest
+from protocols.requester import (
+    AwardFailed,
+    BidReceived,
+    CancelAward,
+    Complete,
+    DeadlineExceeded,
+    DeadlineReached,
+    ExecutorGone,
+    ExecutorsFailed,
+    Fail,
+    NoExecutors,
+    Phase,
+    Publish,
+    RequesterJob,
+    RequesterPolicy,
+    ResultReceived,
+    SendAward,
+    StartTimer,
+    TimerFired,
+)
+from protocols.signed import Signed
+
+KEYS = [nacl.signing.SigningKey(bytes([i]) * 32) for i in range(1, 6)]
+IDS = [peer_id_from_public_key(bytes(k.verify_key)) for k in KEYS]
+REQ_KEY, REQ = KEYS[0], IDS[0]
+E1, E2, E3 = IDS[1], IDS[2], IDS[3]
+EXEC_KEYS = dict(zip(IDS[1:], KEYS[1:], strict=True))
+CID = hashlib.sha256(b"tiny").hexdigest()
+JOB = b"\x42" * 16
+T0 = 1_000.0
+INPUT_DIGEST = content_digest({"x": b"in"})
+
+
+def request(**over: Any) -> JobRequest:
+    fields: dict[str, Any] = {
+        "job_id": JOB,
+        "requester": REQ,
+        "model_cid": CID,
+        "inputs": (TensorMeta("x", "float32", (1, 4)),),
+        "input_bytes": 16,
+        "max_price": 1_000,
+        "deadline": T0 + 10.0,
+        "bid_window": 0.5,
+        "nonce": b"\x01" * 16,
+    }
+    fields.update(over)
+    return JobRequest(**fields)
+
+
+def bid(executor: str, price: int = 100, eta_ms: int = 100, expires_at: float = T0 + 5) -> Bid:
+    return Bid(job_id=JOB, executor=executor, price=price, eta_ms=eta_ms, expires_at=expires_at)
+
+
+def commitment(executor: str, price: int = 100, **over: Any) -> Signed[ResultCommitment]:
+    fields: dict[str, Any] = {
+        "job_id": JOB,
+        "requester": REQ,
+        "executor": executor,
+        "model_cid": CID,
+        "input_digest": INPUT_DIGEST,
+        "output_digest": content_digest({"y": b"out"}),
+        "price": price,
+        "compute_ms": 5,
+    }
+    fields.update(over)
+    return commit(EXEC_KEYS[executor], ResultCommitment(**fields))
+
+
+def started(**over: Any) -> tuple[RequesterJob, list[Any]]:
+    job = RequesterJob(request(**over), now=T0, input_digest=INPUT_DIGEST)
+    return job, job.start()
+
+
+def awarded(job: RequesterJob, *bids: Bid) -> list[Any]:
+    for b in bids:
+        assert job.handle(BidReceived(b, now=T0 + 0.1)) == []
+    return job.handle(TimerFired(now=T0 + 0.5))
+
+
+def test_happy_path() -> None:
+    job, actions = started()
+    assert actions == [Publish(job.request), StartTimer(T0 + 0.5)]
+    assert job.phase is Phase.COLLECTING
+    actions = awarded(job, bid(E1, 300), bid(E2, 100), bid(E3, 200))
+    assert len(actions) == 2
+    send, timer = actions
+    assert isinstance(send, SendAward) and send.executor == E2
+    assert send.award.price == 100 and send.award.deadline == T0 + 10 and send.award.lease is None
+    # Timer: eta 0.1 s x slack 2 + grace 1 s.
+    assert timer == StartTimer(T0 + 0.5 + 0.2 + 1.0)
+    assert job.phase is Phase.AWARDED and job.awarded_to == E2
+    c = commitment(E2)
+    done = job.handle(ResultReceived(c, outputs_ok=True, now=T0 + 0.7))
+    assert done == [Complete(commitment=c, award=send.award)]
+    assert job.outcome == done[0] and job.phase is Phase.DONE
+    receipt = Receipt.create(REQ_KEY, c)
+    receipt.verify()
+    assert receipt.price == 100 and receipt.executor == E2
+    # Everything after the outcome is ignored: never paid twice.
+    assert job.handle(ResultReceived(c, outputs_ok=True, now=T0 + 0.8)) == []
+    assert job.handle(TimerFired(now=T0 + 20)) == []
+
+
+def test_early_and_spurious_timers_are_ignored() -> None:
+    job, _ = started()
+    assert job.handle(TimerFired(now=T0 + 0.1)) == []
+    assert job.phase is Phase.COLLECTING
+
+
+def test_no_bids_reauctions_then_fails_with_no_executors() -> None:
+    job, _ = started()
+    actions = job.handle(TimerFired(now=T0 + 0.5))
+    assert isinstance(actions[0], Publish)
+    assert actions[0].request.round == 1 and actions[0].request.nonce != request().nonce
+    assert actions[0].request.job_id == JOB
+    assert actions[1] == StartTimer(T0 + 1.0)
+    actions = job.handle(TimerFired(now=T0 + 1.0))
+    assert isinstance(actions[0], Publish) and actions[0].request.round == 2
+    actions = job.handle(TimerFired(now=T0 + 1.5))
+    assert len(actions) == 1 and isinstance(actions[0], Fail)
+    err = actions[0].error
+    assert isinstance(err, NoExecutors)
+    assert err.waited_s == pytest.approx(1.5) and err.rounds == 3
+    assert CID in str(err) and "1.5 s" in str(err) and "3 auctions" in str(err)
+
+
+def test_no_bids_with_short_deadline_fails_at_deadline() -> None:
+    job, actions = started(deadline=T0 + 0.8)
+    actions = job.handle(TimerFired(now=T0 + 0.5))
+    # Another 0.5 s window does not fit before the deadline: fail now, not at the deadline.
+    assert len(actions) == 1 and isinstance(actions[0], Fail)
+    assert isinstance(actions[0].error, NoExecutors)
+
+
+def test_award_failure_falls_back_to_next_bidder() -> None:
+    job, _ = started()
+    awarded(job, bid(E1, 100), bid(E2, 200))
+    assert job.awarded_to == E1
+    # A failure report about someone else changes nothing.
+    assert job.handle(AwardFailed(E2, "?", now=T0 + 0.6)) == []
+    actions = job.handle(AwardFailed(E1, "connection refused", now=T0 + 0.6))
+    assert isinstance(actions[0], SendAward) and actions[0].executor == E2
+    assert job.attempts == [(E1, "connection refused")]
+    actions = job.handle(ExecutorGone(E2, now=T0 + 0.7))
+    # No bids left: a new auction; failed executors' bids are not considered again.
+    assert isinstance(actions[0], Publish) and actions[0].request.round == 1
+    job.handle(BidReceived(bid(E1, 50), now=T0 + 0.8))
+    job.handle(BidReceived(bid(E3, 300), now=T0 + 0.8))
+    actions = job.handle(TimerFired(now=T0 + 1.2))
+    assert isinstance(actions[0], SendAward) and actions[0].executor == E3
+
+
+def test_slow_executor_is_cancelled_and_replaced() -> None:
+    job, _ = started()
+    awarded(job, bid(E1, 100, eta_ms=100), bid(E2, 200))
+    actions = job.handle(TimerFired(now=T0 + 1.7))
+    assert actions[0] == CancelAward(E1, actions[0].reason)  # type: ignore[union-attr]
+    assert isinstance(actions[1], SendAward) and actions[1].executor == E2
+    # The late result of the cancelled executor is never accepted.
+    assert job.handle(ResultReceived(commitment(E1), outputs_ok=True, now=T0 + 1.8)) == []
+    done = job.handle(ResultReceived(commitment(E2, price=200), outputs_ok=True, now=T0 + 1.9))
+    assert isinstance(done[0], Complete) and done[0].commitment.message.executor == E2
+
+
+@pytest.mark.parametrize(
+    ("c_over", "ok", "why"),
+    [
+        ({"price": 101}, True, "asks 101"),
+        ({"model_cid": hashlib.sha256(b"other").hexdigest()}, True, "another model"),
+        ({"input_digest": content_digest(0)}, True, "other inputs"),
+        ({"job_id": b"\x43" * 16}, True, "another job"),
+        ({"count": 2, "price": 200}, True, "covers 2 jobs"),
+        ({}, False, "bad outputs"),
+    ],
+)
+def test_bad_result_is_refused_and_next_bidder_tried(
+    c_over: dict[str, Any], ok: bool, why: str
+) -> None:
+    job, _ = started()
+    awarded(job, bid(E1, 100), bid(E2, 200))
+    c = commitment(E1, **{"price": 100, **c_over})
+    actions = job.handle(ResultReceived(c, outputs_ok=ok, now=T0 + 0.6))
+    assert isinstance(actions[0], CancelAward) and why in actions[0].reason
+    assert isinstance(actions[1], SendAward) and actions[1].executor == E2
+    assert job.outcome is None
+
+
+def test_result_after_deadline_is_not_accepted() -> None:
+    job, _ = started(deadline=T0 + 2)
+    awarded(job, bid(E1, 100, eta_ms=1_000))
+    actions = job.handle(ResultReceived(commitment(E1), outputs_ok=True, now=T0 + 2.01))
+    assert isinstance(actions[0], CancelAward)
+    assert isinstance(actions[1], Fail) and isinstance(actions[1].error, DeadlineExceeded)
+    assert len(actions) == 2
+
+
+def test_deadline_while_awarded_cancels_and_fails() -> None:
+    job, _ = started()
+    awarded(job, bid(E1, 100))
+    actions = job.handle(DeadlineReached(now=T0 + 10))
+    assert isinstance(actions[0], CancelAward) and actions[0].executor == E1
+    assert isinstance(actions[1], Fail) and isinstance(actions[1].error, DeadlineExceeded)
+    assert "deadline" in str(actions[1].error)
+
+
+def test_all_failed_without_time_for_another_auction() -> None:
+    job, _ = started(deadline=T0 + 1.0)
+    awarded(job, bid(E1, 100))
+    actions = job.handle(AwardFailed(E1, "refused: busy", now=T0 + 0.6))
+    assert len(actions) == 1 and isinstance(actions[0], Fail)
+    assert isinstance(actions[0].error, ExecutorsFailed)
+    assert "refused: busy" in str(actions[0].error)
+
+
+def test_bids_arriving_during_award_are_fallbacks() -> None:
+    job, _ = started()
+    awarded(job, bid(E1, 100))
+    job.handle(BidReceived(bid(E2, 150), now=T0 + 0.6))
+    actions = job.handle(AwardFailed(E1, "gone", now=T0 + 0.7))
+    assert isinstance(actions[0], SendAward) and actions[0].executor == E2
+
+
+def test_expired_and_too_slow_bids_are_not_awarded() -> None:
+    job, _ = started(deadline=T0 + 3)
+    actions = awarded(job, bid(E1, 100, expires_at=T0 + 0.4), bid(E2, 100, eta_ms=2_600))
+    assert isinstance(actions[0], Publish)  # nothing usable: a new auction
+
+
+def test_lease_batch_result() -> None:
+    lease = LeaseTerms(max_jobs=10, until=T0 + 8)
+    job, _ = started(lease=lease)
+    actions = awarded(job, bid(E1, 30))
+    assert isinstance(actions[0], SendAward) and actions[0].award.lease == lease
+    digests = [content_digest(i) for i in range(7)]
+    c = commitment(E1, price=7 * 30, count=7, input_digest=batch_digest(digests))
+    done = job.handle(ResultReceived(c, outputs_ok=True, now=T0 + 1))
+    assert isinstance(done[0], Complete)
+    assert Receipt.create(REQ_KEY, c).count == 7
+
+
+def test_usage_errors() -> None:
+    job = RequesterJob(request(), now=T0)
+    with pytest.raises(LocalProtocolError):
+        job.handle(TimerFired(now=T0))
+    job.start()
+    with pytest.raises(LocalProtocolError):
+        job.start()
+    with pytest.raises(LocalProtocolError):
+        RequesterPolicy(max_rounds=0)
+
+
+def test_start_after_deadline_fails_at_once() -> None:
+    job = RequesterJob(request(deadline=T0 + 1), now=T0 + 1)
+    actions = job.start()
+    assert len(actions) == 1 and isinstance(actions[0], Fail)
+    assert isinstance(actions[0].error, NoExecutors)
+
+
+def test_banned_and_reputation_are_used() -> None:
+    job = RequesterJob(request(), now=T0, banned={E1}, reputation={E3: 1.0, E2: 0.0})
+    job.start()
+    actions = awarded(job, bid(E1, 10), bid(E2, 100), bid(E3, 100))
+    assert isinstance(actions[0], SendAward) and actions[0].executor == E3
+
+
+def test_no_executors_says_bids_were_unusable() -> None:
+    job, _ = started(deadline=T0 + 0.9)
+    job.handle(BidReceived(bid(E1, price=5_000), now=T0 + 0.1))
+    actions = job.handle(TimerFired(now=T0 + 0.5))
+    assert isinstance(actions[0], Fail) and isinstance(actions[0].error, NoExecutors)
+    assert actions[0].error.bids_seen == 1 and "over the max price" in str(actions[0].error)
