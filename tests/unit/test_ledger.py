@@ -292,3 +292,25 @@ def test_partitioned_ledgers_reconcile_to_one_state_hash() -> None:
         left.ingest_bytes(*item)
     assert left.state_hash() == right.state_hash()
     assert left.balances() == right.balances()
+
+
+def test_eligible_pool_needs_identity_matured_earnings_and_no_ban() -> None:
+    from protocols.ledger_state import replay
+
+    pol = policy(genesis=frozenset({pid(A), pid(B)}), fraud_window_ms=1_000)
+    world = World(pol)
+    r1, r2 = receipt(A, B, 500, 1), receipt(B, C, 500, 2)
+    assert world.certify(transfer(A, r1, 1), r1) is not None
+    assert world.certify(transfer(B, r2, 1), r2) is not None
+    view = world.view
+    assert view is not None
+    assert view.eligible_pool(NOW_MS, 100) == frozenset()  # still in escrow
+    later = NOW_MS + 1_000
+    # B: genesis identity and 500 earned; C earned too but has no identity proof.
+    assert view.eligible_pool(later, 100) == {pid(B)}
+    assert view.eligible_pool(later, 501) == frozenset()
+    # A restart replays the stored facts into the same state.
+    copy = LedgerState(rule(), pol)
+    stored = [view.item(f) for f in view.fact_ids()]
+    assert replay(copy, [s for s in stored if s is not None]) == len(view)
+    assert copy.state_hash() == view.state_hash()
