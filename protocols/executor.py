@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from protocols.errors import LocalProtocolError
 from protocols.market import MAX_ETA_MS, Award, Bid, JobError, JobRequest
 from protocols.market_fields import want_int, want_peer_id
-from protocols.receipt import ResultCommitment, batch_digest
+from protocols.receipt import MAX_COMPUTE_MS, ResultCommitment, batch_digest
 
 # --- configuration ----------------------------------------------------------------
 
@@ -108,13 +108,31 @@ class InputReceived:
 
 
 @dataclass(frozen=True)
+class InputRejected:
+    """The inputs of job ``seq`` failed the model's declared inputs or limits (not run)."""
+
+    job_id: bytes
+    seq: int
+    reason: str
+    now: float
+
+
+@dataclass(frozen=True)
 class ExecutionFinished:
+    """Job ``seq`` ran; digests are ``content_digest`` of its inputs and outputs wire maps."""
+
     job_id: bytes
     seq: int
     input_digest: bytes
     output_digest: bytes
     compute_ms: int
     now: float
+
+    def __post_init__(self) -> None:
+        if len(self.input_digest) != 32 or len(self.output_digest) != 32:
+            raise LocalProtocolError("ExecutionFinished digests must be 32-byte sha256 digests")
+        if self.compute_ms < 0:
+            raise LocalProtocolError("ExecutionFinished.compute_ms must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -154,6 +172,7 @@ Event = (
     RequestSeen
     | AwardReceived
     | InputReceived
+    | InputRejected
     | ExecutionFinished
     | ExecutionFailed
     | BatchCloseReceived
@@ -291,6 +310,8 @@ class ExecutorState:
             return self._on_award(event.award, event.now)
         if isinstance(event, InputReceived):
             return self._on_input(event.job_id, event.seq, event.now)
+        if isinstance(event, InputRejected):
+            return self._on_rejected(event)
         if isinstance(event, ExecutionFinished):
             return self._on_finished(event)
         if isinstance(event, ExecutionFailed):
@@ -394,6 +415,16 @@ class ExecutorState:
         job.started.add(seq)
         return [StartExecution(job_id, seq)]
 
+    def _on_rejected(self, ev: InputRejected) -> list[Action]:
+        job = self._jobs.get(ev.job_id)
+        if job is None or ev.seq in job.started:
+            return []
+        # Counted as started-and-failed, so the same seq can never run later.
+        job.started.add(ev.seq)
+        return self._on_failed(
+            ExecutionFailed(ev.job_id, ev.seq, ev.reason, ev.now, code="bad-input")
+        )
+
     def _on_finished(self, ev: ExecutionFinished) -> list[Action]:
         job = self._jobs.get(ev.job_id)
         if job is None or ev.seq not in job.started or ev.seq in job.results:
@@ -443,7 +474,7 @@ class ExecutorState:
             input_digest=input_digest,
             output_digest=output_digest,
             price=award.price * len(done),
-            compute_ms=min(sum(d[2] for d in done), 86_400_000 * 30),
+            compute_ms=min(sum(d[2] for d in done), MAX_COMPUTE_MS),
             count=len(done),
         )
         self._finish(job_id)

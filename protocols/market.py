@@ -209,6 +209,8 @@ class JobRequest:
             raise ValidationError(f"{k}.lease must be LeaseTerms or None")
         if self.lease is not None and self.lease.until > self.deadline:
             raise ValidationError(f"{k}.lease.until is after the deadline")
+        if self.lease is not None and self.max_price * self.lease.max_jobs > MAX_INT:
+            raise ValidationError(f"{k}: max_price x lease.max_jobs overflows a 64-bit total")
 
     @property
     def signer(self) -> str:
@@ -352,6 +354,9 @@ class Award:
             raise ValidationError("Award.lease must be LeaseTerms or None")
         if self.lease is not None and self.lease.until > self.deadline:
             raise ValidationError("Award.lease.until is after the award deadline")
+        # A batch commitment's total (price x count) must fit a 64-bit int.
+        if self.price * self.max_jobs > MAX_INT:
+            raise ValidationError("Award: price x lease.max_jobs overflows a 64-bit total")
 
     @property
     def signer(self) -> str:

@@ -340,6 +340,12 @@ class RequesterJob:
             return []  # a revoked or unknown executor's result: never paid
         if self.now > self.request.deadline:
             return self._fail_no_time()
+        try:
+            # The I/O layer should have checked it; a forged commitment must never be accepted.
+            event.commitment.verify()
+        except ProtocolError as exc:
+            problem = f"commitment does not verify: {exc}"
+            return [CancelAward(c.executor, problem), *self._after_failure(c.executor, problem)]
         problem = self._check_commitment(c) or (
             "" if event.outputs_ok else event.problem or "bad outputs"
         )
@@ -394,9 +400,11 @@ class RequesterJob:
             deadline=self.request.deadline,
             lease=self.request.lease,
         )
+        # A lease commits after its last job, sent by lease.until at the latest.
+        start = self.now if self.request.lease is None else max(self.now, self.request.lease.until)
         result_by = min(
             self.request.deadline,
-            self.now + bid.eta_ms / 1000.0 * self.policy.eta_slack + self.policy.grace_s,
+            start + bid.eta_ms / 1000.0 * self.policy.eta_slack + self.policy.grace_s,
         )
         self._current = _Current(bid=bid, award=award, awarded_at=self.now, result_by=result_by)
         self.phase = Phase.AWARDED

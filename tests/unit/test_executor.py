@@ -21,6 +21,7 @@ from protocols.executor import (
     ExecutorConfig,
     ExecutorState,
     InputReceived,
+    InputRejected,
     ModelOffer,
     PublishBid,
     RejectAward,
@@ -332,3 +333,22 @@ def test_bad_config() -> None:
         config(max_concurrent=0)
     with pytest.raises(LocalProtocolError):
         config(bid_validity_s=0)
+
+
+def test_rejected_input_is_refused_and_never_runs() -> None:
+    state = ExecutorState(config())
+    won(state, request(lease=LeaseTerms(max_jobs=5, until=T0 + 8)))
+    actions = state.handle(InputRejected(JOB, 0, "x: expected float32, got int64", now=T0 + 1))
+    assert isinstance(actions[0], SendError) and actions[0].error.code == "bad-input"
+    assert "float32" in actions[0].error.message and actions[0].error.seq == 0
+    again = state.handle(InputReceived(JOB, 0, now=T0 + 1))
+    assert isinstance(again[0], SendError) and again[0].error.code == "duplicate"
+    # The lease goes on with the next job.
+    assert state.handle(InputReceived(JOB, 1, now=T0 + 1)) == [StartExecution(JOB, 1)]
+
+
+def test_execution_finished_is_validated() -> None:
+    with pytest.raises(LocalProtocolError):
+        ExecutionFinished(JOB, 0, b"short", b"\0" * 32, 1, T0)
+    with pytest.raises(LocalProtocolError):
+        ExecutionFinished(JOB, 0, b"\0" * 32, b"\0" * 32, -1, T0)

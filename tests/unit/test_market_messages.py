@@ -251,6 +251,8 @@ def test_unknown_version_in_signed_bytes() -> None:
         (lambda: award(executor=pid(REQ)), "same peer"),
         (lambda: award(lease=LeaseTerms(0, NOW)), "max_jobs"),
         (lambda: error(code="oops"), "code"),
+        (lambda: award(price=2**62, lease=LeaseTerms(4, NOW)), "overflows"),
+        (lambda: request(max_price=2**62, lease=LeaseTerms(4, NOW)), "overflows"),
     ],
 )
 def test_bad_fields_rejected(make: Any, match: str) -> None:
@@ -271,7 +273,7 @@ def test_largest_valid_request_fits_its_cap() -> None:
         inputs=tuple(TensorMeta(f"{i:03d}" + "n" * 253, "float16", dims) for i in range(32)),
         lease=LeaseTerms(max_jobs=1_000_000, until=NOW + 9.123456789),
         nonce=b"\xff" * 32,
-        max_price=2**63 - 1,
+        max_price=(2**63 - 1) // 1_000_000,
     )
     data = sign_message(REQ, big).to_bytes()
     assert len(data) <= JobRequest.MAX_BYTES

@@ -30,6 +30,7 @@ from protocols.executor import (
     ExecutorConfig,
     ExecutorState,
     InputReceived,
+    InputRejected,
     ModelOffer,
     PublishBid,
     RejectAward,
@@ -297,6 +298,7 @@ class ExecutorMachine(RuleBasedStateMachine):
         self.started: set[tuple[bytes, int]] = set()
         self.committed: set[bytes] = set()
         self.finished: set[tuple[bytes, int]] = set()
+        self.rejected: set[tuple[bytes, int]] = set()
 
     def apply(self, actions: list[Any]) -> None:
         for a in actions:
@@ -323,6 +325,7 @@ class ExecutorMachine(RuleBasedStateMachine):
             elif isinstance(a, StartExecution):
                 key = (a.job_id, a.seq)
                 assert key not in self.started, "ran a job twice"
+                assert key not in self.rejected, "ran a job whose inputs were rejected"
                 assert a.job_id in self.accepted and a.job_id not in self.committed
                 aw = self.accepted[a.job_id]
                 assert a.seq < aw.max_jobs
@@ -451,6 +454,14 @@ class ExecutorMachine(RuleBasedStateMachine):
         job = data.draw(st.sampled_from(sorted(self.state.awarded_jobs)))
         seq = len([k for k in self.started if k[0] == job])
         self.send(InputReceived(job, seq, now=self.now))
+
+    @rule(data=st.data(), seq=st.integers(0, 3))
+    def reject_input(self, data: st.DataObject, seq: int) -> None:
+        """The I/O layer found the inputs invalid: that seq must never run afterwards."""
+        job = self.pick(data, self.state.awarded_jobs)
+        if job in self.state.awarded_jobs and (job, seq) not in self.started:
+            self.rejected.add((job, seq))
+        self.send(InputRejected(job, seq, "bad dtype", now=self.now))
 
     @rule(data=st.data())
     def replay_input(self, data: st.DataObject) -> None:

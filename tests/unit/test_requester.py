@@ -283,3 +283,21 @@ def test_no_executors_says_bids_were_unusable() -> None:
     actions = job.handle(TimerFired(now=T0 + 0.5))
     assert isinstance(actions[0], Fail) and isinstance(actions[0].error, NoExecutors)
     assert actions[0].error.bids_seen == 1 and "over the max price" in str(actions[0].error)
+
+
+def test_forged_commitment_is_never_accepted() -> None:
+    job, _ = started()
+    awarded(job, bid(E1, 100), bid(E2, 200))
+    genuine = commitment(E1)
+    # E3 signs E1's commitment body: the envelope verifies for E3, not for the named executor.
+    forged = Signed(message=genuine.message, envelope=commitment(E3).envelope)
+    actions = job.handle(ResultReceived(forged, outputs_ok=True, now=T0 + 0.6))
+    assert isinstance(actions[0], CancelAward) and "does not verify" in actions[0].reason
+    assert isinstance(actions[1], SendAward) and actions[1].executor == E2
+
+
+def test_lease_timer_waits_for_the_lease_to_end() -> None:
+    job, _ = started(lease=LeaseTerms(max_jobs=100, until=T0 + 6))
+    actions = awarded(job, bid(E1, 10, eta_ms=100))
+    assert actions[1] == StartTimer(T0 + 6 + 0.2 + 1.0)
+    assert job.handle(TimerFired(now=T0 + 5)) == []
