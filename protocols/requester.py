@@ -229,12 +229,22 @@ class RequesterPolicy:
     eta_slack: float = 2.0
     grace_s: float = 1.0
     weights: Weights = DEFAULT_WEIGHTS
+    # Distinct bidders remembered per job: a bid flood cannot grow memory without bound.
+    max_bidders: int = 1024
 
     def __post_init__(self) -> None:
-        if self.max_rounds < 1 or self.eta_slack < 1.0 or self.grace_s < 0.0:
+        if (
+            self.max_rounds < 1
+            or self.eta_slack < 1.0
+            or self.grace_s < 0.0
+            or self.max_bidders < 1
+        ):
             raise LocalProtocolError(
-                "RequesterPolicy needs max_rounds>=1, eta_slack>=1, grace_s>=0"
+                "RequesterPolicy needs max_rounds>=1, eta_slack>=1, grace_s>=0, max_bidders>=1"
             )
+
+
+_BIDS_PER_EXECUTOR = 4
 
 
 @dataclass
@@ -266,7 +276,9 @@ class RequesterJob:
     attempts: list[tuple[str, str]] = field(default_factory=list, init=False)
     _started: float = field(default=0.0, init=False)
     _window_end: float = field(default=0.0, init=False)
-    _bids: list[Bid] = field(default_factory=list, init=False)
+    # Per executor, its few best bids (cheapest, fastest, longest-lived first): bounded,
+    # and the same whatever order the bids arrived in.
+    _bids: dict[str, list[Bid]] = field(default_factory=dict, init=False)
     _bids_seen: int = field(default=0, init=False)
     _tried: set[str] = field(default_factory=set, init=False)
     _current: _Current | None = field(default=None, init=False)
@@ -310,8 +322,14 @@ class RequesterJob:
     def _on_bid(self, bid: Bid) -> list[Action]:
         if bid.job_id != self.request.job_id or bid.executor in self._tried:
             return []
+        if bid.executor not in self._bids and len(self._bids) >= self.policy.max_bidders:
+            return []
         self._bids_seen += 1
-        self._bids.append(bid)
+        held = self._bids.setdefault(bid.executor, [])
+        if bid not in held:
+            held.append(bid)
+            held.sort(key=lambda b: (b.price, b.eta_ms, -b.expires_at))
+            del held[_BIDS_PER_EXECUTOR:]
         return []
 
     def _on_timer(self) -> list[Action]:
@@ -381,7 +399,7 @@ class RequesterJob:
         assert self._current is None
         ranked = rank_bids(
             self.request,
-            (b for b in self._bids if b.executor not in self._tried),
+            (b for e, held in self._bids.items() if e not in self._tried for b in held),
             now=self.now,
             reputation=self.reputation,
             banned=self.banned,
@@ -426,7 +444,7 @@ class RequesterJob:
                 :16
             ]
             self.request = replace(self.request, round=self.request.round + 1, nonce=nonce)
-            self._bids = [b for b in self._bids if b.executor not in self._tried]
+            self._bids = {e: b for e, b in self._bids.items() if e not in self._tried}
             return self._open_auction()
         if self.now >= self.request.deadline:
             return self._fail_no_time()

@@ -7,6 +7,8 @@ from typing import Any
 
 import nacl.signing
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from protocols.errors import LocalProtocolError
 from protocols.identity import peer_id_from_public_key
@@ -301,3 +303,36 @@ def test_lease_timer_waits_for_the_lease_to_end() -> None:
     actions = awarded(job, bid(E1, 10, eta_ms=100))
     assert actions[1] == StartTimer(T0 + 6 + 0.2 + 1.0)
     assert job.handle(TimerFired(now=T0 + 5)) == []
+
+
+def test_bid_flood_is_bounded() -> None:
+    job = RequesterJob(request(), now=T0, policy=RequesterPolicy(max_bidders=2))
+    job.start()
+    for e in (E1, E2, E3):
+        for price in range(10, 20):
+            job.handle(BidReceived(bid(e, price), now=T0 + 0.1))
+    actions = job.handle(TimerFired(now=T0 + 0.5))
+    # E3 came third and was not remembered; E1/E2's cheapest bids were kept.
+    assert isinstance(actions[0], SendAward) and actions[0].executor in (E1, E2)
+    assert actions[0].award.price == 10
+
+
+_BID = st.builds(
+    bid,
+    st.sampled_from([E1, E2, E3]),
+    price=st.integers(0, 1_200),
+    eta_ms=st.integers(0, 12_000),
+    expires_at=st.floats(T0, T0 + 3),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(bids=st.lists(_BID, max_size=14), data=st.data())
+def test_arrival_order_never_changes_the_award(bids: list[Bid], data: st.DataObject) -> None:
+    def award_for(order: list[Bid]) -> list[Any]:
+        job, _ = started()
+        for b in order:
+            job.handle(BidReceived(b, now=T0 + 0.1))
+        return job.handle(TimerFired(now=T0 + 0.5))
+
+    assert award_for(bids) == award_for(data.draw(st.permutations(bids)))
