@@ -3,7 +3,8 @@
 For a tiny graph (z = x + y) and the real model (all-MiniLM-L6-v2 int8), in one
 run, measures per-call latency (p50/p99) and sequential throughput of
 
-  (a) direct   ``session.run(None, feeds)`` on an InferenceSession
+  (a) direct   ``session.run(None, feeds)`` on the InferenceSession that
+               the runtime itself holds for the model
   (b) edge     CBOR bytes -> ``codec.decode`` -> ``decode_tensors`` (caps) ->
                ``ModelRuntime.run`` (registry lookup, input checks, slot,
                watchdog timeout, session cache) -> outputs
@@ -196,7 +197,6 @@ def main() -> None:
         minilm = registry.add_packaged("minilm")
         runtime = ModelRuntime(registry, intra_op_threads=args.threads, max_concurrent=2)
         try:
-            so = runtime._session_options()
             providers = list(runtime.providers)
             rng = np.random.default_rng(0)
             tiny_feeds = {
@@ -206,12 +206,11 @@ def main() -> None:
             sentence = "Edge inference lets every peer sell what its own hardware can run."
             minilm_feeds = minilm_tokenizer().encode([sentence])
             batch_feeds = minilm_tokenizer().encode([sentence] * 8)
-            tiny_session = ort.InferenceSession(
-                str(registry.path_of(registry.get("tiny").cid)), so, providers=providers
-            )
-            minilm_session = ort.InferenceSession(
-                str(registry.path_of(minilm.cid)), so, providers=providers
-            )
+            # (a) runs on the very session (b) uses: two sessions of one model
+            # can differ by several percent (memory placement), which would
+            # swamp the overhead being measured.
+            tiny_session = runtime.load("tiny").session
+            minilm_session = runtime.load("minilm").session
             runs = [
                 compare(
                     "tiny_add[16]",
