@@ -44,6 +44,7 @@ import trio
 from libp2p.abc import IHost
 from libp2p.kad_dht.kad_dht import KadDHT
 from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.validator import Validator
 
 from protocols.ad import (
@@ -172,6 +173,7 @@ class Discovery:
         self._clock = clock
         self._seq = 0
         self._wake = trio.Event()
+        self._running = False
         self.current_ad: CapabilityAd | None = None
         self.peer_id = str(host.get_id())
 
@@ -183,7 +185,8 @@ class Discovery:
 
     def request_publish(self) -> None:
         """Publish again soon (after a join, a load change, new models)."""
-        self._wake.set()
+        if self._running:  # before that, the first publish in run() covers it
+            self._wake.set()
 
     def set_load(self, load: float, queue: int) -> None:
         if self._state is not None:
@@ -255,6 +258,7 @@ class Discovery:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Publish now, then keep the ad fresh; reports started after the first publish."""
+        self._running = True
         await self.publish_once()
         task_status.started()
         last = self._clock()
@@ -361,14 +365,30 @@ class Discovery:
             ids.add(self.peer_id)
         return {i for i in ids if _is_edgeswarm_peer(i)}
 
+    async def self_lookup(self) -> int:
+        """Kademlia's join step: look up our own id and keep what answers in the routing table.
+
+        (py-libp2p's ``refresh_routing_table`` also walks one random key per
+        bucket, but 0.8.1 builds keys its own servers reject; the self-lookup
+        is the part that finds our neighbourhood.) Returns the table size.
+        """
+        with trio.move_on_after(WALK_TIMEOUT):
+            try:
+                me = self.host.get_id()
+                closest = await self.dht.peer_routing.find_closest_peers_network(me.to_bytes())
+                store = self.host.get_peerstore()
+                for pid in closest:
+                    addrs = store.addrs(pid) if pid != me else []
+                    if addrs:
+                        await self.dht.routing_table.add_peer(PeerInfo(pid, addrs))
+            except Exception as exc:  # a failed lookup must not end the caller
+                log.debug("self-lookup failed: %s", exc)
+        return int(self.dht.get_routing_table_size())
+
     async def find_ads(self, *, refresh: bool = True) -> list[CapabilityAd]:
         """Valid ads of every peer we know of (ours included), sorted by peer id."""
         if refresh:
-            with trio.move_on_after(WALK_TIMEOUT):
-                try:
-                    await self.dht.refresh_routing_table()
-                except Exception as exc:
-                    log.debug("routing table refresh failed: %s", exc)
+            await self.self_lookup()
         ids = sorted(self.known_peer_ids())
         results: dict[str, CapabilityAd] = {}
         limiter = trio.CapacityLimiter(LIST_CONCURRENCY)

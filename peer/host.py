@@ -26,6 +26,7 @@ import logging
 import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 import multiaddr
 import nacl.signing
@@ -155,6 +156,20 @@ def concrete_addrs(host: IHost) -> list[str]:
     return out
 
 
+async def _close_connections(host: IHost) -> None:
+    """Close every connection at once: the swarm closes them one by one, ~0.2 s each."""
+
+    async def close_one(conn: Any) -> None:
+        with contextlib.suppress(Exception):
+            await conn.close()
+
+    connections = getattr(host.get_network(), "connections", {})
+    async with trio.open_nursery() as nursery:
+        for conns in list(connections.values()):
+            for conn in list(conns):
+                nursery.start_soon(close_one, conn)
+
+
 @asynccontextmanager
 async def running_host(host: IHost, listen: Sequence[str]) -> AsyncIterator[list[str]]:
     """Run ``host`` listening on ``listen``; yield its full listen multiaddrs."""
@@ -181,6 +196,7 @@ async def running_host(host: IHost, listen: Sequence[str]) -> AsyncIterator[list
             # running; close() shuts connections and listeners first. Shielded
             # (and bounded) so it also runs when we are being cancelled.
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                await _close_connections(host)
                 await host.close()
 
 

@@ -46,9 +46,8 @@ from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
-from peer.config import Config
+from peer.config import Config, ConfigError
 from peer.discovery import (
-    WALK_TIMEOUT,
     AdState,
     AdValidator,
     Discovery,
@@ -64,7 +63,7 @@ from peer.host import (
 )
 from peer.identity import load_or_create_identity
 from peer.logging_setup import exception_leaves, install_libp2p_filter, log_exception_leaves
-from protocols.ad import AD_NAMESPACE, MAX_ADDRS, CapabilityAd, Device
+from protocols.ad import AD_MAX_TTL, AD_NAMESPACE, MAX_ADDRS, CapabilityAd, Device
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +71,7 @@ Role = Literal["peer", "bootstrap", "client"]
 ROLES: tuple[Role, ...] = ("peer", "bootstrap", "client")
 
 BACKOFF_START = 0.5
+MIN_AD_TTL = 1.0
 BACKOFF_MAX = 30.0
 GOSSIP_HEARTBEAT = 1  # seconds; py-libp2p's default of 120 s makes meshes slow to form
 
@@ -161,11 +161,7 @@ class BootstrapLink:
         self.joined += 1
         log.info("joined the network through bootstrap %s", self.address)
         await self.peer.dht.add_peer(self.info.peer_id, skip_server_mode_check=True)
-        with trio.move_on_after(WALK_TIMEOUT):
-            try:
-                await self.peer.dht.refresh_routing_table()
-            except Exception as exc:  # a lookup failing must not end the link
-                log.debug("routing table refresh after join failed: %s", exc)
+        await self.peer.discovery.self_lookup()
         if self.joined > 1:
             self.peer.discovery.reprovide_all()
         else:
@@ -281,6 +277,11 @@ async def open_peer(
     """
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    if not MIN_AD_TTL <= config.ad_ttl <= AD_MAX_TTL:
+        raise ConfigError(
+            f"ad_ttl must be between {MIN_AD_TTL:.0f} and {AD_MAX_TTL:.0f} seconds, "
+            f"got {config.ad_ttl}"
+        )
     for address in config.bootstrap:
         peer_info_from_addr(address)  # AddressError now, not in a background task
     if key is None:

@@ -24,7 +24,7 @@ import typer
 
 from peer.cli import app
 from peer.cli.common import DataDirOpt, JsonOpt, config_from_cli, fail, print_json
-from peer.config import CONFIG_FILE_NAME, ENV_PREFIX, Config
+from peer.config import CONFIG_FILE_NAME, ENV_PREFIX, Config, ConfigError
 from peer.host import AddressError, ListenError, parse_multiaddr
 from peer.identity import IdentityError, load_or_create_identity, peer_id_of
 from peer.logging_setup import setup_logging
@@ -75,7 +75,7 @@ def _run_trio(main: Callable[[], Any]) -> None:
         trio.run(main)
     except IdentityError as exc:
         fail(str(exc))
-    except AddressError as exc:
+    except (AddressError, ConfigError) as exc:
         fail(str(exc), code=2)
     except ListenError as exc:
         fail(str(exc))

@@ -287,3 +287,41 @@ async def test_gossipsub_is_running(tmp_path: Path) -> None:
             for sub in subs:
                 msg = await sub.get()
                 assert msg.data == b"hello"
+
+
+async def test_lost_bootstrap_is_rejoined_when_it_returns(tmp_path: Path) -> None:
+    boot_cfg = config(tmp_path, "boot")
+
+    async def run_bootstrap(stop: trio.Event, done: trio.Event, *, task_status: Any) -> None:
+        async with open_bootstrap(boot_cfg) as boot:
+            task_status.started(boot)
+            await stop.wait()
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        stop, done = trio.Event(), trio.Event()
+        boot = await nursery.start(run_bootstrap, stop, done)
+        address, boot_id = boot.listen_addrs[0], boot.peer_id
+        p_cfg = config(tmp_path, "p", bootstrap=(address,))
+        async with open_peer(p_cfg, hardware=FakeHardware()) as p:
+            assert boot_id in p.connected_peers()
+            stop.set()  # the bootstrap goes down; p keeps running
+            with trio.fail_after(10):
+                await done.wait()
+            assert boot_id not in p.connected_peers()
+            again = await nursery.start(run_bootstrap, trio.Event(), trio.Event())
+            assert again.listen_addrs[0] == address
+
+            async def rejoined() -> bool:
+                return boot_id in p.connected_peers() and p.peer_id in await ad_ids(again)
+
+            await wait_for(rejoined, limit=30, what="the peer to rejoin the restarted bootstrap")
+            nursery.cancel_scope.cancel()
+
+
+async def test_bad_ad_ttl_is_refused_before_start(tmp_path: Path) -> None:
+    from peer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="ad_ttl"):
+        async with open_peer(config(tmp_path, "x", ad_ttl=10 * 24 * 3600.0)):
+            pass
