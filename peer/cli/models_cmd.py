@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -20,12 +20,14 @@ import typer
 from edge_models import packaged
 from edge_models.errors import EdgeModelError
 from edge_models.limits import DEFAULT_INPUT_LIMITS, InputLimits
-from edge_models.registry import Registry
-from edge_models.runtime import ModelRuntime
-from edge_models.spec import ModelEntry, TensorSpec
 from peer.cli import app
 from peer.cli.common import DataDirOpt, JsonOpt, config_from_cli, fail, print_json
 from peer.config import Config
+
+if TYPE_CHECKING:  # onnx and onnxruntime take ~0.3 s to import: only when a command needs them
+    from edge_models.registry import Registry
+    from edge_models.runtime import ModelRuntime
+    from edge_models.spec import ModelEntry, TensorSpec
 
 models_app = typer.Typer(
     name="models",
@@ -39,6 +41,8 @@ _NPY_HEADER_SLACK = 64 * 1024  # .npy header + alignment on top of the data byte
 
 
 def open_registry(cfg: Config) -> Registry:
+    from edge_models.registry import Registry
+
     try:
         return Registry(cfg.data_dir / "models")
     except OSError as exc:
@@ -46,6 +50,8 @@ def open_registry(cfg: Config) -> Registry:
 
 
 def make_runtime(cfg: Config, registry: Registry, *, p50_runs: int = 5) -> ModelRuntime:
+    from edge_models.runtime import ModelRuntime
+
     return ModelRuntime(
         registry,
         providers=cfg.providers,
