@@ -42,6 +42,7 @@ import trio
 
 from bootstrap.node import open_bootstrap
 from peer.config import Config
+from peer.host import build_host, connect, running_host
 from peer.node import Peer, open_peer
 
 RESULTS = Path(__file__).parent / "results" / "discovery.json"
@@ -146,14 +147,42 @@ async def run_size(
     }
 
 
+async def dial_times(tmp: Path, *, one_conn: bool, dials: int = 30) -> dict[str, Any]:
+    """Wall time of a fresh connect (TCP + Noise + yamux) between two bare hosts."""
+    a_key, b_key = nacl.signing.SigningKey.generate(), nacl.signing.SigningKey.generate()
+    a = build_host(a_key, one_connection_per_peer=one_conn)
+    b = build_host(b_key, one_connection_per_peer=one_conn)
+    times: list[float] = []
+    async with (
+        running_host(a, ["/ip4/127.0.0.1/tcp/0"]),
+        running_host(b, ["/ip4/127.0.0.1/tcp/0"]) as b_addrs,
+    ):
+        for _ in range(dials):
+            s = time.perf_counter()
+            info = await connect(a, b_addrs[0])
+            times.append((time.perf_counter() - s) * 1000)
+            await a.disconnect(info.peer_id)
+    return {
+        "one_connection_per_peer": one_conn,
+        "dial_ms_p50": round(_pct(times, 0.5), 2),
+        "dial_ms_p99": round(_pct(times, 0.99), 2),
+        "dials": dials,
+    }
+
+
 async def main_async(sizes: list[int], compare: bool) -> dict[str, Any]:
     out: dict[str, Any] = {
         "python": sys.version.split()[0],
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
         "runs": [],
         "connection_compare": [],
+        "dial": [],
     }
     with tempfile.TemporaryDirectory() as d:
+        for one in (True, False):
+            r = await dial_times(Path(d), one_conn=one)
+            out["dial"].append(r)
+            print(json.dumps(r), flush=True)
         for n in sizes:
             r = await run_size(n, Path(d))
             out["runs"].append(r)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -325,3 +326,19 @@ async def test_bad_ad_ttl_is_refused_before_start(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="ad_ttl"):
         async with open_peer(config(tmp_path, "x", ad_ttl=10 * 24 * 3600.0)):
             pass
+
+
+@pytest.mark.skipif(
+    not os.environ.get("EDGESWARM_TEST_MDNS"),
+    reason="mDNS multicasts on the LAN interfaces; set EDGESWARM_TEST_MDNS=1 to run",
+)
+async def test_mdns_finds_peers_without_bootstrap(tmp_path: Path) -> None:
+    async with (
+        open_peer(config(tmp_path, "a", mdns=True), hardware=FakeHardware()) as a,
+        open_peer(config(tmp_path, "b", mdns=True), hardware=FakeHardware()) as b,
+    ):
+
+        async def both() -> bool:
+            return await ad_ids(a) == {a.peer_id, b.peer_id}
+
+        await wait_for(both, limit=20, what="mDNS discovery")
