@@ -32,6 +32,7 @@ within one ad TTL.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 import time
@@ -60,7 +61,7 @@ from protocols.ad import (
     peer_id_from_ad_key,
     select_best,
 )
-from protocols.errors import ProtocolError
+from protocols.errors import LocalProtocolError, ProtocolError
 from protocols.identity import public_key_from_peer_id
 
 log = logging.getLogger(__name__)
@@ -211,12 +212,31 @@ class Discovery:
             expires_at=now + self._ttl,
         )
 
+    def _signed_ad(self) -> tuple[CapabilityAd, bytes] | None:
+        """Our next ad and its record; models that do not fit the size cap are left out."""
+        try:
+            ad = self._next_ad()
+        except Exception as exc:  # a models source is caller code: never let it end the peer
+            log.error("cannot build the capability ad, keeping the previous one: %s", exc)
+            return None
+        while True:
+            try:
+                return ad, build_ad(self._key, ad)
+            except LocalProtocolError as exc:
+                if not ad.models:
+                    log.error("cannot sign the capability ad: %s", exc)
+                    return None
+                ad = dataclasses.replace(ad, models=ad.models[:-1])
+                log.warning("ad too large; advertising only the first %d models", len(ad.models))
+
     async def publish_once(self) -> None:
         """Sign a fresh ad, store it in the DHT, and provide any cid not yet provided."""
         if self._state is None:
             return
-        ad = self._next_ad()
-        value = build_ad(self._key, ad)
+        signed = self._signed_ad()
+        if signed is None:
+            return
+        ad, value = signed
         self.current_ad = ad
         with trio.move_on_after(PUBLISH_TIMEOUT) as scope:
             try:

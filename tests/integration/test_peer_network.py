@@ -342,3 +342,29 @@ async def test_mdns_finds_peers_without_bootstrap(tmp_path: Path) -> None:
             return await ad_ids(a) == {a.peer_id, b.peer_id}
 
         await wait_for(both, limit=20, what="mDNS discovery")
+
+
+async def test_models_source_changes_are_republished_and_provided(tmp_path: Path) -> None:
+    served: list[tuple[str, str, float]] = []
+    async with swarm(tmp_path, 2, models=lambda: list(served)) as (_boot, (a, b)):
+        assert a.ad is not None and a.ad.models == ()
+        served.append((CID, "tiny", 2.0))
+        a.models_changed()
+
+        async def b_sees_model() -> bool:
+            ad = await b.find_ad(a.peer_id)
+            return ad is not None and [m.cid for m in ad.models] == [CID]
+
+        await wait_for(b_sees_model, limit=15, what="the new model in the ad")
+
+        async def provided() -> bool:
+            return [p.peer_id for p in await b.find_providers(CID)] == [a.peer_id]
+
+        await wait_for(provided, limit=15, what="the new model's provider record")
+        a.set_load(0.75, 4)
+
+        async def b_sees_load() -> bool:
+            ad = await b.find_ad(a.peer_id)
+            return ad is not None and (ad.load, ad.queue) == (0.75, 4)
+
+        await wait_for(b_sees_load, limit=15, what="the load update")
