@@ -183,9 +183,16 @@ class _Out:
     ranges: list[Range] = field(default_factory=list)
     used: int = _MESSAGE_OVERHEAD
 
+    def _merges(self, r: Range) -> bool:
+        return r.mode is Mode.SKIP and bool(self.ranges) and self.ranges[-1].mode is Mode.SKIP
+
+    def delta(self, r: Range) -> int:
+        """Bytes that adding ``r`` would add (a merged SKIP only changes the bound)."""
+        return r.cost() - (self.ranges[-1].cost() if self._merges(r) else 0)
+
     def add(self, r: Range) -> None:
         # Merge neighbouring SKIPs: they say the same thing.
-        if r.mode is Mode.SKIP and self.ranges and self.ranges[-1].mode is Mode.SKIP:
+        if self._merges(r):
             self.used -= self.ranges[-1].cost()
             self.ranges[-1] = r
         else:
@@ -225,8 +232,8 @@ class Reconciler:
         self.initiator = False
         self.done = False
         self.rounds = 0
-        self._have: list[bytes] = []
-        self._need: list[bytes] = []
+        self._have: set[bytes] = set()
+        self._need: set[bytes] = set()
 
     @property
     def have(self) -> list[bytes]:
@@ -293,8 +300,8 @@ class Reconciler:
                 mine = self._ids[lo:hi]
                 if self.initiator:
                     theirs, mine_set = set(r.ids), set(mine)
-                    have.extend(i for i in mine if i not in theirs)
-                    need.extend(i for i in r.ids if i not in mine_set)
+                    have.extend(i for i in mine if i not in theirs and i not in self._have)
+                    need.extend(i for i in r.ids if i not in mine_set and i not in self._need)
                 else:
                     done = None
             plan.append((r, lo, hi, done))
@@ -310,9 +317,14 @@ class Reconciler:
         described_any = False
         for n, (r, lo, hi, done) in enumerate(plan):
             reserve -= echo_cost[n]
-            if done is not None:
+            if done is not None and out.delta(done) <= out.room():
                 out.add(done)
                 continue
+            if done is not None:
+                out.add(
+                    Range(None, Mode.FINGERPRINT, fingerprint=self._fingerprint(lo, len(self._ids)))
+                )
+                break
             max_ids = 0
             if r.mode is Mode.IDLIST:
                 max_ids = (out.room() - reserve) // (ID_SIZE + 2) - 1
@@ -330,8 +342,8 @@ class Reconciler:
             rest = self._fingerprint(lo, len(self._ids))
             out.add(Range(None, Mode.FINGERPRINT, fingerprint=rest))
             break
-        self._have.extend(have)
-        self._need.extend(need)
+        self._have.update(have)
+        self._need.update(need)
         if all(r.mode is Mode.SKIP for r in out.ranges):
             if self.initiator:
                 self.done = True

@@ -141,3 +141,55 @@ def test_misuse_is_a_local_error() -> None:
     a.initiate()
     with pytest.raises(LocalProtocolError):
         a.initiate()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.integers(0, 1500),
+    st.sets(st.integers(0, 5000), max_size=700),
+    st.sets(st.integers(0, 5000), max_size=700),
+    st.sampled_from([2, 4, 16]),
+    st.sampled_from([1, 4, 16]),
+)
+def test_small_message_caps_still_give_exact_differences(
+    common: int, only_a: set[int], only_b: set[int], branching: int, threshold: int
+) -> None:
+    """The tightest cap forces the carry-over paths; the answer must stay exact."""
+    shared = ids("s", common)
+    a_only = [hashlib.sha256(b"A%d" % i).digest() for i in only_a]
+    b_only = [hashlib.sha256(b"B%d" % i).digest() for i in only_b]
+    a, _, largest = run(
+        shared + a_only,
+        shared + b_only,
+        max_rounds=2000,
+        max_message_bytes=4096,
+        branching=branching,
+        id_list_threshold=threshold,
+    )
+    assert a.have == sorted(a_only) and a.need == sorted(b_only)
+    assert largest <= 4096
+
+
+def test_step_reports_each_difference_once() -> None:
+    shared = ids("d", 3000)
+    a, b = (
+        Reconciler(shared + ids("a", 300), max_message_bytes=4096),
+        Reconciler(shared + ids("b", 300), max_message_bytes=4096),
+    )
+    msg: bytes | None = a.initiate()
+    seen_have: list[bytes] = []
+    seen_need: list[bytes] = []
+    for _ in range(500):
+        assert msg is not None
+        msg = b.receive(msg).reply
+        if msg is None:
+            break
+        step = a.receive(msg)
+        seen_have += step.have
+        seen_need += step.need
+        msg = step.reply
+        if msg is None:
+            break
+    assert a.done
+    assert sorted(seen_have) == a.have == sorted(ids("a", 300))
+    assert sorted(seen_need) == a.need == sorted(ids("b", 300))
