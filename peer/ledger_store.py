@@ -1,0 +1,810 @@
+"""The SQLite ledger store: the only module that touches the ledger database.
+
+``open_ledger_store(path, rule, policy)`` opens ``ledger.sqlite3`` through
+aiosqlite under trio-asyncio (WAL mode, ``synchronous=FULL``) and keeps an
+in-memory ``LedgerState`` that mirrors what is on disk. All writes go through
+one writer task: callers enqueue a request and wait until the transaction that
+holds it is committed (fsync'd), so anything a caller acknowledges afterwards
+(a witness's vote, a payer's transfer, a printed receipt id) survives kill -9.
+Requests that arrive while a commit is in flight are grouped into the next
+transaction (group commit).
+
+Every row is verified with the pure rules before it is written: facts go
+through ``LedgerState.ingest_*`` (signatures, quorum, referee panel), witness
+locks and outgoing transfers have their payer signature checked. The
+``balances`` table and the ``state_hash`` are rewritten in the same
+transaction as the facts they fold, so a reader (``edgeswarm ledger``) always
+sees a consistent snapshot.
+
+The schema is versioned with ``PRAGMA user_version`` and upgraded by the
+``MIGRATIONS`` list; a database newer than this code is refused. The
+committee rule and credit policy are pinned in ``meta`` on first open so
+``verify`` can re-check certificates offline, and a peer cannot silently
+reopen its ledger under another network's rule.
+
+Reading without the writer (CLI, while the peer runs): ``read_snapshot`` opens
+the file read-only (WAL readers never block the writer) and ``verify_snapshot``
+replays it through the pure rules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import trio
+import trio_asyncio
+
+from protocols.certificate import Certificate
+from protocols.codec import decode, encode
+from protocols.committee import CommitteeRule
+from protocols.errors import ProtocolError
+from protocols.ledger import CreditPolicy, IdentityProof, Transfer, open_transfer
+from protocols.ledger_state import FactKind, LedgerState
+from protocols.proofs import ArbitratedReceipt, EquivocationProof, FraudProof, PayableReceipt
+from protocols.receipt import Receipt
+from protocols.signed import Signed
+from protocols.witness import LockRecord
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "ledger.sqlite3"
+# Requests merged into one transaction at most (bounds one commit's latency).
+MAX_BATCH = 512
+_QUEUE = 4096
+
+# Index i upgrades user_version i -> i+1. Never edit a released entry: append.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+    CREATE TABLE facts (
+        id BLOB PRIMARY KEY, kind INTEGER NOT NULL, data BLOB NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE locks (
+        account TEXT NOT NULL, seq INTEGER NOT NULL, digest BLOB NOT NULL,
+        transfer BLOB NOT NULL, PRIMARY KEY (account, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE outgoing (
+        seq INTEGER PRIMARY KEY, transfer BLOB NOT NULL,
+        receipt_kind INTEGER NOT NULL, receipt BLOB NOT NULL
+    );
+    CREATE TABLE balances (account TEXT PRIMARY KEY, balance INTEGER NOT NULL) WITHOUT ROWID;
+    """,
+    # v2: list facts of one kind (receipts for the CLI) without a full scan.
+    "CREATE INDEX facts_by_kind ON facts (kind);",
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class StoreError(Exception):
+    """The ledger database cannot be used (newer schema, other network, corrupt, closed)."""
+
+
+# --- rule / policy pinning -----------------------------------------------------------------
+
+
+def encode_rule(rule: CommitteeRule) -> bytes:
+    return encode(
+        {
+            "beacon": rule.beacon,
+            "pool": sorted(rule.pool),
+            "fallback": sorted(rule.fallback),
+            "f": rule.f,
+            "panel": rule.referee_panel_size,
+        }
+    )
+
+
+def decode_rule(data: bytes) -> CommitteeRule:
+    raw = decode(data, max_size=1 << 22)
+    return CommitteeRule(
+        beacon=raw["beacon"],
+        pool=frozenset(raw["pool"]),
+        fallback=frozenset(raw["fallback"]),
+        f=raw["f"],
+        referee_panel_size=raw["panel"],
+    )
+
+
+_POLICY_INTS = (
+    "base_limit",
+    "earn_num",
+    "earn_den",
+    "max_limit",
+    "pow_bits",
+    "fraud_window_ms",
+    "max_clock_skew_ms",
+)
+
+
+def encode_policy(policy: CreditPolicy) -> bytes:
+    body: dict[str, Any] = {name: getattr(policy, name) for name in _POLICY_INTS}
+    body["genesis"] = sorted(policy.genesis)
+    return encode(body)
+
+
+def decode_policy(data: bytes) -> CreditPolicy:
+    raw = decode(data, max_size=1 << 22)
+    return CreditPolicy(
+        **{name: raw[name] for name in _POLICY_INTS}, genesis=frozenset(raw["genesis"])
+    )
+
+
+# --- parsing facts -------------------------------------------------------------------------
+
+
+def parse_fact(kind: FactKind, data: bytes) -> tuple[Any, bytes]:
+    """Parse one fact's bytes (shape only; ``LedgerState.ingest_*`` verifies) -> (obj, id)."""
+    if kind is FactKind.RECEIPT:
+        r = Receipt.from_bytes(data, verify=False)
+        return r, r.receipt_id
+    if kind is FactKind.ARBITRATED_RECEIPT:
+        a = ArbitratedReceipt.from_bytes(data)
+        return a, a.receipt_id
+    if kind is FactKind.CERTIFICATE:
+        c = Certificate.from_bytes(data)
+        return c, c.digest
+    if kind is FactKind.FRAUD_PROOF:
+        f = FraudProof.from_bytes(data)
+        return f, f.fact_id
+    if kind is FactKind.EQUIVOCATION_PROOF:
+        e = EquivocationProof.from_bytes(data)
+        return e, e.fact_id
+    p = IdentityProof.from_bytes(data)
+    return p, p.fact_id
+
+
+def ingest_parsed(ledger: LedgerState, obj: Any) -> bool:
+    """Verify ``obj`` with the pure rules and add it to ``ledger`` (True if new)."""
+    if isinstance(obj, Receipt | ArbitratedReceipt):
+        return ledger.ingest_payable(obj)
+    if isinstance(obj, Certificate):
+        return ledger.ingest_certificate(obj)
+    if isinstance(obj, FraudProof):
+        return ledger.ingest_fraud_proof(obj)
+    if isinstance(obj, EquivocationProof):
+        return ledger.ingest_equivocation_proof(obj)
+    if isinstance(obj, IdentityProof):
+        return ledger.ingest_identity_proof(obj)
+    raise TypeError(f"not a ledger fact: {type(obj).__name__}")
+
+
+def receipt_kind(receipt: PayableReceipt) -> FactKind:
+    if isinstance(receipt, Receipt):
+        return FactKind.RECEIPT
+    if isinstance(receipt, ArbitratedReceipt):
+        return FactKind.ARBITRATED_RECEIPT
+    raise TypeError(f"not a receipt: {type(receipt).__name__}")
+
+
+def fact_bytes(obj: Any) -> tuple[FactKind, bytes]:
+    """(kind, bytes) of a fact object, the form the store and the wire carry."""
+    kinds: tuple[tuple[type, FactKind], ...] = (
+        (Receipt, FactKind.RECEIPT),
+        (ArbitratedReceipt, FactKind.ARBITRATED_RECEIPT),
+        (Certificate, FactKind.CERTIFICATE),
+        (FraudProof, FactKind.FRAUD_PROOF),
+        (EquivocationProof, FactKind.EQUIVOCATION_PROOF),
+        (IdentityProof, FactKind.IDENTITY_PROOF),
+    )
+    for cls, kind in kinds:
+        if isinstance(obj, cls):
+            data: bytes = obj.to_bytes()  # type: ignore[attr-defined]
+            return kind, data
+    raise TypeError(f"not a ledger fact: {type(obj).__name__}")
+
+
+def _receipt_from(kind: int, data: bytes) -> PayableReceipt:
+    if kind == FactKind.RECEIPT:
+        return Receipt.from_bytes(data)
+    if kind == FactKind.ARBITRATED_RECEIPT:
+        return ArbitratedReceipt.from_bytes(data)
+    raise StoreError(f"outgoing row has receipt kind {kind}, expected 1 or 2")
+
+
+# --- the writer's requests -----------------------------------------------------------------
+
+
+@dataclass
+class _Request:
+    facts: list[tuple[FactKind, Any, bytes]] = field(default_factory=list)  # kind, obj, id
+    lock: LockRecord | None = None
+    outgoing: tuple[Signed[Transfer], PayableReceipt] | None = None
+    drop_outgoing: int | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+    results: list[bool | ProtocolError] = field(default_factory=list)
+    error: BaseException | None = None
+
+
+FactResult = bool | ProtocolError
+
+
+class LedgerStore:
+    """A ledger database plus its verified in-memory mirror. Made by ``open_ledger_store``."""
+
+    def __init__(
+        self, path: Path, db: aiosqlite.Connection, ledger: LedgerState, send: Any
+    ) -> None:
+        self.path = path
+        self.ledger = ledger
+        self._db = db
+        self._send: trio.MemorySendChannel[_Request] = send
+        self._locks: dict[tuple[str, int], LockRecord] = {}
+        self._outgoing: dict[int, tuple[Signed[Transfer], PayableReceipt]] = {}
+        self._certs_by_seq: dict[tuple[str, int], Certificate] = {}
+        self._receipt_ids: list[bytes] = []
+        self._balances: dict[str, int] = {}
+        self._closed = False
+        self.commits = 0  # transactions committed (for tests and benchmarks)
+
+    @property
+    def rule(self) -> CommitteeRule:
+        return self.ledger.rule
+
+    @property
+    def policy(self) -> CreditPolicy:
+        return self.ledger.policy
+
+    # --- reads (memory) -------------------------------------------------------------------
+
+    def locks(self) -> list[LockRecord]:
+        """Every witness lock this peer has committed."""
+        return list(self._locks.values())
+
+    def outgoing(self) -> list[tuple[Signed[Transfer], PayableReceipt]]:
+        """Transfers this peer signed and stored but has not seen certified, by seq."""
+        return [self._outgoing[s] for s in sorted(self._outgoing)]
+
+    def certificate(self, account: str, seq: int) -> Certificate | None:
+        return self._certs_by_seq.get((account, seq))
+
+    def history_for(self, account: str, from_seq: int) -> list[Certificate]:
+        """Certificates of ``account`` for seqs ``from_seq..`` (what a lagging witness lacks)."""
+        out: list[Certificate] = []
+        seq = from_seq
+        while len(out) < 16 and (c := self._certs_by_seq.get((account, seq))) is not None:
+            out.append(c)
+            seq += 1
+        return out
+
+    def receipts(self) -> list[PayableReceipt]:
+        """Every receipt (plain or arbitrated) held, in arrival order."""
+        out = []
+        for rid in self._receipt_ids:
+            r = self.ledger.receipt(rid)
+            if r is not None:
+                out.append(r)
+        return out
+
+    # --- writes ---------------------------------------------------------------------------
+
+    async def _submit(self, req: _Request) -> _Request:
+        if self._closed:
+            raise StoreError(f"ledger store {self.path} is closed")
+        await self._send.send(req)
+        await req.done.wait()
+        if req.error is not None:
+            raise StoreError(f"ledger write failed: {req.error}") from req.error
+        return req
+
+    async def add_facts(self, items: Iterable[tuple[FactKind, bytes]]) -> list[FactResult]:
+        """Parse, verify and durably store facts; per item: True (new), False (known) or the
+        ``ProtocolError`` that refused it (nothing is written for a refused item)."""
+        req = _Request()
+        early: dict[int, ProtocolError] = {}
+        for n, (kind, data) in enumerate(items):
+            try:
+                obj, fid = parse_fact(FactKind(kind), data)
+            except ProtocolError as exc:
+                early[n] = exc
+                continue
+            req.facts.append((FactKind(kind), obj, fid))
+        done = await self._submit(req) if req.facts else req
+        results = iter(done.results)
+        total = len(req.facts) + len(early)
+        return [early[n] if n in early else next(results) for n in range(total)]
+
+    async def add(self, obj: Any) -> bool:
+        """Store one fact object (Receipt, Certificate, FraudProof, ...); raises if invalid."""
+        kind, data = fact_bytes(obj)
+        result = (await self.add_facts([(kind, data)]))[0]
+        if isinstance(result, ProtocolError):
+            raise result
+        return result
+
+    async def put_lock(self, record: LockRecord, *, facts: Sequence[Any] = ()) -> None:
+        """Commit a witness lock (and optional fact objects) durably; returns once fsync'd."""
+        record.transfer.verify()
+        held = self._locks.get((record.account, record.seq))
+        if held is not None and held.digest != record.digest:
+            raise StoreError(f"a different lock is stored for ({record.account}, {record.seq})")
+        req = _Request(lock=record)
+        for obj in facts:
+            kind, data = fact_bytes(obj)
+            parsed, fid = parse_fact(kind, data)
+            req.facts.append((kind, parsed, fid))
+        await self._submit(req)
+
+    async def put_outgoing(self, transfer: Signed[Transfer], receipt: PayableReceipt) -> None:
+        """Commit a transfer this peer signed, before any witness sees it (crash => resend it)."""
+        transfer.verify()
+        held = self._outgoing.get(transfer.message.seq)
+        if held is not None and held[0].digest != transfer.digest:
+            raise StoreError(f"another transfer is stored for our seq {transfer.message.seq}")
+        receipt_kind(receipt)
+        await self._submit(_Request(outgoing=(transfer, receipt)))
+
+    async def drop_outgoing(self, seq: int) -> None:
+        """The transfer for ``seq`` is certified (its certificate is stored): forget it."""
+        if seq in self._outgoing:
+            await self._submit(_Request(drop_outgoing=seq))
+
+    # --- the writer -----------------------------------------------------------------------
+
+    async def _exec(self, sql: str, params: Sequence[Any] = ()) -> None:
+        await trio_asyncio.aio_as_trio(self._db.execute)(sql, params)
+
+    async def _many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        if rows:
+            await trio_asyncio.aio_as_trio(self._db.executemany)(sql, rows)
+
+    def _apply(self, batch: list[_Request]) -> tuple[list[tuple[Any, ...]], ...]:
+        """Verify each request against the rules (in memory); return the rows to write."""
+        fact_rows: list[tuple[Any, ...]] = []
+        lock_rows: list[tuple[Any, ...]] = []
+        out_rows: list[tuple[Any, ...]] = []
+        drop_rows: list[tuple[Any, ...]] = []
+        for req in batch:
+            for kind, obj, fid in req.facts:
+                try:
+                    new = ingest_parsed(self.ledger, obj)
+                except ProtocolError as exc:
+                    req.results.append(exc)
+                    continue
+                req.results.append(new)
+                if new:
+                    item = self.ledger.item(fid)
+                    assert item is not None
+                    fact_rows.append((fid, int(kind), item[1]))
+                    self._index(obj, fid)
+            if req.lock is not None:
+                r = req.lock
+                if (r.account, r.seq) not in self._locks:
+                    self._locks[(r.account, r.seq)] = r
+                    lock_rows.append((r.account, r.seq, r.digest, r.to_bytes()))
+            if req.outgoing is not None:
+                t, receipt = req.outgoing
+                seq = t.message.seq
+                if seq not in self._outgoing:
+                    self._outgoing[seq] = (t, receipt)
+                    out_rows.append(
+                        (seq, t.to_bytes(), int(receipt_kind(receipt)), receipt.to_bytes())  # type: ignore[attr-defined]
+                    )
+            seq_done = req.drop_outgoing
+            if seq_done is not None and seq_done in self._outgoing:
+                del self._outgoing[seq_done]
+                drop_rows.append((seq_done,))
+        return fact_rows, lock_rows, out_rows, drop_rows
+
+    def _index(self, obj: Any, fid: bytes) -> None:
+        if isinstance(obj, Certificate):
+            self._certs_by_seq.setdefault((obj.account, obj.seq), obj)
+        elif isinstance(obj, Receipt | ArbitratedReceipt):
+            self._receipt_ids.append(fid)
+
+    async def _commit(self, batch: list[_Request]) -> None:
+        fact_rows, lock_rows, out_rows, drop_rows = self._apply(batch)
+        balance_rows: list[tuple[Any, ...]] = []
+        gone: list[tuple[Any, ...]] = []
+        if fact_rows:
+            new = self.ledger.balances()
+            balance_rows = [(a, b) for a, b in new.items() if self._balances.get(a) != b]
+            gone = [(a,) for a in self._balances if a not in new]
+            self._balances = new
+        if not (fact_rows or lock_rows or out_rows or drop_rows):
+            return
+        await self._exec("BEGIN IMMEDIATE")
+        try:
+            await self._many(
+                "INSERT OR IGNORE INTO facts (id, kind, data) VALUES (?, ?, ?)", fact_rows
+            )
+            await self._many(
+                "INSERT OR IGNORE INTO locks (account, seq, digest, transfer) VALUES (?, ?, ?, ?)",
+                lock_rows,
+            )
+            await self._many(
+                "INSERT OR IGNORE INTO outgoing (seq, transfer, receipt_kind, receipt) "
+                "VALUES (?, ?, ?, ?)",
+                out_rows,
+            )
+            await self._many("DELETE FROM outgoing WHERE seq = ?", drop_rows)
+            await self._many("DELETE FROM balances WHERE account = ?", gone)
+            await self._many(
+                "INSERT OR REPLACE INTO balances (account, balance) VALUES (?, ?)", balance_rows
+            )
+            if fact_rows:
+                await self._exec(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('state_hash', ?)",
+                    (self.ledger.state_hash(),),
+                )
+            await self._exec("COMMIT")
+        except BaseException:
+            with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await self._exec("ROLLBACK")
+            raise
+        self.commits += 1
+
+    async def _writer(
+        self, recv: trio.MemoryReceiveChannel[_Request], task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        async with recv:
+            async for first in recv:
+                batch = [first]
+                while len(batch) < MAX_BATCH:
+                    try:
+                        batch.append(recv.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                try:
+                    # A commit in flight is finished even if the store is being closed:
+                    # its callers are waiting to acknowledge what it holds.
+                    with trio.CancelScope(shield=True):
+                        await self._commit(batch)
+                except BaseException as exc:
+                    for req in batch:
+                        req.error = exc
+                    self._closed = True  # fail-stop: memory and disk may now differ
+                    raise
+                finally:
+                    for req in batch:
+                        req.done.set()
+
+
+# --- opening -------------------------------------------------------------------------------
+
+
+async def _migrate(db: aiosqlite.Connection, path: Path) -> int:
+    aw = trio_asyncio.aio_as_trio
+    cur = await aw(db.execute)("PRAGMA user_version")
+    row = await aw(cur.fetchone)()
+    version = int(row[0]) if row else 0
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path} has ledger schema v{version}, this edgeswarm knows up to "
+            f"v{SCHEMA_VERSION}: upgrade edgeswarm"
+        )
+    for v in range(version, SCHEMA_VERSION):
+        await aw(db.execute)("BEGIN IMMEDIATE")
+        try:
+            for stmt in MIGRATIONS[v].split(";"):
+                if stmt.strip():
+                    await aw(db.execute)(stmt)
+            await aw(db.execute)(f"PRAGMA user_version = {v + 1}")
+            await aw(db.execute)("COMMIT")
+        except BaseException:
+            with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await aw(db.execute)("ROLLBACK")
+            raise
+        log.info("ledger %s migrated to schema v%d", path, v + 1)
+    return SCHEMA_VERSION
+
+
+async def _fetchall(db: aiosqlite.Connection, sql: str) -> list[Any]:
+    aw = trio_asyncio.aio_as_trio
+    cur = await aw(db.execute)(sql)
+    rows = await aw(cur.fetchall)()
+    await aw(cur.close)()
+    return list(rows)
+
+
+@asynccontextmanager
+async def _asyncio_loop() -> AsyncIterator[None]:
+    """trio-asyncio's loop: reuse the caller's if one is open, else open one for the store."""
+    if trio_asyncio.current_loop.get(None) is not None:
+        yield
+    else:
+        async with trio_asyncio.open_loop():
+            yield
+
+
+@asynccontextmanager
+async def open_ledger_store(
+    path: Path,
+    rule: CommitteeRule,
+    policy: CreditPolicy | None = None,
+) -> AsyncIterator[LedgerStore]:
+    """Open (create, migrate) the ledger at ``path`` (a file, or a directory holding
+    ``ledger.sqlite3``), replay and re-verify it, start the writer; close it all on exit."""
+    policy = policy or CreditPolicy()
+    path = Path(path)
+    if path.is_dir() or path.suffix == "":
+        path = path / DB_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body_error: BaseException | None = None
+    try:
+        async with _open(path, rule, policy) as store:
+            try:
+                yield store
+            except BaseException as exc:
+                body_error = exc
+                raise
+    except BaseExceptionGroup as group:
+        # trio-asyncio's loop wraps errors in groups: hand a lone error back as itself.
+        leaves = _leaves(group)
+        if body_error is not None and leaves and all(e is body_error for e in leaves):
+            raise body_error from None
+        if len(leaves) == 1 and isinstance(leaves[0], Exception):
+            raise leaves[0] from None
+        raise
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            out.extend(_leaves(exc))
+        elif not isinstance(exc, trio.Cancelled):
+            out.append(exc)
+    return out
+
+
+@asynccontextmanager
+async def _open(
+    path: Path, rule: CommitteeRule, policy: CreditPolicy
+) -> AsyncIterator[LedgerStore]:
+    aw = trio_asyncio.aio_as_trio
+    async with _asyncio_loop():
+        db = await aw(aiosqlite.connect)(str(path), isolation_level=None)
+        try:
+            await aw(db.execute)("PRAGMA journal_mode=WAL")
+            # FULL: every commit fsyncs the WAL, so a committed row survives power loss.
+            await aw(db.execute)("PRAGMA synchronous=FULL")
+            await aw(db.execute)("PRAGMA busy_timeout=5000")
+            await _migrate(db, path)
+            meta = dict(await _fetchall(db, "SELECT key, value FROM meta"))
+            for key, value in (("rule", encode_rule(rule)), ("policy", encode_policy(policy))):
+                if key not in meta:
+                    await aw(db.execute)(
+                        "INSERT INTO meta (key, value) VALUES (?, ?)", (key, value)
+                    )
+                elif bytes(meta[key]) != value:
+                    raise StoreError(
+                        f"{path} was created for another network ({key} differs from the "
+                        "configured one); use another data dir or the original settings"
+                    )
+            ledger = LedgerState(rule, policy)
+            send, recv = trio.open_memory_channel[_Request](_QUEUE)
+            store = LedgerStore(path, db, ledger, send)
+            _load(
+                store,
+                await _fetchall(db, "SELECT id, kind, data FROM facts"),
+                await _fetchall(db, "SELECT account, seq, digest, transfer FROM locks"),
+                await _fetchall(db, "SELECT seq, transfer, receipt_kind, receipt FROM outgoing"),
+            )
+            store._balances = dict(await _fetchall(db, "SELECT account, balance FROM balances"))
+            if store._balances != ledger.balances():
+                # Edited by hand or by a broken build: the fold of the facts is the truth.
+                log.warning("ledger %s: stored balances differ from the fold; rewriting", path)
+                await _rewrite_balances(db, ledger)
+                store._balances = ledger.balances()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(store._writer, recv)
+                try:
+                    yield store
+                finally:
+                    store._closed = True
+                    send.close()  # the writer drains what is queued, then ends
+        finally:
+            with trio.CancelScope(shield=True):
+                await aw(db.close)()
+
+
+async def _rewrite_balances(db: aiosqlite.Connection, ledger: LedgerState) -> None:
+    aw = trio_asyncio.aio_as_trio
+    await aw(db.execute)("BEGIN IMMEDIATE")
+    await aw(db.execute)("DELETE FROM balances")
+    await aw(db.executemany)(
+        "INSERT INTO balances (account, balance) VALUES (?, ?)", list(ledger.balances().items())
+    )
+    await aw(db.execute)(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('state_hash', ?)", (ledger.state_hash(),)
+    )
+    await aw(db.execute)("COMMIT")
+
+
+def _load(store: LedgerStore, facts: list[Any], locks: list[Any], outgoing: list[Any]) -> None:
+    """Replay stored rows through the pure rules (a row that fails is a corrupt database)."""
+    for fid, kind, data in facts:
+        try:
+            obj, computed = parse_fact(FactKind(kind), bytes(data))
+            ingest_parsed(store.ledger, obj)
+        except (ProtocolError, ValueError) as exc:
+            raise StoreError(
+                f"{store.path}: stored fact {bytes(fid).hex()[:16]} is invalid: {exc}"
+            ) from exc
+        if computed != bytes(fid):
+            raise StoreError(f"{store.path}: stored fact {bytes(fid).hex()[:16]} has a wrong id")
+        store._index(obj, computed)
+    for account, seq, digest, transfer in locks:
+        record = LockRecord.from_bytes(bytes(transfer))
+        if (record.account, record.seq, record.digest) != (account, seq, bytes(digest)):
+            raise StoreError(f"{store.path}: lock ({account}, {seq}) does not match its transfer")
+        store._locks[(account, seq)] = record
+    for seq, transfer, kind, receipt in outgoing:
+        t = open_transfer(bytes(transfer))
+        if t.message.seq != seq:
+            raise StoreError(f"{store.path}: outgoing row {seq} holds seq {t.message.seq}")
+        store._outgoing[seq] = (t, _receipt_from(kind, bytes(receipt)))
+
+
+# --- read-only access (CLI) ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LedgerSnapshot:
+    """Everything in a ledger database, read in one read transaction."""
+
+    path: Path
+    schema_version: int
+    rule: CommitteeRule | None
+    policy: CreditPolicy | None
+    facts: list[tuple[bytes, int, bytes]]
+    locks: list[tuple[str, int, bytes, bytes]]
+    outgoing: list[tuple[int, bytes, int, bytes]]
+    balances: dict[str, int]
+    state_hash: bytes | None
+
+
+def db_path(data_dir: Path) -> Path:
+    return Path(data_dir) / DB_NAME
+
+
+def read_snapshot(path: Path) -> LedgerSnapshot:
+    """Read a ledger without writing to it (safe while the peer runs: a WAL reader)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / DB_NAME
+    if not path.exists():
+        raise StoreError(f"no ledger at {path} (has a peer with this data dir ever run?)")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open {path}: {exc}") from exc
+    try:
+        conn.execute("BEGIN")  # one consistent snapshot across the selects
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{path} has schema v{version}, this edgeswarm reads up to v{SCHEMA_VERSION}"
+            )
+        if version == 0:
+            raise StoreError(f"{path} is not an edgeswarm ledger (schema version 0)")
+        meta = {k: bytes(v) for k, v in conn.execute("SELECT key, value FROM meta")}
+        facts = [
+            (bytes(i), int(k), bytes(d))
+            for i, k, d in conn.execute("SELECT id, kind, data FROM facts ORDER BY id")
+        ]
+        locks = [
+            (a, int(s), bytes(d), bytes(t))
+            for a, s, d, t in conn.execute("SELECT account, seq, digest, transfer FROM locks")
+        ]
+        outgoing = [
+            (int(s), bytes(t), int(k), bytes(r))
+            for s, t, k, r in conn.execute(
+                "SELECT seq, transfer, receipt_kind, receipt FROM outgoing"
+            )
+        ]
+        balances = {a: int(b) for a, b in conn.execute("SELECT account, balance FROM balances")}
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from exc
+    finally:
+        conn.close()
+    rule = decode_rule(meta["rule"]) if "rule" in meta else None
+    policy = decode_policy(meta["policy"]) if "policy" in meta else None
+    return LedgerSnapshot(
+        path, version, rule, policy, facts, locks, outgoing, balances, meta.get("state_hash")
+    )
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify_snapshot`` found: ``problems`` is empty for a sound ledger."""
+
+    facts: int = 0
+    locks: int = 0
+    outgoing: int = 0
+    problems: list[str] = field(default_factory=list)
+    ledger: LedgerState | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_snapshot(snap: LedgerSnapshot) -> VerifyReport:
+    """Re-check every signature, id, lock and the fold; list every problem found."""
+    report = VerifyReport(facts=len(snap.facts), locks=len(snap.locks), outgoing=len(snap.outgoing))
+    p = report.problems
+    if snap.rule is None or snap.policy is None:
+        p.append("meta has no committee rule / credit policy: certificates cannot be checked")
+        return report
+    ledger = LedgerState(snap.rule, snap.policy)
+    report.ledger = ledger
+    for fid, kind, data in snap.facts:
+        short = fid.hex()[:16]
+        try:
+            obj, computed = parse_fact(FactKind(kind), data)
+            ingest_parsed(ledger, obj)
+        except (ProtocolError, ValueError) as exc:
+            p.append(f"fact {short} (kind {kind}) does not verify: {exc}")
+            continue
+        if computed != fid:
+            p.append(f"fact {short} is stored under a wrong id ({computed.hex()[:16]})")
+    for account, seq, digest, transfer in snap.locks:
+        try:
+            record = LockRecord.from_bytes(transfer)
+        except ProtocolError as exc:
+            p.append(f"lock ({account}, {seq}) does not verify: {exc}")
+            continue
+        if (record.account, record.seq, record.digest) != (account, seq, digest):
+            p.append(f"lock ({account}, {seq}) does not match the transfer it holds")
+    for seq, transfer, kind, receipt in snap.outgoing:
+        try:
+            t = open_transfer(transfer)
+            _receipt_from(kind, receipt)
+        except (ProtocolError, StoreError) as exc:
+            p.append(f"outgoing transfer {seq} does not verify: {exc}")
+            continue
+        if t.message.seq != seq:
+            p.append(f"outgoing row {seq} holds a transfer for seq {t.message.seq}")
+    folded = ledger.balances()
+    if folded != snap.balances:
+        accounts = sorted(set(folded) | set(snap.balances))
+        bad = [a for a in accounts if folded.get(a, 0) != snap.balances.get(a, 0)]
+        p.append(
+            f"stored balances differ from the fold of the certificates for {len(bad)} "
+            f"account(s), e.g. {bad[0]}: stored {snap.balances.get(bad[0], 0)}, "
+            f"fold {folded.get(bad[0], 0)}"
+        )
+    if sum(folded.values()) != 0:
+        p.append(f"balances sum to {sum(folded.values())}, not 0")
+    if snap.facts and snap.state_hash != ledger.state_hash():
+        p.append("stored state hash differs from the hash of the stored facts")
+    for account, seq in ledger.conflicts():
+        p.append(f"{account} seq {seq} has two certificates (more than f byzantine witnesses)")
+    return report
+
+
+def format_credits(micro: int) -> str:
+    """Micro-credits as a credits string with 6 decimals."""
+    sign = "-" if micro < 0 else ""
+    whole, frac = divmod(abs(micro), 1_000_000)
+    return f"{sign}{whole}.{frac:06d}"
+
+
+__all__ = [
+    "DB_NAME",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "LedgerSnapshot",
+    "LedgerStore",
+    "StoreError",
+    "VerifyReport",
+    "db_path",
+    "fact_bytes",
+    "format_credits",
+    "open_ledger_store",
+    "parse_fact",
+    "read_snapshot",
+    "receipt_kind",
+    "verify_snapshot",
+]

@@ -1,0 +1,205 @@
+"""The SQLite ledger store: round-trip, verify-before-write, schema versions, reopen, verify."""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+from pathlib import Path
+
+import pytest
+import trio
+from settlement_helpers import (
+    certify_offline,
+    key,
+    make_receipt,
+    make_transfer,
+    pid,
+    policy,
+    rule_for,
+)
+
+from peer.ledger_store import (
+    DB_NAME,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    StoreError,
+    open_ledger_store,
+    read_snapshot,
+    verify_snapshot,
+)
+from protocols.errors import SignatureError
+from protocols.ledger_state import FactKind
+from protocols.receipt import Receipt
+from protocols.signed import Signed
+from protocols.witness import LockRecord
+
+WITNESSES = [key(100 + i) for i in range(4)]
+RULE = rule_for(WITNESSES)
+POLICY = policy()
+PAYER, PAYEE = key(1), key(2)
+
+
+def _certificates(n: int) -> tuple[list[Receipt], list]:
+    receipts, certs = [], []
+    for seq in range(1, n + 1):
+        r = make_receipt(PAYER, PAYEE, 1000 * seq, seq)
+        t = make_transfer(PAYER, r, seq)
+        certs.append(certify_offline(WITNESSES, RULE, POLICY, t, r, certs))
+        receipts.append(r)
+    return receipts, certs
+
+
+async def test_round_trip_and_reopen(tmp_path: Path) -> None:
+    receipts, certs = _certificates(3)
+    lock = LockRecord(make_transfer(key(3), make_receipt(key(3), PAYEE, 5, 99), 1))
+    extra = make_receipt(PAYER, PAYEE, 7, 50)
+    out_t = make_transfer(PAYER, extra, 4)
+    async with open_ledger_store(tmp_path, RULE, POLICY) as store:
+        assert await store.add(receipts[0]) is True
+        assert await store.add(receipts[0]) is False  # known facts are not new
+        results = await store.add_facts(
+            [(FactKind.RECEIPT, r.to_bytes()) for r in receipts[1:]]
+            + [(FactKind.CERTIFICATE, c.to_bytes()) for c in certs]
+        )
+        assert results == [True] * 5
+        await store.put_lock(lock)
+        await store.put_outgoing(out_t, extra)
+        balances, state_hash = store.ledger.balances(), store.ledger.state_hash()
+        assert balances == {pid(PAYER): -6000, pid(PAYEE): 6000}
+        assert store.history_for(pid(PAYER), 2) == certs[1:]
+    async with open_ledger_store(tmp_path, RULE, POLICY) as store:
+        assert store.ledger.balances() == balances
+        assert store.ledger.state_hash() == state_hash
+        assert store.ledger.next_seq(pid(PAYER)) == 4
+        assert [r.digest for r in store.locks()] == [lock.digest]
+        [(t, r)] = store.outgoing()
+        assert t.digest == out_t.digest and r.receipt_id == extra.receipt_id
+        assert {x.receipt_id for x in store.receipts()} == {r.receipt_id for r in receipts}
+        await store.drop_outgoing(4)
+        assert store.outgoing() == []
+    snap = read_snapshot(tmp_path)
+    assert snap.schema_version == SCHEMA_VERSION
+    assert snap.balances == balances and snap.state_hash == state_hash
+    assert snap.outgoing == []
+    report = verify_snapshot(snap)
+    assert report.ok, report.problems
+    assert (report.facts, report.locks) == (6, 1)
+
+
+async def test_forged_receipt_is_refused_and_not_written(tmp_path: Path) -> None:
+    good = make_receipt(PAYER, PAYEE, 1000, 1)
+    # The requester's acceptance of another commitment, glued to this one: a forgery.
+    other = make_receipt(PAYER, PAYEE, 1, 2)
+    forged = Receipt(commitment=good.commitment, acceptance=other.acceptance)
+    # A commitment whose price was raised after the executor signed it.
+    env = dataclasses.replace(
+        good.commitment.envelope,
+        body=good.commitment.envelope.body.replace(b"\x19\x03\xe8", b"\x19\x27\x10"),
+    )
+    tampered = Receipt(
+        commitment=Signed(dataclasses.replace(good.commitment.message, price=10_000), env),
+        acceptance=good.acceptance,
+    )
+    async with open_ledger_store(tmp_path, RULE, POLICY) as store:
+        results = await store.add_facts(
+            [
+                (FactKind.RECEIPT, forged.to_bytes()),
+                (FactKind.RECEIPT, tampered.to_bytes()),
+                (FactKind.RECEIPT, b"\xa0"),
+                (FactKind.RECEIPT, good.to_bytes()),
+            ]
+        )
+        assert isinstance(results[0], SignatureError)
+        assert isinstance(results[1], SignatureError)
+        assert not isinstance(results[2], bool)
+        assert results[3] is True
+        with pytest.raises(SignatureError):
+            await store.add(forged)
+        assert len(store.ledger) == 1
+    snap = read_snapshot(tmp_path)
+    assert [f[0] for f in snap.facts] == [good.receipt_id]
+
+
+async def test_certificate_with_too_few_votes_is_refused(tmp_path: Path) -> None:
+    _, [cert] = _certificates(1)
+    short = dataclasses.replace(cert, votes=cert.votes[:2])
+    async with open_ledger_store(tmp_path, RULE, POLICY) as store:
+        [result] = await store.add_facts([(FactKind.CERTIFICATE, short.to_bytes())])
+        assert not isinstance(result, bool) and "quorum" in str(result)
+        assert store.ledger.balances() == {}
+
+
+async def test_conflicting_lock_and_outgoing_are_refused(tmp_path: Path) -> None:
+    a = make_receipt(PAYER, PAYEE, 10, 1)
+    t1, t2 = make_transfer(PAYER, a, 1, time_ms=1000), make_transfer(PAYER, a, 1, time_ms=2000)
+    async with open_ledger_store(tmp_path, RULE, POLICY) as store:
+        await store.put_lock(LockRecord(t1))
+        await store.put_lock(LockRecord(t1))  # the same lock again is harmless
+        with pytest.raises(StoreError, match="different lock"):
+            await store.put_lock(LockRecord(t2))
+        await store.put_outgoing(t1, a)
+        with pytest.raises(StoreError, match="another transfer"):
+            await store.put_outgoing(t2, a)
+    async with open_ledger_store(tmp_path, RULE, POLICY) as store:
+        assert [r.digest for r in store.locks()] == [t1.digest]
+
+
+async def test_group_commit_batches_concurrent_writers(tmp_path: Path) -> None:
+    receipts = [make_receipt(PAYER, PAYEE, 1, i) for i in range(200)]
+    async with open_ledger_store(tmp_path, RULE, POLICY) as store:
+        async with trio.open_nursery() as nursery:
+            for r in receipts:
+                nursery.start_soon(store.add, r)
+        assert len(store.ledger) == 200
+        assert store.commits < 50  # many writers share one fsync'd transaction
+    assert len(read_snapshot(tmp_path).facts) == 200
+
+
+async def test_schema_migration_and_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / DB_NAME
+    with sqlite3.connect(path) as conn:  # a v1 database, as the first release wrote it
+        conn.executescript(MIGRATIONS[0])
+        conn.execute("PRAGMA user_version = 1")
+    async with open_ledger_store(tmp_path, RULE, POLICY) as store:
+        await store.add(make_receipt(PAYER, PAYEE, 1, 1))
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        assert "facts_by_kind" in names
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError, match="upgrade edgeswarm"):
+        async with open_ledger_store(tmp_path, RULE, POLICY):
+            pass
+
+
+async def test_other_network_rule_is_refused(tmp_path: Path) -> None:
+    async with open_ledger_store(tmp_path, RULE, POLICY):
+        pass
+    with pytest.raises(StoreError, match="another network"):
+        async with open_ledger_store(tmp_path, rule_for(WITNESSES[:3] + [key(9)]), POLICY):
+            pass
+
+
+async def test_verify_finds_tampering(tmp_path: Path) -> None:
+    receipts, certs = _certificates(2)
+    async with open_ledger_store(tmp_path, RULE, POLICY) as store:
+        for fact in [*receipts, *certs]:
+            await store.add(fact)
+    assert verify_snapshot(read_snapshot(tmp_path)).ok
+    with sqlite3.connect(tmp_path / DB_NAME) as conn:
+        conn.execute("UPDATE balances SET balance = balance + 5 WHERE account = ?", (pid(PAYEE),))
+        row = conn.execute("SELECT id, data FROM facts WHERE kind = 3 LIMIT 1").fetchone()
+        data = bytearray(row[1])
+        data[-5] ^= 1  # flip one bit inside a vote signature
+        conn.execute("UPDATE facts SET data = ? WHERE id = ?", (bytes(data), row[0]))
+    report = verify_snapshot(read_snapshot(tmp_path))
+    text = "\n".join(report.problems)
+    assert "does not verify" in text and "stored balances differ" in text
+    with pytest.raises(StoreError, match="invalid"):
+        async with open_ledger_store(tmp_path, RULE, POLICY):
+            pass
+
+
+def test_read_snapshot_of_missing_ledger(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="no ledger"):
+        read_snapshot(tmp_path)
