@@ -1,0 +1,273 @@
+"""The executor's I/O: bids on gossip, awards on ``/edgeswarm/job/1``, runs in the worker.
+
+``protocols.executor.ExecutorState`` decides everything (whether to bid, to
+accept an award, to start a seq, when to commit); this module only feeds it
+events and carries out its actions:
+
+- a JobRequest on a served topic -> ``RequestSeen`` -> sign and publish the Bid;
+- an incoming job stream: first frame must be a signed Award -> accept or send
+  a signed JobError; then JobInput frames are decoded under the tensor limits
+  (an oversize frame is refused by the frame decoder before its body is read),
+  checked against the model's declared inputs (``InputRejected`` -> a
+  ``bad-input`` JobError, the stream and the executor go on), and run in the
+  worker; results go back as JobResult frames, the signed commitment after the
+  last one; the requester's Acceptance completes the Receipt;
+- a ``Tick`` every second abandons awards past their deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import nacl.signing
+import trio
+
+from edge_models.errors import EdgeModelError, ExecutionTimeout, InvalidInput
+from peer.job_stream import JOB_PROTOCOL, FrameStream, JobStreamClosed
+from peer.market.gossip import MarketGossip
+from peer.market.receipts import ReceiptBook
+from peer.worker import Arrays, Worker
+from protocols import executor as ex
+from protocols.errors import FrameTooLarge, ProtocolError
+from protocols.market import Award, BatchClose, JobError, JobInput, JobRequest, JobResult
+from protocols.receipt import Acceptance, Receipt, commit, content_digest
+from protocols.signed import Signed, sign_message
+from protocols.tensor import TensorLimits, decode_tensors, encode_tensors
+
+log = logging.getLogger(__name__)
+
+AWARD_WAIT_S = 10.0  # first frame of a new job stream
+ACCEPT_WAIT_S = 10.0  # requester's Acceptance after our commitment
+FRAME_OVERHEAD = 64 * 1024  # CBOR framing around the tensor bytes of one input frame
+
+
+@dataclass
+class _Session:
+    award: Award
+    fs: FrameStream
+    nursery: trio.Nursery
+    inputs: dict[int, tuple[Arrays, bytes]] = field(default_factory=dict)
+    outputs: dict[int, tuple[Any, int]] = field(default_factory=dict)
+    commitment: Signed[Any] | None = None
+    ended: trio.Event = field(default_factory=trio.Event)
+
+
+class ExecutorService:
+    def __init__(
+        self,
+        *,
+        key: nacl.signing.SigningKey,
+        peer_id: str,
+        host: Any,
+        gossip: MarketGossip,
+        worker: Worker,
+        config: ex.ExecutorConfig,
+        receipts: ReceiptBook,
+        limits: TensorLimits,
+    ) -> None:
+        self.key = key
+        self.peer_id = peer_id
+        self.host = host
+        self.gossip = gossip
+        self.worker = worker
+        self.state = ex.ExecutorState(config)
+        self.receipts = receipts
+        self.limits = limits
+        self.max_frame = limits.max_total_bytes + FRAME_OVERHEAD
+        self.sessions: dict[bytes, _Session] = {}
+        self.stats: dict[str, int] = {"bids": 0, "awards": 0, "rejected": 0, "jobs": 0}
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def offers(self) -> dict[str, ex.ModelOffer]:
+        return self.state.config.models  # type: ignore[return-value]
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self.host.set_stream_handler(JOB_PROTOCOL, self._on_stream)
+            task_status.started()
+            try:
+                while True:
+                    await trio.sleep(1.0)
+                    self._do_sync(self.state.handle(ex.Tick(time.time())))
+            finally:
+                self._nursery = None
+                nursery.cancel_scope.cancel()
+
+    # --- gossip ------------------------------------------------------------------
+
+    def on_request(self, request: JobRequest) -> None:
+        for a in self.state.handle(ex.RequestSeen(request, time.time())):
+            if isinstance(a, ex.PublishBid) and self._nursery is not None:
+                self.stats["bids"] += 1
+                bid = sign_message(self.key, a.bid)
+                self._nursery.start_soon(self._publish_bid, request.model_cid, bid)
+            else:
+                self._do_sync([a])
+
+    def _do_sync(self, actions: list[ex.Action]) -> None:
+        for a in actions:
+            if isinstance(a, ex.Abandon):
+                session = self.sessions.get(a.job_id)
+                if session is not None:
+                    log.info("abandoning job %s: %s", a.job_id.hex()[:12], a.reason)
+                    session.nursery.cancel_scope.cancel()
+            elif isinstance(a, ex.Declined):
+                log.debug("no bid for job %s: %s", a.job_id.hex()[:12], a.reason)
+
+    async def _publish_bid(self, cid: str, bid: Signed[Any]) -> None:
+        try:
+            await self.gossip.publish(cid, bid)
+        except Exception as exc:  # a lost bid only loses this auction
+            log.warning("could not publish bid: %s", exc)
+
+    # --- job streams ---------------------------------------------------------------
+
+    async def _on_stream(self, stream: Any) -> None:
+        # Runs in libp2p's handler task: hand the stream to our own nursery.
+        if self._nursery is None:
+            await stream.reset()
+            return
+        self._nursery.start_soon(self._serve, FrameStream(stream, max_frame=self.max_frame))
+
+    async def _serve(self, fs: FrameStream) -> None:
+        award: Award | None = None
+        try:
+            with trio.move_on_after(AWARD_WAIT_S):
+                first = await fs.receive()
+            if not (isinstance(first, Signed) and isinstance(first.message, Award)):
+                return  # not a job stream we understand; nothing to sign an error for
+            if first.message.requester != fs.remote_peer:
+                return  # an award relayed by someone else
+            award = first.message
+            actions = self.state.handle(ex.AwardReceived(award, time.time()))
+            for a in actions:
+                if isinstance(a, ex.RejectAward):
+                    self.stats["rejected"] += 1
+                    await fs.send(sign_message(self.key, a.error))
+                    return
+            self.stats["awards"] += 1
+            await self._run_award(award, fs)
+        except (JobStreamClosed, ProtocolError, trio.TooSlowError) as exc:
+            log.debug("job stream ended: %s", exc)
+        finally:
+            if award is not None and award.job_id in self.state.awarded_jobs:
+                self._do_sync(self.state.handle(ex.ConnectionLost(award.job_id, time.time())))
+            await fs.close()
+
+    async def _run_award(self, award: Award, fs: FrameStream) -> None:
+        job_id = award.job_id
+        async with trio.open_nursery() as nursery:
+            session = _Session(award=award, fs=fs, nursery=nursery)
+            self.sessions[job_id] = session
+            try:
+                # Never hold an award past its deadline (+ time to hear the acceptance).
+                with trio.move_on_after(max(0.0, award.deadline - time.time()) + ACCEPT_WAIT_S):
+                    await self._read_frames(session)
+            finally:
+                self.sessions.pop(job_id, None)
+                nursery.cancel_scope.cancel()
+
+    async def _read_frames(self, s: _Session) -> None:
+        job_id = s.award.job_id
+        while True:
+            try:
+                item = await s.fs.receive()
+            except FrameTooLarge as exc:
+                # Cannot resync after a refused frame: say why, end this award.
+                await self._error(s, "bad-input", f"input frame refused: {exc}")
+                return
+            except JobStreamClosed:
+                return
+            if isinstance(item, JobInput) and item.job_id == job_id:
+                await self._on_input(s, item)
+            elif isinstance(item, BatchClose) and item.job_id == job_id:
+                await self._act(
+                    s, self.state.handle(ex.BatchCloseReceived(job_id, item.count, time.time()))
+                )
+            elif isinstance(item, Signed) and isinstance(item.message, Acceptance):
+                self._on_acceptance(s, item)
+                return
+            else:
+                await self._error(s, "bad-input", f"unexpected frame {type(item).__name__}")
+                return
+            if s.commitment is None and job_id not in self.state.awarded_jobs:
+                return  # the award ended without a commitment (failed single job)
+
+    async def _on_input(self, s: _Session, item: JobInput) -> None:
+        now = time.time()
+        cid = s.award.model_cid
+        try:
+            arrays = decode_tensors(item.inputs, limits=self.limits)
+            self.worker.check(cid, arrays)
+        except (ProtocolError, InvalidInput) as exc:
+            event: ex.Event = ex.InputRejected(s.award.job_id, item.seq, str(exc), now)
+        except EdgeModelError as exc:
+            event = ex.InputRejected(s.award.job_id, item.seq, str(exc), now)
+        else:
+            s.inputs[item.seq] = (arrays, content_digest(item.inputs))
+            event = ex.InputReceived(s.award.job_id, item.seq, now)
+        await self._act(s, self.state.handle(event))
+
+    async def _act(self, s: _Session, actions: list[ex.Action]) -> None:
+        for a in actions:
+            if isinstance(a, ex.StartExecution):
+                s.nursery.start_soon(self._execute, s, a.seq)
+            elif isinstance(a, ex.SendResult):
+                wire, ms = s.outputs.pop(a.seq)
+                await s.fs.send(JobResult(a.job_id, a.seq, wire, ms))
+            elif isinstance(a, ex.SendError):
+                s.inputs.pop(a.error.seq, None)
+                await s.fs.send(sign_message(self.key, a.error))
+            elif isinstance(a, ex.SendCommitment):
+                s.commitment = commit(self.key, a.commitment)
+                self.stats["jobs"] += a.commitment.count
+                await s.fs.send(s.commitment)
+            else:
+                self._do_sync([a])
+
+    async def _execute(self, s: _Session, seq: int) -> None:
+        arrays, in_digest = s.inputs.pop(seq)
+        job_id, cid = s.award.job_id, s.award.model_cid
+        deadline = s.award.deadline
+        try:
+            outputs, ms = await self.worker.run(cid, arrays, deadline=deadline)
+            wire = encode_tensors(outputs)
+        except ExecutionTimeout as exc:
+            event: ex.Event = ex.ExecutionFailed(
+                job_id, seq, str(exc), time.time(), code="deadline"
+            )
+        except (EdgeModelError, ProtocolError, trio.TooSlowError) as exc:
+            event = ex.ExecutionFailed(job_id, seq, str(exc) or type(exc).__name__, time.time())
+        else:
+            s.outputs[seq] = (wire, ms)
+            event = ex.ExecutionFinished(
+                job_id, seq, in_digest, content_digest(wire), ms, time.time()
+            )
+        try:
+            await self._act(s, self.state.handle(event))
+        except JobStreamClosed:
+            s.nursery.cancel_scope.cancel()
+
+    def _on_acceptance(self, s: _Session, acc: Signed[Acceptance]) -> None:
+        if s.commitment is None:
+            return
+        receipt = Receipt(commitment=s.commitment, acceptance=acc)
+        try:
+            receipt.verify()
+        except ProtocolError as exc:
+            log.warning("bad acceptance for job %s: %s", s.award.job_id.hex()[:12], exc)
+            return
+        self.receipts.add(receipt, "executor")
+
+    async def _error(self, s: _Session, code: str, message: str) -> None:
+        err = JobError(
+            job_id=s.award.job_id, executor=self.peer_id, code=code, message=message[:1024]
+        )
+        with contextlib.suppress(JobStreamClosed):
+            await s.fs.send(sign_message(self.key, err))

@@ -1,0 +1,293 @@
+"""Market gossip: one topic per model cid, a validator in front of it, and a dispatcher.
+
+Requesters publish signed ``JobRequest``\\s on ``edgeswarm/jobs/1/<cid>``;
+executors that serve the cid are subscribed and publish signed ``Bid``\\s on
+the same topic. ``GossipGuard`` is installed with ``set_topic_validator`` on
+every market topic we join, so a message is dropped *before* it is forwarded
+or delivered unless it parses within its cap, its signature checks, its
+signer is the gossip originator (no re-publishing others' bids), it has not
+expired, it is not a duplicate, and its signer is within its rate. A failed
+validation makes py-libp2p's GossipSub score the forwarding peer down
+(``scorer.on_invalid_message``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from libp2p.peer.id import ID
+
+from protocols.codec import decode
+from protocols.errors import ProtocolError
+from protocols.market import BID_DOMAIN, JOB_REQUEST_DOMAIN, Bid, JobRequest
+from protocols.signed import Signed
+
+log = logging.getLogger(__name__)
+
+TOPIC_PREFIX = "edgeswarm/jobs/1/"
+
+
+def topic_for(cid: str) -> str:
+    return TOPIC_PREFIX + cid
+
+
+MarketMessage = Signed[JobRequest] | Signed[Bid]
+
+
+def parse_market_message(data: bytes, now: float) -> MarketMessage:
+    """A signed JobRequest or Bid from untrusted gossip bytes (``ProtocolError`` otherwise)."""
+    if len(data) > JobRequest.MAX_BYTES:
+        raise ProtocolError(
+            f"market message is {len(data)} bytes, the cap is {JobRequest.MAX_BYTES}"
+        )
+    raw = decode(data, max_size=JobRequest.MAX_BYTES)
+    domain = raw.get("d") if isinstance(raw, dict) else None
+    if domain == BID_DOMAIN:
+        return Bid.from_bytes(data, now=now)
+    if domain == JOB_REQUEST_DOMAIN:
+        return JobRequest.from_bytes(data, now=now)
+    raise ProtocolError(f"expected a job request or a bid on a market topic, got {domain!r:.60}")
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    at: float
+
+
+@dataclass
+class GuardStats:
+    accepted: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+
+class GossipGuard:
+    """The topic validator (sync, so it runs inline before forwarding)."""
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.time,
+        requests_per_s: float = 200.0,
+        bids_per_s: float = 500.0,
+        burst: float = 400.0,
+        max_seen: int = 65536,
+        max_peers: int = 4096,
+    ) -> None:
+        self.clock = clock
+        self.rates = {"request": requests_per_s, "bid": bids_per_s}
+        self.burst = burst
+        self.max_seen = max_seen
+        self.max_peers = max_peers
+        self._seen: OrderedDict[tuple[Any, ...], None] = OrderedDict()
+        self._buckets: OrderedDict[tuple[str, str], _Bucket] = OrderedDict()
+        # Parsed messages handed to the dispatcher, so it does not verify twice.
+        self.parsed: OrderedDict[bytes, MarketMessage] = OrderedDict()
+        self.stats = GuardStats()
+
+    def __call__(self, forwarder: ID, msg: Any) -> bool:
+        now = self.clock()
+        try:
+            parsed = parse_market_message(bytes(msg.data), now)
+        except ProtocolError as exc:
+            self.stats.drop(type(exc).__name__)
+            log.debug("dropped market message from %s: %s", forwarder, exc)
+            return False
+        try:
+            origin = ID(msg.from_id).to_base58()
+        except Exception:
+            self.stats.drop("bad-origin")
+            return False
+        m = parsed.message
+        if m.signer != origin:
+            # Someone re-publishing another peer's signed message (a replay).
+            self.stats.drop("signer-not-origin")
+            return False
+        topics = list(msg.topicIDs)
+        if isinstance(m, JobRequest):
+            kind = "request"
+            if topics != [topic_for(m.model_cid)]:
+                self.stats.drop("wrong-topic")
+                return False
+            key: tuple[Any, ...] = ("r", m.job_id, m.round)
+        else:
+            kind = "bid"
+            key = ("b", m.job_id, m.executor, m.price, m.eta_ms, m.expires_at)
+        if key in self._seen:
+            self.stats.drop("duplicate")
+            return False
+        if not self._take(origin, kind, now):
+            self.stats.drop("rate")
+            return False
+        self._seen[key] = None
+        if len(self._seen) > self.max_seen:
+            self._seen.popitem(last=False)
+        self.parsed[_msg_key(msg)] = parsed
+        if len(self.parsed) > 1024:
+            self.parsed.popitem(last=False)
+        self.stats.accepted += 1
+        return True
+
+    def _take(self, peer: str, kind: str, now: float) -> bool:
+        rate = self.rates[kind]
+        bucket = self._buckets.get((peer, kind))
+        if bucket is None:
+            bucket = self._buckets[(peer, kind)] = _Bucket(tokens=self.burst, at=now)
+            if len(self._buckets) > self.max_peers:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end((peer, kind))
+        bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.at) * rate)
+        bucket.at = now
+        if bucket.tokens < 1.0:
+            return False
+        bucket.tokens -= 1.0
+        return True
+
+    def take_parsed(self, msg: Any) -> MarketMessage | None:
+        found = self.parsed.pop(_msg_key(msg), None)
+        if found is not None:
+            return found
+        try:
+            return parse_market_message(bytes(msg.data), self.clock())
+        except ProtocolError:
+            return None
+
+
+def _msg_key(msg: Any) -> bytes:
+    return bytes(msg.from_id) + bytes(msg.seqno)
+
+
+class MarketGossip:
+    """Joins market topics and routes what arrives: requests to the executor, bids to jobs."""
+
+    # GossipSub's own spam gate allows 10 msgs/s per peer per topic by default:
+    # far below one busy model's requests and bids. Our guard rate-limits per signer.
+    GOSSIPSUB_TOPIC_RATE = 2000.0
+
+    def __init__(
+        self,
+        pubsub: Any,
+        *,
+        guard: GossipGuard | None = None,
+        on_request: Callable[[JobRequest], None] | None = None,
+        max_topics: int = 64,
+    ) -> None:
+        self.pubsub = pubsub
+        self.guard = guard or GossipGuard()
+        self.on_request = on_request
+        self.max_topics = max_topics
+        self.bid_sinks: dict[bytes, Callable[[Bid], None]] = {}
+        self.served: set[str] = set()
+        self._joined: OrderedDict[str, trio.CancelScope] = OrderedDict()
+        self._nursery: trio.Nursery | None = None
+        router = getattr(pubsub, "router", None)
+        if router is not None and hasattr(router, "max_messages_per_topic_per_second"):
+            router.max_messages_per_topic_per_second = max(
+                router.max_messages_per_topic_per_second, self.GOSSIPSUB_TOPIC_RATE
+            )
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+                for cid in list(self._joined):
+                    self.pubsub.remove_topic_validator(topic_for(cid))
+                nursery.cancel_scope.cancel()
+
+    def joined(self, cid: str) -> bool:
+        return cid in self._joined
+
+    async def join(self, cid: str, *, serve: bool = False) -> str:
+        """Subscribe to the cid's topic (idempotent); ``serve`` marks it as ours to bid on."""
+        if serve:
+            self.served.add(cid)
+        topic = topic_for(cid)
+        if cid in self._joined:
+            self._joined.move_to_end(cid)
+            return topic
+        assert self._nursery is not None, "MarketGossip.run() is not running"
+        self.pubsub.set_topic_validator(topic, self.guard, False)
+        sub = await self.pubsub.subscribe(topic)
+        scope = trio.CancelScope()
+        self._joined[cid] = scope
+        self._nursery.start_soon(self._read, cid, sub, scope)
+        # Requester topics are kept (re-joining within GossipSub's back-off would
+        # leave an empty mesh); only the least recently used ones beyond the cap go.
+        while len(self._joined) > self.max_topics:
+            old = next((c for c in self._joined if c not in self.served), None)
+            if old is None:
+                break
+            await self.leave(old)
+        return topic
+
+    async def leave(self, cid: str) -> None:
+        scope = self._joined.pop(cid, None)
+        self.served.discard(cid)
+        if scope is None:
+            return
+        scope.cancel()
+        topic = topic_for(cid)
+        self.pubsub.remove_topic_validator(topic)
+        await self.pubsub.unsubscribe(topic)
+
+    async def _read(self, cid: str, sub: Any, scope: trio.CancelScope) -> None:
+        with scope:
+            async for msg in sub:
+                parsed = self.guard.take_parsed(msg)
+                if parsed is None:
+                    continue
+                m = parsed.message
+                if isinstance(m, Bid):
+                    sink = self.bid_sinks.get(m.job_id)
+                    if sink is not None:
+                        sink(m)
+                elif self.on_request is not None and cid in self.served:
+                    self.on_request(m)
+
+    async def publish(self, cid: str, signed: MarketMessage) -> None:
+        await self.pubsub.publish(topic_for(cid), signed.to_bytes())
+
+    def mesh_peers(self, cid: str) -> set[str]:
+        mesh = getattr(self.pubsub.router, "mesh", {})
+        return {str(p) for p in mesh.get(topic_for(cid), ())}
+
+    def topic_peers(self, cid: str) -> set[str]:
+        return {str(p) for p in self.pubsub.peer_topics.get(topic_for(cid), ())}
+
+    async def wait_for_mesh(self, cid: str, candidates: list[ID], limit: float) -> bool:
+        """Wait until one of ``candidates`` is in our mesh for the cid's topic (bounded)."""
+        if self.mesh_peers(cid):
+            return True
+        if not candidates:
+            return False
+        topic = topic_for(cid)
+        done = trio.Event()
+
+        async def one(peer: ID) -> None:
+            try:
+                await self.pubsub.wait_for_mesh(peer, topic, timeout=limit)
+            except (trio.TooSlowError, TypeError):
+                return
+            done.set()
+
+        with trio.move_on_after(limit):
+            async with trio.open_nursery() as nursery:
+                for p in candidates[:16]:
+                    nursery.start_soon(one, p)
+                await done.wait()
+                nursery.cancel_scope.cancel()
+        return bool(self.mesh_peers(cid))

@@ -1,0 +1,472 @@
+"""The requester's I/O: auctions on gossip, awards and payloads on job streams, receipts.
+
+``protocols.requester.RequesterJob`` decides (which bid wins, when to fall
+back, when to re-auction, when to give up); ``JobRun`` feeds it events from
+three sources through one channel (bids from gossip, its single timer, and
+the award task of the current winner) and performs its actions:
+
+- ``Publish`` -> sign the JobRequest and publish it on the model's topic;
+- ``StartTimer`` -> (re)arm the one timer (a task in a cancel scope);
+- ``SendAward`` -> an award task: dial the winner, open ``/edgeswarm/job/1``,
+  send the signed Award and the inputs, read results, check them, report
+  ``ResultReceived`` / ``AwardFailed``;
+- ``CancelAward`` -> cancel that task (the stream is reset: never paid);
+- ``Complete`` -> sign the Acceptance, send it, keep the Receipt;
+- ``Fail`` -> raise the ``MarketFailure``.
+
+A lease is the same machine with ``LeaseTerms``: its award task keeps the
+stream open and ``Lease.infer`` sends JobInput frames on it; ``BatchClose``
+ends the batch and one commitment covers it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import nacl.signing
+import numpy as np
+import numpy.typing as npt
+import trio
+
+from edge_models.spec import ModelEntry
+from peer.job_stream import FrameStream, JobStreamClosed
+from protocols import requester as rq
+from protocols.errors import ProtocolError
+from protocols.market import (
+    Award,
+    BatchClose,
+    Bid,
+    JobError,
+    JobInput,
+    JobRequest,
+    JobResult,
+    LeaseTerms,
+    TensorMeta,
+)
+from protocols.receipt import Receipt, ResultCommitment, batch_digest, content_digest
+from protocols.signed import Signed, sign_message
+from protocols.tensor import DTYPES, TensorLimits, decode_tensors, dtype_name
+
+log = logging.getLogger(__name__)
+
+Arrays = dict[str, npt.NDArray[Any]]
+OpenStream = Callable[[str, float], Any]  # (executor, until) -> awaitable FrameStream
+
+
+class JobFailed(ProtocolError):
+    """The executor refused one lease job's inputs (e.g. ``bad-input``); not retried."""
+
+    def __init__(self, error: JobError) -> None:
+        super().__init__(
+            f"executor {error.executor} refused the job ({error.code}): {error.message}"
+        )
+        self.error = error
+
+
+def input_meta(wire: Mapping[str, Any]) -> tuple[tuple[TensorMeta, ...], int]:
+    metas = tuple(
+        TensorMeta(name=n, dtype=t["dtype"], shape=tuple(t["shape"])) for n, t in wire.items()
+    )
+    return metas, sum(len(t["data"]) for t in wire.values())
+
+
+def check_outputs(
+    wire_by_seq: Mapping[int, Any],
+    inputs_by_seq: Mapping[int, bytes],
+    commitment: ResultCommitment,
+    entry: ModelEntry | None,
+    limits: TensorLimits,
+) -> tuple[bool, str, dict[int, Arrays]]:
+    """Outputs decode within limits, match the declared outputs, and match the commitment."""
+    seqs = sorted(wire_by_seq)
+    if len(seqs) != commitment.count:
+        return False, f"commitment covers {commitment.count} jobs, {len(seqs)} results came", {}
+    decoded: dict[int, Arrays] = {}
+    for seq in seqs:
+        try:
+            arrays = decode_tensors(wire_by_seq[seq], limits=limits)
+        except ProtocolError as exc:
+            return False, f"outputs of job {seq} do not decode: {exc}", {}
+        problem = declared_problem(arrays, entry)
+        if problem:
+            return False, f"outputs of job {seq}: {problem}", {}
+        decoded[seq] = arrays
+    out_digests = [content_digest(wire_by_seq[s]) for s in seqs]
+    if commitment.count == 1 and len(inputs_by_seq) <= 1:
+        want_out = out_digests[0]
+        want_in = next(iter(inputs_by_seq.values()), commitment.input_digest)
+    else:
+        if any(s not in inputs_by_seq for s in seqs):
+            return False, "results for jobs that were never sent", {}
+        want_out = batch_digest(out_digests)
+        want_in = batch_digest([inputs_by_seq[s] for s in seqs])
+    if commitment.output_digest != want_out:
+        return False, "the commitment's output digest does not match the outputs received", {}
+    if commitment.input_digest != want_in:
+        return False, "the commitment's input digest does not match the inputs sent", {}
+    return True, "", decoded
+
+
+def declared_problem(arrays: Arrays, entry: ModelEntry | None) -> str:
+    if entry is None:
+        return ""
+    want = {o.name: o for o in entry.outputs}
+    if set(arrays) != set(want):
+        return f"expected outputs {sorted(want)}, got {sorted(arrays)}"
+    for name, arr in arrays.items():
+        spec = want[name]
+        if DTYPES.get(spec.dtype) != arr.dtype:
+            return f"output {name!r} should be {spec.dtype}, got {arr.dtype}"
+        if spec.shape is not None:
+            if len(spec.shape) != arr.ndim:
+                return f"output {name!r} should have rank {len(spec.shape)}, got {arr.shape}"
+            for d, n in zip(spec.shape, arr.shape, strict=True):
+                if isinstance(d, int) and d != n:
+                    return f"output {name!r} should have shape {spec.shape}, got {arr.shape}"
+    return ""
+
+
+class _Timer:
+    """The job's single timer: a new ``set`` replaces the previous one."""
+
+    def __init__(self, nursery: trio.Nursery, send: trio.MemorySendChannel[rq.Event]) -> None:
+        self.nursery = nursery
+        self.send = send
+        self.scope: trio.CancelScope | None = None
+
+    def set(self, at: float) -> None:
+        if self.scope is not None:
+            self.scope.cancel()
+        self.scope = trio.CancelScope()
+        self.nursery.start_soon(self._fire, at, self.scope)
+
+    async def _fire(self, at: float, scope: trio.CancelScope) -> None:
+        with scope:
+            # trio sleeps on a monotonic clock; loop so we never fire before `at` by POSIX time.
+            for _ in range(1000):
+                left = at - time.time()
+                if left <= 0:
+                    break
+                await trio.sleep(left + 0.0005)
+            await self.send.send(rq.TimerFired(time.time()))
+
+
+@dataclass
+class Attempt:
+    """One award in flight: its stream, what was sent and what came back."""
+
+    executor: str
+    award: Award
+    bid: Bid
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    fs: FrameStream | None = None
+    ready: trio.Event = field(default_factory=trio.Event)
+    ended: trio.Event = field(default_factory=trio.Event)
+    inputs: dict[int, bytes] = field(default_factory=dict)  # seq -> input digest
+    outputs: dict[int, Any] = field(default_factory=dict)  # seq -> wire outputs
+    waiters: dict[int, _Waiter] = field(default_factory=dict)
+    next_seq: int = 0
+    decided: trio.Event = field(default_factory=trio.Event)
+    acceptance: Signed[Any] | None = None
+    closing: bool = False
+    failure: str = ""
+
+
+@dataclass
+class _Waiter:
+    done: trio.Event = field(default_factory=trio.Event)
+    wire: Any = None
+    error: JobError | None = None
+    lost: bool = False
+
+
+@dataclass
+class Outcome:
+    receipt: Receipt
+    executor: str
+    award: Award
+    outputs: dict[int, Arrays]
+    attempts: list[tuple[str, str]]
+
+
+class JobRun:
+    """Drives one RequesterJob (a single job, or one lease batch) to its end."""
+
+    def __init__(
+        self,
+        *,
+        key: nacl.signing.SigningKey,
+        request: JobRequest,
+        publish: Callable[[Signed[JobRequest]], Any],
+        open_stream: OpenStream,
+        bid_sinks: dict[bytes, Callable[[Bid], None]],
+        entry: ModelEntry | None,
+        limits: TensorLimits,
+        policy: rq.RequesterPolicy,
+        single_input: Any = None,
+        banned: frozenset[str] = frozenset(),
+        reputation: Mapping[str, float] | None = None,
+    ) -> None:
+        self.key = key
+        self.publish = publish
+        self.open_stream = open_stream
+        self.bid_sinks = bid_sinks
+        self.entry = entry
+        self.limits = limits
+        self.single_input = single_input
+        digest = content_digest(single_input) if single_input is not None else None
+        self.job = rq.RequesterJob(
+            request,
+            now=time.time(),
+            policy=policy,
+            input_digest=digest,
+            banned=banned,
+            reputation=reputation or {},
+        )
+        self.attempt: Attempt | None = None
+        self.attempt_changed = trio.Event()
+        self.outcome: Outcome | None = None
+        self.done = trio.Event()
+        self.error: rq.MarketFailure | None = None
+        self._send, self._recv = trio.open_memory_channel[rq.Event](math.inf)
+        self._bids_dropped = 0
+
+    @property
+    def request(self) -> JobRequest:
+        return self.job.request
+
+    @property
+    def lease(self) -> LeaseTerms | None:
+        return self.job.request.lease
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> Outcome:
+        """Run to the end; returns the outcome or raises the MarketFailure."""
+        job_id = self.request.job_id
+        self.bid_sinks[job_id] = self._on_bid
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._timer = _Timer(nursery, self._send)
+                task_status.started()
+                try:
+                    await self._act(self.job.start())
+                    while self.job.outcome is None:
+                        event = await self._recv.receive()
+                        await self._act(self.job.handle(event))
+                    if self.attempt is not None and isinstance(self.job.outcome, rq.Complete):
+                        with trio.move_on_after(2.0):  # let the acceptance go out
+                            await self.attempt.ended.wait()
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.bid_sinks.pop(job_id, None)
+            self.done.set()
+            self._set_attempt(None)
+        if self.error is not None:
+            raise self.error
+        assert self.outcome is not None
+        return self.outcome
+
+    def _on_bid(self, bid: Bid) -> None:
+        self._send.send_nowait(rq.BidReceived(bid, time.time()))
+
+    def _set_attempt(self, attempt: Attempt | None) -> None:
+        self.attempt = attempt
+        self.attempt_changed.set()
+        self.attempt_changed = trio.Event()
+
+    async def _act(self, actions: list[rq.Action]) -> None:
+        for a in actions:
+            if isinstance(a, rq.Publish):
+                await self.publish(sign_message(self.key, a.request))
+            elif isinstance(a, rq.StartTimer):
+                self._timer.set(a.at)
+            elif isinstance(a, rq.SendAward):
+                attempt = Attempt(executor=a.executor, award=a.award, bid=a.bid)
+                self._set_attempt(attempt)
+                self._nursery.start_soon(self._award_task, attempt)
+            elif isinstance(a, rq.CancelAward):
+                if self.attempt is not None and self.attempt.executor == a.executor:
+                    log.info("giving up on %s: %s", a.executor, a.reason)
+                    self.attempt.failure = a.reason
+                    self.attempt.scope.cancel()
+                    self._fail_waiters(self.attempt)
+                    self._set_attempt(None)
+            elif isinstance(a, rq.Complete):
+                receipt = Receipt.create(self.key, a.commitment)
+                att = self.attempt
+                outputs: dict[int, Arrays] = {}
+                if att is not None and att.executor == a.commitment.message.executor:
+                    att.acceptance = receipt.acceptance
+                    att.decided.set()
+                    outputs = getattr(att, "decoded", {})
+                self.outcome = Outcome(
+                    receipt=receipt,
+                    executor=a.commitment.message.executor,
+                    award=a.award,
+                    outputs=outputs,
+                    attempts=list(self.job.attempts),
+                )
+            elif isinstance(a, rq.Fail):
+                self.error = a.error
+                if self.attempt is not None:
+                    self.attempt.scope.cancel()
+                    self._fail_waiters(self.attempt)
+
+    @staticmethod
+    def _fail_waiters(att: Attempt) -> None:
+        for w in att.waiters.values():
+            if not w.done.is_set():
+                w.lost = True
+                w.done.set()
+
+    async def _award_task(self, att: Attempt) -> None:
+        reason = ""
+        try:
+            with att.scope:
+                reason = await self._award(att)
+        finally:
+            att.ended.set()
+            self._fail_waiters(att)
+            if att.fs is not None:
+                if att.acceptance is None:
+                    await att.fs.reset()
+                else:
+                    await att.fs.close()
+        if reason:
+            await self._send.send(rq.AwardFailed(att.executor, reason, time.time()))
+
+    async def _award(self, att: Attempt) -> str:
+        """Returns a failure reason, or "" once the result was reported."""
+        job_id = att.award.job_id
+        try:
+            att.fs = await self.open_stream(att.executor, self.request.deadline)
+            await att.fs.send(sign_message(self.key, att.award))
+            if self.single_input is not None:
+                att.inputs[0] = content_digest(self.single_input)
+                await att.fs.send(JobInput(job_id, 0, self.single_input))
+                att.next_seq = 1
+            att.ready.set()
+            while True:
+                item = await att.fs.receive()
+                if isinstance(item, JobResult) and item.job_id == job_id:
+                    if item.seq not in att.inputs or item.seq in att.outputs:
+                        return f"result for job {item.seq} that was not asked for"
+                    att.outputs[item.seq] = item.outputs
+                    w = att.waiters.get(item.seq)
+                    if w is not None:
+                        w.wire = item.outputs
+                        w.done.set()
+                elif isinstance(item, Signed) and isinstance(item.message, ResultCommitment):
+                    c = item.message
+                    ok, problem, decoded = check_outputs(
+                        att.outputs, att.inputs, c, self.entry, self.limits
+                    )
+                    att.decoded = decoded  # type: ignore[attr-defined]
+                    signed_c: Signed[ResultCommitment] = item  # type: ignore[assignment]
+                    await self._send.send(rq.ResultReceived(signed_c, ok, time.time(), problem))
+                    await att.decided.wait()  # Complete sets it; CancelAward cancels us
+                    if att.acceptance is not None:
+                        await att.fs.send(att.acceptance)
+                    return ""
+                elif isinstance(item, Signed) and isinstance(item.message, JobError):
+                    err = item.message
+                    w = att.waiters.get(err.seq)
+                    if self.lease is not None and err.code == "bad-input" and w is not None:
+                        w.error = err
+                        w.done.set()  # that job's inputs are bad; the lease goes on
+                        continue
+                    return f"{err.code}: {err.message}"
+                else:
+                    return f"unexpected frame {type(item).__name__} from the executor"
+        except JobStreamClosed as exc:
+            return str(exc)
+        except ProtocolError as exc:
+            return f"bad frame from the executor: {exc}"
+        except (OSError, trio.TooSlowError) as exc:
+            return f"cannot reach the executor: {exc or type(exc).__name__}"
+        except Exception as exc:  # py-libp2p dial/negotiation errors have no common base
+            return f"cannot open a job stream: {exc or type(exc).__name__}"
+
+    # --- lease side ------------------------------------------------------------------
+
+    async def current_attempt(self) -> Attempt | None:
+        """The attempt whose stream is ready, waiting through fail-overs; None once ended."""
+        while not self.done.is_set():
+            att = self.attempt
+            if att is not None and att.ready.is_set() and not att.closing:
+                return att
+            changed = self.attempt_changed
+            if att is not None and not att.ready.is_set():
+                with trio.move_on_after(0.05):
+                    await att.ready.wait()
+                continue
+            await changed.wait()
+        return None
+
+    async def close_batch(self) -> None:
+        """End a lease batch: BatchClose for the jobs done, or just cancel if none were."""
+        att = self.attempt
+        if att is None or att.fs is None or not att.ready.is_set():
+            self._cancel_all()
+            return
+        att.closing = True
+        with trio.move_on_after(max(1.0, self.request.deadline - time.time())):
+            for w in list(att.waiters.values()):  # jobs in flight finish first
+                await w.done.wait()
+        done = len(att.outputs)
+        if done == 0 or self.job.outcome is not None:
+            self._cancel_all()
+            return
+        try:
+            await att.fs.send(BatchClose(att.award.job_id, done))
+        except JobStreamClosed:
+            self._cancel_all()
+
+    def _cancel_all(self) -> None:
+        if self.job.outcome is None:
+            self._send.send_nowait(rq.DeadlineReached(time.time()))
+
+
+def new_request(
+    *,
+    requester: str,
+    cid: str,
+    wire: Mapping[str, Any],
+    max_price: int,
+    deadline: float,
+    bid_window: float,
+    spot_check: float = 0.0,
+    lease: LeaseTerms | None = None,
+) -> JobRequest:
+    metas, nbytes = input_meta(wire)
+    return JobRequest(
+        job_id=os.urandom(16),
+        requester=requester,
+        model_cid=cid,
+        inputs=metas,
+        input_bytes=nbytes,
+        max_price=max_price,
+        deadline=deadline,
+        bid_window=bid_window,
+        spot_check=spot_check,
+        nonce=os.urandom(16),
+        lease=lease,
+    )
+
+
+def to_arrays(inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """User inputs as numpy arrays (lists and scalars are converted; dtypes must be ours)."""
+    out: dict[str, np.ndarray] = {}
+    for name, value in inputs.items():
+        arr = value if isinstance(value, np.ndarray) else np.asarray(value)
+        if dtype_name(arr.dtype) is None:
+            raise ValueError(f"input {name!r} has dtype {arr.dtype}, which the wire cannot carry")
+        out[name] = arr
+    return out
