@@ -115,3 +115,78 @@ def certify_offline(
         if cert is not None:
             return cert
     raise AssertionError("no quorum")
+
+
+# --- running nodes (real libp2p hosts on 127.0.0.1) ----------------------------------------
+
+from collections.abc import AsyncIterator  # noqa: E402
+from contextlib import asynccontextmanager  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import trio  # noqa: E402
+
+from peer.config import Config  # noqa: E402
+from peer.ledger_store import LedgerStore, open_ledger_store  # noqa: E402
+from peer.node import Peer, open_peer  # noqa: E402
+from peer.settlement import SettlementConfig, SettlementService, open_settlement  # noqa: E402
+
+
+class FakeHardware:
+    """What edge_models.hardware.probe() returns, without importing onnxruntime."""
+
+    providers = ("CPUExecutionProvider",)
+
+    def devices(self) -> list[dict[str, Any]]:
+        return [{"kind": "cpu", "name": "test cpu", "memory": 2**30}]
+
+
+@dataclass
+class Node:
+    peer: Peer
+    store: LedgerStore
+    svc: SettlementService
+
+    @property
+    def id(self) -> str:
+        return self.peer.peer_id
+
+    @property
+    def addr(self) -> str:
+        return self.peer.listen_addrs[0]
+
+
+@asynccontextmanager
+async def settlement_node(
+    data_dir: Path,
+    k: nacl.signing.SigningKey,
+    rule: CommitteeRule,
+    pol: CreditPolicy,
+    config: SettlementConfig | None = None,
+) -> AsyncIterator[Node]:
+    cfg = Config(data_dir=data_dir, listen=("/ip4/127.0.0.1/tcp/0",))
+    async with (
+        open_peer(cfg, key=k, hardware=FakeHardware()) as peer,
+        open_ledger_store(data_dir, rule, pol) as store,
+        open_settlement(
+            peer, store, config or SettlementConfig(sync_interval=0, gossip=False)
+        ) as svc,
+    ):
+        yield Node(peer, store, svc)
+
+
+async def connect_all(nodes: list[Node]) -> None:
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1 :]:
+            await a.peer.connect(b.addr)
+
+
+async def wait_for(what: str, predicate: Any, nodes: list[Node], limit: float = 20.0) -> None:
+    """Wait (event-driven, bounded) until ``predicate(node)`` holds on every node."""
+    try:
+        with trio.fail_after(limit):
+            for n in nodes:
+                await n.svc.wait_until(lambda n=n: predicate(n))
+    except trio.TooSlowError:
+        raise AssertionError(f"timed out after {limit} s waiting for {what}") from None

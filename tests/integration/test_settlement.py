@@ -1,0 +1,175 @@
+"""Settlement over real libp2p hosts: payments certified by 4 witnesses, double spends fail."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import pytest
+import trio
+from settlement_helpers import (
+    Node,
+    connect_all,
+    key,
+    make_receipt,
+    make_transfer,
+    now_ms,
+    pid,
+    policy,
+    rule_for,
+    settlement_node,
+    wait_for,
+)
+
+from peer.ledger_store import read_snapshot, verify_snapshot
+from peer.settlement import PaymentFailed, SettlementConfig
+from protocols.certificate import WitnessVote, sign_vote
+from protocols.proofs import EquivocationProof
+from protocols.signed import Signed
+from protocols.witness import (
+    Refuse,
+    ReplyVote,
+    TransferRequest,
+    Witness,
+    decode_reply,
+)
+
+WITNESS_KEYS = [key(100 + i) for i in range(4)]
+RULE = rule_for(WITNESS_KEYS)
+POLICY = policy(genesis=frozenset())  # everyone proves an identity (PoW, 4 bits)
+PAYER, PAYEE = key(1), key(2)
+
+
+async def _world(stack: AsyncExitStack, tmp_path: Path, extra: list, **cfg: object) -> list[Node]:
+    config = SettlementConfig(sync_interval=0, gossip=False, **cfg)  # type: ignore[arg-type]
+    nodes = []
+    for n, k in enumerate([*WITNESS_KEYS, *extra]):
+        nodes.append(
+            await stack.enter_async_context(
+                settlement_node(tmp_path / f"n{n}", k, RULE, POLICY, config)
+            )
+        )
+    await connect_all(nodes)
+    return nodes
+
+
+async def test_payment_is_certified_by_the_committee(tmp_path: Path) -> None:
+    async with AsyncExitStack() as stack:
+        *witnesses, payer, payee = await _world(stack, tmp_path, [PAYER, PAYEE])
+        receipts = [make_receipt(PAYER, PAYEE, 100_000, j) for j in range(3)]
+        for r in receipts:
+            await payee.svc.ingest_receipt(r)  # the executor keeps its receipts too
+            await payer.svc.ingest_receipt(r)  # auto_pay: the payer pays in the background
+        await wait_for(
+            "the payee to hold 3 certificates",
+            lambda n: n.svc.balances().get(pid(PAYEE)) == 300_000,
+            [payer, payee],
+        )
+        await wait_for(
+            "every witness to see seq 3", lambda n: n.svc.ledger.next_seq(pid(PAYER)) == 4, witnesses
+        )
+        for w in witnesses:
+            # Every vote a witness gave is backed by a durable lock.
+            assert {(r.account, r.seq) for r in w.store.locks()} <= {(pid(PAYER), s) for s in (1, 2, 3)}
+        assert sum(len(w.store.locks()) for w in witnesses) >= 3 * 3
+        assert payer.svc.balances() == {pid(PAYER): -300_000, pid(PAYEE): 300_000}
+        assert payer.store.outgoing() == []
+        assert payer.svc.unpaid() == []
+        # Paying an already paid receipt returns its certificate, no new seq.
+        cert = await payer.svc.pay(receipts[1])
+        assert cert.seq == 2
+    for n in range(6):
+        report = verify_snapshot(read_snapshot(tmp_path / f"n{n}"))
+        assert report.ok, report.problems
+
+
+async def test_over_the_credit_limit_fails_and_stays_pending(tmp_path: Path) -> None:
+    async with AsyncExitStack() as stack:
+        *_, payer, payee = await _world(stack, tmp_path, [PAYER, PAYEE], auto_pay=False)
+        big = make_receipt(PAYER, PAYEE, POLICY.base_limit + 1, 1)
+        with pytest.raises(PaymentFailed, match="over-limit") as info:
+            await payer.svc.pay(big)
+        assert len(info.value.refusals) >= 2
+        # The signed transfer is kept: it will be resent unchanged, never replaced.
+        [(t, r)] = payer.store.outgoing()
+        assert t.message.seq == 1 and r.receipt_id == big.receipt_id
+        small = make_receipt(PAYER, PAYEE, 10, 2)
+        with pytest.raises(PaymentFailed):
+            await payer.svc.pay(small)  # blocked behind seq 1
+        assert payer.svc.ledger.next_seq(pid(PAYER)) == 1
+
+
+class SignEverything(Witness):
+    """A byzantine witness: votes for any transfer, never locks."""
+
+    def handle_transfer(self, transfer, receipt, ledger, now_ms):  # type: ignore[no-untyped-def]
+        return ReplyVote(sign_vote(self._key, transfer))
+
+
+async def _ask(attacker: Node, witness: Node, t, r) -> Signed[WitnessVote] | Refuse | EquivocationProof:  # type: ignore[no-untyped-def]
+    reply = await attacker.svc._call(
+        witness.id, {"v": 1, "op": "certify", "req": TransferRequest(t, r).to_bytes()}
+    )
+    return decode_reply(reply["r"])
+
+
+async def test_double_spend_fails_with_a_byzantine_witness(tmp_path: Path) -> None:
+    """A payer signs two transfers for seq 1 and plays the committee (one of which signs
+    everything) against itself: at most one transfer is ever certified, and it is banned."""
+    victim2 = key(3)
+    async with AsyncExitStack() as stack:
+        nodes = await _world(stack, tmp_path, [PAYER, PAYEE, victim2], auto_pay=False)
+        *witnesses, attacker, payee, _other = nodes
+        byz = witnesses[3]
+        byz.svc.witness = SignEverything(WITNESS_KEYS[3])
+        honest = witnesses[:3]
+        ra = make_receipt(PAYER, PAYEE, 1000, 1)
+        rb = make_receipt(PAYER, victim2, 1000, 2)
+        ta, tb = make_transfer(PAYER, ra, 1), make_transfer(PAYER, rb, 1)
+        # Round 1: A to honest[0], honest[1] and the byzantine witness; B to honest[2].
+        replies_a = {w.id: await _ask(attacker, w, ta, ra) for w in (honest[0], honest[1], byz)}
+        replies_b = {w.id: await _ask(attacker, w, tb, rb) for w in (honest[2], byz)}
+        # Round 2: B to the ones that saw A (and vice versa).
+        replies_b |= {w.id: await _ask(attacker, w, tb, rb) for w in (honest[0], honest[1])}
+        replies_a[honest[2].id] = await _ask(attacker, honest[2], ta, ra)
+
+        def votes(replies: dict) -> set[str]:  # type: ignore[type-arg]
+            return {w for w, v in replies.items() if isinstance(v, Signed)}
+
+        assert votes(replies_a) == {honest[0].id, honest[1].id, byz.id}  # a quorum for A
+        assert votes(replies_b) == {honest[2].id, byz.id}  # B can never reach 3
+        for w in (honest[0], honest[1], honest[2]):
+            got = replies_b[w.id] if w is not honest[2] else replies_a[w.id]
+            assert isinstance(got, EquivocationProof), got
+        # Every honest witness has banned the payer (it stored the proof).
+        for w in honest:
+            assert w.svc.ledger.is_banned(pid(PAYER))
+        # No certificate for B exists anywhere, and a later honest transfer is refused.
+        rc = make_receipt(PAYER, PAYEE, 10, 3)
+        tc = make_transfer(PAYER, rc, 1)
+        replies_c = [await _ask(attacker, w, tc, rc) for w in honest]
+        assert not any(isinstance(v, Signed) for v in replies_c)
+
+
+async def test_double_spend_split_committee_gets_no_certificate(tmp_path: Path) -> None:
+    """Two transfers for one seq, each sent to half the honest committee first: neither can
+    be certified (2 + 2 votes, quorum 3), whatever order the rest arrives in."""
+    async with AsyncExitStack() as stack:
+        nodes = await _world(stack, tmp_path, [PAYER, PAYEE, key(3)], auto_pay=False)
+        *witnesses, attacker, _payee, _other = nodes
+        ra, rb = make_receipt(PAYER, PAYEE, 500, 1), make_receipt(PAYER, key(3), 500, 2)
+        ta, tb = make_transfer(PAYER, ra, 1), make_transfer(PAYER, rb, 1)
+        async with trio.open_nursery() as nursery:  # concurrent, like a real attacker
+            for i, w in enumerate(witnesses):
+                t, r = (ta, ra) if i % 2 == 0 else (tb, rb)
+                nursery.start_soon(_ask, attacker, w, t, r)
+        results = {"a": 0, "b": 0}
+        for i, w in enumerate(witnesses):
+            got = await _ask(attacker, w, ta, ra)
+            results["a"] += isinstance(got, Signed)
+            got = await _ask(attacker, w, tb, rb)
+            results["b"] += isinstance(got, Signed)
+        assert results == {"a": 2, "b": 2}
+        # The witnesses' locks survive restarts: each stored exactly one transfer for seq 1.
+        for w in witnesses:
+            assert len([r for r in w.store.locks() if r.account == pid(PAYER)]) == 1
