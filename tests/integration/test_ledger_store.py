@@ -176,7 +176,7 @@ async def test_other_network_rule_is_refused(tmp_path: Path) -> None:
     async with open_ledger_store(tmp_path, RULE, POLICY):
         pass
     with pytest.raises(StoreError, match="another network"):
-        async with open_ledger_store(tmp_path, rule_for(WITNESSES[:3] + [key(9)]), POLICY):
+        async with open_ledger_store(tmp_path, rule_for([*WITNESSES[:3], key(9)]), POLICY):
             pass
 
 

@@ -13,7 +13,6 @@ from settlement_helpers import (
     key,
     make_receipt,
     make_transfer,
-    now_ms,
     pid,
     policy,
     rule_for,
@@ -66,11 +65,15 @@ async def test_payment_is_certified_by_the_committee(tmp_path: Path) -> None:
             [payer, payee],
         )
         await wait_for(
-            "every witness to see seq 3", lambda n: n.svc.ledger.next_seq(pid(PAYER)) == 4, witnesses
+            "every witness to see seq 3",
+            lambda n: n.svc.ledger.next_seq(pid(PAYER)) == 4,
+            witnesses,
         )
         for w in witnesses:
             # Every vote a witness gave is backed by a durable lock.
-            assert {(r.account, r.seq) for r in w.store.locks()} <= {(pid(PAYER), s) for s in (1, 2, 3)}
+            assert {(r.account, r.seq) for r in w.store.locks()} <= {
+                (pid(PAYER), s) for s in (1, 2, 3)
+            }
         assert sum(len(w.store.locks()) for w in witnesses) >= 3 * 3
         assert payer.svc.balances() == {pid(PAYER): -300_000, pid(PAYEE): 300_000}
         assert payer.store.outgoing() == []
@@ -85,7 +88,7 @@ async def test_payment_is_certified_by_the_committee(tmp_path: Path) -> None:
 
 async def test_over_the_credit_limit_fails_and_stays_pending(tmp_path: Path) -> None:
     async with AsyncExitStack() as stack:
-        *_, payer, payee = await _world(stack, tmp_path, [PAYER, PAYEE], auto_pay=False)
+        *_, payer, _payee = await _world(stack, tmp_path, [PAYER, PAYEE], auto_pay=False)
         big = make_receipt(PAYER, PAYEE, POLICY.base_limit + 1, 1)
         with pytest.raises(PaymentFailed, match="over-limit") as info:
             await payer.svc.pay(big)
@@ -106,7 +109,9 @@ class SignEverything(Witness):
         return ReplyVote(sign_vote(self._key, transfer))
 
 
-async def _ask(attacker: Node, witness: Node, t, r) -> Signed[WitnessVote] | Refuse | EquivocationProof:  # type: ignore[no-untyped-def]
+async def _ask(
+    attacker: Node, witness: Node, t, r
+) -> Signed[WitnessVote] | Refuse | EquivocationProof:  # type: ignore[no-untyped-def]
     reply = await attacker.svc._call(
         witness.id, {"v": 1, "op": "certify", "req": TransferRequest(t, r).to_bytes()}
     )
@@ -119,7 +124,7 @@ async def test_double_spend_fails_with_a_byzantine_witness(tmp_path: Path) -> No
     victim2 = key(3)
     async with AsyncExitStack() as stack:
         nodes = await _world(stack, tmp_path, [PAYER, PAYEE, victim2], auto_pay=False)
-        *witnesses, attacker, payee, _other = nodes
+        *witnesses, attacker, _payee, _other = nodes
         byz = witnesses[3]
         byz.svc.witness = SignEverything(WITNESS_KEYS[3])
         honest = witnesses[:3]
@@ -164,12 +169,12 @@ async def test_double_spend_split_committee_gets_no_certificate(tmp_path: Path) 
                 t, r = (ta, ra) if i % 2 == 0 else (tb, rb)
                 nursery.start_soon(_ask, attacker, w, t, r)
         results = {"a": 0, "b": 0}
-        for i, w in enumerate(witnesses):
+        for w in witnesses:
             got = await _ask(attacker, w, ta, ra)
             results["a"] += isinstance(got, Signed)
             got = await _ask(attacker, w, tb, rb)
             results["b"] += isinstance(got, Signed)
         assert results == {"a": 2, "b": 2}
-        # The witnesses' locks survive restarts: each stored exactly one transfer for seq 1.
+        # Each witness locked (durably) exactly one transfer for seq 1.
         for w in witnesses:
             assert len([r for r in w.store.locks() if r.account == pid(PAYER)]) == 1
