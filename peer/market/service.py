@@ -61,6 +61,9 @@ MICRO = 1_000_000
 DIAL_TIMEOUT = 5.0
 PREPARE_TIMEOUT = 5.0
 RESOLVE_TIMEOUT = 3.0
+REDISCOVER_S = 60.0
+MESH_TARGET = 4  # GossipSub's degree_low: more are grafted by heartbeats
+MESH_SETTLE_S = 0.5
 MAX_DIALS = 8
 _CID_RE = re.compile(r"[0-9a-f]{64}")
 
@@ -179,7 +182,7 @@ class MarketService:
                 limits=settings.limits,
             )
         self._nursery: trio.Nursery | None = None
-        self._dialed: dict[str, float] = {}
+        self._discovered: dict[str, float] = {}
 
     @property
     def on_receipt(self) -> list[ReceiptHook]:
@@ -272,17 +275,28 @@ class MarketService:
         )
 
     async def _prepare(self, cid: str, until: float) -> None:
-        """Join the cid's topic and make sure some executor of it is in our gossip mesh."""
+        """Join the cid's topic and get executors of it into our gossip mesh.
+
+        Servers are looked up (DHT providers, ads) and dialed the first time and
+        then at most once a minute; a warm topic costs nothing here.
+        """
         await self.gossip.join(cid)
-        if self.gossip.mesh_peers(cid):
+        fresh = time.monotonic() - self._discovered.get(cid, -1e9) < REDISCOVER_S
+        if fresh and self.gossip.mesh_peers(cid):
             return
         budget = max(0.1, min(PREPARE_TIMEOUT, (until - time.time()) / 2))
         with trio.move_on_after(budget):
             candidates = set(self.gossip.topic_peers(cid))
-            if not candidates:
-                candidates = await self._connect_servers(cid)
+            if not fresh:
+                candidates |= await self._connect_servers(cid)
+                self._discovered[cid] = time.monotonic()
             ids = [ID.from_base58(c) for c in candidates]
             await self.gossip.wait_for_mesh(cid, ids, limit=budget)
+            # Give the other servers just dialed a moment to graft too (event-driven).
+            want = min(len(ids), MESH_TARGET)
+            with trio.move_on_after(min(MESH_SETTLE_S, budget)):
+                while len(self.gossip.mesh_peers(cid)) < want:
+                    await trio.sleep(0.01)
 
     async def _connect_servers(self, cid: str) -> set[str]:
         """Find peers serving ``cid`` (DHT providers, then ads) and dial a few of them."""
