@@ -467,6 +467,8 @@ class SettlementService:
             return False
         if info is None or not info.addrs:
             return False
+        # py-libp2p dials only the first TCP address it knows: drop stale ones.
+        self.host.get_peerstore().clear_addrs(info.peer_id)
         self.host.get_peerstore().add_addrs(info.peer_id, info.addrs, 600)
         return True
 
