@@ -65,9 +65,21 @@ class _Bucket:
 class GuardStats:
     accepted: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+    _changed: trio.Event = field(default_factory=trio.Event)
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        self._changed.set()
+        self._changed = trio.Event()
+
+    @property
+    def total_dropped(self) -> int:
+        return sum(self.dropped.values())
+
+    async def wait_dropped(self, count: int) -> None:
+        """Until at least ``count`` messages were dropped in all (tests, tools)."""
+        while self.total_dropped < count:
+            await self._changed.wait()
 
 
 class GossipGuard:

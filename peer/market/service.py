@@ -295,7 +295,9 @@ class MarketService:
             # Give the other servers just dialed a moment to graft too (event-driven).
             want = min(len(ids), MESH_TARGET)
             with trio.move_on_after(min(MESH_SETTLE_S, budget)):
-                while len(self.gossip.mesh_peers(cid)) < want:
+                for _ in range(100):  # GossipSub has no "mesh grew" event to wait on
+                    if len(self.gossip.mesh_peers(cid)) >= want:
+                        break
                     await trio.sleep(0.01)
 
     async def _connect_servers(self, cid: str) -> set[str]:

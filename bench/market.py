@@ -1,0 +1,337 @@
+"""Benchmark: the job market on loopback, 1 requester + 3 executors in one process.
+
+For the tiny graph (z = x + y, 16 floats) and the real model (all-MiniLM-L6-v2
+int8, one sentence), measures latency p50/p99 and jobs/s of
+
+  (a) direct   ``ModelRuntime.run`` on the requester's own machine (no network)
+  (b) auction  ``market.infer``: JobRequest on gossip, bid window, award over a
+               new ``/edgeswarm/job/1`` stream, inputs, result, commitment,
+               acceptance (one full auction per job)
+  (c) lease    ``lease.infer`` over one warm stream (1 job in flight), and the
+               throughput with several jobs in flight
+
+then profiles a tiny-model lease run with cProfile (where the time goes) and
+writes bench/results/market.json (+ market_profile.txt).
+
+    python bench/market.py            # full run (~1-2 min on 2 cores)
+    python bench/market.py --quick    # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import platform
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import psutil
+import trio
+from onnx import TensorProto, helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bootstrap.node import open_bootstrap
+from edge_models.registry import Registry
+from edge_models.runtime import ModelRuntime
+from edge_models.text import minilm_tokenizer
+from peer.config import Config
+from peer.market import MarketService, MarketSettings, open_market
+from peer.node import open_peer
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BID_WINDOW = 0.1
+
+
+class Hardware:
+    providers = ("CPUExecutionProvider",)
+
+    def devices(self) -> list[dict[str, Any]]:
+        return [{"kind": "cpu", "name": platform.processor() or "cpu", "memory": None}]
+
+
+def tiny_add(path: Path, n: int) -> Path:
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "y"], ["z"])],
+        "bench_add",
+        [vi("x", TensorProto.FLOAT, [n]), vi("y", TensorProto.FLOAT, [n])],
+        [vi("z", TensorProto.FLOAT, [n])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save_model(model, str(path))
+    return path
+
+
+def summary(samples: list[float], wall: float | None = None) -> dict[str, float]:
+    s = sorted(samples)
+    return {
+        "n": len(s),
+        "p50_ms": round(statistics.median(s) * 1e3, 3),
+        "p99_ms": round(s[min(len(s) - 1, int(len(s) * 0.99))] * 1e3, 3),
+        "mean_ms": round(statistics.fmean(s) * 1e3, 3),
+        "jobs_per_s": round(len(s) / (wall if wall is not None else sum(s)), 1),
+    }
+
+
+async def timed(fn: Callable[[], Awaitable[Any]], iters: int) -> list[float]:
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        await fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+async def concurrent(fn: Callable[[], Awaitable[Any]], iters: int, width: int) -> float:
+    """Wall seconds for ``iters`` calls with ``width`` in flight."""
+    t0 = time.perf_counter()
+
+    async def lane(k: int) -> None:
+        for _ in range(k, iters, width):
+            await fn()
+
+    async with trio.open_nursery() as nursery:
+        for k in range(width):
+            nursery.start_soon(lane, k)
+    return time.perf_counter() - t0
+
+
+def direct(runtime: ModelRuntime, ref: str, feeds: dict[str, Any], iters: int) -> dict[str, Any]:
+    runtime.run(ref, feeds)
+    samples = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        runtime.run(ref, feeds)
+        samples.append(time.perf_counter() - t0)
+    return summary(samples)
+
+
+def seed_registry(path: Path, tiny_n: int) -> Registry:
+    registry = Registry(path / "models")
+    registry.add_file(tiny_add(path / "tiny.onnx", tiny_n), "tiny")
+    registry.add_packaged("minilm")
+    return registry
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    tiny_n = 16
+    rng = np.random.default_rng(0)
+    tiny_feeds = {
+        "x": rng.standard_normal(tiny_n).astype(np.float32),
+        "y": rng.standard_normal(tiny_n).astype(np.float32),
+    }
+    sentence = "Edge inference lets every peer sell what its own hardware can run."
+    minilm_feeds = minilm_tokenizer().encode([sentence])
+    settings = MarketSettings(bid_window=BID_WINDOW, job_timeout=30.0, max_concurrent=2)
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+
+        def cfg(name: str, **kw: Any) -> Config:
+            return Config(data_dir=root / name, listen=("/ip4/127.0.0.1/tcp/0",), **kw)
+
+        async with AsyncExitStack() as stack:
+            boot = await stack.enter_async_context(open_bootstrap(cfg("boot")))
+            markets: list[MarketService] = []
+            for i, price in enumerate((1.0, 1.5, 2.0)):
+                rt = ModelRuntime(
+                    seed_registry(root / f"ex{i}", tiny_n),
+                    max_concurrent=2,
+                    intra_op_threads=args.threads,
+                )
+                stack.callback(rt.close)
+                holder: list[MarketService] = []
+                peer = await stack.enter_async_context(
+                    open_peer(
+                        cfg(f"ex{i}", bootstrap=(boot.listen_addrs[0],), price=price),
+                        hardware=Hardware(),
+                        models=lambda h=holder: h[0].models_source() if h else [],
+                    )
+                )
+                ex_settings = MarketSettings(
+                    price=price, bid_window=BID_WINDOW, job_timeout=30.0, max_concurrent=2
+                )
+                market = await stack.enter_async_context(
+                    open_market(peer, runtime=rt, settings=ex_settings)
+                )
+                holder.append(market)
+                markets.append(market)
+            local = ModelRuntime(
+                seed_registry(root / "req", tiny_n), max_concurrent=2, intra_op_threads=args.threads
+            )
+            stack.callback(local.close)
+            rpeer = await stack.enter_async_context(
+                open_peer(
+                    cfg("req", bootstrap=(boot.listen_addrs[0],)), hardware=Hardware(), models=[]
+                )
+            )
+            req = await stack.enter_async_context(
+                open_market(rpeer, registry=local.registry, settings=settings)
+            )
+            tiny_cid = local.registry.get("tiny").cid
+            minilm_cid = local.registry.get("minilm").cid
+            with trio.fail_after(30):  # every executor's models are provided in the DHT
+                while True:
+                    if len({p.peer_id for p in await rpeer.find_providers(minilm_cid)}) >= 3:
+                        break
+                    await trio.sleep(0.2)
+
+            for label, cid, feeds, n_direct, n_auction, n_lease in (
+                ("tiny", tiny_cid, tiny_feeds, args.tiny_iters, args.auctions, args.tiny_iters),
+                (
+                    "minilm",
+                    minilm_cid,
+                    minilm_feeds,
+                    args.minilm_iters,
+                    args.auctions // 2,
+                    args.minilm_iters,
+                ),
+            ):
+                row: dict[str, Any] = {}
+                t0 = time.perf_counter()
+                first = await req.infer(cid, feeds, deadline=20)
+                row["first_job_cold_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
+                row["winner_price"] = first.price
+                row["a_direct"] = direct(local, cid, feeds, n_direct)
+
+                async def auction(cid: str = cid, feeds: dict[str, Any] = feeds) -> None:
+                    await req.infer(cid, feeds, deadline=20)
+
+                row["b_auction"] = summary(await timed(auction, n_auction))
+                async with req.lease(cid, max_jobs=100_000, seconds=300) as lease:
+
+                    async def one(lease: Any = lease, feeds: dict[str, Any] = feeds) -> None:
+                        await lease.infer(feeds)
+
+                    await one()
+                    row["c_lease"] = summary(await timed(one, n_lease))
+                    width = 4 if label == "tiny" else 2
+                    wall = await concurrent(one, n_lease, width)
+                    row[f"c_lease_{width}_in_flight"] = {
+                        "jobs_per_s": round(n_lease / wall, 1),
+                        "n": n_lease,
+                    }
+                row["lease_receipts"] = [
+                    {"count": r.count, "price": r.price} for r in lease.receipts
+                ]
+                a, c = row["a_direct"], row["c_lease"]
+                row["c_minus_a_p50_ms"] = round(c["p50_ms"] - a["p50_ms"], 3)
+                row["c_over_a_throughput"] = round(c["jobs_per_s"] / a["jobs_per_s"], 3)
+                best = max(c["jobs_per_s"], row[f"c_lease_{width}_in_flight"]["jobs_per_s"])
+                row["best_lease_over_a_throughput"] = round(best / a["jobs_per_s"], 3)
+                row["b_minus_bid_window_p50_ms"] = round(
+                    row["b_auction"]["p50_ms"] - BID_WINDOW * 1e3, 3
+                )
+                out[label] = row
+                print(label, json.dumps(row, indent=1), flush=True)
+
+            # Where the time goes: one tiny lease run under cProfile.
+            prof = cProfile.Profile()
+            async with req.lease(tiny_cid, max_jobs=100_000, seconds=300) as lease:
+                await lease.infer(tiny_feeds)
+                prof.enable()
+                t0 = time.perf_counter()
+                for _ in range(args.profile_iters):
+                    await lease.infer(tiny_feeds)
+                wall = time.perf_counter() - t0
+                prof.disable()
+            buf = io.StringIO()
+            stats = pstats.Stats(prof, stream=buf).sort_stats("tottime")
+            stats.print_stats(30)
+            buf.write("\n--- by cumulative time ---\n")
+            stats.sort_stats("cumulative").print_stats(40)
+            (RESULTS / "market_profile.txt").write_text(buf.getvalue())
+            out["profile"] = {
+                "iters": args.profile_iters,
+                "wall_ms_per_job_under_profiler": round(wall / args.profile_iters * 1e3, 3),
+                "top_tottime": _top(prof, 15),
+            }
+            out["gossip_guard"] = {
+                "accepted": req.gossip.guard.stats.accepted,
+                "dropped": req.gossip.guard.stats.dropped,
+            }
+    return out
+
+
+def _top(prof: cProfile.Profile, n: int) -> list[dict[str, Any]]:
+    stats = pstats.Stats(prof)
+    rows = []
+    for (file, line, fn), (_cc, nc, tt, ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        rows.append(
+            {
+                "function": f"{Path(file).name}:{line}({fn})",
+                "calls": nc,
+                "tottime_ms": round(tt * 1e3, 2),
+                "cumtime_ms": round(ct * 1e3, 2),
+            }
+        )
+    rows.sort(key=lambda r: -r["tottime_ms"])
+    return rows[:n]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny-iters", type=int, default=2000)
+    parser.add_argument("--minilm-iters", type=int, default=200)
+    parser.add_argument("--auctions", type=int, default=40)
+    parser.add_argument("--profile-iters", type=int, default=1000)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="ONNX Runtime intra-op threads per session (4 runtimes share this machine's cores)",
+    )
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.tiny_iters, args.minilm_iters, args.auctions, args.profile_iters = 200, 20, 6, 200
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = trio.run(bench, args)
+    doc = {
+        "bench": "market",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "cpu": platform.processor() or platform.machine(),
+            "rss_mb_at_end": round(psutil.Process().memory_info().rss / 2**20, 1),
+        },
+        "setup": {
+            "peers": "1 bootstrap + 3 executors (price 1.0, 1.5, 2.0) + 1 requester, one process",
+            "bid_window_s": BID_WINDOW,
+            "transport": "TCP + Noise + yamux on 127.0.0.1",
+            "quick": args.quick,
+            "intra_op_threads": args.threads,
+        },
+        "results": results,
+        "goals": {
+            "tiny_lease_adds_under_2ms_p50": results["tiny"]["c_minus_a_p50_ms"] < 2.0,
+            "auction_under_window_plus_30ms_p50": results["tiny"]["b_minus_bid_window_p50_ms"]
+            < 30.0,
+            "minilm_lease_at_least_85pct_of_direct": results["minilm"][
+                "best_lease_over_a_throughput"
+            ]
+            >= 0.85,
+        },
+    }
+    path = RESULTS / "market.json"
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    print(json.dumps(doc["goals"], indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

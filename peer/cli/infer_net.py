@@ -1,0 +1,111 @@
+"""``edgeswarm infer --bootstrap MULTIADDR MODEL --input NAME=FILE.npy``: one market job.
+
+Joins the network as a DHT client (no ad, nothing served), runs the job
+(auction, award, result, receipt), writes each output to
+``OUTPUT_DIR/<name>.npy`` and prints who ran it, the price and the receipt.
+A spinner on stderr shows what it waits for. Expected failures (model nobody
+serves, no executor, bad inputs, unreachable bootstrap) end with one line on
+stderr and exit 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+import typer
+
+from peer.cli.common import fail, print_json
+from peer.config import Config
+
+DEFAULT_DEADLINE = 30.0
+
+
+def infer_network(
+    cfg: Config,
+    model: str,
+    input_args: list[str],
+    out_dir: Path,
+    json_out: bool,
+    *,
+    max_price: float | None,
+    deadline: float | None,
+    spot_check: float = 0.0,
+) -> None:
+    from edge_models.errors import EdgeModelError
+    from peer.cli.models_cmd import parse_input_args, write_outputs
+    from peer.host import AddressError, ListenError
+    from peer.identity import IdentityError
+    from peer.logging_setup import setup_logging
+    from peer.market import MarketFailure, UnknownModel, open_market
+    from peer.node import open_peer
+
+    if not cfg.bootstrap:
+        fail("network inference needs --bootstrap MULTIADDR (or EDGESWARM_BOOTSTRAP)", code=2)
+    if not input_args:
+        fail("give the model's inputs with --input NAME=FILE.npy", code=2)
+    inputs = parse_input_args(input_args)
+    setup_logging("ERROR")
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    outcome: dict[str, Any] = {}
+    budget = deadline if deadline is not None else (cfg.job_timeout or DEFAULT_DEADLINE)
+
+    async def main() -> None:
+        with console.status("joining the network...") as status:
+            # This data dir's identity: it is the account that owes the receipt's price.
+            async with open_peer(cfg, role="client") as peer:
+                running = getattr(peer, "market", None)
+                cm: Any = (
+                    contextlib.nullcontext(running) if running is not None else open_market(peer)
+                )
+                async with cm as market:
+                    status.update(f"running {model} through the market (auction, award, result)...")
+                    try:
+                        outcome["result"] = await market.infer(
+                            model,
+                            inputs,
+                            max_price=max_price,
+                            deadline=budget,
+                            spot_check=spot_check,
+                        )
+                    except (MarketFailure, UnknownModel, EdgeModelError, ValueError) as exc:
+                        outcome["error"] = str(exc)
+
+    t0 = time.perf_counter()
+    try:
+        trio.run(main)
+    except IdentityError as exc:
+        fail(str(exc))
+    except AddressError as exc:
+        fail(str(exc), code=2)
+    except ListenError as exc:
+        fail(str(exc))
+    if "error" in outcome:
+        fail(outcome["error"])
+    result = outcome["result"]
+    written = write_outputs(result.outputs, out_dir)
+    files = {w["name"]: w["path"] for w in written}
+    if json_out:
+        out = result.to_dict()
+        out["outputs"] = files
+        out["output_specs"] = written
+        out["wall_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
+        print_json(out)
+        return
+    r = result.receipt
+    typer.echo(
+        f"ran {model} on {result.executor} for {result.price / 1e6:g} credits "
+        f"({result.price} micro) in {result.latency_ms:.1f} ms"
+    )
+    for w in written:
+        typer.echo(f"  {w['name']}  {w['dtype']}{tuple(w['shape'])}  -> {w['path']}")
+    typer.echo(f"receipt {r.receipt_id.hex()}")
+    typer.echo(f"  job {r.job_id.hex()}  count {r.count}  model {r.model_cid[:16]}")
+    typer.echo(f"  requester {r.requester}")
+    typer.echo(f"  executor  {r.executor}")
+    typer.echo(f"  bytes {r.to_bytes().hex()}")
