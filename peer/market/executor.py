@@ -18,8 +18,10 @@ events and carries out its actions:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 
 AWARD_WAIT_S = 10.0  # first frame of a new job stream
 ACCEPT_WAIT_S = 10.0  # requester's Acceptance after our commitment
+LOAD_EVERY_S = 5  # the ad's load figure is refreshed at most this often
 FRAME_OVERHEAD = 64 * 1024  # CBOR framing around the tensor bytes of one input frame
 
 
@@ -81,6 +84,18 @@ class ExecutorService:
         self.sessions: dict[bytes, _Session] = {}
         self.stats: dict[str, int] = {"bids": 0, "awards": 0, "rejected": 0, "jobs": 0}
         self._nursery: trio.Nursery | None = None
+        # Called with (load, queue) when awards start or end: the ad carries them.
+        self.on_load: Callable[[float, int], None] | None = None
+        self._last_load: tuple[float, int] = (0.0, 0)
+
+    def _report_load(self) -> None:
+        """Hand (load, queue) to the ad when it changed; at most every LOAD_EVERY_S (DHT puts)."""
+        cfg = self.state.config
+        active = self.state.active
+        now = (min(active / cfg.slots, 1.0), max(0, active - cfg.max_concurrent))
+        if self.on_load is not None and now != self._last_load:
+            self._last_load = now
+            self.on_load(*now)
 
     @property
     def offers(self) -> dict[str, ex.ModelOffer]:
@@ -92,9 +107,11 @@ class ExecutorService:
             self.host.set_stream_handler(JOB_PROTOCOL, self._on_stream)
             task_status.started()
             try:
-                while True:
+                for tick in itertools.count(1):
                     await trio.sleep(1.0)
                     self._do_sync(self.state.handle(ex.Tick(time.time())))
+                    if tick % LOAD_EVERY_S == 0:
+                        self._report_load()
             finally:
                 self._nursery = None
                 nursery.cancel_scope.cancel()

@@ -22,7 +22,6 @@ ends the batch and one commitment covers it.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -54,6 +53,8 @@ from protocols.signed import Signed, sign_message
 from protocols.tensor import DTYPES, TensorLimits, decode_tensors, dtype_name
 
 log = logging.getLogger(__name__)
+
+EVENT_QUEUE = 4096
 
 Arrays = dict[str, npt.NDArray[Any]]
 OpenStream = Callable[[str, float], Any]  # (executor, until) -> awaitable FrameStream
@@ -234,7 +235,8 @@ class JobRun:
         self.outcome: Outcome | None = None
         self.done = trio.Event()
         self.error: rq.MarketFailure | None = None
-        self._send, self._recv = trio.open_memory_channel[rq.Event](math.inf)
+        # Bounded: a bid flood is dropped here (the machine keeps the best bids anyway).
+        self._send, self._recv = trio.open_memory_channel[rq.Event](EVENT_QUEUE)
         self._bids_dropped = 0
 
     @property
@@ -274,7 +276,19 @@ class JobRun:
         return self.outcome
 
     def _on_bid(self, bid: Bid) -> None:
-        self._send.send_nowait(rq.BidReceived(bid, time.time()))
+        try:
+            self._send.send_nowait(rq.BidReceived(bid, time.time()))
+        except trio.WouldBlock:
+            self._bids_dropped += 1
+
+    def post(self, event: rq.Event) -> None:
+        """Queue an event from outside the run (lease jobs); never blocks, never drops."""
+        if self.done.is_set():
+            return
+        try:
+            self._send.send_nowait(event)
+        except trio.WouldBlock:
+            self._nursery.start_soon(self._send.send, event)
 
     def _set_attempt(self, attempt: Attempt | None) -> None:
         self.attempt = attempt
@@ -430,8 +444,8 @@ class JobRun:
             self._cancel_all()
 
     def _cancel_all(self) -> None:
-        if self.job.outcome is None:
-            self._send.send_nowait(rq.DeadlineReached(time.time()))
+        if self.job.outcome is None and not self.done.is_set():
+            self.post(rq.DeadlineReached(time.time()))
 
 
 def new_request(

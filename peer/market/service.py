@@ -181,6 +181,7 @@ class MarketService:
                 receipts=self.receipts,
                 limits=settings.limits,
             )
+            self.executor.on_load = getattr(peer, "set_load", None)
         self._nursery: trio.Nursery | None = None
         self._discovered: dict[str, float] = {}
 
@@ -643,7 +644,7 @@ class Lease:
         if run.attempt is att:
             att.failure = reason
             att.scope.cancel()
-            run._send.send_nowait(rq.AwardFailed(att.executor, reason, time.time()))
+            run.post(rq.AwardFailed(att.executor, reason, time.time()))
 
     async def aclose(self) -> None:
         """Close the open batch (its receipt comes back) and wait for every run to end."""

@@ -281,3 +281,19 @@ async def test_a_lease_fails_over_when_its_executor_goes_away(tmp_path: Path) ->
         (receipt,) = lease.receipts
         assert (receipt.executor, receipt.count, receipt.price) == (fair.peer_id, 5, 5 * 2_000_000)
         assert lease.jobs_done == 10
+
+
+async def test_spot_check_runs_the_job_on_a_second_executor(tmp_path: Path) -> None:
+    async with market_swarm(tmp_path) as swarm:
+        a = await swarm.start("a", price=1.0)
+        b = await swarm.start("b", price=2.0)
+        req = await swarm.start("req", serve=False)
+        cid = next(iter(a.market.served))
+        await wait_providers(req, cid, 2)
+        x = np.linspace(0, 1, 8, dtype=np.float32)
+        with trio.fail_after(30):
+            result = await req.market.infer(cid, {"x": x, "y": x}, deadline=20, spot_check=1.0)
+        assert result.executor == a.peer_id
+        assert result.spot_check == "agree"
+        # Both runs are paid: one receipt each, to different executors.
+        assert {r.executor for r in req.market.receipts.receipts} == {a.peer_id, b.peer_id}

@@ -1,0 +1,101 @@
+"""GossipGuard, the market topics' validator: what it lets through and what it drops."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import nacl.signing
+from libp2p.peer.id import ID
+
+from peer.market.gossip import GossipGuard, topic_for
+from protocols.identity import peer_id_from_public_key
+from protocols.market import Bid, JobRequest, TensorMeta
+from protocols.signed import sign_message
+
+CID = "cd" * 32
+T0 = 50_000.0
+
+
+def key(n: int) -> nacl.signing.SigningKey:
+    return nacl.signing.SigningKey(bytes([n]) * 32)
+
+
+def pid(k: nacl.signing.SigningKey) -> str:
+    return peer_id_from_public_key(bytes(k.verify_key))
+
+
+@dataclass
+class Msg:
+    """The fields of a gossipsub rpc Message the guard reads."""
+
+    data: bytes
+    from_id: bytes
+    topicIDs: list[str] = field(default_factory=lambda: [topic_for(CID)])
+    seqno: bytes = b"\0" * 8
+
+
+def msg(k: nacl.signing.SigningKey, data: bytes, seq: int = 0, topic: str | None = None) -> Msg:
+    return Msg(
+        data=data,
+        from_id=ID.from_base58(pid(k)).to_bytes(),
+        topicIDs=[topic or topic_for(CID)],
+        seqno=seq.to_bytes(8, "big"),
+    )
+
+
+def request(k: nacl.signing.SigningKey, n: int = 1, round_: int = 0) -> bytes:
+    r = JobRequest(
+        job_id=bytes([n]) * 16,
+        requester=pid(k),
+        model_cid=CID,
+        inputs=(TensorMeta("x", "float32", (4,)),),
+        input_bytes=16,
+        max_price=10,
+        deadline=T0 + 30,
+        bid_window=0.2,
+        round=round_,
+    )
+    return sign_message(k, r).to_bytes()
+
+
+def bid(k: nacl.signing.SigningKey, n: int = 1, price: int = 5) -> bytes:
+    b = Bid(job_id=bytes([n]) * 16, executor=pid(k), price=price, eta_ms=5, expires_at=T0 + 5)
+    return sign_message(k, b).to_bytes()
+
+
+def guard(**kw: float) -> GossipGuard:
+    return GossipGuard(clock=lambda: T0, **kw)  # type: ignore[arg-type]
+
+
+def test_valid_requests_and_bids_pass_and_are_parsed_once() -> None:
+    g = guard()
+    req_key, ex_key = key(1), key(2)
+    m = msg(req_key, request(req_key))
+    assert g(ID(b"x"), m)
+    assert g.take_parsed(m) is not None
+    assert g(ID(b"x"), msg(ex_key, bid(ex_key), seq=1))
+    assert g.stats.accepted == 2 and g.stats.total_dropped == 0
+
+
+def test_duplicates_wrong_topic_replays_and_garbage_are_dropped() -> None:
+    g = guard()
+    req_key, ex_key, rogue = key(1), key(2), key(3)
+    assert g(ID(b"x"), msg(req_key, request(req_key)))
+    # Same (job, round) again under a new gossip seqno: a duplicate.
+    assert not g(ID(b"x"), msg(req_key, request(req_key), seq=9))
+    # A new round of the same job is not a duplicate.
+    assert g(ID(b"x"), msg(req_key, request(req_key, round_=1), seq=10))
+    assert not g(ID(b"x"), msg(req_key, request(req_key, n=2), topic=topic_for("ef" * 32)))
+    assert not g(ID(b"x"), msg(rogue, bid(ex_key)))  # someone else's bid, re-published
+    assert not g(ID(b"x"), msg(rogue, b"\x00garbage"))
+    assert not g(ID(b"x"), msg(rogue, b"\xa0" * 20_000))  # over the cap
+    assert set(g.stats.dropped) >= {"duplicate", "wrong-topic", "signer-not-origin"}
+
+
+def test_per_signer_rate_limit() -> None:
+    g = guard(bids_per_s=1.0, burst=3.0)
+    ex_key, other = key(2), key(4)
+    passed = [g(ID(b"x"), msg(ex_key, bid(ex_key, n=i + 1), seq=i)) for i in range(6)]
+    assert passed == [True, True, True, False, False, False]
+    assert g.stats.dropped["rate"] == 3
+    assert g(ID(b"x"), msg(other, bid(other, n=1)))  # another signer has its own budget
