@@ -108,15 +108,27 @@ def compare(
     # frequency change hits both paths alike; the differences are paired.
     a: list[float] = []
     b: list[float] = []
-    clock = time.perf_counter
+    # Thread CPU time as well: with intra_op_threads=1 ORT runs on this thread,
+    # so CPU time ignores what other processes on the machine steal.
+    cpu_a: list[float] = []
+    cpu_b: list[float] = []
+    clock, cpu = time.perf_counter, time.thread_time
     gc_was = gc.isenabled()
     gc.disable()  # collections would land randomly in one path or the other
     try:
         for i in range(iters):
             for first in (direct, edge) if i % 2 == 0 else (edge, direct):
+                c0 = cpu()
                 t0 = clock()
                 first()
-                (a if first is direct else b).append(clock() - t0)
+                t1 = clock()
+                c1 = cpu()
+                if first is direct:
+                    a.append(t1 - t0)
+                    cpu_a.append(c1 - c0)
+                else:
+                    b.append(t1 - t0)
+                    cpu_b.append(c1 - c0)
     finally:
         if gc_was:
             gc.enable()
@@ -134,6 +146,11 @@ def compare(
         "added_mean_us": round(sb["mean_us"] - sa["mean_us"], 2),
         "edge_over_direct_p50": round(sb["p50_us"] / sa["p50_us"], 4),
         "edge_over_direct_mean": round(sb["mean_us"] / sa["mean_us"], 4),
+        "thread_cpu_p50_us": {
+            "direct": round(statistics.median(cpu_a) * 1e6, 2),
+            "edge": round(statistics.median(cpu_b) * 1e6, 2),
+            "note": "calling thread only: complete when intra_op_threads=1",
+        },
     }
 
 
@@ -283,6 +300,8 @@ def main() -> None:
             f"edge/direct p50 {r['edge_over_direct_p50']:.3f}, "
             f"mean {r['edge_over_direct_mean']:.3f}"
         )
+        c = r["thread_cpu_p50_us"]
+        print(f"{'':<26}thread CPU p50: direct {c['direct']:.1f} µs, edge {c['edge']:.1f} µs")
     for name, ld in loads.items():
         print(
             f"load {name}: session create p50 {ld['session_create_ms_p50']} ms, runtime.load "

@@ -53,8 +53,8 @@ _SHORT_NAMES = {p.removesuffix("ExecutionProvider").lower(): p for p in PROVIDER
 _SHORT_NAMES.update({"trt": "TensorrtExecutionProvider", "directml": "DmlExecutionProvider"})
 
 # Sessions take several times their file size once weights are unpacked
-# (all-MiniLM int8: 23 MB file, ~100 MB RSS after load and a first run).
-DEFAULT_MEMORY_FACTOR = 4.0
+# (all-MiniLM int8: 23 MB file, 95-100 MB RSS after load and a first run).
+DEFAULT_MEMORY_FACTOR = 4.25
 # Per-session bookkeeping beyond the weights (graph, allocator arenas' first blocks).
 SESSION_OVERHEAD_BYTES = 1024 * 1024
 # Latencies kept per model for the rolling p50 the capability ad carries.
