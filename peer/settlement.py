@@ -33,6 +33,7 @@ An error reply is ``{"v": 1, "err": "what was expected and what came"}``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -362,44 +363,51 @@ class SettlementService:
         errors: dict[str, str] = {}
         cert: Certificate | None = None
         failed: Failed | None = None
-        async with trio.open_nursery() as nursery:
 
-            async def ask(req: SendRequest) -> None:
-                try:
-                    reply = await self._call(
-                        req.witness, {"v": VERSION, "op": "certify", "req": req.data}
-                    )
-                    r = reply.get("r")
-                    if type(r) is not bytes:
-                        raise SettlementError(f"{req.witness}: certify reply without 'r' bytes")
-                    send_ch.send_nowait((req.witness, r))
-                except SettlementError as exc:
-                    send_ch.send_nowait((req.witness, exc))
+        async def ask(req: SendRequest) -> None:
+            try:
+                reply = await self._call(
+                    req.witness, {"v": VERSION, "op": "certify", "req": req.data}
+                )
+                r = reply.get("r")
+                if type(r) is not bytes:
+                    raise SettlementError(f"{req.witness}: certify reply without 'r' bytes")
+                answer: bytes | Exception = r
+            except SettlementError as exc:
+                answer = exc
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                send_ch.send_nowait((req.witness, answer))
 
-            outstanding = 0
-            for req in sends:
-                nursery.start_soon(ask, req)
-                outstanding += 1
-            while outstanding and cert is None and failed is None:
-                witness, answer = await recv_ch.receive()
-                outstanding -= 1
-                if isinstance(answer, Exception):
-                    errors[witness] = str(answer)
-                    continue
-                try:
-                    actions = session.on_reply(witness, answer)
-                except ProtocolError as exc:
-                    errors[witness] = f"bad answer: {exc}"
-                    continue
-                for action in actions:
-                    if isinstance(action, SendRequest):
-                        nursery.start_soon(ask, action)
-                        outstanding += 1
-                    elif isinstance(action, Certified):
-                        cert = action.certificate
-                    elif isinstance(action, Failed):
-                        failed = action
-            nursery.cancel_scope.cancel()  # votes still in flight are not needed
+        async with contextlib.AsyncExitStack() as stack:
+            # Requests run in the service's nursery: the ones still in flight when a quorum
+            # is reached finish on their own instead of being cancelled mid-stream.
+            nursery = self._nursery
+            if nursery is None:
+                nursery = await stack.enter_async_context(trio.open_nursery())
+            with recv_ch:
+                outstanding = 0
+                for req in sends:
+                    nursery.start_soon(ask, req)
+                    outstanding += 1
+                while outstanding and cert is None and failed is None:
+                    witness, answer = await recv_ch.receive()
+                    outstanding -= 1
+                    if isinstance(answer, Exception):
+                        errors[witness] = str(answer)
+                        continue
+                    try:
+                        actions = session.on_reply(witness, answer)
+                    except ProtocolError as exc:
+                        errors[witness] = f"bad answer: {exc}"
+                        continue
+                    for action in actions:
+                        if isinstance(action, SendRequest):
+                            nursery.start_soon(ask, action)
+                            outstanding += 1
+                        elif isinstance(action, Certified):
+                            cert = action.certificate
+                        elif isinstance(action, Failed):
+                            failed = action
         if session.equivocation is not None:
             await self.add(session.equivocation)
             self._spread([fact_bytes(session.equivocation)])
@@ -529,10 +537,13 @@ class SettlementService:
             self._nursery.start_soon(self._publish, items)
 
     async def _push_quietly(self, peer_id: str, items: list[tuple[FactKind, bytes]]) -> None:
-        try:
-            await self.push(peer_id, items)
-        except SettlementError as exc:
-            log.debug("push to %s failed: %s", peer_id, exc)
+        for attempt in range(3):  # anti-entropy repairs what all three miss
+            try:
+                await self.push(peer_id, items)
+                return
+            except SettlementError as exc:
+                log.debug("push to %s failed (attempt %d): %s", peer_id, attempt + 1, exc)
+                await trio.sleep(0.1 * 2**attempt)
 
     async def _publish(self, items: list[tuple[FactKind, bytes]]) -> None:
         for kind, data in items:

@@ -1,8 +1,9 @@
 """Subprocess for tests/chaos/test_ledger_crash.py: writes to a ledger until killed.
 
-``python ledger_crash_worker.py writer DIR RUN``: 8 concurrent tasks store receipts,
+``python ledger_crash_worker.py writer DIR RUN [LIMIT]``: 8 concurrent tasks store receipts,
 certificates, witness locks and outgoing transfers; after each write returns
-(committed, fsync'd) it prints one line naming what was acknowledged.
+(committed, fsync'd) it prints one line naming what was acknowledged; after LIMIT rounds per task
+it prints ``DONE`` and idles with the database open.
 
 ``python ledger_crash_worker.py witness DIR RUN``: a peer whose settlement service
 witnesses transfers over /edgeswarm/ledger/1; prints ``LISTEN <multiaddr>``.
@@ -45,7 +46,7 @@ def ack(line: str) -> None:
     sys.stdout.flush()
 
 
-async def writer(data_dir: Path, run: int) -> None:
+async def writer(data_dir: Path, run: int, limit: int = 100_000) -> None:
     payer = key(1)
     certs, receipts = [], []
     for seq in range(1, 41):
@@ -65,7 +66,7 @@ async def writer(data_dir: Path, run: int) -> None:
         ack("READY")
 
         async def work(task: int) -> None:
-            for i in range(100_000):
+            for i in range(limit):
                 n = run * 10_000_000 + task * 100_000 + i
                 r = make_receipt(PAYERS[n % 64], PAYEE, 10, n)
                 await store.add(r)
@@ -82,6 +83,8 @@ async def writer(data_dir: Path, run: int) -> None:
         async with trio.open_nursery() as nursery:
             for task in range(8):
                 nursery.start_soon(work, task)
+        ack("DONE")
+        await trio.sleep_forever()  # stay up like a peer would, holding the database open
 
 
 async def witness(data_dir: Path, run: int) -> None:
@@ -93,4 +96,7 @@ async def witness(data_dir: Path, run: int) -> None:
 
 if __name__ == "__main__":
     mode, directory, run = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
-    trio.run(writer if mode == "writer" else witness, directory, run)
+    if mode == "writer":
+        trio.run(writer, directory, run, int(sys.argv[4]) if len(sys.argv) > 4 else 100_000)
+    else:
+        trio.run(witness, directory, run)
