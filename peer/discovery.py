@@ -21,10 +21,14 @@ the key, validate every answer and keep the best (``better_record``).
 
 Listing all ads: a DHT cannot enumerate its keys, so ``find_ads`` looks up
 the ad key of every peer we know of: the routing table, the connected peers,
-the peerstore (peers learned from FIND_NODE answers) and the owners of ads
-stored at us. A routing-table refresh first (one iterative self-lookup plus
-one per bucket) fills these sets. For each candidate we ask its owner and the
-3 locally-closest peers to its key in one round. A peer that is gone stops
+the peerstore (peers learned from FIND_NODE answers), the owners of ads
+stored at us, and peers found by a crawl. The crawl (``crawl``) first runs a
+self-lookup, then iterative lookups of random keys, 4 at a time, until two
+rounds in a row find no new peer: each walk returns the ~20 peers closest to
+its key, so N peers cost about N/20 walks. For each candidate we then ask its
+owner and the 3 locally-closest peers to its key in one round. Listing is
+O(N) by nature (every ad is fetched); the market should use
+``find_providers(cid)``, which is one DHT lookup. A peer that is gone stops
 answering and its stored copies expire, so it drops out of the listing
 within one ad TTL.
 """
@@ -35,6 +39,7 @@ import contextlib
 import dataclasses
 import logging
 import re
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -77,6 +82,8 @@ MIN_PUBLISH_INTERVAL = 1.0  # debounce load updates
 PURGE_INTERVAL = 30.0  # drop expired ads from our store at least this often
 LIST_CONCURRENCY = 16
 LIST_CLOSEST = 3
+CRAWL_ROUNDS = 16
+CRAWL_PARALLEL = 4
 
 _SHA256_HEX = re.compile(r"^(?:sha256:)?([0-9a-f]{64})$")
 
@@ -175,6 +182,7 @@ class Discovery:
         self._seq = 0
         self._wake = trio.Event()
         self._running = False
+        self._crawled: set[str] = set()  # peer ids learned by crawl()
         self.current_ad: CapabilityAd | None = None
         self.peer_id = str(host.get_id())
 
@@ -374,6 +382,7 @@ class Discovery:
         """Every peer id we could look an ad up for (see the module docstring)."""
         ids: set[str] = {str(p) for p in self.dht.routing_table.get_peer_ids()}
         ids |= {str(p) for p in self.host.get_connected_peers()}
+        ids |= self._crawled
         with contextlib.suppress(Exception):  # the other sources suffice
             ids |= {str(p) for p in self.host.get_peerstore().peers_with_addrs()}
         prefix = AD_KEY_PREFIX.encode()
@@ -405,10 +414,43 @@ class Discovery:
                 log.debug("self-lookup failed: %s", exc)
         return int(self.dht.get_routing_table_size())
 
+    async def crawl(self, *, rounds: int = CRAWL_ROUNDS, parallel: int = CRAWL_PARALLEL) -> int:
+        """Learn peers beyond our neighbourhood: iterative lookups of random keys.
+
+        Each walk returns the ~20 peers closest to its key, so a network of N
+        peers needs about N/20 walks; we stop after two rounds that found no
+        new peer (or ``rounds`` rounds). Returns how many peers we know.
+        """
+
+        async def walk(key: bytes) -> None:
+            with trio.move_on_after(WALK_TIMEOUT):
+                try:
+                    found = await self.dht.peer_routing.find_closest_peers_network(key)
+                except Exception as exc:
+                    log.debug("crawl walk failed: %s", exc)
+                    return
+                self._crawled |= {str(p) for p in found}
+
+        quiet = 0
+        for _ in range(rounds):
+            before = len(self.known_peer_ids())
+            async with trio.open_nursery() as nursery:
+                for _ in range(parallel):
+                    nursery.start_soon(walk, secrets.token_bytes(32))
+            quiet = quiet + 1 if len(self.known_peer_ids()) == before else 0
+            if quiet >= 2:
+                break
+        return len(self.known_peer_ids())
+
     async def find_ads(self, *, refresh: bool = True) -> list[CapabilityAd]:
-        """Valid ads of every peer we know of (ours included), sorted by peer id."""
+        """Valid ads of every peer we know of (ours included), sorted by peer id.
+
+        ``refresh``: first run the self-lookup and a crawl (see ``crawl``) so
+        peers outside our neighbourhood are known too.
+        """
         if refresh:
             await self.self_lookup()
+            await self.crawl()
         ids = sorted(self.known_peer_ids())
         results: dict[str, CapabilityAd] = {}
         limiter = trio.CapacityLimiter(LIST_CONCURRENCY)
