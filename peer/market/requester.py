@@ -83,6 +83,8 @@ def check_outputs(
     commitment: ResultCommitment,
     entry: ModelEntry | None,
     limits: TensorLimits,
+    *,
+    lease: bool = False,
 ) -> tuple[bool, str, dict[int, Arrays]]:
     """Outputs decode within limits, match the declared outputs, and match the commitment."""
     seqs = sorted(wire_by_seq)
@@ -99,7 +101,7 @@ def check_outputs(
             return False, f"outputs of job {seq}: {problem}", {}
         decoded[seq] = arrays
     out_digests = [content_digest(wire_by_seq[s]) for s in seqs]
-    if commitment.count == 1 and len(inputs_by_seq) <= 1:
+    if not lease:  # a single job's digests are the job's own; a lease's are batch digests
         want_out = out_digests[0]
         want_in = next(iter(inputs_by_seq.values()), commitment.input_digest)
     else:
@@ -380,7 +382,12 @@ class JobRun:
                 elif isinstance(item, Signed) and isinstance(item.message, ResultCommitment):
                     c = item.message
                     ok, problem, decoded = check_outputs(
-                        att.outputs, att.inputs, c, self.entry, self.limits
+                        att.outputs,
+                        att.inputs,
+                        c,
+                        self.entry,
+                        self.limits,
+                        lease=self.lease is not None,
                     )
                     att.decoded = decoded  # type: ignore[attr-defined]
                     signed_c: Signed[ResultCommitment] = item  # type: ignore[assignment]

@@ -297,3 +297,19 @@ async def test_spot_check_runs_the_job_on_a_second_executor(tmp_path: Path) -> N
         assert result.spot_check == "agree"
         # Both runs are paid: one receipt each, to different executors.
         assert {r.executor for r in req.market.receipts.receipts} == {a.peer_id, b.peer_id}
+
+
+async def test_a_used_up_lease_batch_is_renewed_transparently(tmp_path: Path) -> None:
+    async with market_swarm(tmp_path) as swarm:
+        ex = await swarm.start("ex0", price=1.0)
+        req = await swarm.start("req", serve=False)
+        cid = next(iter(ex.market.served))
+        await wait_providers(req, cid, 1)
+        with trio.fail_after(60):
+            async with req.market.lease(cid, max_jobs=3, seconds=30) as lease:
+                for i in range(7):
+                    x = np.full(2, i, dtype=np.float32)
+                    assert (await lease.infer({"x": x, "y": x}))["z"][0] == 2 * i
+            await ex.market.receipts.wait_for(3)
+        assert sorted(r.count for r in lease.receipts) == [1, 3, 3]
+        assert len({r.job_id for r in lease.receipts}) == 3
