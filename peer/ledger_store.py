@@ -56,8 +56,7 @@ from protocols.witness import LockRecord
 log = logging.getLogger(__name__)
 
 DB_NAME = "ledger.sqlite3"
-# Requests merged into one transaction at most (bounds one commit's latency).
-MAX_BATCH = 512
+# Requests waiting for the writer at most (one commit takes everything queued).
 _QUEUE = 4096
 
 # Index i upgrades user_version i -> i+1. Never edit a released entry: append.
@@ -218,6 +217,8 @@ class _Request:
     lock: LockRecord | None = None
     outgoing: tuple[Signed[Transfer], PayableReceipt] | None = None
     drop_outgoing: int | None = None
+    # Rows of facts already verified and ingested by ``add_facts_nowait``.
+    ready: list[tuple[bytes, int, bytes]] = field(default_factory=list)
     done: trio.Event = field(default_factory=trio.Event)
     results: list[bool | ProtocolError] = field(default_factory=list)
     error: BaseException | None = None
@@ -311,13 +312,52 @@ class LedgerStore:
         total = len(req.facts) + len(early)
         return [early[n] if n in early else next(results) for n in range(total)]
 
-    async def add(self, obj: Any) -> bool:
-        """Store one fact object (Receipt, Certificate, FraudProof, ...); raises if invalid."""
+    async def add(self, obj: Any, *, drop_outgoing: int | None = None) -> bool:
+        """Store one fact object (Receipt, Certificate, FraudProof, ...); raises if invalid.
+
+        ``drop_outgoing``: in the same transaction, forget our pending transfer with that
+        seq (the certificate being stored pays it)."""
         kind, data = fact_bytes(obj)
-        result = (await self.add_facts([(kind, data)]))[0]
+        parsed, fid = parse_fact(kind, data)
+        req = _Request(facts=[(kind, parsed, fid)], drop_outgoing=drop_outgoing)
+        [result] = (await self._submit(req)).results
         if isinstance(result, ProtocolError):
             raise result
         return result
+
+    def add_facts_nowait(self, items: Iterable[tuple[FactKind, bytes]]) -> list[FactResult]:
+        """Verify and ingest facts into memory *now*, and queue their rows without waiting.
+
+        For facts nobody acknowledges (a witness learning a payer's history before it
+        decides): a crash may lose them, and sync brings them back. The writer always
+        commits them no later than any request queued after this call, and the
+        stored balances never include a fact whose row is not in the same commit.
+        """
+        if self._closed:
+            raise StoreError(f"ledger store {self.path} is closed")
+        req = _Request()
+        out: list[FactResult] = []
+        for kind, data in items:
+            try:
+                obj, fid = parse_fact(FactKind(kind), data)
+                new = ingest_parsed(self.ledger, obj)
+            except ProtocolError as exc:
+                out.append(exc)
+                continue
+            out.append(new)
+            if new:
+                item = self.ledger.item(fid)
+                assert item is not None
+                req.ready.append((fid, int(kind), item[1]))
+                self._index(obj, fid)
+        if req.ready:
+            try:
+                self._send.send_nowait(req)
+            except trio.WouldBlock:
+                # Memory now holds facts the disk may never get: stop rather than diverge.
+                self._closed = True
+                raise StoreError("ledger write queue is full") from None
+        return out
 
     async def put_lock(self, record: LockRecord, *, facts: Sequence[Any] = ()) -> None:
         """Commit a witness lock (and optional fact objects) durably; returns once fsync'd."""
@@ -362,6 +402,7 @@ class LedgerStore:
         out_rows: list[tuple[Any, ...]] = []
         drop_rows: list[tuple[Any, ...]] = []
         for req in batch:
+            fact_rows.extend(req.ready)
             for kind, obj, fid in req.facts:
                 try:
                     new = ingest_parsed(self.ledger, obj)
@@ -448,7 +489,9 @@ class LedgerStore:
         async with recv:
             async for first in recv:
                 batch = [first]
-                while len(batch) < MAX_BATCH:
+                # Drain everything queued (the channel bounds it): facts ingested by
+                # add_facts_nowait are then always in the commit whose balances fold them.
+                while True:
                     try:
                         batch.append(recv.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):

@@ -412,8 +412,8 @@ class SettlementService:
             await self.add(session.equivocation)
             self._spread([fact_bytes(session.equivocation)])
         if cert is not None:
-            await self.add(cert)
-            await self.store.drop_outgoing(cert.seq)
+            await self.store.add(cert, drop_outgoing=cert.seq)  # one transaction
+            self._notify()
             self.stats.certified += 1
             self._spread(
                 [fact_bytes(cert)], to=[*session.committee.members, cert.transfer.message.payee]
@@ -716,7 +716,11 @@ class SettlementService:
         req = TransferRequest.from_bytes(data)
         history = [c for c in req.history[:MAX_HISTORY] if self.ledger.item(c.digest) is None]
         if history:
-            await self.add_facts([fact_bytes(c) for c in history])  # bad ones are just refused
+            # Verified and in memory now, on disk with the next commit (with our lock):
+            # nobody was promised these, so they need no fsync of their own.
+            results = self.store.add_facts_nowait([fact_bytes(c) for c in history])
+            if any(r is True for r in results):
+                self._notify()
         action = self.witness.handle_transfer(req.transfer, req.receipt, self.ledger, self.now_ms())
         if isinstance(action, PersistLock):
             try:

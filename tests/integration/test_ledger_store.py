@@ -203,3 +203,19 @@ async def test_verify_finds_tampering(tmp_path: Path) -> None:
 def test_read_snapshot_of_missing_ledger(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="no ledger"):
         read_snapshot(tmp_path)
+
+
+async def test_write_behind_facts_commit_with_the_next_write(tmp_path: Path) -> None:
+    receipts, certs = _certificates(2)
+    lock = LockRecord(make_transfer(PAYER, make_receipt(PAYER, PAYEE, 5, 77), 3))
+    async with open_ledger_store(tmp_path, RULE, POLICY) as store:
+        results = store.add_facts_nowait(
+            [(FactKind.CERTIFICATE, c.to_bytes()) for c in certs] + [(FactKind.RECEIPT, b"\x00")]
+        )
+        assert results[:2] == [True, True] and not isinstance(results[2], bool)
+        assert store.ledger.next_seq(pid(PAYER)) == 3  # usable at once, before any fsync
+        await store.put_lock(lock)  # queued after them: its commit holds them too
+        assert store.commits <= 2
+    snap = read_snapshot(tmp_path)
+    assert {c.digest for c in certs} <= {f[0] for f in snap.facts}
+    assert verify_snapshot(snap).ok

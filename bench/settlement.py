@@ -1,0 +1,465 @@
+"""Benchmark: settlement (certificates, verification, convergence, spot checks).
+
+All peers run in one trio process on 127.0.0.1 (TCP + Noise + yamux), so one
+core serves every peer: a pessimistic floor for a real network.
+
+  * verify: receipts verified per second on one core, with raw PyNaCl
+    ``VerifyKey.verify`` measured in the same run as the baseline (a receipt
+    carries two signatures); certificate checks; facts verified *and*
+    durably stored per second through the ledger store (group commit);
+  * certify: a payer pays receipts through 4 witness peers (f = 1, quorum 3)
+    over ``/edgeswarm/ledger/1``; latency p50/p99 of ``pay()`` one at a time
+    (each witness fsyncs its lock before voting), and certificates per second
+    with several payers at once;
+  * converge: 20 peers in two partitions of 10, each side holding its own
+    certificates and receipts; one link heals the split; time until all 20
+    ledgers report the same state hash (anti-entropy with random neighbours,
+    at two sync intervals);
+  * spot check: what checking one job costs on top of running it twice
+    (compare outputs, digests, a referee verdict, a fraud proof check).
+
+Prints each figure and writes bench/results/settlement.json.
+
+    python bench/settlement.py           # ~1.5 min on 2 cores
+    python bench/settlement.py --quick   # smaller counts
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import nacl.signing
+import numpy as np
+import psutil
+import trio
+
+from peer.config import Config
+from peer.ledger_store import open_ledger_store
+from peer.node import open_peer
+from peer.settlement import SettlementConfig, SettlementService, open_settlement
+from protocols.certificate import Certificate, CertificateAssembler
+from protocols.committee import CommitteeRule
+from protocols.identity import peer_id_from_public_key
+from protocols.ledger import CreditPolicy, Transfer, sign_transfer
+from protocols.ledger_state import FactKind, LedgerState
+from protocols.proofs import FraudProof, sign_referee_result
+from protocols.receipt import Receipt, ResultCommitment, commit, content_digest
+from protocols.verification import compare_outputs, judge, outputs_digest
+from protocols.witness import PersistLock, ReplyVote, Witness
+
+RESULTS = Path(__file__).parent / "results" / "settlement.json"
+CID = hashlib.sha256(b"bench-model").hexdigest()
+BEACON = b"bench-beacon"
+
+
+class _Hardware:
+    """Probe stand-in so the numbers measure settlement, not onnxruntime's import."""
+
+    providers = ("CPUExecutionProvider",)
+
+    def devices(self) -> list[dict[str, Any]]:
+        return [{"kind": "cpu", "name": "bench cpu", "memory": 2**30}]
+
+
+def key(n: int) -> nacl.signing.SigningKey:
+    return nacl.signing.SigningKey(hashlib.sha256(b"bench-key%d" % n).digest())
+
+
+def pid(k: nacl.signing.SigningKey) -> str:
+    return peer_id_from_public_key(bytes(k.verify_key))
+
+
+def receipt(
+    req: nacl.signing.SigningKey, ex: nacl.signing.SigningKey, price: int, job: int
+) -> Receipt:
+    c = commit(
+        ex,
+        ResultCommitment(
+            job_id=hashlib.sha256(b"job%d" % job).digest()[:16],
+            requester=pid(req),
+            executor=pid(ex),
+            model_cid=CID,
+            input_digest=content_digest({"x": job}),
+            output_digest=content_digest({"y": job}),
+            price=price,
+            compute_ms=5,
+        ),
+    )
+    return Receipt.create(req, c)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def certify_offline(
+    witnesses: list[nacl.signing.SigningKey],
+    rule: CommitteeRule,
+    policy: CreditPolicy,
+    payer: nacl.signing.SigningKey,
+    r: Receipt,
+    seq: int,
+) -> Certificate:
+    """A certificate from in-memory witnesses (to seed ledgers quickly)."""
+    t = sign_transfer(
+        payer,
+        Transfer(pid(payer), r.executor, r.price, seq, r.receipt_id, now_ms()),
+    )
+    asm = CertificateAssembler(t, rule.committee_for(pid(payer)))
+    for k in witnesses:
+        w = Witness(k)
+        led = _FakeLedger(rule, policy, seq)
+        action = w.handle_transfer(t, r, led, t.message.time_ms)  # type: ignore[arg-type]
+        if isinstance(action, PersistLock):
+            action = w.lock_persisted(action.record)
+        assert isinstance(action, ReplyVote), action
+        cert = asm.add_vote(action.vote)
+        if cert is not None:
+            return cert
+    raise AssertionError("no quorum")
+
+
+class _FakeLedger(LedgerState):
+    """A witness ledger view that trusts seqs 1..seq-1 (seeding only, not a rule change)."""
+
+    def __init__(self, rule: CommitteeRule, policy: CreditPolicy, seq: int) -> None:
+        super().__init__(rule, policy)
+        self._seq = seq
+
+    def next_seq(self, account: str) -> int:
+        return self._seq
+
+    def spendable(self, account: str, now_ms: int) -> int:
+        return 0
+
+
+def rate(fn: Callable[[], object], n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return n / (time.perf_counter() - t0)
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+# --- 1. verification rates ----------------------------------------------------------------
+
+
+async def bench_verify(n: int, tmp: Path) -> dict[str, Any]:
+    a, b = key(1), key(2)
+    receipts = [receipt(a, b, 10, j) for j in range(n)]
+    blobs = [r.to_bytes() for r in receipts]
+    vk = a.verify_key
+    signed = a.sign(b"x" * 200)
+    raw = rate(lambda: vk.verify(signed), n * 2)
+    it = iter(receipts * 2)
+    receipt_verify = rate(lambda: next(it).verify(), n)
+    itb = iter(blobs * 2)
+    from_bytes = rate(lambda: Receipt.from_bytes(next(itb)), n)
+    witnesses = [key(100 + i) for i in range(4)]
+    rule = CommitteeRule(beacon=BEACON, fallback=frozenset(pid(k) for k in witnesses))
+    policy = CreditPolicy(genesis=frozenset({pid(a)}))
+    certs = [certify_offline(witnesses, rule, policy, a, receipts[j], j + 1) for j in range(200)]
+    committee = rule.committee_for(pid(a))
+    itc = iter(certs * (n // 100 + 2))
+    cert_verify = rate(lambda: next(itc).verify(committee), min(n, 400))
+    led = LedgerState(rule, policy)
+    t0 = time.perf_counter()
+    for r in receipts:
+        led.ingest_bytes(FactKind.RECEIPT, r.to_bytes())
+    ingest = n / (time.perf_counter() - t0)
+    # Verified and durably stored, in batches (as sync delivers them) and one at a time.
+    async with open_ledger_store(tmp / "verify", rule, policy) as store:
+        items = [(FactKind.RECEIPT, blob) for blob in blobs]
+        t0 = time.perf_counter()
+        for i in range(0, len(items), 256):
+            await store.add_facts(items[i : i + 256])
+        stored_batched = n / (time.perf_counter() - t0)
+        commits_batched = store.commits
+        more = [receipt(a, b, 11, n + j) for j in range(min(n, 300))]
+        t0 = time.perf_counter()
+        for r in more:
+            await store.add(r)
+        stored_single = len(more) / (time.perf_counter() - t0)
+    out = {
+        "raw_pynacl_verify_per_s": round(raw),
+        "receipt_verify_per_s": round(receipt_verify),
+        "receipt_verify_sigs_per_s": round(2 * receipt_verify),
+        "receipt_parse_and_verify_per_s": round(from_bytes),
+        "ledger_ingest_receipts_per_s": round(ingest),
+        "certificate_verify_per_s": round(cert_verify),
+        "store_verified_durable_receipts_per_s_batch256": round(stored_batched),
+        "store_commits_for_batched": commits_batched,
+        "store_verified_durable_receipts_per_s_one_by_one": round(stored_single),
+        "receipt_vs_raw_verify": round(receipt_verify / raw, 3),
+        "n": n,
+    }
+    return out
+
+
+# --- 2. certificates over the network -----------------------------------------------------
+
+
+async def open_node(
+    stack: AsyncExitStack,
+    tmp: Path,
+    name: str,
+    k: nacl.signing.SigningKey,
+    rule: CommitteeRule,
+    policy: CreditPolicy,
+    config: SettlementConfig,
+) -> Any:
+    cfg = Config(data_dir=tmp / name, listen=("/ip4/127.0.0.1/tcp/0",))
+    peer = await stack.enter_async_context(open_peer(cfg, key=k, hardware=_Hardware()))
+    store = await stack.enter_async_context(open_ledger_store(cfg.data_dir, rule, policy))
+    svc = await stack.enter_async_context(open_settlement(peer, store, config))
+    return peer, svc
+
+
+async def bench_certify(sequential: int, payers: int, per_payer: int, tmp: Path) -> dict[str, Any]:
+    wkeys = [key(200 + i) for i in range(4)]
+    pkeys = [key(300 + i) for i in range(payers)]
+    payee = key(399)
+    rule = CommitteeRule(beacon=BEACON, fallback=frozenset(pid(k) for k in wkeys))
+    policy = CreditPolicy(
+        genesis=frozenset(pid(k) for k in pkeys), base_limit=10**12, max_limit=10**12
+    )
+    config = SettlementConfig(sync_interval=0, gossip=False, auto_pay=False)
+    async with AsyncExitStack() as stack:
+        witnesses = [
+            await open_node(stack, tmp, f"w{i}", k, rule, policy, config)
+            for i, k in enumerate(wkeys)
+        ]
+        nodes = [
+            await open_node(stack, tmp, f"p{i}", k, rule, policy, config)
+            for i, k in enumerate(pkeys)
+        ]
+        for peer, _ in nodes:
+            for wpeer, _ in witnesses:
+                await peer.connect(wpeer.listen_addrs[0])
+        job = iter(range(10**9))
+        first_peer, first = nodes[0]
+        for _ in range(5):  # warm up: streams opened, identity introduced
+            await first.pay(receipt(pkeys[0], payee, 1, next(job)))
+        lat = []
+        for _ in range(sequential):
+            r = receipt(pkeys[0], payee, 1, next(job))
+            t0 = time.perf_counter()
+            await first.pay(r)
+            lat.append((time.perf_counter() - t0) * 1000)
+        commits_before = sum(s.store.commits for _, s in witnesses)
+
+        async def run(i: int, svc: SettlementService) -> None:
+            for _ in range(per_payer):
+                await svc.pay(receipt(pkeys[i], payee, 1, next(job)))
+
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for i, (_, svc) in enumerate(nodes):
+                nursery.start_soon(run, i, svc)
+        elapsed = time.perf_counter() - t0
+        total = payers * per_payer
+        commits = sum(s.store.commits for _, s in witnesses) - commits_before
+        return {
+            "witnesses": 4,
+            "quorum": 3,
+            "sequential": {
+                "n": sequential,
+                "p50_ms": round(statistics.median(lat), 2),
+                "p99_ms": round(pct(lat, 0.99), 2),
+                "mean_ms": round(statistics.fmean(lat), 2),
+                "certs_per_s": round(1000 / statistics.fmean(lat), 1),
+            },
+            "concurrent": {
+                "payers": payers,
+                "n": total,
+                "certs_per_s": round(total / elapsed, 1),
+                "witness_commits_per_cert": round(commits / total / 4, 2),
+            },
+        }
+
+
+# --- 3. convergence after a partition heals ----------------------------------------------
+
+
+async def bench_converge(
+    n_peers: int, facts_per_side: int, interval: float, tmp: Path, trial: int
+) -> dict[str, Any]:
+    wkeys = [key(500 + i) for i in range(4)]
+    rule = CommitteeRule(beacon=BEACON, fallback=frozenset(pid(k) for k in wkeys))
+    payer_a, payer_b, payee = key(600), key(601), key(602)
+    policy = CreditPolicy(
+        genesis=frozenset({pid(payer_a), pid(payer_b)}), base_limit=10**12, max_limit=10**12
+    )
+    sides: list[list[tuple[FactKind, bytes]]] = []
+    for payer, base in ((payer_a, 0), (payer_b, 10**6)):
+        items: list[tuple[FactKind, bytes]] = []
+        for j in range(facts_per_side // 2):
+            r = receipt(payer, payee, 1, base + j + trial * 10**7)
+            c = certify_offline(wkeys, rule, policy, payer, r, j + 1)
+            items += [(FactKind.RECEIPT, r.to_bytes()), (FactKind.CERTIFICATE, c.to_bytes())]
+        sides.append(items)
+    config = SettlementConfig(sync_interval=interval, gossip=True, auto_pay=False)
+    half = n_peers // 2
+    async with AsyncExitStack() as stack:
+        nodes = [
+            await open_node(
+                stack, tmp, f"c{trial}-{i}", key(700 + 100 * trial + i), rule, policy, config
+            )
+            for i in range(n_peers)
+        ]
+        groups = [nodes[:half], nodes[half:]]
+        rng = random.Random(trial)
+        for g, items in zip(groups, sides, strict=True):
+            for i, (peer, svc) in enumerate(g):
+                await svc.add_facts(items)  # as if the side had already synced internally
+                # ring + one random chord: every peer has 2-4 neighbours
+                await peer.connect(g[(i + 1) % len(g)][0].listen_addrs[0])
+                other = rng.randrange(len(g))
+                if other not in (i, (i + 1) % len(g)):
+                    await peer.connect(g[other][0].listen_addrs[0])
+        target = {s.state_hash() for _, s in nodes}
+        assert len(target) == 2
+        t0 = time.perf_counter()
+        await groups[0][0][0].connect(groups[1][0][0].listen_addrs[0])  # heal: one link
+        with trio.fail_after(300):
+            for _, svc in nodes:  # event-driven: wakes whenever a fact lands on that peer
+                await svc.wait_until(lambda svc=svc: len(svc.ledger) == 2 * facts_per_side)
+        elapsed = time.perf_counter() - t0
+        assert len({s.state_hash() for _, s in nodes}) == 1
+        syncs = sum(s.stats.syncs for _, s in nodes)
+        return {
+            "peers": n_peers,
+            "facts_per_side": facts_per_side,
+            "sync_interval_s": interval,
+            "converge_s": round(elapsed, 2),
+            "in_sync_intervals": round(elapsed / interval, 1),
+            "sync_sessions": syncs,
+        }
+
+
+# --- 4. spot check ------------------------------------------------------------------------
+
+
+def bench_spot_check(n: int) -> dict[str, Any]:
+    rng = np.random.default_rng(1)
+    emb = {"embedding": rng.standard_normal((1, 384)).astype(np.float32)}
+    emb2 = {"embedding": emb["embedding"] * (1 + 1e-6)}
+    logits = {"logits": rng.standard_normal((1, 1000)).astype(np.float32)}
+    cmp_emb = rate(lambda: compare_outputs(emb, emb2), n)
+    cmp_logits = rate(lambda: compare_outputs(logits, logits), n)
+    dig = rate(lambda: outputs_digest(emb), n)
+    ex, req, refs = key(900), key(901), [key(902 + i) for i in range(3)]
+    c = commit(
+        ex,
+        ResultCommitment(
+            job_id=b"j" * 16,
+            requester=pid(req),
+            executor=pid(ex),
+            model_cid=CID,
+            input_digest=content_digest({"x": 1}),
+            output_digest=outputs_digest(emb),
+            price=1,
+            compute_ms=5,
+        ),
+    )
+
+    def referee() -> object:
+        verdict = judge(c.message, emb, emb2)
+        return sign_referee_result(
+            refs[0], c, output_digest=outputs_digest(emb2), verdict=verdict, time_ms=1
+        )
+
+    jud = rate(referee, min(n, 2000))
+    rule = CommitteeRule(
+        beacon=BEACON, fallback=frozenset(pid(k) for k in refs), referee_panel_size=3
+    )
+    panel = rule.referees_for(c.message.job_id, (pid(req), pid(ex)))
+    results = tuple(
+        sign_referee_result(
+            k, c, output_digest=content_digest({"y": 2}), verdict="mismatch", time_ms=1
+        )
+        for k in refs
+        if pid(k) in panel
+    )
+    proof = FraudProof.of(c, results)
+    fraud = rate(lambda: proof.verify(panel), min(n, 2000))
+    return {
+        "compare_minilm_384_float32_us": round(1e6 / cmp_emb, 1),
+        "compare_1000_logits_float32_us": round(1e6 / cmp_logits, 1),
+        "outputs_digest_384_float32_us": round(1e6 / dig, 1),
+        "referee_judge_and_sign_us": round(1e6 / jud, 1),
+        "fraud_proof_verify_us": round(1e6 / fraud, 1),
+    }
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        print("verify ...", flush=True)
+        results["verify"] = await bench_verify(1000 if args.quick else 4000, tmp)
+        print(json.dumps(results["verify"], indent=1), flush=True)
+        print("certify ...", flush=True)
+        results["certify"] = await bench_certify(
+            50 if args.quick else 300, 4 if args.quick else 8, 10 if args.quick else 40, tmp
+        )
+        print(json.dumps(results["certify"], indent=1), flush=True)
+        print("converge ...", flush=True)
+        conv = []
+        for trial, interval in enumerate([1.0, 0.25] if not args.quick else [0.5]):
+            conv.append(await bench_converge(20, 100 if args.quick else 400, interval, tmp, trial))
+            print(json.dumps(conv[-1], indent=1), flush=True)
+        results["converge"] = conv
+    print("spot check ...", flush=True)
+    results["spot_check"] = bench_spot_check(2000 if args.quick else 10000)
+    print(json.dumps(results["spot_check"], indent=1), flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    results = trio.run(main_async, args)
+    doc = {
+        "bench": "settlement",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "cpu": platform.machine(),
+            "rss_mb_at_end": round(psutil.Process().memory_info().rss / 2**20, 1),
+        },
+        "setup": {
+            "transport": "TCP + Noise + yamux on 127.0.0.1, all peers in one process",
+            "sqlite": "WAL, synchronous=FULL (fsync per commit), group commit",
+            "quick": args.quick,
+            "argv": sys.argv[1:],
+        },
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
