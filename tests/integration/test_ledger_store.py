@@ -206,7 +206,7 @@ def test_read_snapshot_of_missing_ledger(tmp_path: Path) -> None:
 
 
 async def test_write_behind_facts_commit_with_the_next_write(tmp_path: Path) -> None:
-    receipts, certs = _certificates(2)
+    _, certs = _certificates(2)
     lock = LockRecord(make_transfer(PAYER, make_receipt(PAYER, PAYEE, 5, 77), 3))
     async with open_ledger_store(tmp_path, RULE, POLICY) as store:
         results = store.add_facts_nowait(
