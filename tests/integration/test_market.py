@@ -313,3 +313,32 @@ async def test_a_used_up_lease_batch_is_renewed_transparently(tmp_path: Path) ->
             await ex.market.receipts.wait_for(3)
         assert sorted(r.count for r in lease.receipts) == [1, 3, 3]
         assert len({r.job_id for r in lease.receipts}) == 3
+
+
+async def test_an_executor_past_its_eta_is_dropped_for_the_next_bidder(tmp_path: Path) -> None:
+    blocking: list[BlockingRuntime] = []
+
+    def wrap(rt: ModelRuntime) -> BlockingRuntime:
+        blocking.append(BlockingRuntime(rt))
+        return blocking[-1]
+
+    async with market_swarm(tmp_path) as swarm:
+        try:
+            stuck = await swarm.start("stuck", price=1.0, wrap_runtime=wrap)
+            fair = await swarm.start("fair", price=3.0)
+            req = await swarm.start("req", serve=False)
+            cid = next(iter(fair.market.served))
+            await wait_providers(req, cid, 2)
+            x = np.arange(3, dtype=np.float32)
+            with trio.fail_after(30):
+                result = await req.market.infer(cid, {"x": x, "y": x}, deadline=20)
+            assert result.executor == fair.peer_id
+            ((who, why),) = result.attempts
+            assert who == stuck.peer_id and "no result" in why
+            assert blocking[0].started.is_set()
+            # The stuck executor is never paid, even if it finishes later.
+            blocking[0].release.set()
+            assert [r.executor for r in req.market.receipts.receipts] == [fair.peer_id]
+        finally:
+            for b in blocking:
+                b.release.set()
