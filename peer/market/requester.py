@@ -173,6 +173,7 @@ class Attempt:
     ended: trio.Event = field(default_factory=trio.Event)
     inputs: dict[int, bytes] = field(default_factory=dict)  # seq -> input digest
     outputs: dict[int, Any] = field(default_factory=dict)  # seq -> wire outputs
+    decoded: dict[int, Arrays] = field(default_factory=dict)  # checked outputs, at commit
     waiters: dict[int, _Waiter] = field(default_factory=dict)
     next_seq: int = 0
     decided: trio.Event = field(default_factory=trio.Event)
@@ -321,7 +322,7 @@ class JobRun:
                 if att is not None and att.executor == a.commitment.message.executor:
                     att.acceptance = receipt.acceptance
                     att.decided.set()
-                    outputs = getattr(att, "decoded", {})
+                    outputs = att.decoded
                 self.outcome = Outcome(
                     receipt=receipt,
                     executor=a.commitment.message.executor,
@@ -389,7 +390,7 @@ class JobRun:
                         self.limits,
                         lease=self.lease is not None,
                     )
-                    att.decoded = decoded  # type: ignore[attr-defined]
+                    att.decoded = decoded
                     signed_c: Signed[ResultCommitment] = item  # type: ignore[assignment]
                     await self._send.send(rq.ResultReceived(signed_c, ok, time.time(), problem))
                     await att.decided.wait()  # Complete sets it; CancelAward cancels us

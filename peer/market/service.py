@@ -537,7 +537,9 @@ class Lease:
         att = run.attempt if run is not None else None
         return att.executor if att is not None else None
 
-    async def _run(self) -> JobRun:
+    async def _run(self, wire: Any) -> JobRun:
+        """The batch to send on: the current one, or a new auction (``wire``: a job's
+        inputs, whose names/shapes the JobRequest announces)."""
         async with self._lock:  # one auction at a time, however many callers
             run = self._current
             if run is not None and not run.done.is_set() and time.time() < self._until - 0.5:
@@ -551,7 +553,7 @@ class Lease:
             request = new_request(
                 requester=self.market.peer_id,
                 cid=self.cid,
-                wire=self._shape_wire,
+                wire=wire,
                 max_price=self.max_price,
                 deadline=deadline,
                 bid_window=self.bid_window,
@@ -585,12 +587,11 @@ class Lease:
             raise RuntimeError("this lease is closed")
         arrays = self.market._check_inputs(self.entry, inputs)
         wire = encode_tensors(arrays)
-        self._shape_wire = wire
         digest = content_digest(wire)
         budget = max(1.0, self.market.settings.job_timeout)
         last = "no executor held the lease"
         for _ in range(self.MAX_TRIES):
-            run = await self._run()
+            run = await self._run(wire)
             att = await run.current_attempt()
             if att is None:
                 if run.error is not None and run.outcome is None:
