@@ -63,6 +63,7 @@ from protocols.witness import PersistLock, ReplyVote, Witness
 RESULTS = Path(__file__).parent / "results" / "settlement.json"
 CID = hashlib.sha256(b"bench-model").hexdigest()
 BEACON = b"bench-beacon"
+ROLE = os.environ.get("BENCH_ROLE", "peer")
 
 
 class _Hardware:
@@ -226,7 +227,9 @@ async def open_node(
     config: SettlementConfig,
 ) -> Any:
     cfg = Config(data_dir=tmp / name, listen=("/ip4/127.0.0.1/tcp/0",))
-    peer = await stack.enter_async_context(open_peer(cfg, key=k, hardware=_Hardware()))
+    peer = await stack.enter_async_context(
+        open_peer(cfg, key=k, hardware=_Hardware(), role=ROLE)
+    )
     store = await stack.enter_async_context(open_ledger_store(cfg.data_dir, rule, policy))
     svc = await stack.enter_async_context(open_settlement(peer, store, config))
     return peer, svc
@@ -254,7 +257,7 @@ async def bench_certify(sequential: int, payers: int, per_payer: int, tmp: Path)
             for wpeer, _ in witnesses:
                 await peer.connect(wpeer.listen_addrs[0])
         job = iter(range(10**9))
-        first_peer, first = nodes[0]
+        _, first = nodes[0]
         for _ in range(5):  # warm up: streams opened, identity introduced
             await first.pay(receipt(pkeys[0], payee, 1, next(job)))
         lat = []
@@ -304,9 +307,10 @@ async def bench_converge(
     wkeys = [key(500 + i) for i in range(4)]
     rule = CommitteeRule(beacon=BEACON, fallback=frozenset(pid(k) for k in wkeys))
     payer_a, payer_b, payee = key(600), key(601), key(602)
-    policy = CreditPolicy(
-        genesis=frozenset({pid(payer_a), pid(payer_b)}), base_limit=10**12, max_limit=10**12
-    )
+    node_keys = [key(700 + 100 * trial + i) for i in range(n_peers)]
+    # Genesis accounts need no identity proof, so the two sides start with exactly their facts.
+    genesis = frozenset({pid(payer_a), pid(payer_b), *(pid(k) for k in node_keys)})
+    policy = CreditPolicy(genesis=genesis, base_limit=10**12, max_limit=10**12)
     sides: list[list[tuple[FactKind, bytes]]] = []
     for payer, base in ((payer_a, 0), (payer_b, 10**6)):
         items: list[tuple[FactKind, bytes]] = []
@@ -319,10 +323,8 @@ async def bench_converge(
     half = n_peers // 2
     async with AsyncExitStack() as stack:
         nodes = [
-            await open_node(
-                stack, tmp, f"c{trial}-{i}", key(700 + 100 * trial + i), rule, policy, config
-            )
-            for i in range(n_peers)
+            await open_node(stack, tmp, f"c{trial}-{i}", k, rule, policy, config)
+            for i, k in enumerate(node_keys)
         ]
         groups = [nodes[:half], nodes[half:]]
         rng = random.Random(trial)
@@ -335,7 +337,7 @@ async def bench_converge(
                 if other not in (i, (i + 1) % len(g)):
                     await peer.connect(g[other][0].listen_addrs[0])
         target = {s.state_hash() for _, s in nodes}
-        assert len(target) == 2
+        assert len(target) == 2, [(len(s.ledger), s.state_hash().hex()[:8]) for _, s in nodes]
         t0 = time.perf_counter()
         await groups[0][0][0].connect(groups[1][0][0].listen_addrs[0])  # heal: one link
         with trio.fail_after(300):

@@ -80,6 +80,8 @@ MAX_ITEM_PAYLOAD = MAX_FRAME - 64 * 1024
 MAX_SYNC_ROUNDS = 256
 MAX_REQUESTS_PER_STREAM = 100_000
 OPS = ("certify", "push", "sync", "get")
+# Seconds before the DHT is asked again for the addresses of a peer we cannot reach.
+LOOKUP_BACKOFF = 30.0
 
 
 class SettlementError(Exception):
@@ -235,6 +237,7 @@ class SettlementService:
         self._nursery: trio.Nursery | None = None
         self._closed = False
         self._identity: IdentityProof | None = None
+        self._lookups: dict[str, float] = {}  # peer id -> when we last asked the DHT
 
     # --- state ----------------------------------------------------------------------------
 
@@ -468,6 +471,12 @@ class SettlementService:
         dht = getattr(self.peer, "dht", None)
         if dht is None:
             return False
+        now = trio.current_time()
+        if self._lookups.get(str(pid), -math.inf) > now - LOOKUP_BACKOFF:
+            return False  # looked up recently: let the caller's retry/backoff decide
+        if len(self._lookups) > 10_000:
+            self._lookups.clear()
+        self._lookups[str(pid)] = now
         try:
             info = await dht.find_peer(pid)
         except Exception as exc:
@@ -528,10 +537,13 @@ class SettlementService:
         return new
 
     def _spread(self, items: list[tuple[FactKind, bytes]], to: Iterable[str] = ()) -> None:
-        """In the background: push to ``to`` and publish on the gossip topic."""
+        """In the background: push to those of ``to`` we are connected to, and publish on
+        the gossip topic. Others get the facts by gossip or anti-entropy: a push is not
+        worth a dial (or a DHT walk) per fact."""
         if self._nursery is None:
             return
-        for peer_id in set(to) - {self.peer_id}:
+        connected = {str(p) for p in self.host.get_connected_peers()}
+        for peer_id in (set(to) & connected) - {self.peer_id}:
             self._nursery.start_soon(self._push_quietly, peer_id, items)
         if self._pubsub is not None:
             self._nursery.start_soon(self._publish, items)
