@@ -49,6 +49,14 @@ class Config:
     session_cache_bytes: int = 2 * 1024**3
     job_timeout: float = 30.0
     log_level: str = "INFO"
+    # Settlement: peer ids of the ledger witnesses (the committee fallback); empty = the
+    # peer ids in `bootstrap`. Every peer of one network must use the same witnesses,
+    # beacon and f, or they will not accept each other's certificates.
+    ledger_witnesses: tuple[str, ...] = ()
+    ledger_beacon: str = "edgeswarm-genesis-v1"
+    ledger_f: int = 1
+    # Seconds between anti-entropy rounds with a random neighbour (0 = off).
+    ledger_sync_interval: float = 10.0
 
     @property
     def key_path(self) -> Path:

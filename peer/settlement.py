@@ -47,13 +47,15 @@ import trio
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from peer.ledger_store import LedgerStore, StoreError, fact_bytes
+from peer.ledger_store import LedgerStore, StoreError, fact_bytes, open_ledger_store
 from protocols.certificate import Certificate
 from protocols.codec import FrameDecoder, decode, encode, frame
+from protocols.committee import CommitteeRule
 from protocols.errors import ProtocolError, ValidationError
 from protocols.identity import peer_id_from_public_key
-from protocols.ledger import IdentityProof, solve_pow
+from protocols.ledger import CreditPolicy, IdentityProof, solve_pow
 from protocols.ledger_state import FactKind, LedgerState, decode_item, encode_item
+from protocols.market_fields import want_peer_id
 from protocols.payment import Certified, Failed, PaymentSession, SendRequest
 from protocols.proofs import FraudProof, PayableReceipt
 from protocols.reconcile import ID_SIZE, Reconciler
@@ -288,6 +290,12 @@ class SettlementService:
         if receipt.requester == self.peer_id:
             self._wake_payer.set()
         return new
+
+    async def on_market_receipt(self, receipt: PayableReceipt, role: str) -> None:
+        """Hook for the job market: ``market.on_receipt.append(service.on_market_receipt)``.
+
+        Both sides call it; the requester's side also pays (``auto_pay``)."""
+        await self.ingest_receipt(receipt)
 
     async def ingest_fraud_proof(self, proof: FraudProof) -> bool:
         """A fraud proof found by this peer's spot checks: store it and spread it."""
@@ -860,6 +868,52 @@ async def open_settlement(
             nursery.cancel_scope.cancel()
 
 
+def committee_rule_from_config(config: Any) -> CommitteeRule:
+    """The network's committee rule from a ``peer.config.Config``: fallback witnesses are
+    ``ledger_witnesses``, or the peer ids of the ``bootstrap`` addresses."""
+    witnesses = set(config.ledger_witnesses)
+    if not witnesses:
+        for address in config.bootstrap:
+            part = address.rsplit("/p2p/", 1)
+            if len(part) == 2 and part[1]:
+                witnesses.add(part[1])
+    if not witnesses:
+        raise SettlementError(
+            "no ledger witnesses: set ledger_witnesses (EDGESWARM_LEDGER_WITNESSES) or give "
+            "--bootstrap addresses, whose peers then witness payments"
+        )
+    for w in witnesses:
+        want_peer_id("Config", "ledger_witnesses[]", w)
+    return CommitteeRule(
+        beacon=config.ledger_beacon.encode(), fallback=frozenset(witnesses), f=config.ledger_f
+    )
+
+
+@asynccontextmanager
+async def open_peer_settlement(
+    peer: Any,
+    config: Any,
+    *,
+    policy: CreditPolicy | None = None,
+    settings: SettlementConfig | None = None,
+) -> AsyncIterator[SettlementService]:
+    """Ledger store in ``config.data_dir`` + settlement service for a running ``peer``.
+
+    ::
+
+        async with open_peer(config) as peer, open_market(peer) as market, \
+                open_peer_settlement(peer, config) as settlement:
+            market.on_receipt.append(settlement.on_market_receipt)
+    """
+    rule = committee_rule_from_config(config)
+    settings = settings or SettlementConfig(sync_interval=config.ledger_sync_interval)
+    async with (
+        open_ledger_store(config.data_dir, rule, policy) as store,
+        open_settlement(peer, store, settings) as service,
+    ):
+        yield service
+
+
 __all__ = [
     "GOSSIP_TOPIC",
     "PROTOCOL_ID",
@@ -868,5 +922,7 @@ __all__ = [
     "SettlementError",
     "SettlementService",
     "SyncResult",
+    "committee_rule_from_config",
+    "open_peer_settlement",
     "open_settlement",
 ]
