@@ -45,6 +45,11 @@ class FrameStream:
         self._write_lock = trio.Lock()
         self.closed = False
 
+    def set_max_frame(self, max_frame: int) -> None:
+        """Change the receive cap (e.g. small until an award is accepted, then payload-sized)."""
+        self.max_frame = max_frame
+        self._decoder.max_size = max_frame
+
     @property
     def remote_peer(self) -> str:
         return str(self.stream.muxed_conn.peer_id)

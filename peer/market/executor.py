@@ -29,7 +29,7 @@ import nacl.signing
 import trio
 
 from edge_models.errors import EdgeModelError, ExecutionTimeout, InvalidInput
-from peer.job_stream import JOB_PROTOCOL, FrameStream, JobStreamClosed
+from peer.job_stream import CONTROL_FRAME_MAX, JOB_PROTOCOL, FrameStream, JobStreamClosed
 from peer.market.gossip import MarketGossip
 from peer.market.receipts import ReceiptBook
 from peer.worker import Arrays, Worker
@@ -150,7 +150,9 @@ class ExecutorService:
         if self._nursery is None:
             await stream.reset()
             return
-        self._nursery.start_soon(self._serve, FrameStream(stream, max_frame=self.max_frame))
+        # Until an award is accepted only a small signed frame may come: nobody can make
+        # us buffer a payload-sized frame without holding one of our bids.
+        self._nursery.start_soon(self._serve, FrameStream(stream, max_frame=CONTROL_FRAME_MAX))
 
     async def _serve(self, fs: FrameStream) -> None:
         award: Award | None = None
@@ -169,6 +171,7 @@ class ExecutorService:
                     await fs.send(sign_message(self.key, a.error))
                     return
             self.stats["awards"] += 1
+            fs.set_max_frame(self.max_frame)
             await self._run_award(award, fs)
         except (JobStreamClosed, ProtocolError, trio.TooSlowError) as exc:
             log.debug("job stream ended: %s", exc)

@@ -10,13 +10,16 @@ from typing import Any
 import numpy as np
 import pytest
 import trio
+from libp2p.network.stream.exceptions import StreamError
 from libp2p.peer.id import ID
 from market_swarm import Node, market_swarm
 
 from edge_models.runtime import ModelRuntime
+from peer.job_stream import JOB_PROTOCOL
 from peer.market import ExecutorsFailed, MarketSettings, NoExecutors, UnknownModel
 from peer.market.gossip import topic_for
 from peer.market.requester import new_request
+from protocols.codec import encode_uvarint
 from protocols.market import BID_DOMAIN, Bid
 from protocols.signed import sign_message
 from protocols.signing import seal
@@ -178,6 +181,14 @@ async def test_oversize_input_is_refused_and_the_executor_keeps_serving(tmp_path
             assert "bad-input" in why and "refused" in why and "cap" in why
             why = await lying_job(over)
             assert "bad-input" in why and "4096 bytes" in why
+            # Without an award, even the announcement of a big frame ends the stream.
+            raw = await req.peer.host.new_stream(ID.from_base58(ex.peer_id), [JOB_PROTOCOL])
+            await raw.write(encode_uvarint(50_000_000) + b"\0" * 1000)
+            with pytest.raises((StreamError, EOFError)):  # EOF or reset: the executor hung up
+                for _ in range(10):
+                    if not await raw.read(1024):
+                        raise EOFError
+            await raw.reset()
             x = np.ones(2, np.float32)
             result = await market.infer(cid, {"x": x, "y": x}, deadline=20)
         assert result.executor == ex.peer_id
