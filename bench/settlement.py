@@ -437,6 +437,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+LOAD_AT_START = round(os.getloadavg()[0], 2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -451,6 +454,8 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "cpu": platform.machine(),
             "rss_mb_at_end": round(psutil.Process().memory_info().rss / 2**20, 1),
+            # Other processes share this box: the load average says how much CPU we had.
+            "loadavg_1m_start_end": [LOAD_AT_START, round(os.getloadavg()[0], 2)],
         },
         "setup": {
             "transport": "TCP + Noise + yamux on 127.0.0.1, all peers in one process",
