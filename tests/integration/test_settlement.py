@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 import trio
+from libp2p.peer.id import ID
 from settlement_helpers import (
     Node,
     connect_all,
     key,
     make_receipt,
     make_transfer,
+    now_ms,
     pid,
     policy,
     rule_for,
@@ -21,8 +23,11 @@ from settlement_helpers import (
 )
 
 from peer.ledger_store import read_snapshot, verify_snapshot
-from peer.settlement import PaymentFailed, SettlementConfig
+from peer.settlement import MAX_FRAME, PROTOCOL_ID, PaymentFailed, SettlementConfig
 from protocols.certificate import WitnessVote, sign_vote
+from protocols.codec import FrameDecoder, decode, encode, encode_uvarint, frame
+from protocols.ledger_state import FactKind
+from protocols.payment import PaymentSession
 from protocols.proofs import EquivocationProof
 from protocols.signed import Signed
 from protocols.witness import (
@@ -178,3 +183,68 @@ async def test_double_spend_split_committee_gets_no_certificate(tmp_path: Path) 
         # Each witness locked (durably) exactly one transfer for seq 1.
         for w in witnesses:
             assert len([r for r in w.store.locks() if r.account == pid(PAYER)]) == 1
+
+
+async def test_payer_crash_after_persisting_resends_the_same_transfer(tmp_path: Path) -> None:
+    """The payer stored its signed transfer and died before any witness saw it: on restart
+    the payer task resends exactly that transfer (a new signature would be equivocation)."""
+    config = SettlementConfig(sync_interval=0, gossip=False, auto_pay=False)
+    r = make_receipt(PAYER, PAYEE, 1234, 1)
+    async with AsyncExitStack() as stack:
+        witnesses = [
+            await stack.enter_async_context(
+                settlement_node(tmp_path / f"w{i}", k, RULE, POLICY, config)
+            )
+            for i, k in enumerate(WITNESS_KEYS)
+        ]
+        async with settlement_node(tmp_path / "payer", PAYER, RULE, POLICY, config) as payer:
+            await payer.svc.add(r)
+            _, persist = PaymentSession.start(PAYER, r, payer.svc.ledger, now_ms())
+            await payer.store.put_outgoing(persist.transfer, r)
+            stored = persist.transfer.digest
+        # "Restart" with the payer task on: it must finish the stored transfer.
+        restarted = SettlementConfig(sync_interval=0, gossip=False, auto_pay=True)
+        async with settlement_node(tmp_path / "payer", PAYER, RULE, POLICY, restarted) as payer:
+            for w in witnesses:
+                await payer.peer.connect(w.addr)
+            payer.svc._wake_payer.set()  # the restart found work; connected now, go
+            await wait_for(
+                "the stored transfer to be certified", lambda n: n.store.outgoing() == [], [payer]
+            )
+            cert = payer.store.certificate(pid(PAYER), 1)
+            assert cert is not None and cert.digest == stored
+            assert payer.svc.balances() == {pid(PAYER): -1234, pid(PAYEE): 1234}
+        for w in witnesses:
+            assert all(rec.digest == stored for rec in w.store.locks())
+
+
+async def test_garbage_on_the_wire_gets_an_error_and_the_service_keeps_serving(
+    tmp_path: Path,
+) -> None:
+    async with AsyncExitStack() as stack:
+        server, client = (await _world(stack, tmp_path, [], auto_pay=False))[:2]
+        for bad in (
+            frame(b"\xff\x00garbage", max_size=MAX_FRAME),
+            frame(encode({"v": 2, "op": "push", "items": []}), max_size=MAX_FRAME),
+            frame(encode({"v": 1, "op": "steal"}), max_size=MAX_FRAME),
+            frame(encode({"v": 1, "op": "get", "ids": [b"short"]}), max_size=MAX_FRAME),
+            frame(encode({"v": 1, "op": "certify", "req": b"\x00" * 10}), max_size=MAX_FRAME),
+            encode_uvarint(MAX_FRAME + 1),  # an oversize announcement: refused before buffering
+        ):
+            stream = await client.peer.host.new_stream(ID.from_base58(server.id), [PROTOCOL_ID])
+            try:
+                await stream.write(bad)
+                decoder = FrameDecoder(max_size=MAX_FRAME)
+                with trio.fail_after(5):
+                    while (reply := decoder.next_frame()) is None:
+                        chunk = await stream.read(65536)
+                        assert chunk, "closed without an error reply"
+                        decoder.feed(chunk)
+                body = decode(reply, max_size=MAX_FRAME)
+                assert set(body) == {"v", "err"} and body["err"], body
+            finally:
+                await stream.close()
+        # Still serving: a real request on a new stream works.
+        assert await client.svc.push(server.id, []) == 0
+        r = make_receipt(PAYER, PAYEE, 5, 9)
+        assert await client.svc.push(server.id, [(FactKind.RECEIPT, r.to_bytes())]) == 1
