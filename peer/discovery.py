@@ -237,15 +237,23 @@ class Discovery:
                 ad = dataclasses.replace(ad, models=ad.models[:-1])
                 log.warning("ad too large; advertising only the first %d models", len(ad.models))
 
+    def _prepare(self) -> tuple[CapabilityAd, bytes] | None:
+        """Sign our next ad and make it ``current_ad`` (None when we publish nothing)."""
+        if self._state is None:
+            return None
+        signed = self._signed_ad()
+        if signed is not None:
+            self.current_ad = signed[0]
+        return signed
+
     async def publish_once(self) -> None:
         """Sign a fresh ad, store it in the DHT, and provide any cid not yet provided."""
-        if self._state is None:
-            return
-        signed = self._signed_ad()
-        if signed is None:
-            return
-        ad, value = signed
-        self.current_ad = ad
+        signed = self._prepare()
+        if signed is not None:
+            await self._push(*signed)
+
+    async def _push(self, ad: CapabilityAd, value: bytes) -> None:
+        assert self._state is not None
         with trio.move_on_after(PUBLISH_TIMEOUT) as scope:
             try:
                 await self.dht.put_value(ad_key(self.peer_id), value)
@@ -285,10 +293,16 @@ class Discovery:
         return dropped
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Publish now, then keep the ad fresh; reports started after the first publish."""
+        """Publish now, then keep the ad fresh.
+
+        Reports started once the first ad is signed, before it reaches the
+        network: a slow or absent network must not hold up the peer's start.
+        """
         self._running = True
-        await self.publish_once()
+        signed = self._prepare()
         task_status.started()
+        if signed is not None:
+            await self._push(*signed)
         last = self._clock()
         while True:
             wait = PURGE_INTERVAL
