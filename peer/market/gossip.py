@@ -102,9 +102,11 @@ class GossipGuard:
         self.max_peers = max_peers
         self._seen: OrderedDict[tuple[Any, ...], None] = OrderedDict()
         self._buckets: OrderedDict[tuple[str, str], _Bucket] = OrderedDict()
-        # Parsed messages handed to the dispatcher, so it does not verify twice.
-        self.parsed: OrderedDict[bytes, MarketMessage] = OrderedDict()
         self.stats = GuardStats()
+        # Called with (topic, message) for every message that passes. Routing here,
+        # not from the subscription channel, matters: py-libp2p's subscription
+        # channel holds 32 messages and silently drops the rest of a burst.
+        self.on_valid: Callable[[str, MarketMessage], None] | None = None
 
     def __call__(self, forwarder: ID, msg: Any) -> bool:
         now = self.clock()
@@ -143,10 +145,9 @@ class GossipGuard:
         self._seen[key] = None
         if len(self._seen) > self.max_seen:
             self._seen.popitem(last=False)
-        self.parsed[_msg_key(msg)] = parsed
-        if len(self.parsed) > 1024:
-            self.parsed.popitem(last=False)
         self.stats.accepted += 1
+        if self.on_valid is not None:
+            self.on_valid(topics[0], parsed)
         return True
 
     def _take(self, peer: str, kind: str, now: float) -> bool:
@@ -164,19 +165,6 @@ class GossipGuard:
             return False
         bucket.tokens -= 1.0
         return True
-
-    def take_parsed(self, msg: Any) -> MarketMessage | None:
-        found = self.parsed.pop(_msg_key(msg), None)
-        if found is not None:
-            return found
-        try:
-            return parse_market_message(bytes(msg.data), self.clock())
-        except ProtocolError:
-            return None
-
-
-def _msg_key(msg: Any) -> bytes:
-    return bytes(msg.from_id) + bytes(msg.seqno)
 
 
 class MarketGossip:
@@ -196,12 +184,14 @@ class MarketGossip:
     ) -> None:
         self.pubsub = pubsub
         self.guard = guard or GossipGuard()
+        self.guard.on_valid = self._dispatch
         self.on_request = on_request
         self.max_topics = max_topics
         self.bid_sinks: dict[bytes, Callable[[Bid], None]] = {}
         self.served: set[str] = set()
         self._joined: OrderedDict[str, trio.CancelScope] = OrderedDict()
         self._nursery: trio.Nursery | None = None
+        self._join_lock = trio.Lock()
         router = getattr(pubsub, "router", None)
         if router is not None and hasattr(router, "max_messages_per_topic_per_second"):
             router.max_messages_per_topic_per_second = max(
@@ -231,6 +221,12 @@ class MarketGossip:
         if cid in self._joined:
             self._joined.move_to_end(cid)
             return topic
+        async with self._join_lock:  # concurrent first jobs on one cid subscribe once
+            if cid not in self._joined:
+                await self._subscribe(cid, topic)
+        return topic
+
+    async def _subscribe(self, cid: str, topic: str) -> None:
         assert self._nursery is not None, "MarketGossip.run() is not running"
         self.pubsub.set_topic_validator(topic, self.guard, False)
         sub = await self.pubsub.subscribe(topic)
@@ -244,7 +240,6 @@ class MarketGossip:
             if old is None:
                 break
             await self.leave(old)
-        return topic
 
     async def leave(self, cid: str) -> None:
         scope = self._joined.pop(cid, None)
@@ -257,18 +252,23 @@ class MarketGossip:
         await self.pubsub.unsubscribe(topic)
 
     async def _read(self, cid: str, sub: Any, scope: trio.CancelScope) -> None:
+        # Messages were routed by the validator (_dispatch); keep the channel drained.
         with scope:
-            async for msg in sub:
-                parsed = self.guard.take_parsed(msg)
-                if parsed is None:
-                    continue
-                m = parsed.message
-                if isinstance(m, Bid):
-                    sink = self.bid_sinks.get(m.job_id)
-                    if sink is not None:
-                        sink(m)
-                elif self.on_request is not None and cid in self.served:
-                    self.on_request(m)
+            async for _msg in sub:
+                pass
+
+    def _dispatch(self, topic: str, parsed: MarketMessage) -> None:
+        m = parsed.message
+        if isinstance(m, Bid):
+            sink = self.bid_sinks.get(m.job_id)
+            if sink is not None:
+                sink(m)
+        elif (
+            self.on_request is not None
+            and topic == topic_for(m.model_cid)
+            and m.model_cid in self.served
+        ):
+            self.on_request(m)
 
     async def publish(self, cid: str, signed: MarketMessage) -> None:
         await self.pubsub.publish(topic_for(cid), signed.to_bytes())

@@ -353,3 +353,26 @@ async def test_an_executor_past_its_eta_is_dropped_for_the_next_bidder(tmp_path:
         finally:
             for b in blocking:
                 b.release.set()
+
+
+async def test_concurrent_jobs_from_one_requester_each_get_one_receipt(tmp_path: Path) -> None:
+    async with market_swarm(tmp_path) as swarm:
+        a = await swarm.start("a", price=1.0)
+        b = await swarm.start("b", price=1.0)
+        req = await swarm.start("req", serve=False)
+        cid = next(iter(a.market.served))
+        await wait_providers(req, cid, 2)
+        outputs: dict[int, Any] = {}
+
+        async def job(i: int) -> None:
+            x = np.full(3, i, dtype=np.float32)
+            outputs[i] = (await req.market.infer(cid, {"x": x, "y": x}, deadline=20)).outputs
+
+        with trio.fail_after(40):
+            async with trio.open_nursery() as nursery:
+                for i in range(8):
+                    nursery.start_soon(job, i)
+        assert {i: float(o["z"][0]) for i, o in outputs.items()} == {i: 2.0 * i for i in range(8)}
+        receipts = list(req.market.receipts.receipts)
+        assert len(receipts) == 8 and len({r.job_id for r in receipts}) == 8
+        assert {r.executor for r in receipts} <= {a.peer_id, b.peer_id}

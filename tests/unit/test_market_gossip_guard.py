@@ -67,14 +67,16 @@ def guard(**kw: float) -> GossipGuard:
     return GossipGuard(clock=lambda: T0, **kw)  # type: ignore[arg-type]
 
 
-def test_valid_requests_and_bids_pass_and_are_parsed_once() -> None:
+def test_valid_requests_and_bids_pass_and_are_routed_once() -> None:
     g = guard()
+    routed: list[tuple[str, object]] = []
+    g.on_valid = lambda topic, parsed: routed.append((topic, parsed.message))
     req_key, ex_key = key(1), key(2)
-    m = msg(req_key, request(req_key))
-    assert g(ID(b"x"), m)
-    assert g.take_parsed(m) is not None
+    assert g(ID(b"x"), msg(req_key, request(req_key)))
     assert g(ID(b"x"), msg(ex_key, bid(ex_key), seq=1))
     assert g.stats.accepted == 2 and g.stats.total_dropped == 0
+    assert [type(m).__name__ for _, m in routed] == ["JobRequest", "Bid"]
+    assert {t for t, _ in routed} == {topic_for(CID)}
 
 
 def test_duplicates_wrong_topic_replays_and_garbage_are_dropped() -> None:
