@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 
-from settlement_helpers import key, make_receipt, make_transfer, pid, policy, rule_for
+from settlement_helpers import key, make_receipt, make_transfer, policy, rule_for
 
 from peer.ledger_store import open_ledger_store, read_snapshot, verify_snapshot
 from peer.settlement import MAX_FRAME, SettlementConfig, SettlementService
