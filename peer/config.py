@@ -55,6 +55,8 @@ class Config:
     ledger_witnesses: tuple[str, ...] = ()
     ledger_beacon: str = "edgeswarm-genesis-v1"
     ledger_f: int = 1
+    # Credits a new identity (with its proof of work) may owe before it has earned any.
+    ledger_base_limit: float = 1.0
     # Seconds between anti-entropy rounds with a random neighbour (0 = off).
     ledger_sync_interval: float = 10.0
 

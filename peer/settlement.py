@@ -894,6 +894,12 @@ def committee_rule_from_config(config: Any) -> CommitteeRule:
     )
 
 
+def credit_policy_from_config(config: Any) -> CreditPolicy:
+    """The network's credit policy: defaults, with ``ledger_base_limit`` credits for a new
+    identity (every peer of a network must use the same value)."""
+    return CreditPolicy(base_limit=round(config.ledger_base_limit * 1_000_000))
+
+
 @asynccontextmanager
 async def open_peer_settlement(
     peer: Any,
@@ -901,19 +907,36 @@ async def open_peer_settlement(
     *,
     policy: CreditPolicy | None = None,
     settings: SettlementConfig | None = None,
-) -> AsyncIterator[SettlementService]:
+    optional: bool = False,
+) -> AsyncIterator[SettlementService | None]:
     """Ledger store in ``config.data_dir`` + settlement service for a running ``peer``.
 
     ::
 
-        async with open_peer(config) as peer, open_market(peer) as market, \
-                open_peer_settlement(peer, config) as settlement:
-            market.on_receipt.append(settlement.on_market_receipt)
+        async with (
+            open_peer(config) as peer,
+            open_market(peer) as market,
+            open_peer_settlement(peer, config, optional=True) as settlement,
+        ):
+            if settlement is not None:
+                market.on_receipt.append(settlement.on_market_receipt)
+
+    ``optional``: when the config names no witnesses (a lone peer with no bootstrap),
+    log a warning and yield None instead of raising ``SettlementError``.
     """
-    rule = committee_rule_from_config(config)
+    try:
+        rule = committee_rule_from_config(config)
+    except SettlementError as exc:
+        if not optional:
+            raise
+        log.warning("settlement is off: %s", exc)
+        yield None
+        return
     settings = settings or SettlementConfig(sync_interval=config.ledger_sync_interval)
     async with (
-        open_ledger_store(config.data_dir, rule, policy) as store,
+        open_ledger_store(
+            config.data_dir, rule, policy or credit_policy_from_config(config)
+        ) as store,
         open_settlement(peer, store, settings) as service,
     ):
         yield service
@@ -928,6 +951,7 @@ __all__ = [
     "SettlementService",
     "SyncResult",
     "committee_rule_from_config",
+    "credit_policy_from_config",
     "open_peer_settlement",
     "open_settlement",
 ]

@@ -8,14 +8,24 @@ from pathlib import Path
 import numpy as np
 import trio
 from market_swarm import market_swarm
-from settlement_helpers import key, pid, policy, rule_for, settlement_node, wait_for
+from settlement_helpers import (
+    FakeHardware,
+    key,
+    pid,
+    policy,
+    rule_for,
+    settlement_node,
+    wait_for,
+)
 
 from peer.config import Config
 from peer.ledger_store import open_ledger_store, read_snapshot, verify_snapshot
+from peer.node import open_peer
 from peer.settlement import (
     SettlementConfig,
     SettlementError,
     committee_rule_from_config,
+    open_peer_settlement,
     open_settlement,
 )
 
@@ -80,3 +90,29 @@ def test_committee_rule_from_config() -> None:
         assert "no ledger witnesses" in str(exc)
     else:
         raise AssertionError("a network without witnesses must be refused")
+
+
+async def test_open_peer_settlement_from_config(tmp_path: Path) -> None:
+    witnesses = tuple(pid(k) for k in WITNESS_KEYS)
+    cfg = Config(
+        data_dir=tmp_path / "p",
+        listen=("/ip4/127.0.0.1/tcp/0",),
+        ledger_witnesses=witnesses,
+        ledger_base_limit=5.0,
+        ledger_sync_interval=0.0,
+    )
+    async with (
+        open_peer(cfg, key=key(7), hardware=FakeHardware()) as peer,
+        open_peer_settlement(peer, cfg) as svc,
+    ):
+        assert svc is not None
+        assert svc.ledger.policy.base_limit == 5_000_000
+        assert svc.ledger.rule.fallback == frozenset(witnesses)
+        assert svc.ledger.has_identity(peer.peer_id)  # proved its identity at start
+    assert read_snapshot(tmp_path / "p").rule is not None
+    lone = Config(data_dir=tmp_path / "lone", listen=("/ip4/127.0.0.1/tcp/0",))
+    async with (
+        open_peer(lone, key=key(8), hardware=FakeHardware()) as peer,
+        open_peer_settlement(peer, lone, optional=True) as svc,
+    ):
+        assert svc is None
