@@ -82,6 +82,7 @@ class ExecutorService:
         self.limits = limits
         self.max_frame = limits.max_total_bytes + FRAME_OVERHEAD
         self.sessions: dict[bytes, _Session] = {}
+        self.award_wait_s = AWARD_WAIT_S
         self.stats: dict[str, int] = {"bids": 0, "awards": 0, "rejected": 0, "jobs": 0}
         self._nursery: trio.Nursery | None = None
         # Called with (load, queue) when awards start or end: the ad carries them.
@@ -157,7 +158,8 @@ class ExecutorService:
     async def _serve(self, fs: FrameStream) -> None:
         award: Award | None = None
         try:
-            with trio.move_on_after(AWARD_WAIT_S):
+            first: Any = None
+            with trio.move_on_after(self.award_wait_s):  # a silent stream is dropped
                 first = await fs.receive()
             if not (isinstance(first, Signed) and isinstance(first.message, Award)):
                 return  # not a job stream we understand; nothing to sign an error for

@@ -202,6 +202,14 @@ async def test_oversize_input_is_refused_and_the_executor_keeps_serving(tmp_path
                     if not await raw.read(1024):
                         raise EOFError
             await raw.reset()
+            # A stream that never sends its award is dropped after award_wait_s.
+            ex.market.executor.award_wait_s = 0.2
+            silent = await req.peer.host.new_stream(ID.from_base58(ex.peer_id), [JOB_PROTOCOL])
+            with pytest.raises((StreamError, EOFError)):
+                for _ in range(10):
+                    if not await silent.read(1024):
+                        raise EOFError
+            await silent.reset()
             x = np.ones(2, np.float32)
             result = await market.infer(cid, {"x": x, "y": x}, deadline=20)
         assert result.executor == ex.peer_id
