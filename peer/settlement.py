@@ -62,6 +62,7 @@ from protocols.reconcile import ID_SIZE, Reconciler
 from protocols.witness import (
     MAX_HISTORY,
     PersistLock,
+    Refusal,
     Refuse,
     ReplyVote,
     ReportEquivocation,
@@ -432,6 +433,9 @@ class SettlementService:
             return cert
         t = session.transfer.message
         refusals = failed.refusals if failed is not None else dict(session.refusals)
+        for witness, refusal in refusals.items():
+            if refusal.reason is Refusal.OVER_LIMIT:
+                self._introduced.discard(witness)  # it may have lost our identity proof
         why = "; ".join(
             [f"{w[-8:]}: {r.reason} ({r.message})" for w, r in refusals.items()]
             + [f"{w[-8:]}: {e}" for w, e in errors.items()]
