@@ -189,7 +189,7 @@ class _Channel:
         return reply
 
     async def close(self) -> None:
-        with trio.move_on_after(1), trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True), trio.move_on_after(1):  # bounded even when shielded
             try:
                 await self.stream.close()
             except Exception:
