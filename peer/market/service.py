@@ -449,7 +449,11 @@ class MarketService:
             spot_check=spot_check,
         )
         run = self._new_run(cid, entry, request, single_input=wire, banned=frozenset(banned or ()))
-        outcome = await run.run()
+        try:
+            outcome = await run.run()
+        except rq.NoExecutors as exc:
+            self._explain(exc, cid, request.max_price)
+            raise
         self.receipts.add(outcome.receipt, "requester")
         return InferResult(
             outputs=outcome.outputs[0],
@@ -460,6 +464,17 @@ class MarketService:
             model_cid=cid,
             attempts=outcome.attempts,
         )
+
+    def _explain(self, exc: rq.NoExecutors, cid: str, max_price: int) -> None:
+        """Executors never bid over the max price or past the deadline: say so when some
+        serving peers were reachable but none bid."""
+        serving = len(self.gossip.topic_peers(cid))
+        if exc.bids_seen == 0 and serving:
+            exc.args = (
+                f"{exc}; {serving} peer(s) serving it were reachable but none bid: is the max "
+                f"price ({max_price / MICRO:g} credits) below their price, or the deadline "
+                "too short?",
+            )
 
     @asynccontextmanager
     async def lease(

@@ -403,3 +403,16 @@ async def test_concurrent_jobs_from_one_requester_each_get_one_receipt(tmp_path:
         receipts = list(req.market.receipts.receipts)
         assert len(receipts) == 8 and len({r.job_id for r in receipts}) == 8
         assert {r.executor for r in receipts} <= {a.peer_id, b.peer_id}
+
+
+async def test_no_bid_under_the_max_price_says_why(tmp_path: Path) -> None:
+    async with market_swarm(tmp_path) as swarm:
+        ex = await swarm.start("ex0", price=5.0)
+        req = await swarm.start("req", serve=False)
+        cid = next(iter(ex.market.served))
+        await wait_providers(req, cid, 1)
+        x = np.ones(2, dtype=np.float32)
+        with trio.fail_after(20), pytest.raises(NoExecutors) as info:
+            await req.market.infer(cid, {"x": x, "y": x}, max_price=1.0, deadline=5)
+        assert "max price (1 credits)" in str(info.value)
+        assert ex.market.executor.stats["bids"] == 0
