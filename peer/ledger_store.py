@@ -340,7 +340,7 @@ class LedgerStore:
         for kind, data in items:
             try:
                 obj, fid = parse_fact(FactKind(kind), data)
-                new = ingest_parsed(self.ledger, obj)
+                new = self.ledger.item(fid) is None and ingest_parsed(self.ledger, obj)
             except ProtocolError as exc:
                 out.append(exc)
                 continue
@@ -404,6 +404,11 @@ class LedgerStore:
         for req in batch:
             fact_rows.extend(req.ready)
             for kind, obj, fid in req.facts:
+                if self.ledger.item(fid) is not None:
+                    # Known id: nothing will be written, so skip the signature checks
+                    # (gossip and sync deliver most facts more than once).
+                    req.results.append(False)
+                    continue
                 try:
                     new = ingest_parsed(self.ledger, obj)
                 except ProtocolError as exc:
