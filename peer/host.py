@@ -189,9 +189,9 @@ async def running_host(host: IHost, listen: Sequence[str]) -> AsyncIterator[list
         try:
             yield concrete_addrs(host)
         finally:
-            # (host.close() below also stops mDNS.) Stopping the service alone leaves the TCP listeners' system tasks
-            # running; close() shuts connections and listeners first. Shielded
-            # (and bounded) so it also runs when we are being cancelled.
+            # Stopping the service alone leaves the TCP listeners' system tasks
+            # running; close() shuts connections, listeners and mDNS first.
+            # Shielded (and bounded) so it also runs when we are being cancelled.
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                 await _close_connections(host)
                 await host.close()
