@@ -45,7 +45,7 @@ import trio_asyncio
 from protocols.certificate import Certificate
 from protocols.codec import decode, encode
 from protocols.committee import CommitteeRule
-from protocols.errors import ProtocolError
+from protocols.errors import DecodeError, ProtocolError
 from protocols.ledger import CreditPolicy, IdentityProof, Transfer, open_transfer
 from protocols.ledger_state import FactKind, LedgerState
 from protocols.proofs import ArbitratedReceipt, EquivocationProof, FraudProof, PayableReceipt
@@ -158,6 +158,16 @@ def parse_fact(kind: FactKind, data: bytes) -> tuple[Any, bytes]:
         return e, e.fact_id
     p = IdentityProof.from_bytes(data)
     return p, p.fact_id
+
+
+def _parse_untrusted(kind: int, data: bytes) -> tuple[Any, bytes]:
+    """``parse_fact`` for bytes from the network: any failure is a ``DecodeError``."""
+    try:
+        return parse_fact(FactKind(kind), data)
+    except ProtocolError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
+        raise DecodeError(f"ledger fact of kind {kind} does not parse: {exc!r}") from exc
 
 
 def ingest_parsed(ledger: LedgerState, obj: Any) -> bool:
@@ -302,7 +312,7 @@ class LedgerStore:
         early: dict[int, ProtocolError] = {}
         for n, (kind, data) in enumerate(items):
             try:
-                obj, fid = parse_fact(FactKind(kind), data)
+                obj, fid = _parse_untrusted(kind, data)
             except ProtocolError as exc:
                 early[n] = exc
                 continue
@@ -339,7 +349,7 @@ class LedgerStore:
         out: list[FactResult] = []
         for kind, data in items:
             try:
-                obj, fid = parse_fact(FactKind(kind), data)
+                obj, fid = _parse_untrusted(kind, data)
                 new = self.ledger.item(fid) is None and ingest_parsed(self.ledger, obj)
             except ProtocolError as exc:
                 out.append(exc)

@@ -70,6 +70,19 @@ async def test_fuzzed_requests_always_get_a_well_formed_reply(tmp_path: Path) ->
             else:
                 ok += 1
         assert errors > 500 and ok >= len(base)
+        # Valid frames carrying mangled facts: counted as bad, never raised.
+        r5 = make_receipt(PAYER, PAYEE, 3, 5)
+        cert = certify_offline([WITNESS], RULE, POLICY, make_transfer(PAYER, r5, 1), r5)
+        facts = [(FactKind.RECEIPT, r5.to_bytes()), (FactKind.CERTIFICATE, cert.to_bytes())]
+            (k, d) for k, d in [(FactKind.RECEIPT, make_receipt(PAYER, PAYEE, 3, 5).to_bytes())]
+        ]
+        for n in range(600):
+            kind, data = rng.choice(facts)
+            item = encode_item(
+                FactKind(rng.randrange(1, 7)) if n % 3 == 0 else kind, mutate(rng, data)
+            )
+            reply = await svc._answer(encode({"v": 1, "op": "push", "items": [item]}), {}, "fuzzer")
+            assert set(reply) == {"v", "new", "bad"} and reply["new"] + reply["bad"] <= 1
         # Whatever was written passed the rules: the ledger verifies and the witness
         # locked at most one transfer per (account, seq).
         keys = [(r.account, r.seq) for r in store.locks()]
