@@ -9,7 +9,14 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 
-from settlement_helpers import key, make_receipt, make_transfer, policy, rule_for
+from settlement_helpers import (
+    certify_offline,
+    key,
+    make_receipt,
+    make_transfer,
+    policy,
+    rule_for,
+)
 
 from peer.ledger_store import open_ledger_store, read_snapshot, verify_snapshot
 from peer.settlement import MAX_FRAME, SettlementConfig, SettlementService
@@ -74,8 +81,6 @@ async def test_fuzzed_requests_always_get_a_well_formed_reply(tmp_path: Path) ->
         r5 = make_receipt(PAYER, PAYEE, 3, 5)
         cert = certify_offline([WITNESS], RULE, POLICY, make_transfer(PAYER, r5, 1), r5)
         facts = [(FactKind.RECEIPT, r5.to_bytes()), (FactKind.CERTIFICATE, cert.to_bytes())]
-            (k, d) for k, d in [(FactKind.RECEIPT, make_receipt(PAYER, PAYEE, 3, 5).to_bytes())]
-        ]
         for n in range(600):
             kind, data = rng.choice(facts)
             item = encode_item(
