@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import re
 import secrets
 import time
@@ -84,6 +85,7 @@ LIST_CONCURRENCY = 16
 LIST_CLOSEST = 3
 CRAWL_ROUNDS = 16
 CRAWL_PARALLEL = 4
+CRAWL_MIN_INTERVAL = 10.0  # seconds between two crawls by find_ads
 
 _SHA256_HEX = re.compile(r"^(?:sha256:)?([0-9a-f]{64})$")
 
@@ -183,6 +185,7 @@ class Discovery:
         self._wake = trio.Event()
         self._running = False
         self._crawled: set[str] = set()  # peer ids learned by crawl()
+        self._last_crawl = -math.inf
         self.current_ad: CapabilityAd | None = None
         self.peer_id = str(host.get_id())
 
@@ -460,11 +463,13 @@ class Discovery:
         """Valid ads of every peer we know of (ours included), sorted by peer id.
 
         ``refresh``: first run the self-lookup and a crawl (see ``crawl``) so
-        peers outside our neighbourhood are known too.
+        peers outside our neighbourhood are known too; skipped when the last
+        one is under ``CRAWL_MIN_INTERVAL`` old, so callers may poll cheaply.
         """
-        if refresh:
+        if refresh and trio.current_time() - self._last_crawl >= CRAWL_MIN_INTERVAL:
             await self.self_lookup()
             await self.crawl()
+            self._last_crawl = trio.current_time()
         ids = sorted(self.known_peer_ids())
         results: dict[str, CapabilityAd] = {}
         limiter = trio.CapacityLimiter(LIST_CONCURRENCY)
