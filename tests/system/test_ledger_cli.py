@@ -42,7 +42,7 @@ async def test_ledger_cli_while_writing_then_tampered(tmp_path: Path) -> None:
                 assert chunk, "writer exited early"
                 seen += chunk
         # The writer keeps writing while we read: WAL readers see a consistent snapshot.
-        for _ in range(3):
+        for _ in range(2):
             out = await trio.to_thread.run_sync(
                 lambda: ledger("verify", "--json", data_dir=data_dir)
             )
