@@ -99,6 +99,13 @@ async def test_kill_9_mid_write_loses_nothing_acknowledged(tmp_path: Path, seed:
         assert all(stored_locks.get(k) == d for k, d in locks.items())
         report = verify_snapshot(snap)
         assert report.ok, report.problems
+        if seed == 1:  # and as an operator would check it
+            cli = await trio.run_process(
+                [sys.executable, "-m", "peer.cli", "ledger", "verify", "--data-dir", str(tmp_path)],
+                capture_stdout=True,
+                check=False,
+            )
+            assert cli.returncode == 0, cli.stdout
         # The ledger reopens (replaying and re-verifying every row) and keeps working.
         async with open_ledger_store(tmp_path, WRITER_RULE, POLICY) as store:
             assert receipts <= set(store.ledger.fact_ids())
