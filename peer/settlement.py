@@ -81,6 +81,7 @@ MAX_FRAME = 1 << 20
 MAX_ITEMS = 512
 MAX_ITEM_PAYLOAD = MAX_FRAME - 64 * 1024
 MAX_SYNC_ROUNDS = 256
+MAX_SYNC_SESSIONS = 8  # answered at once; more get a "busy" error
 MAX_REQUESTS_PER_STREAM = 100_000
 OPS = ("certify", "push", "sync", "get")
 # Seconds before the DHT is asked again for the addresses of a peer we cannot reach.
@@ -243,6 +244,7 @@ class SettlementService:
         self._closed = False
         self._identity: IdentityProof | None = None
         self._lookups: dict[str, float] = {}  # peer id -> when we last asked the DHT
+        self._sync_sessions = 0  # sync sessions we are answering right now
 
     # --- state ----------------------------------------------------------------------------
 
@@ -690,6 +692,8 @@ class SettlementService:
                 log.debug("ledger stream from %s failed: %r", remote, exc)
             finally:
                 self._handlers.discard(scope)
+                if "rec" in state:
+                    self._sync_sessions -= 1
                 await ch.close()
 
     async def _answer(self, data: bytes, state: dict[str, Any], remote: str) -> dict[str, Any]:
@@ -714,6 +718,12 @@ class SettlementService:
                     raise ValidationError("sync needs 'm': reconcile message bytes")
                 rec = state.get("rec")
                 if rec is None:
+                    # Each session snapshots our ids (O(n)): bound how many run at once.
+                    if self._sync_sessions >= MAX_SYNC_SESSIONS:
+                        raise ValidationError(
+                            f"busy: {MAX_SYNC_SESSIONS} sync sessions running, try later"
+                        )
+                    self._sync_sessions += 1
                     rec = state["rec"] = Reconciler(list(self.ledger.fact_ids()))
                     state["rounds"] = 0
                 state["rounds"] += 1
