@@ -137,7 +137,9 @@ def load_config(
         "environment",
     )
     data_dir = cli_values.get("data_dir") or env_values.get("data_dir") or default_data_dir()
-    path = config_file or (Path(env[ENV_PREFIX + "CONFIG"]) if ENV_PREFIX + "CONFIG" in env else None)
+    path = config_file or (
+        Path(env[ENV_PREFIX + "CONFIG"]) if ENV_PREFIX + "CONFIG" in env else None
+    )
     file_values: dict[str, Any] = {}
     candidate = path or (Path(data_dir) / CONFIG_FILE_NAME)
     if candidate.exists():

@@ -24,5 +24,26 @@ from peer.cli import models_cmd as _models_cmd  # noqa: E402,F401
 from peer.cli import net_cmd as _net_cmd  # noqa: E402,F401
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; a usage error is one line on stderr and exit code 2."""
+    try:
+        rv = app(args=argv, standalone_mode=False)
+    except typer.Abort:
+        typer.echo("edgeswarm: aborted", err=True)
+        raise SystemExit(130) from None
+    except Exception as exc:
+        # Click's ClickException family (Typer vendors Click, so match by shape).
+        show, code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
+        if not (callable(show) and isinstance(code, int)):
+            raise
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            show()  # bare `edgeswarm` or a bare group: print its help
+        else:
+            message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+            hint = ""
+            ctx = getattr(exc, "ctx", None)
+            if ctx is not None:
+                hint = f" (see '{ctx.command_path} --help')"
+            typer.echo(f"edgeswarm: error: {message}{hint}", err=True)
+        raise SystemExit(code) from None
+    raise SystemExit(rv if isinstance(rv, int) else 0)
