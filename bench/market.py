@@ -159,6 +159,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                         cfg(f"ex{i}", bootstrap=(boot.listen_addrs[0],), price=price),
                         hardware=Hardware(),
                         models=lambda h=holder: h[0].models_source() if h else [],
+                        market=False,  # started below with the bench's settings
                     )
                 )
                 ex_settings = MarketSettings(
@@ -175,7 +176,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             stack.callback(local.close)
             rpeer = await stack.enter_async_context(
                 open_peer(
-                    cfg("req", bootstrap=(boot.listen_addrs[0],)), hardware=Hardware(), models=[]
+                    cfg("req", bootstrap=(boot.listen_addrs[0],)),
+                    hardware=Hardware(),
+                    models=[],
+                    market=False,
                 )
             )
             req = await stack.enter_async_context(

@@ -45,6 +45,10 @@ class Config:
     # Execution providers allowed, in preference order; empty = all available.
     providers: tuple[str, ...] = ()
     max_concurrent_jobs: int = 2
+    # Market: the most a requester pays per job (credits) unless a call says
+    # otherwise, and how long its auctions collect bids (seconds).
+    max_price: float = 10.0
+    bid_window: float = 0.2
     intra_op_threads: int = 0
     session_cache_bytes: int = 2 * 1024**3
     job_timeout: float = 30.0

@@ -29,7 +29,7 @@ import logging
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import nacl.signing
 import trio
@@ -64,6 +64,11 @@ from peer.host import (
 from peer.identity import load_or_create_identity
 from peer.logging_setup import exception_leaves, install_libp2p_filter, log_exception_leaves
 from protocols.ad import AD_MAX_TTL, AD_NAMESPACE, MAX_ADDRS, CapabilityAd, Device
+
+if TYPE_CHECKING:
+    from contextlib import AbstractAsyncContextManager
+
+    from peer.market import InferResult, Lease, MarketService, ReceiptBook
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +212,8 @@ class Peer:
         self.listen_addrs = listen_addrs
         self.peer_id = str(host.get_id())
         self.bootstrap_links: list[BootstrapLink] = []
+        # The job market (peer role, or on request): set by open_peer.
+        self.market: MarketService | None = None
 
     @property
     def ad(self) -> CapabilityAd | None:
@@ -239,6 +246,24 @@ class Peer:
     def connected_peers(self) -> list[str]:
         return sorted(str(p) for p in self.host.get_connected_peers())
 
+    def _market(self) -> MarketService:
+        if self.market is None:
+            raise RuntimeError(f"this peer (role {self.role!r}) runs no job market")
+        return self.market
+
+    async def infer(self, model: str, inputs: Any, **kw: Any) -> InferResult:
+        """One job through the market; see ``MarketService.infer`` (max_price, deadline, ...)."""
+        return await self._market().infer(model, inputs, **kw)
+
+    def lease(self, model: str, **kw: Any) -> AbstractAsyncContextManager[Lease]:
+        """Hold one executor for many jobs; see ``MarketService.lease``."""
+        return self._market().lease(model, **kw)
+
+    @property
+    def receipts(self) -> ReceiptBook:
+        """Receipts of jobs this peer ran or paid for; ``.on_receipt`` hooks settlement in."""
+        return self._market().receipts
+
 
 def _reraise_single(group: BaseExceptionGroup[Any], body_error: BaseException | None) -> None:
     """Trio wraps errors in (nested) groups; give a lone error back unwrapped.
@@ -262,6 +287,8 @@ async def open_peer(
     hardware: Any = None,
     key: nacl.signing.SigningKey | None = None,
     one_connection_per_peer: bool = True,
+    runtime: Any = None,
+    market: bool | None = None,
 ) -> AsyncIterator[Peer]:
     """Start a peer (host, DHT, gossipsub, ad publisher, bootstrap links); stop it all on exit.
 
@@ -271,7 +298,10 @@ async def open_peer(
     ``hardware``: an ``edge_models.hardware.HardwareInfo`` (probed once per
     process if None). ``key``: use this identity instead of the data dir's
     (``edgeswarm peers`` uses a throw-away key so it never impersonates a
-    running peer that shares its data dir). Raises ``peer.identity.IdentityError``,
+    running peer that shares its data dir). ``market`` (default: role
+    "peer") runs the job market (``peer.infer``/``peer.lease``); with an
+    ``edge_models`` ``runtime`` the peer also serves every model in its registry
+    (and, when ``models`` is None, its ad lists them). Raises ``peer.identity.IdentityError``,
     ``peer.host.AddressError`` or ``peer.host.ListenError`` with a clear message
     before anything starts running.
     """
@@ -284,6 +314,14 @@ async def open_peer(
         )
     for address in config.bootstrap:
         peer_info_from_addr(address)  # AddressError now, not in a background task
+    run_market = role == "peer" if market is None else market and role != "bootstrap"
+    market_box: list[Any] = []
+    if runtime is not None and models is None:
+
+        def served() -> list[tuple[str, str, float]]:
+            return market_box[0].models_source() if market_box else []
+
+        models = served
     if key is None:
         key = load_or_create_identity(config.key_path)
     host = build_host(key, one_connection_per_peer=one_connection_per_peer, mdns=config.mdns)
@@ -347,6 +385,19 @@ async def open_peer(
                 async with trio.open_nursery() as nursery:
                     for i, link in enumerate(links):
                         nursery.start_soon(link.run, first[i])
+                    # The market first: models it serves are loaded and listed in the first ad.
+                    if run_market:
+                        # Imported here: the market pulls in onnxruntime (edge_models).
+                        from peer.market import MarketService, MarketSettings
+
+                        service = MarketService(
+                            peer, settings=MarketSettings.from_config(config), runtime=runtime
+                        )
+                        await nursery.start(service.run)
+                        peer.market = service
+                        market_box.append(service)
+                        if runtime is not None:
+                            await service.serve()
                     await nursery.start(discovery.run)
                     try:
                         yield peer

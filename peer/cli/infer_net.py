@@ -10,7 +10,6 @@ stderr and exit 1, never a traceback.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ def infer_network(
     from peer.host import AddressError, ListenError
     from peer.identity import IdentityError
     from peer.logging_setup import setup_logging
-    from peer.market import MarketFailure, UnknownModel, open_market
+    from peer.market import MarketFailure, UnknownModel
     from peer.node import open_peer
 
     if not cfg.bootstrap:
@@ -58,23 +57,23 @@ def infer_network(
     async def main() -> None:
         with console.status("joining the network...") as status:
             # This data dir's identity: it is the account that owes the receipt's price.
-            async with open_peer(cfg, role="client") as peer:
-                running = getattr(peer, "market", None)
-                cm: Any = (
-                    contextlib.nullcontext(running) if running is not None else open_market(peer)
-                )
-                async with cm as market:
-                    status.update(f"running {model} through the market (auction, award, result)...")
-                    try:
-                        outcome["result"] = await market.infer(
-                            model,
-                            inputs,
-                            max_price=max_price,
-                            deadline=budget,
-                            spot_check=spot_check,
-                        )
-                    except (MarketFailure, UnknownModel, EdgeModelError, ValueError) as exc:
-                        outcome["error"] = str(exc)
+            async with open_peer(cfg, role="client", market=True) as peer:
+                if not peer.connected_peers():
+                    outcome["error"] = (
+                        f"cannot reach the bootstrap node(s) {', '.join(cfg.bootstrap)}"
+                    )
+                    return
+                status.update(f"running {model} through the market (auction, award, result)...")
+                try:
+                    outcome["result"] = await peer.infer(
+                        model,
+                        inputs,
+                        max_price=max_price,
+                        deadline=budget,
+                        spot_check=spot_check,
+                    )
+                except (MarketFailure, UnknownModel, EdgeModelError, ValueError) as exc:
+                    outcome["error"] = str(exc)
 
     t0 = time.perf_counter()
     try:

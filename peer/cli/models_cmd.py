@@ -1,9 +1,8 @@
 """`edgeswarm models list|add|info|remove` and `edgeswarm infer`.
 
 ``infer --local`` runs a model on this machine through the same ModelRuntime
-the network worker uses. Network mode (``infer --bootstrap ...``) plugs into
-``infer`` as a second branch; until it exists, ``infer`` without ``--local``
-says so and exits 2.
+the network worker uses; ``infer --bootstrap ...`` runs it through the job
+market (``peer/cli/infer_net.py``).
 """
 
 from __future__ import annotations
@@ -309,16 +308,35 @@ def infer(
     output_dir: Annotated[
         Path, typer.Option("--output-dir", "-o", help="Where to write <output name>.npy.")
     ] = Path("."),
+    bootstrap: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--bootstrap",
+            metavar="MULTIADDR",
+            help="Bootstrap node to join through (repeatable; env EDGESWARM_BOOTSTRAP).",
+            show_default=False,
+        ),
+    ] = None,
+    max_price: Annotated[
+        float | None,
+        typer.Option("--max-price", min=0.0, help="Most to pay for the job, in credits."),
+    ] = None,
+    deadline: Annotated[
+        float | None,
+        typer.Option("--deadline", min=0.1, help="Seconds the job may take, auction included."),
+    ] = None,
     data_dir: DataDirOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Run a model on inputs and write each output to OUTPUT_DIR/<name>.npy."""
-    cfg = config_from_cli(data_dir=data_dir)
+    """Run a model on inputs (through the network, or --local) and write OUTPUT_DIR/<name>.npy."""
+    cfg = config_from_cli(data_dir=data_dir, bootstrap=bootstrap or None)
     if local:
         _infer_local(cfg, model, inputs or [], texts or [], output_dir, json_out)
         return
-    fail(
-        "network inference needs --bootstrap MULTIADDR and is not available yet; "
-        "use --local to run the model on this machine",
-        code=2,
+    if texts:
+        fail("--text works with --local only; give --input NAME=FILE.npy", code=2)
+    from peer.cli.infer_net import infer_network
+
+    infer_network(
+        cfg, model, inputs or [], output_dir, json_out, max_price=max_price, deadline=deadline
     )

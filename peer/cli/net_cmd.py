@@ -114,14 +114,17 @@ def run_command(
     listen: ListenOpt = None,
     bootstrap: BootstrapOpt = None,
 ) -> None:
-    """Run a peer: join via the bootstrap nodes, publish its capability ad, serve until stopped."""
+    """Run a peer: join via the bootstrap nodes, publish its ad, serve its models until stopped."""
     config = _config(data_dir, listen=listen, bootstrap=bootstrap)
     setup_logging(config.log_level)
     if not config.bootstrap:
         log.warning("no --bootstrap given: this peer is alone until others dial it")
+    from peer.cli.models_cmd import make_runtime, open_registry
     from peer.node import open_peer
 
-    _run_trio(lambda: _serve(lambda: open_peer(config), "peer"))
+    # Every model in the registry is served: loaded, measured (p50 in the ad), bid on.
+    with make_runtime(config, open_registry(config)) as runtime:
+        _run_trio(lambda: _serve(lambda: open_peer(config, runtime=runtime), "peer"))
 
 
 @app.command("bootstrap")

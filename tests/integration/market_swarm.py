@@ -111,6 +111,7 @@ class Swarm:
                             cfg,
                             hardware=FakeHardware(),
                             models=lambda: holder[0].models_source() if holder else [],
+                            market=False,  # started below, with the test's settings
                         ) as peer,
                         open_market(
                             peer,
