@@ -222,7 +222,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 
                     await one()
                     row["c_lease"] = summary(await timed(one, n_lease))
-                    width = 4 if label == "tiny" else 2
+                    width = 4
                     wall = await concurrent(one, n_lease, width)
                     row[f"c_lease_{width}_in_flight"] = {
                         "jobs_per_s": round(n_lease / wall, 1),
