@@ -227,7 +227,9 @@ async def open_node(
     config: SettlementConfig,
 ) -> Any:
     cfg = Config(data_dir=tmp / name, listen=("/ip4/127.0.0.1/tcp/0",))
-    peer = await stack.enter_async_context(open_peer(cfg, key=k, hardware=_Hardware(), role=ROLE))
+    peer = await stack.enter_async_context(
+        open_peer(cfg, key=k, hardware=_Hardware(), role=ROLE, settlement=False)
+    )
     store = await stack.enter_async_context(open_ledger_store(cfg.data_dir, rule, policy))
     svc = await stack.enter_async_context(open_settlement(peer, store, config))
     return peer, svc

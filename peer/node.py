@@ -24,11 +24,12 @@ its routing table and re-publishes its ad.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import random
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
 import nacl.signing
@@ -69,6 +70,7 @@ if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
 
     from peer.market import InferResult, Lease, MarketService, ReceiptBook
+    from peer.settlement import SettlementService
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +216,8 @@ class Peer:
         self.bootstrap_links: list[BootstrapLink] = []
         # The job market (peer role, or on request): set by open_peer.
         self.market: MarketService | None = None
+        # Settlement (ledger store + /edgeswarm/ledger/1); None when off or no witnesses.
+        self.settlement: SettlementService | None = None
 
     @property
     def ad(self) -> CapabilityAd | None:
@@ -265,6 +269,24 @@ class Peer:
         return self._market().receipts
 
 
+async def _start_settlement(peer: Peer, stack: AsyncExitStack) -> None:
+    """Open the ledger and settlement service; hook the market's receipts into it.
+
+    Witnesses default to the bootstrap nodes (``Config.ledger_witnesses`` overrides);
+    a bootstrap node with no witness list witnesses for itself.
+    """
+    from peer.settlement import open_peer_settlement  # SQLite + trio-asyncio: only when used
+
+    config = peer.config
+    if peer.role == "bootstrap" and not config.ledger_witnesses:
+        others = tuple(a.rsplit("/p2p/", 1)[1] for a in config.bootstrap if "/p2p/" in a)
+        config = dataclasses.replace(config, ledger_witnesses=(peer.peer_id, *others))
+    service = await stack.enter_async_context(open_peer_settlement(peer, config, optional=True))
+    peer.settlement = service
+    if service is not None and peer.market is not None:
+        peer.market.on_receipt.append(service.on_market_receipt)
+
+
 def _reraise_single(group: BaseExceptionGroup[Any], body_error: BaseException | None) -> None:
     """Trio wraps errors in (nested) groups; give a lone error back unwrapped.
 
@@ -289,6 +311,7 @@ async def open_peer(
     one_connection_per_peer: bool = True,
     runtime: Any = None,
     market: bool | None = None,
+    settlement: bool | None = None,
 ) -> AsyncIterator[Peer]:
     """Start a peer (host, DHT, gossipsub, ad publisher, bootstrap links); stop it all on exit.
 
@@ -301,7 +324,10 @@ async def open_peer(
     running peer that shares its data dir). ``market`` (default: role
     "peer") runs the job market (``peer.infer``/``peer.lease``); with an
     ``edge_models`` ``runtime`` the peer also serves every model in its registry
-    (and, when ``models`` is None, its ad lists them). Raises ``peer.identity.IdentityError``,
+    (and, when ``models`` is None, its ad lists them). ``settlement`` (default:
+    roles "peer" and "bootstrap") runs the ledger (``peer.settlement``): receipts
+    from the market are stored and the ones we owe are paid through the witnesses;
+    a bootstrap node is itself a witness. Raises ``peer.identity.IdentityError``,
     ``peer.host.AddressError`` or ``peer.host.ListenError`` with a clear message
     before anything starts running.
     """
@@ -315,6 +341,7 @@ async def open_peer(
     for address in config.bootstrap:
         peer_info_from_addr(address)  # AddressError now, not in a background task
     run_market = role == "peer" if market is None else market and role != "bootstrap"
+    run_settlement = role != "client" if settlement is None else settlement
     market_box: list[Any] = []
     if runtime is not None and models is None:
 
@@ -400,7 +427,10 @@ async def open_peer(
                             await service.serve()
                     await nursery.start(discovery.run)
                     try:
-                        yield peer
+                        async with AsyncExitStack() as stack:
+                            if run_settlement:
+                                await _start_settlement(peer, stack)
+                            yield peer
                     except BaseException as exc:
                         body_error = exc
                         raise

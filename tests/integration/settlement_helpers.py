@@ -167,7 +167,7 @@ async def settlement_node(
 ) -> AsyncIterator[Node]:
     cfg = Config(data_dir=data_dir, listen=("/ip4/127.0.0.1/tcp/0",))
     async with (
-        open_peer(cfg, key=k, hardware=FakeHardware()) as peer,
+        open_peer(cfg, key=k, hardware=FakeHardware(), settlement=False) as peer,
         open_ledger_store(data_dir, rule, pol) as store,
         open_settlement(
             peer, store, config or SettlementConfig(sync_interval=0, gossip=False)

@@ -102,7 +102,7 @@ async def test_open_peer_settlement_from_config(tmp_path: Path) -> None:
         ledger_sync_interval=0.0,
     )
     async with (
-        open_peer(cfg, key=key(7), hardware=FakeHardware()) as peer,
+        open_peer(cfg, key=key(7), hardware=FakeHardware(), settlement=False) as peer,
         open_peer_settlement(peer, cfg) as svc,
     ):
         assert svc is not None
@@ -112,7 +112,7 @@ async def test_open_peer_settlement_from_config(tmp_path: Path) -> None:
     assert read_snapshot(tmp_path / "p").rule is not None
     lone = Config(data_dir=tmp_path / "lone", listen=("/ip4/127.0.0.1/tcp/0",))
     async with (
-        open_peer(lone, key=key(8), hardware=FakeHardware()) as peer,
+        open_peer(lone, key=key(8), hardware=FakeHardware(), settlement=False) as peer,
         open_peer_settlement(peer, lone, optional=True) as svc,
     ):
         assert svc is None
