@@ -10,7 +10,7 @@ handled here:
   raise ``ListenError`` naming the address.
 * A dial that succeeded waits 250 ms in the swarm's happy-eyeballs loop
   unless ``max_connections_per_peer=1``; with one connection per peer a dial
-  takes ~11 ms (see docs/benchmarks-discovery.md), and DHT and gossip only
+  takes ~11 ms (see docs/benchmarks.md, "Discovery"), and DHT and gossip only
   ever need one connection to a peer, so that is our default.
 
 QUIC is not enabled: py-libp2p 0.8.1's QUIC transport is optional and we have
