@@ -40,6 +40,7 @@ from protocols.market_fields import (
 )
 from protocols.receipt import MAX_BATCH, Acceptance, ResultCommitment
 from protocols.signed import Signed, open_message
+from protocols.tensor import DTYPES as TENSOR_DTYPES
 
 JOB_REQUEST_DOMAIN = "edgeswarm/job-request/v1"
 BID_DOMAIN = "edgeswarm/bid/v1"
@@ -59,22 +60,8 @@ MAX_DIM = 2**31 - 1
 # Payload frames (inputs/outputs) are capped by the I/O layer's tensor limits;
 # this is the hard ceiling any frame decoder must enforce.
 MAX_PAYLOAD_FRAME = 64 * 1024 * 1024 + 64 * 1024
-DTYPES = frozenset(
-    {
-        "bool",
-        "int8",
-        "int16",
-        "int32",
-        "int64",
-        "uint8",
-        "uint16",
-        "uint32",
-        "uint64",
-        "float16",
-        "float32",
-        "float64",
-    }
-)
+# The element types a tensor may have on the wire (protocols.tensor decodes them).
+DTYPES = frozenset(TENSOR_DTYPES)
 
 
 def _check_expires(kind: str, what: str, at: float, now: float) -> None:
