@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -197,6 +197,7 @@ class Outcome:
     award: Award
     outputs: dict[int, Arrays]
     attempts: list[tuple[str, str]]
+    wires: dict[int, Any] = field(default_factory=dict)  # seq -> outputs as received (referees)
 
 
 class JobRun:
@@ -214,7 +215,7 @@ class JobRun:
         limits: TensorLimits,
         policy: rq.RequesterPolicy,
         single_input: Any = None,
-        banned: frozenset[str] = frozenset(),
+        banned: Container[str] = frozenset(),
         reputation: Mapping[str, float] | None = None,
     ) -> None:
         self.key = key
@@ -319,16 +320,19 @@ class JobRun:
                 receipt = Receipt.create(self.key, a.commitment)
                 att = self.attempt
                 outputs: dict[int, Arrays] = {}
+                wires: dict[int, Any] = {}
                 if att is not None and att.executor == a.commitment.message.executor:
                     att.acceptance = receipt.acceptance
                     att.decided.set()
                     outputs = att.decoded
+                    wires = dict(att.outputs)
                 self.outcome = Outcome(
                     receipt=receipt,
                     executor=a.commitment.message.executor,
                     award=a.award,
                     outputs=outputs,
                     attempts=list(self.job.attempts),
+                    wires=wires,
                 )
             elif isinstance(a, rq.Fail):
                 self.error = a.error

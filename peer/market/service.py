@@ -18,7 +18,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Container, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +37,7 @@ from peer.job_stream import JOB_PROTOCOL, FrameStream
 from peer.market.executor import ExecutorService
 from peer.market.gossip import GossipGuard, MarketGossip
 from peer.market.receipts import ReceiptBook, ReceiptHook
+from peer.market.referee import REFEREE_PROTOCOL, RefereeService, SpotChecks, arbitrate
 from peer.market.requester import (
     Attempt,
     JobFailed,
@@ -49,9 +50,11 @@ from peer.market.requester import (
 from peer.worker import Worker
 from protocols import executor as ex
 from protocols import requester as rq
+from protocols.committee import RefereePanel
 from protocols.errors import ProtocolError
 from protocols.market import JobInput, LeaseTerms
-from protocols.receipt import Receipt, content_digest
+from protocols.proofs import FraudProof
+from protocols.receipt import Receipt, ResultCommitment, content_digest
 from protocols.tensor import DEFAULT_LIMITS, TensorLimits, decode_tensors, encode_tensors
 from protocols.verification import compare_outputs
 
@@ -65,6 +68,8 @@ REDISCOVER_S = 60.0
 MESH_TARGET = 4  # GossipSub's degree_low: more are grafted by heartbeats
 MESH_SETTLE_S = 0.5
 MAX_DIALS = 8
+REFEREE_MIN_S = 5.0  # arbitration gets at least this long, even past the job's deadline
+REFEREE_MAX_S = 20.0
 _CID_RE = re.compile(r"[0-9a-f]{64}")
 
 Arrays = dict[str, npt.NDArray[Any]]
@@ -92,6 +97,8 @@ class InferResult:
     model_cid: str
     attempts: list[tuple[str, str]] = field(default_factory=list)
     spot_check: str | None = None  # None: not checked; "agree" or why the outputs disagree
+    fraud_proofs: list[FraudProof] = field(default_factory=list)  # cheaters this job exposed
+    wire: Any = field(default=None, repr=False)  # the outputs as received (for referees)
 
     def to_dict(self) -> dict[str, Any]:
         c = self.receipt.commitment.message
@@ -116,6 +123,7 @@ class InferResult:
             },
             "attempts": [list(a) for a in self.attempts],
             "spot_check": self.spot_check,
+            "fraud": [p.offender for p in self.fraud_proofs],
         }
 
 
@@ -149,6 +157,7 @@ class MarketService:
         settings: MarketSettings,
         runtime: Any = None,
         registry: Any = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.peer = peer
         self.key = peer.key
@@ -182,8 +191,30 @@ class MarketService:
                 limits=settings.limits,
             )
             self.executor.on_load = getattr(peer, "set_load", None)
+            self.referee: RefereeService | None = RefereeService(
+                key=self.key,
+                peer_id=self.peer_id,
+                host=self.host,
+                worker=self.worker,
+                limits=settings.limits,
+                panel_for=self._panel_for,
+            )
+        else:
+            self.referee = None
         self._nursery: trio.Nursery | None = None
         self._discovered: dict[str, float] = {}
+        self.spot_checks = SpotChecks(rng or random.Random())
+        self.proven_cheaters: set[str] = set()  # found by our own spot checks
+        self.banned: Container[str] = _Banned(self)
+
+    def _rule(self) -> Any:
+        """The network's committee rule, when this peer runs settlement."""
+        settlement = getattr(self.peer, "settlement", None)
+        return None if settlement is None else settlement.ledger.rule
+
+    def _panel_for(self, c: ResultCommitment) -> RefereePanel | None:
+        rule = self._rule()
+        return None if rule is None else rule.referees_for(c.job_id, (c.requester, c.executor))
 
     @property
     def on_receipt(self) -> list[ReceiptHook]:
@@ -201,6 +232,8 @@ class MarketService:
             await nursery.start(self.gossip.run)
             if self.executor is not None:
                 await nursery.start(self.executor.run)
+            if self.referee is not None:
+                await nursery.start(self.referee.run)
             task_status.started()
             try:
                 await trio.sleep_forever()
@@ -333,6 +366,12 @@ class MarketService:
         return connected
 
     async def _open_stream(self, executor: str, until: float) -> FrameStream:
+        return FrameStream(await self._new_stream(executor, until, JOB_PROTOCOL))
+
+    async def _open_referee(self, referee: str, until: float) -> Any:
+        return await self._new_stream(referee, until, REFEREE_PROTOCOL)
+
+    async def _new_stream(self, executor: str, until: float, protocol: str) -> Any:
         pid = ID.from_base58(executor)
         budget = max(0.05, min(DIAL_TIMEOUT, until - time.time()))
         with trio.fail_after(budget):
@@ -346,8 +385,7 @@ class MarketService:
                     for a in ad.addrs if ad is not None else ():
                         info = info_from_p2p_addr(Multiaddr(a))
                         self.host.get_peerstore().add_addrs(info.peer_id, info.addrs, 600)
-            stream = await self.host.new_stream(pid, [TProtocol(JOB_PROTOCOL)])
-        return FrameStream(stream)
+            return await self.host.new_stream(pid, [TProtocol(protocol)])
 
     def _new_run(
         self,
@@ -358,6 +396,9 @@ class MarketService:
         single_input: Any = None,
         banned: frozenset[str] = frozenset(),
     ) -> JobRun:
+        """A JobRun that ignores bids of ``banned``, of proven cheaters and of accounts the
+        ledger has banned."""
+
         async def publish(signed: Any) -> None:
             await self.gossip.publish(cid, signed)
 
@@ -371,7 +412,7 @@ class MarketService:
             limits=self.settings.limits,
             policy=self.settings.policy,
             single_input=single_input,
-            banned=banned,
+            banned=_Banned(self, banned),
         )
 
     def _check_inputs(self, entry: ModelEntry | None, inputs: Mapping[str, Any]) -> Arrays:
@@ -406,24 +447,91 @@ class MarketService:
         arrays = self._check_inputs(entry, inputs)
         wire = encode_tensors(arrays)
         result = await self._one_job(cid, entry, wire, max_price, until, bid_window, spot_check)
+        if spot_check > 0 and self.spot_checks.want(spot_check):
+            result = await self._spot_check(result, cid, entry, wire, max_price, until, bid_window)
         result.latency_ms = (time.perf_counter() - t0) * 1e3
-        if spot_check > 0 and random.random() < spot_check:
+        return result
+
+    async def _spot_check(
+        self,
+        result: InferResult,
+        cid: str,
+        entry: ModelEntry | None,
+        wire: Any,
+        max_price: float | None,
+        until: float,
+        bid_window: float | None,
+    ) -> InferResult:
+        """Run the job again on another executor (not on the job's referee panel if another
+        one bids); on disagreement the referees decide, and the honest result is returned."""
+        panel = self._panel_for(result.receipt.commitment.message)
+        avoid = {result.executor, *(panel.members if panel is not None else ())}
+        check: InferResult | None = None
+        try:
+            check = await self._one_job(
+                cid, entry, wire, max_price, until, bid_window, 0.0, banned=avoid
+            )
+        except rq.MarketFailure as exc:
+            if panel is None or time.time() >= until:
+                result.spot_check = f"not checked: {exc}"
+                return result
+        if check is None:  # small swarm: only panel members bid; one of them checks
             try:
                 check = await self._one_job(
                     cid, entry, wire, max_price, until, bid_window, 0.0, banned={result.executor}
                 )
-                verdict = compare_outputs(result.outputs, check.outputs)
-                result.spot_check = "agree" if verdict.agree else verdict.reason
-                if not verdict.agree:
-                    log.warning(
-                        "spot check: %s and %s disagree: %s",
-                        result.executor,
-                        check.executor,
-                        verdict.reason,
-                    )
             except rq.MarketFailure as exc:
                 result.spot_check = f"not checked: {exc}"
-        return result
+                return result
+        verdict = compare_outputs(result.outputs, check.outputs)
+        if verdict.agree:
+            result.spot_check = "agree"
+            return result
+        log.warning(
+            "spot check: %s and %s disagree: %s", result.executor, check.executor, verdict.reason
+        )
+        return await self._referee(result, check, wire, verdict.reason, until)
+
+    async def _referee(
+        self, first: InferResult, check: InferResult, wire: Any, reason: str, until: float
+    ) -> InferResult:
+        """Both results go to the referee panels; a FraudProof bans its executor (locally at
+        once, everywhere once settlement spreads it); the result no proof names is returned."""
+        rule = self._rule()
+        if rule is None:
+            first.spot_check = f"{reason}; not refereed: no committee rule (settlement is off)"
+            return first
+        results = (first, check)
+        claims = [(r.receipt.commitment, r.wire) for r in results]
+        panels = [
+            rule.referees_for(r.receipt.job_id, (r.receipt.requester, r.executor)) for r in results
+        ]
+        budget = min(REFEREE_MAX_S, max(REFEREE_MIN_S, until - time.time()))
+        evidence = await arbitrate(
+            self._open_referee, claims, wire, panels, limits=self.settings.limits, wait_s=budget
+        )
+        proofs = [e for e in evidence if isinstance(e, FraudProof)]
+        settlement = getattr(self.peer, "settlement", None)
+        for proof in proofs:
+            log.warning(
+                "fraud proven against %s (job %s)",
+                proof.offender,
+                proof.commitment.message.job_id.hex()[:12],
+            )
+            self.proven_cheaters.add(proof.offender)
+            if settlement is not None:
+                try:
+                    await settlement.ingest_fraud_proof(proof)
+                except Exception as exc:  # our ban stands; the ledger may learn it by sync
+                    log.warning("could not store the fraud proof: %s", exc)
+        cheaters = {p.offender for p in proofs}
+        honest = next((r for r in results if r.executor not in cheaters), first)
+        honest.fraud_proofs = proofs
+        if proofs:
+            honest.spot_check = f"{reason}; referees proved {', '.join(sorted(cheaters))} wrong"
+        else:
+            honest.spot_check = f"{reason}; referees did not decide"
+        return honest
 
     async def _one_job(
         self,
@@ -456,6 +564,7 @@ class MarketService:
             raise
         self.receipts.add(outcome.receipt, "requester")
         return InferResult(
+            wire=outcome.wires.get(0),
             outputs=outcome.outputs[0],
             receipt=outcome.receipt,
             executor=outcome.executor,
@@ -510,6 +619,20 @@ class MarketService:
                 with trio.CancelScope(shield=True), trio.move_on_after(10.0):
                     await lease.aclose()
                 nursery.cancel_scope.cancel()
+
+
+class _Banned:
+    """Whose bids a job ignores: ``extra``, our proven cheaters, and the ledger's banned."""
+
+    def __init__(self, market: MarketService, extra: Iterable[str] = ()) -> None:
+        self.market = market
+        self.extra = frozenset(extra)
+
+    def __contains__(self, peer_id: object) -> bool:
+        if peer_id in self.extra or peer_id in self.market.proven_cheaters:
+            return True
+        settlement = getattr(self.market.peer, "settlement", None)
+        return settlement is not None and settlement.ledger.is_banned(peer_id)
 
 
 class Lease:
@@ -681,6 +804,7 @@ async def open_market(
     registry: Any = None,
     settings: MarketSettings | None = None,
     serve: Iterable[str] | bool = True,
+    rng: random.Random | None = None,
 ) -> AsyncIterator[MarketService]:
     """Run a MarketService on ``peer`` (stopped on exit). With a ``runtime`` it serves
     ``serve`` (model refs; True = every model in the registry; False = none)."""
@@ -689,6 +813,7 @@ async def open_market(
         settings=settings or MarketSettings.from_config(peer.config),
         runtime=runtime,
         registry=registry,
+        rng=rng,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(market.run)

@@ -1,0 +1,411 @@
+"""``/edgeswarm/referee/1``: referees re-run a disputed job and sign a verdict.
+
+When a spot check disagrees (``protocols.verification.compare_outputs``) the
+requester sends both executors' signed commitments, the job's inputs and the
+outputs each one returned to the referee panel of each job
+(``CommitteeRule.referees_for``). A referee that serves the model runs it once,
+``judge``s every claim against its own outputs and signs a ``RefereeResult``
+per claim; ``decide`` turns a panel majority into a ``FraudProof`` (the loser)
+or an ``ArbitratedReceipt``.
+
+Wire (length-prefixed canonical CBOR frames, ``protocols.codec``), one request
+per stream:
+
+1. requester -> referee, header (at most ``HEADER_MAX`` bytes):
+   ``{"v": 1, "c": [signed ResultCommitment bytes, 1..2]}``: the referee checks
+   the signatures, that every claim is a single job of one model and one input
+   digest, that it serves the model and (when it knows the committee rule) that
+   it sits on the panel of at least one claim, *before* it accepts a payload;
+2. requester -> referee, payload (at most ``(1 + claims) x max_total_bytes +
+   64 KiB``): ``{"v": 1, "in": inputs wire, "out": [outputs wire per claim]}``;
+3. referee -> requester: ``{"v": 1, "r": [result bytes or null per claim]}``
+   (null: the forwarded outputs do not hash to that commitment, so there is
+   nothing to judge) or ``{"v": 1, "err": "<what was expected, what came>"}``.
+
+Referee runs share the executor's worker (its ``CapacityLimiter``) and at most
+``MAX_ACTIVE`` referee requests are served at once (others get ``busy``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import nacl.signing
+import trio
+from libp2p.custom_types import TProtocol
+
+from edge_models.errors import EdgeModelError
+from peer.worker import Worker
+from protocols.codec import FrameDecoder, decode, encode, frame
+from protocols.committee import RefereePanel
+from protocols.errors import DecodeError, ProtocolError, ValidationError
+from protocols.proofs import (
+    ArbitratedReceipt,
+    FraudProof,
+    RefereeResult,
+    open_referee_result,
+    sign_referee_result,
+)
+from protocols.receipt import ResultCommitment, content_digest
+from protocols.signed import Signed, open_message
+from protocols.tensor import TensorLimits, decode_tensors
+from protocols.verification import decide, judge, outputs_digest, should_spot_check
+
+log = logging.getLogger(__name__)
+
+REFEREE_PROTOCOL = TProtocol("/edgeswarm/referee/1")
+VERSION = 1
+HEADER_MAX = 4096
+REPLY_MAX = 8192
+MAX_CLAIMS = 2
+MAX_ACTIVE = 4
+READ_WAIT_S = 10.0  # each frame of a request must arrive within this
+RUN_BUDGET_S = 30.0  # one referee model run
+READ_CHUNK = 256 * 1024
+PAYLOAD_OVERHEAD = 64 * 1024
+
+Claim = tuple[Signed[ResultCommitment], Any]  # (commitment, the outputs wire it covers)
+Evidence = FraudProof | ArbitratedReceipt | None
+
+
+class RefereeError(ProtocolError):
+    """A referee request or reply broke the protocol (the message says what and why)."""
+
+
+# --- spot-check draws --------------------------------------------------------------------------
+
+
+@dataclass
+class SpotChecks:
+    """The requester's spot-check decisions from one random source (seedable for tests)."""
+
+    rng: random.Random = field(default_factory=random.Random)
+    asked: int = 0
+    checked: int = 0
+
+    def want(self, probability: float, *, first_lease_job: bool = False) -> bool:
+        self.asked += 1
+        hit = should_spot_check(probability, self.rng.random(), is_first_lease_job=first_lease_job)
+        self.checked += hit
+        return hit
+
+
+# --- messages (pure functions) -----------------------------------------------------------------
+
+
+def encode_header(commitments: Sequence[Signed[ResultCommitment]]) -> bytes:
+    return encode({"v": VERSION, "c": [c.to_bytes() for c in commitments]})
+
+
+def decode_header(data: bytes) -> tuple[Signed[ResultCommitment], ...]:
+    """Parse and verify a request header: 1..2 signed single-job commitments of one job input."""
+    body = decode(data, max_size=HEADER_MAX)
+    if not isinstance(body, dict) or set(body) != {"v", "c"} or body["v"] != VERSION:
+        raise DecodeError(f"referee header must be {{v: {VERSION}, c: [...]}}, got {body!r:.80}")
+    raw = body["c"]
+    if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_CLAIMS:
+        raise DecodeError(f"referee header needs 1..{MAX_CLAIMS} commitments, got {raw!r:.80}")
+    out = []
+    for item in raw:
+        if not isinstance(item, bytes) or len(item) > ResultCommitment.MAX_BYTES:
+            raise DecodeError("a commitment must be signed bytes within its size cap")
+        out.append(open_message(ResultCommitment, item))
+    first = out[0].message
+    for s in out:
+        c = s.message
+        if c.count != 1:
+            raise ValidationError(f"only single jobs are refereed here, got a batch of {c.count}")
+        if (c.model_cid, c.input_digest, c.requester) != (
+            first.model_cid,
+            first.input_digest,
+            first.requester,
+        ):
+            raise ValidationError("the claims must be one requester's job: same model and input")
+    if len({s.digest for s in out}) != len(out):
+        raise ValidationError("the same commitment was sent twice")
+    return tuple(out)
+
+
+def encode_payload(inputs: Any, outputs: Sequence[Any]) -> bytes:
+    return encode({"v": VERSION, "in": inputs, "out": list(outputs)})
+
+
+def decode_payload(data: bytes, claims: int, max_size: int) -> tuple[Any, list[Any]]:
+    body = decode(data, max_size=max_size)
+    if not isinstance(body, dict) or set(body) != {"v", "in", "out"} or body["v"] != VERSION:
+        raise DecodeError(f"referee payload must be {{v, in, out}}, got {type(body).__name__}")
+    outs = body["out"]
+    if not isinstance(outs, list) or len(outs) != claims:
+        raise DecodeError(f"referee payload needs {claims} outputs, one per commitment")
+    return body["in"], outs
+
+
+def encode_reply(results: Sequence[Signed[RefereeResult] | None]) -> bytes:
+    return encode({"v": VERSION, "r": [None if r is None else r.to_bytes() for r in results]})
+
+
+def encode_error(message: str) -> bytes:
+    return encode({"v": VERSION, "err": message[:1024]})
+
+
+def decode_reply(data: bytes, claims: int) -> list[Signed[RefereeResult] | None]:
+    body = decode(data, max_size=REPLY_MAX)
+    if isinstance(body, dict) and set(body) == {"v", "err"} and isinstance(body["err"], str):
+        raise RefereeError(f"referee refused: {body['err']}")
+    if not isinstance(body, dict) or set(body) != {"v", "r"} or body["v"] != VERSION:
+        raise DecodeError(f"referee reply must be {{v, r}} or {{v, err}}, got {body!r:.80}")
+    raw = body["r"]
+    if not isinstance(raw, list) or len(raw) != claims:
+        raise DecodeError(f"referee reply needs {claims} results, got {raw!r:.80}")
+    out: list[Signed[RefereeResult] | None] = []
+    for item in raw:
+        if item is None:
+            out.append(None)
+        elif isinstance(item, bytes) and len(item) <= RefereeResult.MAX_BYTES:
+            out.append(open_referee_result(item))
+        else:
+            raise DecodeError("a referee result must be signed bytes within its size cap")
+    return out
+
+
+# --- framing on a libp2p stream ----------------------------------------------------------------
+
+
+class _Frames:
+    def __init__(self, stream: Any, max_size: int) -> None:
+        self.stream = stream
+        self.decoder = FrameDecoder(max_size=max_size)
+
+    async def read(self, max_size: int) -> bytes:
+        self.decoder.max_size = max_size
+        while True:
+            raw = self.decoder.next_frame()
+            if raw is not None:
+                return raw
+            chunk = await self.stream.read(READ_CHUNK)
+            if not chunk:
+                raise RefereeError("the referee stream ended before a whole frame came")
+            self.decoder.feed(chunk)
+
+    async def write(self, payload: bytes, max_size: int) -> None:
+        await self.stream.write(frame(payload, max_size=max_size))
+
+
+async def _close(stream: Any, *, reset: bool = False) -> None:
+    with (
+        trio.CancelScope(shield=True),
+        trio.move_on_after(2.0),
+        contextlib.suppress(Exception),  # already gone: nothing left to close
+    ):
+        await (stream.reset() if reset else stream.close())
+
+
+# --- the referee (server side) -----------------------------------------------------------------
+
+
+class RefereeService:
+    """Answers ``/edgeswarm/referee/1`` for the models this peer's worker serves."""
+
+    def __init__(
+        self,
+        *,
+        key: nacl.signing.SigningKey,
+        peer_id: str,
+        host: Any,
+        worker: Worker,
+        limits: TensorLimits,
+        panel_for: Callable[[ResultCommitment], RefereePanel | None] = lambda c: None,
+    ) -> None:
+        self.key = key
+        self.peer_id = peer_id
+        self.host = host
+        self.worker = worker
+        self.limits = limits
+        self.panel_for = panel_for  # None: committee rule unknown, answer any requester
+        self.active = 0
+        self.stats: dict[str, int] = {"asked": 0, "judged": 0, "refused": 0}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self.host.set_stream_handler(REFEREE_PROTOCOL, self._on_stream)
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+                self.host.remove_stream_handler(REFEREE_PROTOCOL)
+                nursery.cancel_scope.cancel()
+
+    async def _on_stream(self, stream: Any) -> None:
+        if self._nursery is None:
+            await _close(stream, reset=True)
+            return
+        self._nursery.start_soon(self._serve, stream)
+
+    async def _serve(self, stream: Any) -> None:
+        self.stats["asked"] += 1
+        frames = _Frames(stream, HEADER_MAX)
+        try:
+            if self.active >= MAX_ACTIVE:
+                raise RefereeError(f"busy: {self.active} referee runs in progress")
+            self.active += 1
+            try:
+                reply = await self._judge(frames, str(stream.muxed_conn.peer_id))
+            finally:
+                self.active -= 1
+        except (ProtocolError, EdgeModelError, trio.TooSlowError) as exc:
+            self.stats["refused"] += 1
+            log.info("referee request refused: %s", exc)
+            reply = encode_error(str(exc) or type(exc).__name__)
+        except Exception as exc:  # the stream broke: nobody to answer
+            log.debug("referee stream failed: %s", exc)
+            await _close(stream, reset=True)
+            return
+        with contextlib.suppress(Exception), trio.move_on_after(READ_WAIT_S):
+            await frames.write(reply, REPLY_MAX)
+        await _close(stream)
+
+    async def _judge(self, frames: _Frames, remote: str) -> bytes:
+        with trio.fail_after(READ_WAIT_S):
+            claims = decode_header(await frames.read(HEADER_MAX))
+        first = claims[0].message
+        if first.requester != remote:
+            raise ValidationError(
+                f"only the job's requester {first.requester} may ask, not {remote}"
+            )
+        self.worker.entry(first.model_cid)  # ModelNotFound: we do not serve it
+        panels = [self.panel_for(c.message) for c in claims]
+        if all(p is not None for p in panels) and not any(
+            p is not None and self.peer_id in p for p in panels
+        ):
+            raise ValidationError(f"{self.peer_id} is not on the referee panel of these jobs")
+        cap = (1 + len(claims)) * self.limits.max_total_bytes + PAYLOAD_OVERHEAD
+        with trio.fail_after(READ_WAIT_S):
+            inputs_wire, outputs_wires = decode_payload(await frames.read(cap), len(claims), cap)
+        if content_digest(inputs_wire) != first.input_digest:
+            raise ValidationError("the inputs do not hash to the commitments' input digest")
+        inputs = decode_tensors(inputs_wire, limits=self.limits)
+        self.worker.check(first.model_cid, inputs)
+        mine, _ = await self.worker.run(
+            first.model_cid, inputs, deadline=time.time() + RUN_BUDGET_S
+        )
+        mine_digest = outputs_digest(mine)
+        now_ms = int(time.time() * 1000)
+        results: list[Signed[RefereeResult] | None] = []
+        for signed, wire in zip(claims, outputs_wires, strict=True):
+            c = signed.message
+            if self.peer_id in (c.requester, c.executor):
+                results.append(None)  # a party cannot referee its own job
+                continue
+            try:
+                claimed = decode_tensors(wire, limits=self.limits)
+                verdict = judge(c, claimed, mine)
+            except ProtocolError as exc:  # forwarded outputs are not what it committed to
+                log.info("referee: claim of %s not judged: %s", c.executor, exc)
+                results.append(None)
+                continue
+            results.append(
+                sign_referee_result(
+                    self.key, signed, output_digest=mine_digest, verdict=verdict, time_ms=now_ms
+                )
+            )
+            self.stats["judged"] += 1
+        return encode_reply(results)
+
+
+# --- the requester's side ----------------------------------------------------------------------
+
+OpenStream = Callable[[str, float], Awaitable[Any]]  # (peer id, until) -> libp2p stream
+
+
+async def ask_referee(
+    open_stream: OpenStream,
+    referee: str,
+    claims: Sequence[Claim],
+    inputs_wire: Any,
+    *,
+    limits: TensorLimits,
+    until: float,
+) -> list[Signed[RefereeResult] | None]:
+    """One referee's verdicts on ``claims`` (results signed by someone else are dropped)."""
+    stream = await open_stream(referee, until)
+    ok = False
+    try:
+        frames = _Frames(stream, REPLY_MAX)
+        await frames.write(encode_header([c for c, _ in claims]), HEADER_MAX)
+        cap = (1 + len(claims)) * limits.max_total_bytes + PAYLOAD_OVERHEAD
+        await frames.write(encode_payload(inputs_wire, [w for _, w in claims]), cap)
+        results = decode_reply(await frames.read(REPLY_MAX), len(claims))
+        ok = True
+    finally:
+        await _close(stream, reset=not ok)
+    return [
+        r
+        if r is not None and r.message.referee == referee and r.message.commitment == c.digest
+        else None
+        for r, (c, _) in zip(results, claims, strict=True)
+    ]
+
+
+async def arbitrate(
+    open_stream: OpenStream,
+    claims: Sequence[Claim],
+    inputs_wire: Any,
+    panels: Sequence[RefereePanel],
+    *,
+    limits: TensorLimits,
+    wait_s: float,
+) -> list[Evidence]:
+    """Ask every referee on the claims' panels at once; per claim, what ``decide`` makes of the
+    verdicts (a ``FraudProof``, an ``ArbitratedReceipt`` or None) once all are decided or
+    ``wait_s`` passes."""
+    verdicts: list[list[Signed[RefereeResult]]] = [[] for _ in claims]
+    evidence: list[Evidence] = [None] * len(claims)
+    referees = sorted({m for p in panels for m in p.members})
+    until = time.time() + wait_s
+
+    async def one(referee: str, cancel: trio.CancelScope) -> None:
+        try:
+            results = await ask_referee(
+                open_stream, referee, claims, inputs_wire, limits=limits, until=until
+            )
+        except Exception as exc:  # unreachable or refusing referee: the others may decide
+            log.info("referee %s gave no verdict: %s", referee, exc)
+            return
+        for i, r in enumerate(results):
+            if r is not None:
+                verdicts[i].append(r)
+                evidence[i] = decide(claims[i][0], verdicts[i], panels[i])
+        if all(e is not None for e in evidence):
+            cancel.cancel()
+
+    with trio.move_on_after(wait_s):
+        async with trio.open_nursery() as nursery:
+            for referee in referees:
+                nursery.start_soon(one, referee, nursery.cancel_scope)
+    return evidence
+
+
+__all__ = [
+    "REFEREE_PROTOCOL",
+    "Claim",
+    "RefereeError",
+    "RefereeService",
+    "SpotChecks",
+    "arbitrate",
+    "ask_referee",
+    "decode_header",
+    "decode_payload",
+    "decode_reply",
+    "encode_header",
+    "encode_payload",
+    "encode_reply",
+]
