@@ -113,9 +113,12 @@ async def swarm(tmp_path: Path) -> AsyncIterator[Swarm]:
 
 
 async def wait_providers(peer: Peer, cid: str, n: int, limit: float = 20.0) -> None:
+    """Until ``peer`` finds ``n`` providers of ``cid`` in the DHT (real queries, bounded)."""
     with trio.fail_after(limit):
-        while len({p.peer_id for p in await peer.find_providers(cid)}) < n:
-            await trio.sleep(0.2)  # DHT queries: nothing to wait on but the next lookup
+        for _ in range(1000):
+            if len({p.peer_id for p in await peer.find_providers(cid)}) >= n:
+                return
+            await trio.sleep(0.2)  # DHT lookups: there is no event to wait on
 
 
 async def wait_all(what: str, peers: list[Peer], predicate: Any, limit: float = 30.0) -> None:
@@ -156,9 +159,11 @@ async def test_cheater_is_caught_loses_its_payouts_and_is_ignored(tmp_path: Path
         await wait_all(
             "every ledger to ban the cheater and reverse its payout",
             s.ledgers,
-            lambda p: p.settlement.ledger.is_banned(cheater_id)
-            and p.settlement.ledger.forfeited().get(cheater_id) == 500_000
-            and p.settlement.ledger.balance(result.executor) == 1_000_000,
+            lambda p: (
+                p.settlement.ledger.is_banned(cheater_id)
+                and p.settlement.ledger.forfeited().get(cheater_id) == 500_000
+                and p.settlement.ledger.balance(result.executor) == 1_000_000
+            ),
         )
         for p in s.ledgers:
             assert p.settlement is not None
