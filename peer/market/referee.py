@@ -12,10 +12,14 @@ Wire (length-prefixed canonical CBOR frames, ``protocols.codec``), one request
 per stream:
 
 1. requester -> referee, header (at most ``HEADER_MAX`` bytes):
-   ``{"v": 1, "c": [signed ResultCommitment bytes, 1..2]}``: the referee checks
-   the signatures, that every claim is a single job of one model and one input
-   digest, that it serves the model and (when it knows the committee rule) that
-   it sits on the panel of at least one claim, *before* it accepts a payload;
+   ``{"v": 1, "c": [claim, 1..2]}``, a claim being ``{"c": signed ResultCommitment
+   bytes}`` for a single job, or for one job ``seq`` of a lease batch
+   ``{"c": ..., "seq": k, "ins": [input digest per job], "outs": [output digest per
+   job]}`` (at most ``MAX_REFEREE_BATCH`` jobs; the lists must hash to the
+   commitment's batch digests). The referee checks the signatures and digests,
+   that all claims are about one requester's job on one model and one input,
+   that it serves the model and (when it knows the committee rule) that it sits
+   on the panel of at least one claim, *before* it accepts a payload;
 2. requester -> referee, payload (at most ``(1 + claims) x max_total_bytes +
    64 KiB``): ``{"v": 1, "in": inputs wire, "out": [outputs wire per claim]}``;
 3. referee -> requester: ``{"v": 1, "r": [result bytes or null per claim]}``
@@ -32,7 +36,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +56,7 @@ from protocols.proofs import (
     open_referee_result,
     sign_referee_result,
 )
-from protocols.receipt import ResultCommitment, content_digest
+from protocols.receipt import ResultCommitment, batch_digest, content_digest
 from protocols.signed import Signed, open_message
 from protocols.tensor import TensorLimits, decode_tensors
 from protocols.verification import decide, judge, outputs_digest, should_spot_check
@@ -61,7 +65,8 @@ log = logging.getLogger(__name__)
 
 REFEREE_PROTOCOL = TProtocol("/edgeswarm/referee/1")
 VERSION = 1
-HEADER_MAX = 4096
+MAX_REFEREE_BATCH = 4096  # a lease batch is refereed up to this size (checked batches are small)
+HEADER_MAX = 8192 + 2 * MAX_REFEREE_BATCH * 34
 REPLY_MAX = 8192
 MAX_CLAIMS = 2
 MAX_ACTIVE = 4
@@ -70,7 +75,6 @@ RUN_BUDGET_S = 30.0  # one referee model run
 READ_CHUNK = 256 * 1024
 PAYLOAD_OVERHEAD = 64 * 1024
 
-Claim = tuple[Signed[ResultCommitment], Any]  # (commitment, the outputs wire it covers)
 Evidence = FraudProof | ArbitratedReceipt | None
 
 
@@ -99,35 +103,92 @@ class SpotChecks:
 # --- messages (pure functions) -----------------------------------------------------------------
 
 
-def encode_header(commitments: Sequence[Signed[ResultCommitment]]) -> bytes:
-    return encode({"v": VERSION, "c": [c.to_bytes() for c in commitments]})
+@dataclass(frozen=True)
+class Claim:
+    """One executor's signed commitment and the outputs it returned for the disputed job.
+
+    For a lease batch, ``seq`` is the disputed job and ``ins``/``outs`` are the per-job
+    digests the commitment's batch digests cover (``outputs`` is job ``seq``'s wire).
+    """
+
+    commitment: Signed[ResultCommitment]
+    outputs: Any = None  # tensor wire map (not sent in the header)
+    seq: int | None = None
+    ins: tuple[bytes, ...] = ()
+    outs: tuple[bytes, ...] = ()
+
+    @property
+    def job_input_digest(self) -> bytes:
+        c = self.commitment.message
+        return c.input_digest if self.seq is None else self.ins[self.seq]
+
+    def output_digest_of(self, outputs: Mapping[str, Any]) -> bytes:
+        """What the commitment's output digest would be with ``outputs`` for the disputed job."""
+        d = outputs_digest(outputs)
+        if self.seq is None:
+            return d
+        return batch_digest([*self.outs[: self.seq], d, *self.outs[self.seq + 1 :]])
+
+    def header(self) -> dict[str, Any]:
+        h: dict[str, Any] = {"c": self.commitment.to_bytes()}
+        if self.seq is not None:
+            h.update(seq=self.seq, ins=list(self.ins), outs=list(self.outs))
+        return h
 
 
-def decode_header(data: bytes) -> tuple[Signed[ResultCommitment], ...]:
-    """Parse and verify a request header: 1..2 signed single-job commitments of one job input."""
+def _digests(name: str, value: Any) -> tuple[bytes, ...]:
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_REFEREE_BATCH:
+        raise DecodeError(f"claim.{name} must be a list of 1..{MAX_REFEREE_BATCH} digests")
+    if not all(isinstance(d, bytes) and len(d) == 32 for d in value):
+        raise DecodeError(f"claim.{name} must hold 32-byte digests")
+    return tuple(value)
+
+
+def _decode_claim(item: Any) -> Claim:
+    if not isinstance(item, dict) or set(item) not in ({"c"}, {"c", "seq", "ins", "outs"}):
+        raise DecodeError(f"a claim must be {{c}} or {{c, seq, ins, outs}}, got {item!r:.80}")
+    raw = item["c"]
+    if not isinstance(raw, bytes) or len(raw) > ResultCommitment.MAX_BYTES:
+        raise DecodeError("a commitment must be signed bytes within its size cap")
+    signed = open_message(ResultCommitment, raw)
+    c = signed.message
+    if "seq" not in item:
+        if c.count != 1:
+            raise ValidationError(f"a batch of {c.count} jobs needs seq, ins and outs")
+        return Claim(signed)
+    ins, outs, seq = _digests("ins", item["ins"]), _digests("outs", item["outs"]), item["seq"]
+    if not len(ins) == len(outs) == c.count:
+        raise ValidationError(f"the batch has {c.count} jobs, got {len(ins)}/{len(outs)} digests")
+    if type(seq) is not int or not 0 <= seq < c.count:
+        raise ValidationError(f"seq must be a job of the batch (0..{c.count - 1}), got {seq!r}")
+    if batch_digest(ins) != c.input_digest or batch_digest(outs) != c.output_digest:
+        raise ValidationError("the job digests do not hash to the commitment's batch digests")
+    return Claim(signed, seq=seq, ins=ins, outs=outs)
+
+
+def encode_header(claims: Sequence[Claim]) -> bytes:
+    return encode({"v": VERSION, "c": [c.header() for c in claims]})
+
+
+def decode_header(data: bytes) -> tuple[Claim, ...]:
+    """Parse and verify a request header: 1..2 claims about one requester's job input."""
     body = decode(data, max_size=HEADER_MAX)
     if not isinstance(body, dict) or set(body) != {"v", "c"} or body["v"] != VERSION:
         raise DecodeError(f"referee header must be {{v: {VERSION}, c: [...]}}, got {body!r:.80}")
     raw = body["c"]
     if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_CLAIMS:
-        raise DecodeError(f"referee header needs 1..{MAX_CLAIMS} commitments, got {raw!r:.80}")
-    out = []
-    for item in raw:
-        if not isinstance(item, bytes) or len(item) > ResultCommitment.MAX_BYTES:
-            raise DecodeError("a commitment must be signed bytes within its size cap")
-        out.append(open_message(ResultCommitment, item))
-    first = out[0].message
-    for s in out:
-        c = s.message
-        if c.count != 1:
-            raise ValidationError(f"only single jobs are refereed here, got a batch of {c.count}")
-        if (c.model_cid, c.input_digest, c.requester) != (
-            first.model_cid,
-            first.input_digest,
-            first.requester,
+        raise DecodeError(f"referee header needs 1..{MAX_CLAIMS} claims, got {raw!r:.80}")
+    out = [_decode_claim(item) for item in raw]
+    first = out[0]
+    for claim in out:
+        c = claim.commitment.message
+        if (c.model_cid, c.requester, claim.job_input_digest) != (
+            first.commitment.message.model_cid,
+            first.commitment.message.requester,
+            first.job_input_digest,
         ):
             raise ValidationError("the claims must be one requester's job: same model and input")
-    if len({s.digest for s in out}) != len(out):
+    if len({c.commitment.digest for c in out}) != len(out):
         raise ValidationError("the same commitment was sent twice")
     return tuple(out)
 
@@ -276,13 +337,13 @@ class RefereeService:
     async def _judge(self, frames: _Frames, remote: str) -> bytes:
         with trio.fail_after(READ_WAIT_S):
             claims = decode_header(await frames.read(HEADER_MAX))
-        first = claims[0].message
+        first = claims[0].commitment.message
         if first.requester != remote:
             raise ValidationError(
                 f"only the job's requester {first.requester} may ask, not {remote}"
             )
         self.worker.entry(first.model_cid)  # ModelNotFound: we do not serve it
-        panels = [self.panel_for(c.message) for c in claims]
+        panels = [self.panel_for(c.commitment.message) for c in claims]
         if all(p is not None for p in panels) and not any(
             p is not None and self.peer_id in p for p in panels
         ):
@@ -290,8 +351,8 @@ class RefereeService:
         cap = (1 + len(claims)) * self.limits.max_total_bytes + PAYLOAD_OVERHEAD
         with trio.fail_after(READ_WAIT_S):
             inputs_wire, outputs_wires = decode_payload(await frames.read(cap), len(claims), cap)
-        if content_digest(inputs_wire) != first.input_digest:
-            raise ValidationError("the inputs do not hash to the commitments' input digest")
+        if content_digest(inputs_wire) != claims[0].job_input_digest:
+            raise ValidationError("the inputs do not hash to the disputed job's input digest")
         inputs = decode_tensors(inputs_wire, limits=self.limits)
         self.worker.check(first.model_cid, inputs)
         mine, _ = await self.worker.run(
@@ -300,14 +361,15 @@ class RefereeService:
         mine_digest = outputs_digest(mine)
         now_ms = int(time.time() * 1000)
         results: list[Signed[RefereeResult] | None] = []
-        for signed, wire in zip(claims, outputs_wires, strict=True):
+        for claim, wire in zip(claims, outputs_wires, strict=True):
+            signed = claim.commitment
             c = signed.message
             if self.peer_id in (c.requester, c.executor):
                 results.append(None)  # a party cannot referee its own job
                 continue
             try:
                 claimed = decode_tensors(wire, limits=self.limits)
-                verdict = judge(c, claimed, mine)
+                verdict = judge(c, claimed, mine, digest=claim.output_digest_of)
             except ProtocolError as exc:  # forwarded outputs are not what it committed to
                 log.info("referee: claim of %s not judged: %s", c.executor, exc)
                 results.append(None)
@@ -340,18 +402,20 @@ async def ask_referee(
     ok = False
     try:
         frames = _Frames(stream, REPLY_MAX)
-        await frames.write(encode_header([c for c, _ in claims]), HEADER_MAX)
+        await frames.write(encode_header(claims), HEADER_MAX)
         cap = (1 + len(claims)) * limits.max_total_bytes + PAYLOAD_OVERHEAD
-        await frames.write(encode_payload(inputs_wire, [w for _, w in claims]), cap)
+        await frames.write(encode_payload(inputs_wire, [c.outputs for c in claims]), cap)
         results = decode_reply(await frames.read(REPLY_MAX), len(claims))
         ok = True
     finally:
         await _close(stream, reset=not ok)
     return [
         r
-        if r is not None and r.message.referee == referee and r.message.commitment == c.digest
+        if r is not None
+        and r.message.referee == referee
+        and r.message.commitment == c.commitment.digest
         else None
-        for r, (c, _) in zip(results, claims, strict=True)
+        for r, c in zip(results, claims, strict=True)
     ]
 
 
@@ -383,7 +447,7 @@ async def arbitrate(
         for i, r in enumerate(results):
             if r is not None:
                 verdicts[i].append(r)
-                evidence[i] = decide(claims[i][0], verdicts[i], panels[i])
+                evidence[i] = decide(claims[i].commitment, verdicts[i], panels[i])
         if all(e is not None for e in evidence):
             cancel.cancel()
 

@@ -37,7 +37,7 @@ from peer.job_stream import JOB_PROTOCOL, FrameStream
 from peer.market.executor import ExecutorService
 from peer.market.gossip import GossipGuard, MarketGossip
 from peer.market.receipts import ReceiptBook, ReceiptHook
-from peer.market.referee import REFEREE_PROTOCOL, RefereeService, SpotChecks, arbitrate
+from peer.market.referee import REFEREE_PROTOCOL, Claim, RefereeService, SpotChecks, arbitrate
 from peer.market.requester import (
     Attempt,
     JobFailed,
@@ -464,25 +464,13 @@ class MarketService:
     ) -> InferResult:
         """Run the job again on another executor (not on the job's referee panel if another
         one bids); on disagreement the referees decide, and the honest result is returned."""
-        panel = self._panel_for(result.receipt.commitment.message)
-        avoid = {result.executor, *(panel.members if panel is not None else ())}
-        check: InferResult | None = None
-        try:
-            check = await self._one_job(
-                cid, entry, wire, max_price, until, bid_window, 0.0, banned=avoid
-            )
-        except rq.MarketFailure as exc:
-            if panel is None or time.time() >= until:
-                result.spot_check = f"not checked: {exc}"
-                return result
-        if check is None:  # small swarm: only panel members bid; one of them checks
-            try:
-                check = await self._one_job(
-                    cid, entry, wire, max_price, until, bid_window, 0.0, banned={result.executor}
-                )
-            except rq.MarketFailure as exc:
-                result.spot_check = f"not checked: {exc}"
-                return result
+        c = result.receipt.commitment.message
+        check = await self._second_opinion(
+            cid, entry, wire, max_price, until, bid_window, c.job_id, result.executor
+        )
+        if isinstance(check, str):
+            result.spot_check = check
+            return result
         verdict = compare_outputs(result.outputs, check.outputs)
         if verdict.agree:
             result.spot_check = "agree"
@@ -490,21 +478,68 @@ class MarketService:
         log.warning(
             "spot check: %s and %s disagree: %s", result.executor, check.executor, verdict.reason
         )
-        return await self._referee(result, check, wire, verdict.reason, until)
+        claims = [Claim(r.receipt.commitment, r.wire) for r in (result, check)]
+        proofs, why = await self._referee(claims, wire, verdict.reason, until)
+        cheaters = {p.offender for p in proofs}
+        honest = check if result.executor in cheaters else result
+        honest.fraud_proofs, honest.spot_check = proofs, why
+        return honest
+
+    async def _second_opinion(
+        self,
+        cid: str,
+        entry: ModelEntry | None,
+        wire: Any,
+        max_price: float | None,
+        until: float,
+        bid_window: float | None,
+        job_id: bytes,
+        executor: str,
+    ) -> InferResult | str:
+        """The same inputs as a fresh job on another executor: off the checked job's referee
+        panel if one of those bids, else (small swarms) any other; or why not."""
+        panel = self.referees_for(job_id, executor)
+        if panel is not None:
+            try:
+                return await self._one_job(
+                    cid,
+                    entry,
+                    wire,
+                    max_price,
+                    until,
+                    bid_window,
+                    0.0,
+                    banned={executor, *panel.members},
+                )
+            except rq.MarketFailure as exc:
+                if time.time() >= until:
+                    return f"not checked: {exc}"
+        try:
+            return await self._one_job(
+                cid, entry, wire, max_price, until, bid_window, 0.0, banned={executor}
+            )
+        except rq.MarketFailure as exc:
+            return f"not checked: {exc}"
+
+    def referees_for(self, job_id: bytes, executor: str) -> RefereePanel | None:
+        """The referee panel of our job run by ``executor`` (None when settlement is off)."""
+        rule = self._rule()
+        return None if rule is None else rule.referees_for(job_id, (self.peer_id, executor))
 
     async def _referee(
-        self, first: InferResult, check: InferResult, wire: Any, reason: str, until: float
-    ) -> InferResult:
-        """Both results go to the referee panels; a FraudProof bans its executor (locally at
-        once, everywhere once settlement spreads it); the result no proof names is returned."""
+        self, claims: list[Claim], wire: Any, reason: str, until: float
+    ) -> tuple[list[FraudProof], str]:
+        """The disagreeing claims go to their referee panels; a FraudProof bans its executor
+        (here at once, everywhere once settlement spreads it). Returns the proofs and what
+        happened, for ``spot_check``."""
         rule = self._rule()
         if rule is None:
-            first.spot_check = f"{reason}; not refereed: no committee rule (settlement is off)"
-            return first
-        results = (first, check)
-        claims = [(r.receipt.commitment, r.wire) for r in results]
+            return [], f"{reason}; not refereed: no committee rule (settlement is off)"
         panels = [
-            rule.referees_for(r.receipt.job_id, (r.receipt.requester, r.executor)) for r in results
+            rule.referees_for(
+                c.commitment.message.job_id, (self.peer_id, c.commitment.message.executor)
+            )
+            for c in claims
         ]
         budget = min(REFEREE_MAX_S, max(REFEREE_MIN_S, until - time.time()))
         evidence = await arbitrate(
@@ -524,14 +559,10 @@ class MarketService:
                     await settlement.ingest_fraud_proof(proof)
                 except Exception as exc:  # our ban stands; the ledger may learn it by sync
                     log.warning("could not store the fraud proof: %s", exc)
-        cheaters = {p.offender for p in proofs}
-        honest = next((r for r in results if r.executor not in cheaters), first)
-        honest.fraud_proofs = proofs
-        if proofs:
-            honest.spot_check = f"{reason}; referees proved {', '.join(sorted(cheaters))} wrong"
-        else:
-            honest.spot_check = f"{reason}; referees did not decide"
-        return honest
+        if not proofs:
+            return [], f"{reason}; referees did not decide"
+        cheaters = ", ".join(sorted({p.offender for p in proofs}))
+        return proofs, f"{reason}; referees proved {cheaters} wrong"
 
     async def _one_job(
         self,
@@ -594,8 +625,14 @@ class MarketService:
         seconds: float = 60.0,
         max_price: float | None = None,
         bid_window: float | None = None,
+        spot_check: float | None = None,
     ) -> AsyncIterator[Lease]:
         """Hold one executor for up to ``max_jobs`` jobs or ``seconds``; ``await lease.infer(x)``.
+
+        ``spot_check`` (None: off): the first job of every batch is checked on a second
+        executor, later ones with this probability; a held executor whose result disagrees
+        is dropped, its batch closed and refereed (``lease.fraud_proofs``), and the other
+        result returned.
 
         One receipt per batch (``lease.receipts``). When the executor goes away the
         jobs in flight move to the next bidder (or a new auction); when a batch is
@@ -612,6 +649,7 @@ class MarketService:
                 seconds=seconds,
                 max_price=to_micro(self.settings.max_price if max_price is None else max_price),
                 bid_window=self.settings.bid_window if bid_window is None else bid_window,
+                spot_check=spot_check,
             )
             try:
                 yield lease
@@ -651,6 +689,7 @@ class Lease:
         seconds: float,
         max_price: int,
         bid_window: float,
+        spot_check: float | None = None,
     ) -> None:
         self.market = market
         self.nursery = nursery
@@ -662,6 +701,9 @@ class Lease:
         self.bid_window = bid_window
         self.receipts: list[Receipt] = []
         self.errors: list[rq.MarketFailure] = []
+        self.spot_check = spot_check
+        self.spot_checks: list[str] = []  # outcome of each check: "agree" or what happened
+        self.fraud_proofs: list[FraudProof] = []
         self.jobs_done = 0
         self._current: JobRun | None = None
         self._runs: list[JobRun] = []
@@ -775,8 +817,62 @@ class Lease:
                 self._report(run, att, f"outputs of job {seq}: {problem}")
                 continue
             self.jobs_done += 1
+            if self.spot_check is not None and self.market.spot_checks.want(
+                self.spot_check, first_lease_job=seq == 0
+            ):
+                outputs = await self._check(run, att, seq, wire, waiter.wire, outputs)
             return outputs
         raise rq.ExecutorsFailed(model_cid=self.cid, job_id=b"\0" * 16, attempts=(("lease", last),))
+
+    async def _check(
+        self, run: JobRun, att: Attempt, seq: int, wire: Any, out_wire: Any, outputs: Arrays
+    ) -> Arrays:
+        """Spot-check job ``seq`` of the held executor; returns the outputs to trust."""
+        market = self.market
+        until = time.time() + max(1.0, market.settings.job_timeout)
+        check = await market._second_opinion(
+            self.cid,
+            self.entry,
+            wire,
+            self.max_price / MICRO,
+            until,
+            self.bid_window,
+            att.award.job_id,
+            att.executor,
+        )
+        if isinstance(check, str):
+            self.spot_checks.append(check)
+            return outputs
+        verdict = compare_outputs(outputs, check.outputs)
+        if verdict.agree:
+            self.spot_checks.append("agree")
+            return outputs
+        log.warning(
+            "lease spot check: %s and %s disagree: %s", att.executor, check.executor, verdict.reason
+        )
+        # Stop sending to it, and get its signed commitment for what it ran: the evidence.
+        if self._current is run:
+            self._current = None
+        await run.close_batch()
+        with trio.move_on_after(max(1.0, until - time.time())):
+            await run.done.wait()
+        outcome = run.outcome
+        if outcome is None:  # it never committed: it is not paid, there is nothing to prove
+            self.spot_checks.append(f"{verdict.reason}; the executor did not commit")
+            return check.outputs
+        seqs = sorted(outcome.wires)
+        claim = Claim(
+            outcome.receipt.commitment,
+            out_wire,
+            seq=seqs.index(seq),
+            ins=tuple(att.inputs[s] for s in seqs),
+            outs=tuple(content_digest(outcome.wires[s]) for s in seqs),
+        )
+        claims = [claim, Claim(check.receipt.commitment, check.wire)]
+        proofs, why = await market._referee(claims, wire, verdict.reason, until)
+        self.fraud_proofs += proofs
+        self.spot_checks.append(why)
+        return check.outputs if att.executor in {p.offender for p in proofs} else outputs
 
     @staticmethod
     def _report(run: JobRun, att: Attempt, reason: str) -> None:
