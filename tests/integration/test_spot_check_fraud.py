@@ -215,3 +215,35 @@ def test_spot_check_rate_within_binomial_tolerance() -> None:
     assert all(always.want(1.0) for _ in range(1000))
     assert all(never.want(0.0, first_lease_job=True) for _ in range(100))
     assert should_spot_check(0.05, 0.9999, is_first_lease_job=True)
+
+
+async def test_lease_first_job_is_checked_and_a_cheating_holder_is_proven(tmp_path: Path) -> None:
+    async with swarm(tmp_path) as s:
+        req, cheater = s.requester, s.cheater
+        cheater_id = cheater.peer_id
+        assert req.market is not None and cheater.market is not None
+        cid = next(iter(cheater.market.served))
+        await wait_providers(req, cid, 6)
+        x = np.arange(4, dtype=np.float32)
+        with trio.fail_after(90):
+            async with req.lease("tiny_add", max_jobs=10, seconds=30, spot_check=0.0) as lease:
+                # The cheater holds the lease (cheapest); its first job is always checked.
+                first = await lease.infer({"x": x, "y": x})
+                np.testing.assert_array_equal(first["z"], 2 * x)  # the honest result
+                assert [p.offender for p in lease.fraud_proofs] == [cheater_id]
+                proof = lease.fraud_proofs[0]
+                assert proof.commitment.message.count == 1  # its batch, closed at once
+                # The next job goes to a new, honest holder (checked too: a new batch).
+                second = await lease.infer({"x": x, "y": 3 * x})
+                np.testing.assert_array_equal(second["z"], 4 * x)
+                assert lease.executor not in (None, cheater_id)
+        assert lease.spot_checks[0].endswith(f"referees proved {cheater_id} wrong")
+        assert lease.spot_checks[1:] == ["agree"]
+        await wait_all(
+            "every ledger to ban the cheater and reverse its lease payout",
+            s.ledgers,
+            lambda p: (
+                p.settlement.ledger.is_banned(cheater_id)
+                and p.settlement.ledger.forfeited().get(cheater_id) == 500_000
+            ),
+        )
