@@ -95,9 +95,7 @@ def seal(key: nacl.signing.SigningKey, domain: str, body: Any) -> Envelope:
     )
 
 
-def open_envelope(
-    data: bytes, *, domain: str, max_size: int
-) -> tuple[Envelope, Any]:
+def open_envelope(data: bytes, *, domain: str, max_size: int) -> tuple[Envelope, Any]:
     """Decode, check the domain and verify the signature; return the envelope and its body value.
 
     Every failure is a ``RemoteProtocolError`` subclass with a readable message.
