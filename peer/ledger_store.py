@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,41 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 class StoreError(Exception):
     """The ledger database cannot be used (newer schema, other network, corrupt, closed)."""
+
+
+class LedgerInUse(StoreError):
+    """Another process already writes this ledger (one writer per data dir)."""
+
+
+@contextlib.contextmanager
+def _writer_lock(db: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<db>.lock`` while this process writes the ledger.
+
+    Two writers of one ledger would share one account and could sign two transfers
+    for one sequence number (an equivocation that gets the account banned), so a
+    second writer is refused up front. The OS drops the lock if the process dies.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks, rely on running one peer per dir
+        yield
+        return
+    lock_path = db.with_name(db.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise LedgerInUse(
+                f"the ledger {db} is in use by another edgeswarm process (pid {holder}); "
+                "run one peer per data dir, or give this one its own --data-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 # --- rule / policy pinning -----------------------------------------------------------------
@@ -610,12 +646,13 @@ async def open_ledger_store(
     path.parent.mkdir(parents=True, exist_ok=True)
     body_error: BaseException | None = None
     try:
-        async with _open(path, rule, policy) as store:
-            try:
-                yield store
-            except BaseException as exc:
-                body_error = exc
-                raise
+        with _writer_lock(path):
+            async with _open(path, rule, policy) as store:
+                try:
+                    yield store
+                except BaseException as exc:
+                    body_error = exc
+                    raise
     except BaseExceptionGroup as group:
         # trio-asyncio's loop wraps errors in groups: hand a lone error back as itself.
         leaves = _leaves(group)

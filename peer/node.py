@@ -275,13 +275,23 @@ async def _start_settlement(peer: Peer, stack: AsyncExitStack) -> None:
     Witnesses default to the bootstrap nodes (``Config.ledger_witnesses`` overrides);
     a bootstrap node with no witness list witnesses for itself.
     """
-    from peer.settlement import open_peer_settlement  # SQLite + trio-asyncio: only when used
+    from peer.ledger_store import LedgerInUse  # SQLite + trio-asyncio: only when used
+    from peer.settlement import open_peer_settlement
 
     config = peer.config
     if peer.role == "bootstrap" and not config.ledger_witnesses:
         others = tuple(a.rsplit("/p2p/", 1)[1] for a in config.bootstrap if "/p2p/" in a)
         config = dataclasses.replace(config, ledger_witnesses=(peer.peer_id, *others))
-    service = await stack.enter_async_context(open_peer_settlement(peer, config, optional=True))
+    try:
+        service = await stack.enter_async_context(open_peer_settlement(peer, config, optional=True))
+    except LedgerInUse as exc:
+        if peer.role != "client":
+            raise
+        # A short-lived client (`edgeswarm infer`) beside a running peer of the same
+        # identity: that peer owns the ledger and pays what this client's jobs owe
+        # once anti-entropy brings it the receipts.
+        log.warning("settlement left to the running peer: %s", exc)
+        return
     peer.settlement = service
     if service is not None and peer.market is not None:
         peer.market.on_receipt.append(service.on_market_receipt)

@@ -21,6 +21,34 @@ from peer.cli.common import fail, print_json
 from peer.config import Config
 
 DEFAULT_DEADLINE = 30.0
+PAY_WAIT_S = 20.0
+
+
+async def _pay(peer: Any, receipt: Any) -> str:
+    """Wait (bounded) until the receipt is paid by a certified transfer; say how it ended.
+
+    A payment that is not certified in time stays stored in this data dir's ledger
+    and resumes the next time this identity runs a peer.
+    """
+    svc = peer.settlement
+    if svc is None:
+        return "left to the peer that owns this data dir's ledger (it pays after syncing)"
+    ledger, me = svc.ledger, peer.peer_id
+    now_ms = int(time.time() * 1000)
+    headroom = ledger.spendable(me, now_ms) + ledger.credit_limit(me, now_ms)
+    if headroom < receipt.price and not ledger.is_paid(receipt):
+        return (
+            f"pending: {receipt.price / 1e6:g} credits is over what this identity may owe now "
+            f"({headroom / 1e6:g} credits: its credit limit grows with what it earns); kept in "
+            "the ledger, paid once it has earned enough"
+        )
+    with trio.move_on_after(PAY_WAIT_S):
+        await svc.wait_until(lambda: svc.ledger.is_paid(receipt))
+        return "certified by the witnesses"
+    return (
+        f"pending after {PAY_WAIT_S:.0f} s (kept in the ledger; resumes when this identity "
+        "runs again; `edgeswarm ledger receipts` shows it)"
+    )
 
 
 def infer_network(
@@ -57,7 +85,7 @@ def infer_network(
     async def main() -> None:
         with console.status("joining the network...") as status:
             # This data dir's identity: it is the account that owes the receipt's price.
-            async with open_peer(cfg, role="client", market=True) as peer:
+            async with open_peer(cfg, role="client", market=True, settlement=True) as peer:
                 if not peer.connected_peers():
                     outcome["error"] = (
                         f"cannot reach the bootstrap node(s) {', '.join(cfg.bootstrap)}"
@@ -74,6 +102,9 @@ def infer_network(
                     )
                 except (MarketFailure, UnknownModel, EdgeModelError, ValueError) as exc:
                     outcome["error"] = str(exc)
+                    return
+                status.update("paying the executor (transfer certified by the witnesses)...")
+                outcome["payment"] = await _pay(peer, outcome["result"].receipt)
 
     t0 = time.perf_counter()
     try:
@@ -94,6 +125,7 @@ def infer_network(
         out["outputs"] = files
         out["output_specs"] = written
         out["wall_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
+        out["payment"] = outcome["payment"]
         print_json(out)
         return
     r = result.receipt
@@ -103,6 +135,7 @@ def infer_network(
     )
     for w in written:
         typer.echo(f"  {w['name']}  {w['dtype']}{tuple(w['shape'])}  -> {w['path']}")
+    typer.echo(f"payment  {outcome['payment']}")
     typer.echo(f"receipt {r.receipt_id.hex()}")
     typer.echo(f"  job {r.job_id.hex()}  count {r.count}  model {r.model_cid[:16]}")
     typer.echo(f"  requester {r.requester}")

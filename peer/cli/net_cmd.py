@@ -71,8 +71,12 @@ def _config(data_dir: Path | None, **flags: Any) -> Config:
 
 def _run_trio(main: Callable[[], Any]) -> None:
     """Run ``main`` under trio; expected failures become one line on stderr."""
+    from peer.ledger_store import StoreError
+
     try:
         trio.run(main)
+    except StoreError as exc:
+        fail(str(exc))
     except IdentityError as exc:
         fail(str(exc))
     except (AddressError, ConfigError) as exc:

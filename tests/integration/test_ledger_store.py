@@ -219,3 +219,15 @@ async def test_write_behind_facts_commit_with_the_next_write(tmp_path: Path) -> 
     snap = read_snapshot(tmp_path)
     assert {c.digest for c in certs} <= {f[0] for f in snap.facts}
     assert verify_snapshot(snap).ok
+
+
+async def test_a_second_writer_of_one_ledger_is_refused(tmp_path: Path) -> None:
+    # Two writers would share one account and could sign two transfers for one seq.
+    from peer.ledger_store import LedgerInUse
+
+    async with open_ledger_store(tmp_path, RULE, POLICY):
+        with pytest.raises(LedgerInUse, match="in use by another edgeswarm process"):
+            async with open_ledger_store(tmp_path, RULE, POLICY):
+                pass  # pragma: no cover - never opened
+    async with open_ledger_store(tmp_path, RULE, POLICY):  # free again once closed
+        pass

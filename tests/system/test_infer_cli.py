@@ -67,6 +67,8 @@ async def test_infer_runs_a_job_on_the_cheapest_run_peer(tmp_path: Path) -> None
         assert report["receipt"]["executor"] == report["executor"]
         assert report["receipt"]["count"] == 1
         assert report["latency_ms"] > 0
+        # 1.25 credits is over a fresh identity's 1-credit limit: honest "pending", no wait.
+        assert report["payment"].startswith("pending: 1.25 credits is over")
         p1 = next(p for p in swarm.processes if p.name == "p1")
         assert report["executor"] == p1.peer_id
 
