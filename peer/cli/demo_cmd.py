@@ -36,6 +36,8 @@ DEMO_PRICES = (1.0, 2.0, 3.0)
 DEMO_BASE_LIMIT = 1000.0  # credits a new identity may owe
 DEMO_SYNC_INTERVAL = 1.0  # seconds between anti-entropy rounds
 WAIT_S = 90.0
+# Share of jobs also run on a second executor and compared (referees settle a dispute).
+SPOT_CHECK = 0.25
 
 SENTENCES = (
     "A man is playing a guitar.",
@@ -199,7 +201,9 @@ async def _run_jobs(console: Any, peer: Any, jobs: int, who: dict[str, str]) -> 
             sentence = SENTENCES[i % len(SENTENCES)]
             inputs = tokenizer.encode([sentence])
             async with limiter:
-                result = await peer.infer("minilm", inputs, max_price=5.0, deadline=30.0)
+                result = await peer.infer(
+                    "minilm", inputs, max_price=5.0, deadline=30.0, spot_check=SPOT_CHECK
+                )
             results.append((i, sentence, inputs, result))
             progress.advance(task)
 
@@ -226,6 +230,11 @@ async def _run_jobs(console: Any, peer: Any, jobs: int, who: dict[str, str]) -> 
     for r in results:
         r[3].receipt.verify()  # anyone can check a receipt offline
     console.print(f"all {len(results)} receipts verify offline (executor + requester signatures)")
+    checks = Counter(r.spot_check for *_, r in results if r.spot_check is not None)
+    console.print(
+        f"spot checks (p = {SPOT_CHECK:g}): {sum(checks.values())} job(s) re-run on a second "
+        "executor: " + (", ".join(f"{n} {what}" for what, n in checks.items()) or "none drawn")
+    )
     # Real inference: paired sentences should be closer than unrelated ones.
     if len(results) >= 4:
         vecs = [sentence_embeddings(r.outputs, inp)[0] for _, _, inp, r in results[:4]]
