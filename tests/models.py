@@ -1,7 +1,7 @@
 """Tiny ONNX graphs for tests, built with onnx.helper (no files checked in).
 
-Import as ``from tests.models import tiny_add_model`` (the repository root
-must be on sys.path; tests/component/conftest.py arranges that).
+Import as ``from tests.models import tiny_add_model`` (pytest puts the
+repository root on sys.path: ``pythonpath`` in pyproject.toml).
 """
 
 from __future__ import annotations

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-# tests/models.py (shared tiny-graph builders) is imported as `tests.models`;
-# pytest's default rootdir handling does not put the repository root on sys.path.
-_ROOT = str(Path(__file__).resolve().parents[2])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from edge_models.registry import Registry  # noqa: E402
-from edge_models.runtime import ModelRuntime  # noqa: E402
-from edge_models.spec import ModelEntry  # noqa: E402
-from tests import models  # noqa: E402
+from edge_models.registry import Registry
+from edge_models.runtime import ModelRuntime
+from edge_models.spec import ModelEntry
+from tests import models
 
 
 @pytest.fixture

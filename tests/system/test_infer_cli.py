@@ -13,12 +13,7 @@ import trio
 
 from edge_models.registry import Registry
 from peer.local_swarm import local_swarm, peer_args
-
-_ROOT = str(Path(__file__).resolve().parents[2])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from tests.models import tiny_add_model  # noqa: E402
+from tests.models import tiny_add_model
 
 CLI = [sys.executable, "-m", "peer.cli"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
