@@ -15,6 +15,8 @@ writes bench/results/market.json (+ market_profile.txt).
 
     python bench/market.py            # full run (~1-2 min on 2 cores)
     python bench/market.py --quick    # smoke run
+    python bench/market.py --executor-processes  # bootstrap + executors as separate
+                                      # `edgeswarm run` processes (as deployed)
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from edge_models.registry import Registry
 from edge_models.runtime import ModelRuntime
 from edge_models.text import minilm_tokenizer
 from peer.config import Config
+from peer.local_swarm import local_swarm, peer_args
 from peer.market import MarketService, MarketSettings, open_market
 from peer.node import open_peer
 
@@ -126,6 +129,63 @@ def seed_registry(path: Path, tiny_n: int) -> Registry:
     return registry
 
 
+PRICES = (1.0, 1.5, 2.0)
+
+
+async def start_executors_in_process(
+    stack: AsyncExitStack, cfg: Callable[..., Config], root: Path, tiny_n: int, threads: int
+) -> str:
+    """Bootstrap + 3 executors as libp2p hosts in this process; returns the bootstrap addr."""
+    boot = await stack.enter_async_context(open_bootstrap(cfg("boot")))
+    for i, price in enumerate(PRICES):
+        rt = ModelRuntime(
+            seed_registry(root / f"ex{i}", tiny_n), max_concurrent=2, intra_op_threads=threads
+        )
+        stack.callback(rt.close)
+        holder: list[MarketService] = []
+        peer = await stack.enter_async_context(
+            open_peer(
+                cfg(f"ex{i}", bootstrap=(boot.listen_addrs[0],), price=price),
+                hardware=Hardware(),
+                models=lambda h=holder: h[0].models_source() if h else [],
+                market=False,  # started below with the bench's settings
+            )
+        )
+        ex_settings = MarketSettings(
+            price=price, bid_window=BID_WINDOW, job_timeout=30.0, max_concurrent=2
+        )
+        market = await stack.enter_async_context(
+            open_market(peer, runtime=rt, settings=ex_settings)
+        )
+        holder.append(market)
+    return str(boot.listen_addrs[0])
+
+
+async def start_executor_processes(
+    stack: AsyncExitStack, root: Path, tiny_n: int, threads: int
+) -> tuple[str, list[int]]:
+    """Bootstrap + 3 executors as separate ``edgeswarm`` processes (as deployed).
+
+    Returns the bootstrap address and the executors' pids.
+    """
+    swarm = await stack.enter_async_context(local_swarm(root))
+    boot = await swarm.start("boot", "bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0")
+    pids: list[int] = []
+    for i, price in enumerate(PRICES):
+        seed_registry(root / f"ex{i}", tiny_n)  # the data dir local_swarm gives ex{i}
+        env = {
+            "EDGESWARM_PRICE": str(price),
+            "EDGESWARM_BID_WINDOW": str(BID_WINDOW),
+            "EDGESWARM_MAX_CONCURRENT_JOBS": "2",
+            "EDGESWARM_INTRA_OP_THREADS": str(threads),
+            "EDGESWARM_JOB_TIMEOUT": "30",
+            "EDGESWARM_LOG_LEVEL": "WARNING",
+        }
+        sp = await swarm.start(f"ex{i}", *peer_args([boot.address]), env=env)
+        pids.append(sp.process.pid)
+    return boot.address, pids
+
+
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     tiny_n = 16
     rng = np.random.default_rng(0)
@@ -143,40 +203,34 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         def cfg(name: str, **kw: Any) -> Config:
             return Config(data_dir=root / name, listen=("/ip4/127.0.0.1/tcp/0",), **kw)
 
+        procs: dict[str, psutil.Process] = {}  # executor processes, for CPU accounting
+
+        def cpu_now() -> dict[str, float]:
+            """CPU seconds (user + system) of this process and of each executor process."""
+            t = psutil.Process().cpu_times()
+            out = {"requester_process": t.user + t.system}
+            for name, proc in procs.items():
+                c = proc.cpu_times()
+                out[name] = c.user + c.system
+            return out
+
+        def cpu_ms_per_job(before: dict[str, float], n: int) -> dict[str, float]:
+            after = cpu_now()
+            return {k: round((after[k] - v) / n * 1e3, 3) for k, v in before.items()}
+
         async with AsyncExitStack() as stack:
-            boot = await stack.enter_async_context(open_bootstrap(cfg("boot")))
-            markets: list[MarketService] = []
-            for i, price in enumerate((1.0, 1.5, 2.0)):
-                rt = ModelRuntime(
-                    seed_registry(root / f"ex{i}", tiny_n),
-                    max_concurrent=2,
-                    intra_op_threads=args.threads,
-                )
-                stack.callback(rt.close)
-                holder: list[MarketService] = []
-                peer = await stack.enter_async_context(
-                    open_peer(
-                        cfg(f"ex{i}", bootstrap=(boot.listen_addrs[0],), price=price),
-                        hardware=Hardware(),
-                        models=lambda h=holder: h[0].models_source() if h else [],
-                        market=False,  # started below with the bench's settings
-                    )
-                )
-                ex_settings = MarketSettings(
-                    price=price, bid_window=BID_WINDOW, job_timeout=30.0, max_concurrent=2
-                )
-                market = await stack.enter_async_context(
-                    open_market(peer, runtime=rt, settings=ex_settings)
-                )
-                holder.append(market)
-                markets.append(market)
+            if args.executor_processes:
+                boot_addr, pids = await start_executor_processes(stack, root, tiny_n, args.threads)
+                procs = {f"ex{i}": psutil.Process(pid) for i, pid in enumerate(pids)}
+            else:
+                boot_addr = await start_executors_in_process(stack, cfg, root, tiny_n, args.threads)
             local = ModelRuntime(
                 seed_registry(root / "req", tiny_n), max_concurrent=2, intra_op_threads=args.threads
             )
             stack.callback(local.close)
             rpeer = await stack.enter_async_context(
                 open_peer(
-                    cfg("req", bootstrap=(boot.listen_addrs[0],)),
+                    cfg("req", bootstrap=(boot_addr,)),
                     hardware=Hardware(),
                     models=[],
                     market=False,
@@ -209,7 +263,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 first = await req.infer(cid, feeds, deadline=20)
                 row["first_job_cold_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
                 row["winner_price"] = first.price
+                before = cpu_now()
                 row["a_direct"] = direct(local, cid, feeds, n_direct)
+                row["a_direct"]["cpu_ms_per_job"] = cpu_ms_per_job(before, n_direct + 1)
 
                 async def auction(cid: str = cid, feeds: dict[str, Any] = feeds) -> None:
                     await req.infer(cid, feeds, deadline=20)
@@ -221,12 +277,16 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                         await lease.infer(feeds)
 
                     await one()
+                    before = cpu_now()
                     row["c_lease"] = summary(await timed(one, n_lease))
+                    row["c_lease"]["cpu_ms_per_job"] = cpu_ms_per_job(before, n_lease)
                     width = 4
+                    before = cpu_now()
                     wall = await concurrent(one, n_lease, width)
                     row[f"c_lease_{width}_in_flight"] = {
                         "jobs_per_s": round(n_lease / wall, 1),
                         "n": n_lease,
+                        "cpu_ms_per_job": cpu_ms_per_job(before, n_lease),
                     }
                 row["lease_receipts"] = [
                     {"count": r.count, "price": r.price} for r in lease.receipts
@@ -257,7 +317,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             stats.print_stats(30)
             buf.write("\n--- by cumulative time ---\n")
             stats.sort_stats("cumulative").print_stats(40)
-            (RESULTS / "market_profile.txt").write_text(buf.getvalue())
+            (RESULTS / args.profile_out).write_text(buf.getvalue())
             out["profile"] = {
                 "iters": args.profile_iters,
                 "wall_ms_per_job_under_profiler": round(wall / args.profile_iters * 1e3, 3),
@@ -298,10 +358,18 @@ def main() -> None:
         default=1,
         help="ONNX Runtime intra-op threads per session (4 runtimes share this machine's cores)",
     )
+    parser.add_argument(
+        "--executor-processes",
+        action="store_true",
+        help="run bootstrap + executors as separate `edgeswarm` processes (requester stays here)",
+    )
+    parser.add_argument("--out", default=None, help="result file name in bench/results/")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
         args.tiny_iters, args.minilm_iters, args.auctions, args.profile_iters = 200, 20, 6, 200
+    name = args.out or ("market-processes.json" if args.executor_processes else "market.json")
+    args.profile_out = name.removesuffix(".json") + "_profile.txt"
     RESULTS.mkdir(parents=True, exist_ok=True)
     results = trio.run(bench, args)
     doc = {
@@ -314,7 +382,13 @@ def main() -> None:
             "rss_mb_at_end": round(psutil.Process().memory_info().rss / 2**20, 1),
         },
         "setup": {
-            "peers": "1 bootstrap + 3 executors (price 1.0, 1.5, 2.0) + 1 requester, one process",
+            "peers": (
+                "1 bootstrap + 3 executors (price 1.0, 1.5, 2.0) as separate `edgeswarm` "
+                "processes + 1 requester in the bench process"
+                if args.executor_processes
+                else "1 bootstrap + 3 executors (price 1.0, 1.5, 2.0) + 1 requester, one process"
+            ),
+            "executor_processes": args.executor_processes,
             "bid_window_s": BID_WINDOW,
             "transport": "TCP + Noise + yamux on 127.0.0.1",
             "quick": args.quick,
@@ -331,7 +405,7 @@ def main() -> None:
             >= 0.85,
         },
     }
-    path = RESULTS / "market.json"
+    path = RESULTS / name
     path.write_text(json.dumps(doc, indent=2) + "\n")
     print(json.dumps(doc["goals"], indent=1))
     print(f"wrote {path}")

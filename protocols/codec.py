@@ -35,12 +35,18 @@ def encode(value: Any) -> bytes:
         raise LocalProtocolError(f"cannot encode value as CBOR: {exc}") from exc
 
 
-def decode(data: bytes, *, max_size: int) -> Any:
+def decode(data: bytes, *, max_size: int, canonical: bool = True) -> Any:
     """Decode canonical CBOR of at most ``max_size`` bytes.
 
     Raises ``DecodeError`` for oversize, malformed, trailing or non-canonical
     input, and for any CBOR tag (we never send tags; they would let a sender
     make the decoder build arbitrary objects).
+
+    ``canonical=False`` skips only the canonical-form check (a full re-encode,
+    ~15x the cost of decoding a large tensor). Use it only for bytes that are
+    neither signed nor hashed as received: e.g. job payload frames, which a
+    signed commitment binds by ``content_digest`` of the *decoded* value.
+    Size, tag and depth checks still apply.
     """
     if len(data) > max_size:
         raise DecodeError(f"message is {len(data)} bytes, the limit is {max_size}")
@@ -51,11 +57,13 @@ def decode(data: bytes, *, max_size: int) -> Any:
     except Exception as exc:  # cbor2 raises a variety of types on garbage
         raise DecodeError(f"malformed CBOR: {exc}") from exc
     _check_depth(value, 0)
+    if not canonical:
+        return value
     try:
-        canonical = cbor2.dumps(value, canonical=True)
+        encoded = cbor2.dumps(value, canonical=True)
     except Exception as exc:
         raise DecodeError(f"CBOR value cannot be re-encoded: {exc}") from exc
-    if canonical != data:
+    if encoded != data:
         raise DecodeError("CBOR is not in canonical form (RFC 8949 §4.2)")
     return value
 

@@ -537,8 +537,15 @@ def encode_frame(frame: JobFrame) -> bytes:
 
 
 def decode_frame(data: bytes, *, max_size: int = MAX_PAYLOAD_FRAME) -> JobFrame:
-    """Parse one job-stream frame from untrusted bytes (signatures of signed frames checked)."""
-    raw = decode(data, max_size=max_size)
+    """Parse one job-stream frame from untrusted bytes (signatures of signed frames checked).
+
+    The outer frame map is not signed or hashed as bytes, so its canonical form
+    is not checked (that re-encode dominated large tensor frames): signed frames
+    carry their envelope as bytes in ``m``, decoded strictly by ``open_message``;
+    inputs and outputs are bound by ``content_digest`` (canonical re-encoding of
+    the decoded value), so a non-canonical encoding changes no digest.
+    """
+    raw = decode(data, max_size=max_size, canonical=False)
     if not isinstance(raw, dict) or type(raw.get("t")) is not str:
         raise DecodeError("a job frame must be a CBOR map with a text tag 't'")
     tag = raw["t"]
