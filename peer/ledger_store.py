@@ -31,9 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ import aiosqlite
 import trio
 import trio_asyncio
 
+from peer.dirlock import exclusive_lock
 from protocols.certificate import Certificate
 from protocols.codec import decode, encode
 from protocols.committee import CommitteeRule
@@ -91,35 +91,20 @@ class LedgerInUse(StoreError):
     """Another process already writes this ledger (one writer per data dir)."""
 
 
-@contextlib.contextmanager
-def _writer_lock(db: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``<db>.lock`` while this process writes the ledger.
+def _writer_lock(db: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold ``<db>.lock`` while this process writes the ledger.
 
     Two writers of one ledger would share one account and could sign two transfers
     for one sequence number (an equivocation that gets the account banned), so a
-    second writer is refused up front. The OS drops the lock if the process dies.
+    second writer is refused up front.
     """
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no advisory locks, rely on running one peer per dir
-        yield
-        return
-    lock_path = db.with_name(db.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise LedgerInUse(
-                f"the ledger {db} is in use by another edgeswarm process (pid {holder}); "
-                "run one peer per data dir, or give this one its own --data-dir"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
+    return exclusive_lock(
+        db.with_name(db.name + ".lock"),
+        lambda holder: LedgerInUse(
+            f"the ledger {db} is in use by another edgeswarm process (pid {holder}); "
+            "run one peer per data dir, or give this one its own --data-dir"
+        ),
+    )
 
 
 # --- rule / policy pinning -----------------------------------------------------------------

@@ -24,6 +24,7 @@ its routing table and re-publishes its ad.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -48,6 +49,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
 from peer.config import Config, ConfigError
+from peer.dirlock import exclusive_lock
 from peer.discovery import (
     AdState,
     AdValidator,
@@ -62,7 +64,7 @@ from peer.host import (
     peer_info_from_addr,
     running_host,
 )
-from peer.identity import load_or_create_identity
+from peer.identity import IdentityError, load_or_create_identity
 from peer.logging_setup import exception_leaves, install_libp2p_filter, log_exception_leaves
 from protocols.ad import AD_MAX_TTL, AD_NAMESPACE, MAX_ADDRS, CapabilityAd, Device
 
@@ -75,6 +77,23 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Role = Literal["peer", "bootstrap", "client"]
+PEER_LOCK = "peer.lock"
+
+
+class DataDirInUse(IdentityError):
+    """Another running peer owns this data dir (and so this identity)."""
+
+
+def _dir_in_use(config: Config) -> Any:
+    def error(holder: str) -> DataDirInUse:
+        return DataDirInUse(
+            f"the data dir {config.data_dir} is in use by another edgeswarm peer (pid {holder}); "
+            "run one peer per data dir, or give this one its own --data-dir"
+        )
+
+    return error
+
+
 ROLES: tuple[Role, ...] = ("peer", "bootstrap", "client")
 
 BACKOFF_START = 0.5
@@ -359,94 +378,104 @@ async def open_peer(
             return market_box[0].models_source() if market_box else []
 
         models = served
+    key_from_dir = key is None
     if key is None:
         key = load_or_create_identity(config.key_path)
-    host = build_host(key, one_connection_per_peer=one_connection_per_peer, mdns=config.mdns)
-    install_libp2p_filter()
-    body_error: BaseException | None = None
-    try:
-        async with running_host(host, config.listen) as listen_addrs:
-            mode = DHTMode.CLIENT if role == "client" else DHTMode.SERVER
-            dht = KadDHT(host, mode, enable_random_walk=False)
-            dht.register_validator(AD_NAMESPACE, AdValidator())
-            gossipsub = GossipSub(
-                protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID],
-                degree=6,
-                degree_low=4,
-                degree_high=12,
-                heartbeat_interval=GOSSIP_HEARTBEAT,
-            )
-            pubsub = Pubsub(host, gossipsub)
-            state: AdState | None = None
-            if role == "peer":
-                hw = hardware if hardware is not None else _probe_hardware()
-                state = AdState(
-                    addrs=tuple(a for a in listen_addrs if len(a) <= 256)[:MAX_ADDRS],
-                    devices=_devices_of(hw),
-                    providers=tuple(str(p)[:256] for p in hw.providers)[:16],
-                    price=config.price,
-                    models=models,
+    # A peer or bootstrap node owns its data dir: a second process with the same
+    # identity would split the peer id and could equivocate in the ledger.
+    owns_dir = role != "client" and key_from_dir
+    dir_lock = (
+        exclusive_lock(config.data_dir / PEER_LOCK, _dir_in_use(config))
+        if owns_dir
+        else contextlib.nullcontext()
+    )
+    with dir_lock:
+        host = build_host(key, one_connection_per_peer=one_connection_per_peer, mdns=config.mdns)
+        install_libp2p_filter()
+        body_error: BaseException | None = None
+        try:
+            async with running_host(host, config.listen) as listen_addrs:
+                mode = DHTMode.CLIENT if role == "client" else DHTMode.SERVER
+                dht = KadDHT(host, mode, enable_random_walk=False)
+                dht.register_validator(AD_NAMESPACE, AdValidator())
+                gossipsub = GossipSub(
+                    protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID],
+                    degree=6,
+                    degree_low=4,
+                    degree_high=12,
+                    heartbeat_interval=GOSSIP_HEARTBEAT,
                 )
-            discovery = Discovery(host, dht, key, state, ttl=config.ad_ttl)
-            peer = Peer(
-                config=config,
-                role=role,
-                key=key,
-                host=host,
-                dht=dht,
-                pubsub=pubsub,
-                gossipsub=gossipsub,
-                discovery=discovery,
-                listen_addrs=listen_addrs,
-            )
-            async with (
-                background_trio_service(pubsub),
-                background_trio_service(gossipsub),
-                background_trio_service(dht),
-            ):
-                await pubsub.wait_until_ready()
-                watcher = _LinkWatcher()
-                host.get_network().register_notifee(watcher)
-                links = [BootstrapLink(peer, a, watcher) for a in config.bootstrap]
-                peer.bootstrap_links = links
-                first: dict[int, bool] = {}
+                pubsub = Pubsub(host, gossipsub)
+                state: AdState | None = None
+                if role == "peer":
+                    hw = hardware if hardware is not None else _probe_hardware()
+                    state = AdState(
+                        addrs=tuple(a for a in listen_addrs if len(a) <= 256)[:MAX_ADDRS],
+                        devices=_devices_of(hw),
+                        providers=tuple(str(p)[:256] for p in hw.providers)[:16],
+                        price=config.price,
+                        models=models,
+                    )
+                discovery = Discovery(host, dht, key, state, ttl=config.ad_ttl)
+                peer = Peer(
+                    config=config,
+                    role=role,
+                    key=key,
+                    host=host,
+                    dht=dht,
+                    pubsub=pubsub,
+                    gossipsub=gossipsub,
+                    discovery=discovery,
+                    listen_addrs=listen_addrs,
+                )
+                async with (
+                    background_trio_service(pubsub),
+                    background_trio_service(gossipsub),
+                    background_trio_service(dht),
+                ):
+                    await pubsub.wait_until_ready()
+                    watcher = _LinkWatcher()
+                    host.get_network().register_notifee(watcher)
+                    links = [BootstrapLink(peer, a, watcher) for a in config.bootstrap]
+                    peer.bootstrap_links = links
+                    first: dict[int, bool] = {}
 
-                async def first_attempt(i: int, link: BootstrapLink) -> None:
-                    first[i] = await link.attempt()
+                    async def first_attempt(i: int, link: BootstrapLink) -> None:
+                        first[i] = await link.attempt()
 
-                # First dial to every bootstrap in parallel, so the first ad goes out
-                # to the network; failures continue in the background.
-                async with trio.open_nursery() as dials:
-                    for i, link in enumerate(links):
-                        dials.start_soon(first_attempt, i, link)
-                async with trio.open_nursery() as nursery:
-                    for i, link in enumerate(links):
-                        nursery.start_soon(link.run, first[i])
-                    # The market first: models it serves are loaded and listed in the first ad.
-                    if run_market:
-                        # Imported here: the market pulls in onnxruntime (edge_models).
-                        from peer.market import MarketService, MarketSettings
+                    # First dial to every bootstrap in parallel, so the first ad goes out
+                    # to the network; failures continue in the background.
+                    async with trio.open_nursery() as dials:
+                        for i, link in enumerate(links):
+                            dials.start_soon(first_attempt, i, link)
+                    async with trio.open_nursery() as nursery:
+                        for i, link in enumerate(links):
+                            nursery.start_soon(link.run, first[i])
+                        # The market first: models it serves are loaded and listed in the first ad.
+                        if run_market:
+                            # Imported here: the market pulls in onnxruntime (edge_models).
+                            from peer.market import MarketService, MarketSettings
 
-                        service = MarketService(
-                            peer, settings=MarketSettings.from_config(config), runtime=runtime
-                        )
-                        await nursery.start(service.run)
-                        peer.market = service
-                        market_box.append(service)
-                        if runtime is not None:
-                            await service.serve()
-                    await nursery.start(discovery.run)
-                    try:
-                        async with AsyncExitStack() as stack:
-                            if run_settlement:
-                                await _start_settlement(peer, stack)
-                            yield peer
-                    except BaseException as exc:
-                        body_error = exc
-                        raise
-                    finally:
-                        nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        _reraise_single(group, body_error)
-        log_exception_leaves(log, group, "peer services failed")
-        raise
+                            service = MarketService(
+                                peer, settings=MarketSettings.from_config(config), runtime=runtime
+                            )
+                            await nursery.start(service.run)
+                            peer.market = service
+                            market_box.append(service)
+                            if runtime is not None:
+                                await service.serve()
+                        await nursery.start(discovery.run)
+                        try:
+                            async with AsyncExitStack() as stack:
+                                if run_settlement:
+                                    await _start_settlement(peer, stack)
+                                yield peer
+                        except BaseException as exc:
+                            body_error = exc
+                            raise
+                        finally:
+                            nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            _reraise_single(group, body_error)
+            log_exception_leaves(log, group, "peer services failed")
+            raise
