@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Self
+from typing import ClassVar
 
 import nacl.signing
 
@@ -21,7 +21,14 @@ from protocols.committee import MAX_COMMITTEE, Committee
 from protocols.errors import LocalProtocolError, ValidationError
 from protocols.identity import peer_id_from_public_key
 from protocols.ledger import MAX_SEQ, Transfer
-from protocols.market_fields import check_body, want_bytes, want_digest, want_int, want_peer_id
+from protocols.market_fields import (
+    FlatBody,
+    check_body,
+    want_bytes,
+    want_digest,
+    want_int,
+    want_peer_id,
+)
 from protocols.signed import Signed, open_message, sign_message
 
 VOTE_DOMAIN = "edgeswarm/witness-vote/v1"
@@ -29,7 +36,7 @@ CERTIFICATE_VERSION = 1
 
 
 @dataclass(frozen=True)
-class WitnessVote:
+class WitnessVote(FlatBody):
     """Witness-signed: "for ``account``'s ``seq`` I vouch only for ``transfer``"."""
 
     DOMAIN: ClassVar[str] = VOTE_DOMAIN
@@ -51,20 +58,6 @@ class WitnessVote:
     @property
     def signer(self) -> str:
         return self.witness
-
-    def to_body(self) -> dict[str, Any]:
-        return {
-            "v": self.VERSION,
-            "account": self.account,
-            "seq": self.seq,
-            "transfer": self.transfer,
-            "witness": self.witness,
-        }
-
-    @classmethod
-    def from_body(cls, body: Any) -> Self:
-        b = check_body(body, kind="WitnessVote", version=cls.VERSION, fields=cls._FIELDS)
-        return cls(**{name: b[name] for name in cls._FIELDS})
 
     def check_time(self, now: float) -> None:
         """Votes do not expire."""

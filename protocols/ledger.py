@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Self
+from typing import ClassVar
 
 import nacl.signing
 
@@ -24,6 +24,7 @@ from protocols.codec import decode, encode
 from protocols.errors import LocalProtocolError, ValidationError
 from protocols.identity import public_key_from_peer_id
 from protocols.market_fields import (
+    FlatBody,
     check_body,
     want_digest,
     want_int,
@@ -43,7 +44,7 @@ MAX_TIME_MS = 10**13
 
 
 @dataclass(frozen=True)
-class Transfer:
+class Transfer(FlatBody):
     """Payer-signed: "move ``amount`` to ``payee`` as my ``seq``-th payment, for ``receipt_id``".
 
     ``time_ms`` is the payer's clock; witnesses refuse a transfer whose time is
@@ -80,22 +81,6 @@ class Transfer:
     @property
     def signer(self) -> str:
         return self.payer
-
-    def to_body(self) -> dict[str, Any]:
-        return {
-            "v": self.VERSION,
-            "payer": self.payer,
-            "payee": self.payee,
-            "amount": self.amount,
-            "seq": self.seq,
-            "receipt_id": self.receipt_id,
-            "time_ms": self.time_ms,
-        }
-
-    @classmethod
-    def from_body(cls, body: Any) -> Self:
-        b = check_body(body, kind="Transfer", version=cls.VERSION, fields=cls._FIELDS)
-        return cls(**{name: b[name] for name in cls._FIELDS})
 
     def check_time(self, now: float) -> None:
         """Transfers do not expire; witnesses check skew with ``CreditPolicy``."""

@@ -29,6 +29,7 @@ from protocols.codec import decode, encode
 from protocols.errors import DecodeError, ValidationError
 from protocols.market_fields import (
     MAX_INT,
+    FlatBody,
     check_body,
     want_bytes,
     want_cid,
@@ -249,7 +250,7 @@ class JobRequest:
 
 
 @dataclass(frozen=True)
-class Bid:
+class Bid(FlatBody):
     """Executor-signed: run ``job_id`` for ``price`` in ``eta_ms``; valid to ``expires_at``."""
 
     DOMAIN: ClassVar[str] = BID_DOMAIN
@@ -275,21 +276,6 @@ class Bid:
     @property
     def signer(self) -> str:
         return self.executor
-
-    def to_body(self) -> dict[str, Any]:
-        return {
-            "v": self.VERSION,
-            "job_id": self.job_id,
-            "executor": self.executor,
-            "price": self.price,
-            "eta_ms": self.eta_ms,
-            "expires_at": self.expires_at,
-        }
-
-    @classmethod
-    def from_body(cls, body: Any) -> Self:
-        b = check_body(body, kind="Bid", version=cls.VERSION, fields=cls._FIELDS)
-        return cls(**{name: b[name] for name in cls._FIELDS})
 
     def check_time(self, now: float) -> None:
         if now > self.expires_at:
@@ -400,7 +386,7 @@ ERROR_CODES = frozenset(
 
 
 @dataclass(frozen=True)
-class JobError:
+class JobError(FlatBody):
     """Executor-signed refusal or failure. ``seq`` is the lease job it is about (0 otherwise)."""
 
     DOMAIN: ClassVar[str] = JOB_ERROR_DOMAIN
@@ -425,21 +411,6 @@ class JobError:
     @property
     def signer(self) -> str:
         return self.executor
-
-    def to_body(self) -> dict[str, Any]:
-        return {
-            "v": self.VERSION,
-            "job_id": self.job_id,
-            "executor": self.executor,
-            "seq": self.seq,
-            "code": self.code,
-            "message": self.message,
-        }
-
-    @classmethod
-    def from_body(cls, body: Any) -> Self:
-        b = check_body(body, kind="JobError", version=cls.VERSION, fields=cls._FIELDS)
-        return cls(**{name: b[name] for name in cls._FIELDS})
 
     def check_time(self, now: float) -> None:
         """Errors do not expire."""

@@ -10,7 +10,7 @@ locally. ``bool`` is rejected where an ``int`` is expected (Python treats
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from protocols.errors import DecodeError, ValidationError
 from protocols.identity import public_key_from_peer_id
@@ -45,6 +45,29 @@ def check_body(value: Any, *, kind: str, version: int, fields: frozenset[str]) -
     if extra:
         raise DecodeError(f"{kind} has unknown fields {sorted(map(str, extra))}")
     return value
+
+
+class FlatBody:
+    """Body codec of messages whose body is ``{"v": VERSION, field: value ...}`` over ``_FIELDS``.
+
+    Decoding goes through ``check_body`` (exact field set, version) and then the
+    dataclass constructor, so the message validates itself like any local value.
+    """
+
+    VERSION: ClassVar[int]
+    _FIELDS: ClassVar[frozenset[str]]
+
+    if TYPE_CHECKING:
+
+        def __init__(self, **fields: Any) -> None: ...
+
+    def to_body(self) -> dict[str, Any]:
+        return {"v": self.VERSION, **{name: getattr(self, name) for name in self._FIELDS}}
+
+    @classmethod
+    def from_body(cls, body: Any) -> Self:
+        b = check_body(body, kind=cls.__name__, version=cls.VERSION, fields=cls._FIELDS)
+        return cls(**{name: b[name] for name in cls._FIELDS})
 
 
 def want_int(kind: str, name: str, value: Any, *, lo: int = 0, hi: int = MAX_INT) -> int:

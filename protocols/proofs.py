@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Protocol, Self
+from typing import ClassVar, Literal, Protocol
 
 import nacl.signing
 
@@ -31,6 +31,7 @@ from protocols.errors import ValidationError
 from protocols.identity import peer_id_from_public_key
 from protocols.ledger import MAX_TIME_MS, Transfer
 from protocols.market_fields import (
+    FlatBody,
     check_body,
     want_bytes,
     want_cid,
@@ -143,7 +144,7 @@ class EquivocationProof:
 
 
 @dataclass(frozen=True)
-class RefereeResult:
+class RefereeResult(FlatBody):
     """Referee-signed verdict on the commitment with digest ``commitment``."""
 
     DOMAIN: ClassVar[str] = REFEREE_RESULT_DOMAIN
@@ -189,14 +190,6 @@ class RefereeResult:
     @property
     def signer(self) -> str:
         return self.referee
-
-    def to_body(self) -> dict[str, Any]:
-        return {"v": self.VERSION, **{name: getattr(self, name) for name in self._FIELDS}}
-
-    @classmethod
-    def from_body(cls, body: Any) -> Self:
-        b = check_body(body, kind="RefereeResult", version=cls.VERSION, fields=cls._FIELDS)
-        return cls(**{name: b[name] for name in cls._FIELDS})
 
     def check_time(self, now: float) -> None:
         """Verdicts do not expire."""

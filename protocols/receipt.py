@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar
 
 import nacl.signing
 
@@ -27,6 +27,7 @@ from protocols.codec import decode, encode
 from protocols.errors import LocalProtocolError, SignatureError, ValidationError
 from protocols.market_fields import (
     DIGEST_SIZE,
+    FlatBody,
     check_body,
     want_bytes,
     want_cid,
@@ -71,7 +72,7 @@ def batch_digest(job_digests: Sequence[bytes]) -> bytes:
 
 
 @dataclass(frozen=True)
-class ResultCommitment:
+class ResultCommitment(FlatBody):
     """Executor-signed: "I ran ``model_cid`` on ``input_digest`` and got ``output_digest``."""
 
     DOMAIN: ClassVar[str] = COMMITMENT_DOMAIN
@@ -125,31 +126,12 @@ class ResultCommitment:
         """What an ``Acceptance`` names: sha256 of the commitment's signed bytes."""
         return message_digest(self)
 
-    def to_body(self) -> dict[str, Any]:
-        return {
-            "v": self.VERSION,
-            "job_id": self.job_id,
-            "requester": self.requester,
-            "executor": self.executor,
-            "model_cid": self.model_cid,
-            "input_digest": self.input_digest,
-            "output_digest": self.output_digest,
-            "price": self.price,
-            "compute_ms": self.compute_ms,
-            "count": self.count,
-        }
-
-    @classmethod
-    def from_body(cls, body: Any) -> Self:
-        b = check_body(body, kind="ResultCommitment", version=cls.VERSION, fields=cls._FIELDS)
-        return cls(**{name: b[name] for name in cls._FIELDS})
-
     def check_time(self, now: float) -> None:
         """Commitments do not expire."""
 
 
 @dataclass(frozen=True)
-class Acceptance:
+class Acceptance(FlatBody):
     """Requester-signed: "I accept the commitment with this digest" (and so owe its price)."""
 
     DOMAIN: ClassVar[str] = ACCEPTANCE_DOMAIN
@@ -169,19 +151,6 @@ class Acceptance:
     @property
     def signer(self) -> str:
         return self.requester
-
-    def to_body(self) -> dict[str, Any]:
-        return {
-            "v": self.VERSION,
-            "job_id": self.job_id,
-            "requester": self.requester,
-            "commitment": self.commitment,
-        }
-
-    @classmethod
-    def from_body(cls, body: Any) -> Self:
-        b = check_body(body, kind="Acceptance", version=cls.VERSION, fields=cls._FIELDS)
-        return cls(job_id=b["job_id"], requester=b["requester"], commitment=b["commitment"])
 
     def check_time(self, now: float) -> None:
         """Acceptances do not expire."""
