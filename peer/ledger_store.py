@@ -43,6 +43,7 @@ import trio
 import trio_asyncio
 
 from peer.dirlock import exclusive_lock
+from peer.logging_setup import reraise_lone_error
 from protocols.certificate import Certificate
 from protocols.codec import decode, encode
 from protocols.committee import CommitteeRule
@@ -640,22 +641,8 @@ async def open_ledger_store(
                     raise
     except BaseExceptionGroup as group:
         # trio-asyncio's loop wraps errors in groups: hand a lone error back as itself.
-        leaves = _leaves(group)
-        if body_error is not None and leaves and all(e is body_error for e in leaves):
-            raise body_error from None
-        if len(leaves) == 1 and isinstance(leaves[0], Exception):
-            raise leaves[0] from None
+        reraise_lone_error(group, body_error)
         raise
-
-
-def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            out.extend(_leaves(exc))
-        elif not isinstance(exc, trio.Cancelled):
-            out.append(exc)
-    return out
 
 
 @asynccontextmanager

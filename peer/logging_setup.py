@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 # Substrings of py-libp2p warnings that are expected whenever a peer leaves.
 _EXPECTED_NOISE = (
@@ -113,6 +114,19 @@ def exception_leaves(exc: BaseException) -> Iterator[BaseException]:
             yield from exception_leaves(inner)
     else:
         yield exc
+
+
+def reraise_lone_error(group: BaseExceptionGroup[Any], body_error: BaseException | None) -> None:
+    """Trio wraps errors in (nested) groups; give a lone error back unwrapped.
+
+    That keeps ``except ListenError`` (and errors from the caller's own ``async
+    with`` body) working as callers expect. Returns if the group holds several.
+    """
+    leaves = [leaf for leaf in exception_leaves(group) if type(leaf).__name__ != "Cancelled"]
+    if body_error is not None and leaves and all(leaf is body_error for leaf in leaves):
+        raise body_error from None
+    if len(leaves) == 1 and isinstance(leaves[0], Exception):
+        raise leaves[0] from None
 
 
 def log_exception_leaves(logger: logging.Logger, exc: BaseException, what: str) -> None:

@@ -65,7 +65,7 @@ from peer.host import (
     running_host,
 )
 from peer.identity import IdentityError, load_or_create_identity
-from peer.logging_setup import exception_leaves, install_libp2p_filter, log_exception_leaves
+from peer.logging_setup import install_libp2p_filter, log_exception_leaves, reraise_lone_error
 from protocols.ad import AD_MAX_TTL, AD_NAMESPACE, MAX_ADDRS, CapabilityAd, Device
 
 if TYPE_CHECKING:
@@ -316,19 +316,6 @@ async def _start_settlement(peer: Peer, stack: AsyncExitStack) -> None:
         peer.market.on_receipt.append(service.on_market_receipt)
 
 
-def _reraise_single(group: BaseExceptionGroup[Any], body_error: BaseException | None) -> None:
-    """Trio wraps errors in (nested) groups; give a lone error back unwrapped.
-
-    That keeps ``except ListenError`` and errors from the caller's own ``async
-    with`` body working as callers expect.
-    """
-    leaves = [leaf for leaf in exception_leaves(group) if not isinstance(leaf, trio.Cancelled)]
-    if body_error is not None and leaves and all(leaf is body_error for leaf in leaves):
-        raise body_error from None
-    if len(leaves) == 1 and isinstance(leaves[0], Exception):
-        raise leaves[0] from None
-
-
 @asynccontextmanager
 async def open_peer(
     config: Config,
@@ -476,6 +463,6 @@ async def open_peer(
                         finally:
                             nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            _reraise_single(group, body_error)
+            reraise_lone_error(group, body_error)
             log_exception_leaves(log, group, "peer services failed")
             raise
