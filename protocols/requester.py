@@ -231,6 +231,11 @@ class RequesterPolicy:
     weights: Weights = DEFAULT_WEIGHTS
     # Distinct bidders remembered per job: a bid flood cannot grow memory without bound.
     max_bidders: int = 1024
+    # Adaptive bid window: close the auction as soon as every expected bidder has bid
+    # (``RequesterJob.expected``), or at once on a bid at or under ``good_enough_price``
+    # (micro-credits per job; None: no such rule). The window's end stays the fallback.
+    close_early: bool = True
+    good_enough_price: int | None = None
 
     def __post_init__(self) -> None:
         if (
@@ -238,6 +243,7 @@ class RequesterPolicy:
             or self.eta_slack < 1.0
             or self.grace_s < 0.0
             or self.max_bidders < 1
+            or (self.good_enough_price is not None and self.good_enough_price < 0)
         ):
             raise LocalProtocolError(
                 "RequesterPolicy needs max_rounds>=1, eta_slack>=1, grace_s>=0, max_bidders>=1"
@@ -262,6 +268,11 @@ class RequesterJob:
     ``input_digest`` (single jobs) lets the machine check that the commitment
     is about the inputs we sent; for leases the I/O layer checks the batch
     digests and reports through ``ResultReceived.outputs_ok``.
+
+    ``expected``: the executors the I/O layer expects to bid (servers of the
+    model found in provider records and ads, reachable on the topic). With
+    ``policy.close_early`` the auction closes as soon as each of them that is
+    not banned or already tried has bid, instead of waiting out the window.
     """
 
     request: JobRequest
@@ -270,6 +281,7 @@ class RequesterJob:
     banned: Container[str] = frozenset()
     policy: RequesterPolicy = field(default_factory=RequesterPolicy)
     input_digest: bytes | None = None
+    expected: frozenset[str] = frozenset()
 
     phase: Phase = field(default=Phase.NEW, init=False)
     outcome: Complete | Fail | None = field(default=None, init=False)
@@ -330,7 +342,23 @@ class RequesterJob:
             held.append(bid)
             held.sort(key=lambda b: (b.price, b.eta_ms, -b.expires_at))
             del held[_BIDS_PER_EXECUTOR:]
+        if self.phase is Phase.COLLECTING and self._bids_are_in(bid):
+            return self._award_next(early=True)
         return []
+
+    def _bids_are_in(self, bid: Bid) -> bool:
+        """Adaptive window: every expected bidder has bid, or ``bid`` is good enough."""
+        if not self.policy.close_early or bid.executor in self.banned:
+            return False
+        good = self.policy.good_enough_price
+        if good is not None and bid.price <= good and bid.price <= self.request.max_price:
+            return True
+        waiting = [
+            e
+            for e in self.expected
+            if e not in self._tried and e not in self.banned and e != self.request.requester
+        ]
+        return bool(waiting) and all(e in self._bids for e in waiting)
 
     def _on_timer(self) -> list[Action]:
         if self.now >= self.request.deadline:
@@ -395,7 +423,9 @@ class RequesterJob:
         self._window_end = min(self.now + self.request.bid_window, self.request.deadline)
         return [Publish(self.request), StartTimer(self._window_end)]
 
-    def _award_next(self) -> list[Action]:
+    def _award_next(self, *, early: bool = False) -> list[Action]:
+        """Award the best untried bid; with none, re-auction or fail (``early``: the window
+        is still open, so wait for it instead)."""
         assert self._current is None
         ranked = rank_bids(
             self.request,
@@ -406,7 +436,7 @@ class RequesterJob:
             weights=self.policy.weights,
         )
         if not ranked:
-            return self._reauction_or_fail()
+            return [] if early else self._reauction_or_fail()
         bid = ranked[0]
         self._tried.add(bid.executor)
         award = Award(

@@ -217,6 +217,7 @@ class JobRun:
         single_input: Any = None,
         banned: Container[str] = frozenset(),
         reputation: Mapping[str, float] | None = None,
+        expected: frozenset[str] = frozenset(),
     ) -> None:
         self.key = key
         self.publish = publish
@@ -233,6 +234,7 @@ class JobRun:
             input_digest=digest,
             banned=banned,
             reputation=reputation or {},
+            expected=expected,
         )
         self.attempt: Attempt | None = None
         self.attempt_changed = trio.Event()

@@ -203,6 +203,7 @@ class MarketService:
             self.referee = None
         self._nursery: trio.Nursery | None = None
         self._discovered: dict[str, float] = {}
+        self._servers: dict[str, set[str]] = {}  # cid -> servers found (providers, ads)
         self.spot_checks = SpotChecks(rng or random.Random())
         self.proven_cheaters: set[str] = set()  # found by our own spot checks
         self.banned: Container[str] = _Banned(self)
@@ -347,6 +348,7 @@ class MarketService:
                 if any(m.cid == cid for m in ad.models):
                     found.setdefault(ad.peer_id, ad.addrs)
         found.pop(self.peer_id, None)
+        self._servers[cid] = set(found)
         connected: set[str] = set()
 
         async def dial(pid: str, addrs: tuple[str, ...]) -> None:
@@ -413,7 +415,13 @@ class MarketService:
             policy=self.settings.policy,
             single_input=single_input,
             banned=_Banned(self, banned),
+            expected=self.expected_bidders(cid),
         )
+
+    def expected_bidders(self, cid: str) -> frozenset[str]:
+        """Who should bid on a job for ``cid``: the servers found in provider records and
+        ads that are on the model's topic now (the auction closes once they all bid)."""
+        return frozenset(self._servers.get(cid, set()) & self.gossip.topic_peers(cid))
 
     def _check_inputs(self, entry: ModelEntry | None, inputs: Mapping[str, Any]) -> Arrays:
         arrays = to_arrays(inputs)

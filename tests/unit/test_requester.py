@@ -336,3 +336,66 @@ def test_arrival_order_never_changes_the_award(bids: list[Bid], data: st.DataObj
         return job.handle(TimerFired(now=T0 + 0.5))
 
     assert award_for(bids) == award_for(data.draw(st.permutations(bids)))
+
+
+# --- adaptive bid window -------------------------------------------------------------
+
+
+def test_auction_closes_when_every_expected_bidder_has_bid() -> None:
+    job = RequesterJob(request(), now=T0, input_digest=INPUT_DIGEST, expected=frozenset(IDS[1:4]))
+    job.start()
+    assert job.handle(BidReceived(bid(E1, 300), now=T0 + 0.01)) == []
+    assert job.handle(BidReceived(bid(E3, 200), now=T0 + 0.02)) == []
+    actions = job.handle(BidReceived(bid(E2, 100), now=T0 + 0.03))
+    # Closed at the third bid, 30 ms in, not at the window's end (T0 + 0.5); best bid wins.
+    assert isinstance(actions[0], SendAward) and actions[0].executor == E2
+    assert actions[1] == StartTimer(T0 + 0.03 + 0.2 + 1.0)
+    assert job.phase is Phase.AWARDED
+
+
+def test_auction_waits_for_a_missing_expected_bidder_until_the_window_ends() -> None:
+    job = RequesterJob(request(), now=T0, input_digest=INPUT_DIGEST, expected=frozenset(IDS[1:4]))
+    job.start()
+    assert job.handle(BidReceived(bid(E1), now=T0 + 0.01)) == []
+    assert job.handle(BidReceived(bid(E2), now=T0 + 0.02)) == []
+    assert job.phase is Phase.COLLECTING
+    actions = job.handle(TimerFired(now=T0 + 0.5))
+    assert isinstance(actions[0], SendAward)
+
+
+def test_banned_or_own_expected_bidders_are_not_waited_for() -> None:
+    expected = frozenset({E1, E2, REQ})
+    job = RequesterJob(request(), now=T0, input_digest=INPUT_DIGEST, expected=expected, banned={E2})
+    job.start()
+    # A banned bidder's bid never closes the window, and never wins.
+    assert job.handle(BidReceived(bid(E2, 1), now=T0 + 0.01)) == []
+    actions = job.handle(BidReceived(bid(E1), now=T0 + 0.02))
+    assert isinstance(actions[0], SendAward) and actions[0].executor == E1
+
+
+def test_a_good_enough_bid_closes_the_auction_at_once() -> None:
+    policy = RequesterPolicy(good_enough_price=150)
+    job = RequesterJob(request(), now=T0, input_digest=INPUT_DIGEST, policy=policy)
+    job.start()
+    assert job.handle(BidReceived(bid(E1, 300), now=T0 + 0.01)) == []
+    actions = job.handle(BidReceived(bid(E2, 150), now=T0 + 0.02))
+    assert isinstance(actions[0], SendAward) and actions[0].executor == E2
+
+
+def test_unusable_bids_never_close_the_window_early() -> None:
+    # Both expected bidders bid, but the only bid is expired: wait for the window, not
+    # an early re-auction.
+    job = RequesterJob(request(), now=T0, input_digest=INPUT_DIGEST, expected=frozenset({E1}))
+    job.start()
+    assert job.handle(BidReceived(bid(E1, expires_at=T0 + 0.01), now=T0 + 0.02)) == []
+    assert job.phase is Phase.COLLECTING and job.request.round == 0
+
+
+def test_close_early_off_waits_out_the_window() -> None:
+    policy = RequesterPolicy(close_early=False, good_enough_price=10_000)
+    job = RequesterJob(
+        request(), now=T0, input_digest=INPUT_DIGEST, policy=policy, expected=frozenset({E1})
+    )
+    job.start()
+    assert job.handle(BidReceived(bid(E1), now=T0 + 0.01)) == []
+    assert job.phase is Phase.COLLECTING
