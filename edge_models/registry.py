@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import mmap
 import os
 import re
 import tempfile
@@ -201,6 +202,56 @@ class Registry:
                 expected_cid=expected_cid,
             )
 
+    @contextlib.contextmanager
+    def partial_file(self, prefix: str = "fetch-") -> Iterator[Path]:
+        """A fresh path under ``tmp/`` to write a model into (e.g. from the network).
+
+        Hand it to ``install_partial`` once complete; whatever is left at the
+        path when the block exits (a failed or abandoned write) is deleted, so
+        nothing half-written stays in the store.
+        """
+        fd, name = tempfile.mkstemp(dir=self._tmp, prefix=prefix, suffix=".part")
+        os.close(fd)
+        path = Path(name)
+        try:
+            yield path
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def install_partial(
+        self,
+        path: Path,
+        name: str | None = None,
+        *,
+        source: str,
+        expected_cid: str | None = None,
+    ) -> ModelEntry:
+        """Admit a file written through ``partial_file``: moved into place, never copied.
+
+        The same checks as ``add_file`` (size cap, hash, ONNX parse, no external
+        data, allowed op domains, ``onnx.checker``); a rejected file is deleted.
+        """
+        path = Path(path)
+        if path.parent.resolve() != self._tmp.resolve():
+            raise ValueError(f"{path} is not a partial file of this registry")
+        if name is not None:
+            check_name(name)
+        try:
+            with path.open("r+b") as f:
+                self._check_size(os.fstat(f.fileno()).st_size, "model")
+                return self._admit(
+                    path,
+                    f,
+                    name=name,
+                    default_name="model",
+                    source=source,
+                    expected_cid=expected_cid,
+                )
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
     def add_packaged(self, name: str, *, as_name: str | None = None) -> ModelEntry:
         """Add a model shipped inside an installed Python package (no network)."""
         model = packaged.get(name)
@@ -298,16 +349,12 @@ class Registry:
         tmp.flush()
         os.fsync(tmp.fileno())
         # Hash what is on disk, not what we meant to write: this verifies the copy.
-        data = tmp_path.read_bytes()
-        cid = hashlib.sha256(data).hexdigest()
+        # Streamed, and parsed from a read-only map of the file, so the model's
+        # bytes are never held in memory twice (the page cache backs the map).
+        cid = _sha256_file(tmp_path)
         if expected_cid is not None and cid != expected_cid.lower():
             raise InvalidModel(f"model bytes hash to {cid}, expected {expected_cid}")
-        try:
-            model = onnx.load_model_from_string(data)
-        except Exception as exc:  # protobuf raises DecodeError and friends
-            raise InvalidModel(f"not an ONNX model (protobuf parse failed: {exc})") from exc
-        sig = inspect_model(model, self.limits.allowed_domains)
-        del model, data
+        sig = inspect_model(_parse_onnx(tmp_path), self.limits.allowed_domains)
         with self._lock:
             existing = self._entries.get(cid)
             chosen = self._choose_name(name, default_name, cid, existing)
@@ -372,6 +419,32 @@ class Registry:
             with contextlib.suppress(OSError):
                 if p.stat().st_mtime < cutoff:
                     p.unlink()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _parse_onnx(path: Path) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    if path.stat().st_size == 0:
+        return model  # mmap refuses empty files; the checker says what is missing
+    try:
+        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            view = memoryview(mm)
+            try:
+                model.ParseFromString(view)  # type: ignore[arg-type]  # upb takes buffers
+            finally:
+                view.release()
+    except OSError as exc:
+        raise InvalidModel(f"not an ONNX model (cannot read it: {exc})") from exc
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise InvalidModel(f"not an ONNX model (protobuf parse failed: {exc})") from exc
+    return model
 
 
 def _fsync_path(path: Path) -> None:

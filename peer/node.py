@@ -71,7 +71,9 @@ from protocols.ad import AD_MAX_TTL, AD_NAMESPACE, MAX_ADDRS, CapabilityAd, Devi
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
 
+    from edge_models.spec import ModelEntry
     from peer.market import InferResult, Lease, MarketService, ReceiptBook
+    from peer.model_transfer import ModelTransfer, Progress
     from peer.settlement import SettlementService
 
 log = logging.getLogger(__name__)
@@ -237,6 +239,8 @@ class Peer:
         self.market: MarketService | None = None
         # Settlement (ledger store + /edgeswarm/ledger/1); None when off or no witnesses.
         self.settlement: SettlementService | None = None
+        # Models by cid from other peers (/edgeswarm/model/1); None for bootstrap nodes.
+        self.models: ModelTransfer | None = None
 
     @property
     def ad(self) -> CapabilityAd | None:
@@ -281,6 +285,18 @@ class Peer:
     def lease(self, model: str, **kw: Any) -> AbstractAsyncContextManager[Lease]:
         """Hold one executor for many jobs; see ``MarketService.lease``."""
         return self._market().lease(model, **kw)
+
+    async def fetch_model(
+        self, cid: str, *, name: str | None = None, progress: Progress | None = None
+    ) -> ModelEntry:
+        """Fetch a model by sha256 cid from its providers, verified and admitted; then serve it.
+
+        Raises ``peer.model_transfer.ModelFetchError`` (``NoProviders``,
+        ``TransferFailed``, ``ModelRejected``) with a one-line message.
+        """
+        if self.models is None:
+            raise RuntimeError(f"this peer (role {self.role!r}) does not fetch models")
+        return (await self.models.fetch(cid, name=name, progress=progress)).entry
 
     @property
     def receipts(self) -> ReceiptBook:
@@ -328,6 +344,7 @@ async def open_peer(
     runtime: Any = None,
     market: bool | None = None,
     settlement: bool | None = None,
+    registry: Any = None,
 ) -> AsyncIterator[Peer]:
     """Start a peer (host, DHT, gossipsub, ad publisher, bootstrap links); stop it all on exit.
 
@@ -343,7 +360,9 @@ async def open_peer(
     (and, when ``models`` is None, its ad lists them). ``settlement`` (default:
     roles "peer" and "bootstrap") runs the ledger (``peer.settlement``): receipts
     from the market are stored and the ones we owe are paid through the witnesses;
-    a bootstrap node is itself a witness. Raises ``peer.identity.IdentityError``,
+    a bootstrap node is itself a witness. ``registry`` (default: the runtime's, or
+    ``<data dir>/models``) is where ``peer.fetch_model`` installs models and what
+    a "peer" serves over ``/edgeswarm/model/1``. Raises ``peer.identity.IdentityError``,
     ``peer.host.AddressError`` or ``peer.host.ListenError`` with a clear message
     before anything starts running.
     """
@@ -451,6 +470,14 @@ async def open_peer(
                             market_box.append(service)
                             if runtime is not None:
                                 await service.serve()
+                        if role != "bootstrap":
+                            from peer.model_transfer import ModelTransfer
+
+                            peer.models = ModelTransfer(
+                                peer, registry or getattr(runtime, "registry", None)
+                            )
+                            if role == "peer":
+                                await nursery.start(peer.models.run)
                         await nursery.start(discovery.run)
                         try:
                             async with AsyncExitStack() as stack:
