@@ -26,6 +26,7 @@ from settlement_helpers import key, make_receipt, make_transfer, pid, settlement
 
 from peer.ledger_store import open_ledger_store, read_snapshot, verify_snapshot
 from peer.settlement import SettlementConfig, SettlementError
+from protocols.ledger_rpc import Certify, CertifyReply
 from protocols.proofs import EquivocationProof
 from protocols.signed import Signed
 from protocols.witness import TransferRequest, decode_reply
@@ -131,8 +132,8 @@ async def test_kill_9_witness_mid_certification_keeps_its_locks(tmp_path: Path) 
 
         async def ask(account: str, transfer: Signed) -> object:  # type: ignore[type-arg]
             req = TransferRequest(transfer, receipts[account]).to_bytes()
-            reply = await client.svc._call(pid(WITNESS), {"v": 1, "op": "certify", "req": req})
-            return decode_reply(reply["r"])
+            reply = await client.svc.client.call(pid(WITNESS), Certify(req), CertifyReply)
+            return decode_reply(reply.r)
 
         kill_after = rng.randrange(5, 40)
         async with worker("witness", witness_dir) as (proc, lines):

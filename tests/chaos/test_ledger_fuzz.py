@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 
@@ -60,15 +59,12 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
 async def test_fuzzed_requests_always_get_a_well_formed_reply(tmp_path: Path) -> None:
     rng = random.Random(1234)
     async with open_ledger_store(tmp_path, RULE, POLICY) as store:
-        svc = SettlementService(
-            SimpleNamespace(host=None, key=WITNESS), store, SettlementConfig(sync_interval=0)
-        )
+        svc = SettlementService(None, WITNESS, store, SettlementConfig(sync_interval=0))  # type: ignore[arg-type]
         base = seeds()
         errors = ok = 0
         for n in range(1500):
             data = base[n % len(base)] if n < len(base) else mutate(rng, rng.choice(base))
-            state: dict[str, object] = {}
-            reply = await svc._answer(data, state, "fuzzer")
+            reply = await svc.answer(data)
             decoded = decode(encode(reply), max_size=MAX_FRAME)  # a reply always encodes
             assert decoded["v"] == 1
             if "err" in decoded:
@@ -86,7 +82,7 @@ async def test_fuzzed_requests_always_get_a_well_formed_reply(tmp_path: Path) ->
             item = encode_item(
                 FactKind(rng.randrange(1, 7)) if n % 3 == 0 else kind, mutate(rng, data)
             )
-            reply = await svc._answer(encode({"v": 1, "op": "push", "items": [item]}), {}, "fuzzer")
+            reply = await svc.answer(encode({"v": 1, "op": "push", "items": [item]}))
             assert set(reply) == {"v", "new", "bad"} and reply["new"] + reply["bad"] <= 1
         # Whatever was written passed the rules: the ledger verifies and the witness
         # locked at most one transfer per (account, seq).

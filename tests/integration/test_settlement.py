@@ -26,6 +26,7 @@ from peer.ledger_store import read_snapshot, verify_snapshot
 from peer.settlement import MAX_FRAME, PROTOCOL_ID, PaymentFailed, SettlementConfig
 from protocols.certificate import WitnessVote, sign_vote
 from protocols.codec import FrameDecoder, decode, encode, encode_uvarint, frame
+from protocols.ledger_rpc import Certify, CertifyReply
 from protocols.ledger_state import FactKind
 from protocols.payment import PaymentSession
 from protocols.proofs import EquivocationProof
@@ -117,10 +118,10 @@ class SignEverything(Witness):
 async def _ask(
     attacker: Node, witness: Node, t, r
 ) -> Signed[WitnessVote] | Refuse | EquivocationProof:  # type: ignore[no-untyped-def]
-    reply = await attacker.svc._call(
-        witness.id, {"v": 1, "op": "certify", "req": TransferRequest(t, r).to_bytes()}
+    reply = await attacker.svc.client.call(
+        witness.id, Certify(TransferRequest(t, r).to_bytes()), CertifyReply
     )
-    return decode_reply(reply["r"])
+    return decode_reply(reply.r)
 
 
 async def test_double_spend_fails_with_a_byzantine_witness(tmp_path: Path) -> None:
@@ -131,7 +132,7 @@ async def test_double_spend_fails_with_a_byzantine_witness(tmp_path: Path) -> No
         nodes = await _world(stack, tmp_path, [PAYER, PAYEE, victim2], auto_pay=False)
         *witnesses, attacker, _payee, _other = nodes
         byz = witnesses[3]
-        byz.svc.witness = SignEverything(WITNESS_KEYS[3])
+        byz.svc.witness_server.witness = SignEverything(WITNESS_KEYS[3])
         honest = witnesses[:3]
         ra = make_receipt(PAYER, PAYEE, 1000, 1)
         rb = make_receipt(PAYER, victim2, 1000, 2)
@@ -207,7 +208,7 @@ async def test_payer_crash_after_persisting_resends_the_same_transfer(tmp_path: 
         async with settlement_node(tmp_path / "payer", PAYER, RULE, POLICY, restarted) as payer:
             for w in witnesses:
                 await payer.peer.connect(w.addr)
-            payer.svc._wake_payer.set()  # the restart found work; connected now, go
+            payer.svc.payer.wake()  # the restart found work; connected now, go
             await wait_for(
                 "the stored transfer to be certified", lambda n: n.store.outgoing() == [], [payer]
             )

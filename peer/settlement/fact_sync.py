@@ -1,0 +1,261 @@
+"""FactSync: how ledger facts spread between peers.
+
+* ``spread(items, to)``: push new facts to the peers that need them now (if
+  connected) and publish them on the gossip topic ``GOSSIP_TOPIC``;
+* gossip in: facts published by others are verified and stored;
+* anti-entropy: every ``sync_interval`` seconds (jittered) range-based
+  reconciliation (``protocols.reconcile``) with a random connected neighbour,
+  fetching what we lack and pushing what it lacks;
+* the server side of ``push``, ``sync`` and ``get`` on ``/edgeswarm/ledger/1``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable
+from typing import Any
+
+import trio
+from libp2p.abc import IHost
+from libp2p.pubsub.pubsub import Pubsub
+
+from peer.settlement.base import LedgerFacts, SettlementConfig, SettlementError, Stats, SyncResult
+from peer.settlement.ledger_rpc import LedgerClient, pack
+from protocols.errors import ProtocolError, ValidationError
+from protocols.ledger_rpc import (
+    MAX_ITEM_PAYLOAD,
+    MAX_ITEMS,
+    Get,
+    GetReply,
+    Push,
+    PushReply,
+    Sync,
+    SyncReply,
+)
+from protocols.ledger_state import FactKind, decode_item, encode_item
+from protocols.reconcile import Reconciler
+
+log = logging.getLogger(__name__)
+
+GOSSIP_TOPIC = "edgeswarm/ledger/facts/1"
+MAX_SYNC_ROUNDS = 256
+MAX_SYNC_SESSIONS = 8  # answered at once; more get a "busy" error
+# Facts fetched per `get` while syncing: each batch is verified in one go on the event
+# loop (~4 signatures per certificate), so small batches keep the loop responsive.
+FETCH_CHUNK = 128
+MAX_GOSSIP_MESSAGE = 1 << 20
+
+
+class SyncSession:
+    """The answering side of one reconciliation (one per stream)."""
+
+    def __init__(self, reconciler: Reconciler) -> None:
+        self.reconciler = reconciler
+        self.rounds = 0
+
+
+class FactSync:
+    """Spreads, gossips and reconciles ledger facts with other peers."""
+
+    def __init__(
+        self,
+        host: IHost,
+        peer_id: str,
+        facts: LedgerFacts,
+        client: LedgerClient,
+        config: SettlementConfig,
+        stats: Stats,
+        *,
+        pubsub: Pubsub | None = None,
+    ) -> None:
+        self.host = host
+        self.peer_id = peer_id
+        self.facts = facts
+        self.client = client
+        self.config = config
+        self.stats = stats
+        self.pubsub = pubsub if config.gossip else None
+        self._nursery: trio.Nursery | None = None
+        self._sync_sessions = 0  # sync sessions we are answering right now
+
+    # --- facts in -------------------------------------------------------------------------
+
+    async def ingest_items(self, items: Iterable[object]) -> tuple[int, int]:
+        """Decode, verify and store encoded items: (new, bad). Bad items are counted, never
+        raised; a StoreError (the database failed) is."""
+        parsed: list[tuple[FactKind, bytes]] = []
+        bad = 0
+        for item in items:
+            try:
+                if type(item) is not bytes:
+                    raise ValidationError("a ledger item must be bytes")
+                parsed.append(decode_item(item))
+            except ProtocolError:
+                bad += 1
+        results = await self.facts.add_facts(parsed)
+        new = sum(1 for r in results if r is True)
+        return new, bad + sum(1 for r in results if isinstance(r, ProtocolError))
+
+    async def _gossip_in(self, sub: Any) -> None:
+        while True:
+            msg = await sub.get()
+            data = getattr(msg, "data", b"")
+            if not isinstance(data, bytes) or len(data) > MAX_GOSSIP_MESSAGE:
+                continue
+            new, _bad = await self.ingest_items([data])
+            self.stats.gossiped_in += new
+
+    # --- facts out ------------------------------------------------------------------------
+
+    def spread(self, items: list[tuple[FactKind, bytes]], to: Iterable[str] = ()) -> None:
+        """In the background: push to those of ``to`` we are connected to, and publish on
+        the gossip topic. Others get the facts by gossip or anti-entropy: a push is not
+        worth a dial (or a DHT walk) per fact."""
+        if self._nursery is None:
+            return
+        connected = {str(p) for p in self.host.get_connected_peers()}
+        for peer_id in (set(to) & connected) - {self.peer_id}:
+            self._nursery.start_soon(self._push_quietly, peer_id, items)
+        if self.pubsub is not None:
+            self._nursery.start_soon(self._publish, items)
+
+    async def _push_quietly(self, peer_id: str, items: list[tuple[FactKind, bytes]]) -> None:
+        for attempt in range(3):  # anti-entropy repairs what all three miss
+            try:
+                await self.client.push(peer_id, items)
+                return
+            except SettlementError as exc:
+                log.debug("push to %s failed (attempt %d): %s", peer_id, attempt + 1, exc)
+                await trio.sleep(0.1 * 2**attempt)
+
+    async def _publish(self, items: list[tuple[FactKind, bytes]]) -> None:
+        assert self.pubsub is not None
+        for kind, data in items:
+            try:
+                await self.pubsub.publish(GOSSIP_TOPIC, encode_item(kind, data))
+            except Exception as exc:
+                log.debug("gossip publish failed: %r", exc)
+
+    # --- anti-entropy (initiator) ---------------------------------------------------------
+
+    async def sync_with(self, peer_id: str) -> SyncResult:
+        """Anti-entropy with one peer: reconcile fact ids, fetch what we lack, push the rest."""
+        ledger = self.facts.ledger
+        ch = await self.client.open(peer_id)
+        try:
+            with trio.fail_after(self.config.request_timeout * 4):
+                rec = Reconciler(list(ledger.fact_ids()))
+                msg: bytes | None = rec.initiate()
+                rounds = 0
+                while msg is not None and rounds < MAX_SYNC_ROUNDS:
+                    rounds += 1
+                    reply = await ch.call(Sync(msg), SyncReply)
+                    if reply.m is None:
+                        break
+                    try:
+                        msg = rec.receive(reply.m).reply
+                    except ProtocolError as exc:
+                        raise SettlementError(f"{peer_id}: bad reconcile message: {exc}") from exc
+                fetched = refused = 0
+                need = rec.need
+                for i in range(0, len(need), FETCH_CHUNK):
+                    got_reply = await ch.call(Get(tuple(need[i : i + FETCH_CHUNK])), GetReply)
+                    got, bad = await self.ingest_items(got_reply.items)
+                    fetched += got
+                    refused += bad
+                pushed = 0
+                have = [x for x in (ledger.item(i) for i in rec.have) if x is not None]
+                for chunk in pack([encode_item(k, d) for k, d in have]):
+                    await ch.call(Push(chunk), PushReply)
+                    pushed += len(chunk)
+        except trio.TooSlowError:
+            raise SettlementError(f"sync with {peer_id} timed out") from None
+        finally:
+            await ch.close()
+        self.stats.syncs += 1
+        return SyncResult(peer_id, rounds, fetched, pushed, refused)
+
+    async def sync_random(self) -> SyncResult | None:
+        """Anti-entropy with one random connected peer (None if there is none)."""
+        peers = [str(p) for p in self.host.get_connected_peers() if str(p) != self.peer_id]
+        random.shuffle(peers)
+        for peer_id in peers[:3]:  # peers without the ledger protocol (bootstrap) are skipped
+            try:
+                return await self.sync_with(peer_id)
+            except SettlementError as exc:
+                log.debug("anti-entropy with %s failed: %s", peer_id, exc)
+        return None
+
+    async def _anti_entropy(self) -> None:
+        interval = self.config.sync_interval
+        delay = interval
+        while True:
+            await trio.sleep(delay * random.uniform(0.5, 1.5))
+            result = await self.sync_random()
+            # A peer that just learned something passes it on soon (rumor spreading);
+            # one in agreement with its neighbour goes back to the slow beat.
+            news = result is not None and (result.fetched > 0 or result.pushed > 0)
+            delay = interval / 8 if news else interval
+
+    # --- server side ----------------------------------------------------------------------
+
+    async def answer_push(self, req: Push) -> PushReply:
+        new, bad = await self.ingest_items(req.items)
+        self.stats.pushed_in += new
+        return PushReply(new, bad)
+
+    def open_sync_session(self) -> SyncSession:
+        """Start answering a reconciliation; ``close_sync_session`` when its stream ends."""
+        # Each session snapshots our ids (O(n)): bound how many run at once.
+        if self._sync_sessions >= MAX_SYNC_SESSIONS:
+            raise ValidationError(f"busy: {MAX_SYNC_SESSIONS} sync sessions running, try later")
+        self._sync_sessions += 1
+        return SyncSession(Reconciler(list(self.facts.ledger.fact_ids())))
+
+    def close_sync_session(self, session: SyncSession) -> None:
+        self._sync_sessions -= 1
+
+    def answer_sync(self, req: Sync, session: SyncSession) -> SyncReply:
+        session.rounds += 1
+        if session.rounds > MAX_SYNC_ROUNDS:
+            raise ValidationError(f"more than {MAX_SYNC_ROUNDS} sync rounds on one stream")
+        return SyncReply(session.reconciler.receive(req.m).reply)
+
+    def answer_get(self, req: Get) -> GetReply:
+        out: list[bytes] = []
+        size = 0
+        for fid in req.ids:
+            item = self.facts.ledger.item(fid)
+            if item is not None:
+                enc = encode_item(*item)
+                if size + len(enc) > MAX_ITEM_PAYLOAD or len(out) >= MAX_ITEMS:
+                    break  # the asker fetches the rest in its next sync
+                out.append(enc)
+                size += len(enc)
+        return GetReply(tuple(out))
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Gossip in, anti-entropy, and the nursery that spreads facts in the background."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            subscribed = False
+            try:
+                if self.pubsub is not None:
+                    sub = await self.pubsub.subscribe(GOSSIP_TOPIC)
+                    subscribed = True
+                    nursery.start_soon(self._gossip_in, sub)
+                if self.config.sync_interval > 0:
+                    nursery.start_soon(self._anti_entropy)
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+                if subscribed and self.pubsub is not None:
+                    with trio.CancelScope(shield=True), trio.move_on_after(2):
+                        try:
+                            await self.pubsub.unsubscribe(GOSSIP_TOPIC)
+                        except Exception:
+                            log.debug("unsubscribe failed", exc_info=True)

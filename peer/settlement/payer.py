@@ -1,0 +1,249 @@
+"""The payer: signs, stores and gets certified the transfers that pay our receipts.
+
+``pay(receipt)`` signs the next transfer (``protocols.payment``), stores it durably
+before it leaves, asks the committee in parallel and returns the certificate. With
+``auto_pay`` the background loop (``run``) pays every receipt this peer owes and
+resends transfers left over from a crash unchanged (never re-signed: a second
+transfer for one seq is an equivocation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import nacl.signing
+import trio
+
+from peer.ledger_store import StoreError, fact_bytes
+from peer.settlement.base import (
+    LedgerFacts,
+    PaymentFailed,
+    SettlementConfig,
+    SettlementError,
+    Stats,
+)
+from peer.settlement.ledger_rpc import LedgerClient
+from protocols.certificate import Certificate
+from protocols.errors import ProtocolError
+from protocols.identity import peer_id_from_public_key
+from protocols.ledger import Transfer
+from protocols.ledger_rpc import Certify, CertifyReply
+from protocols.ledger_state import FactKind
+from protocols.payment import Certified, Failed, PaymentSession, SendRequest
+from protocols.proofs import PayableReceipt
+from protocols.signed import Signed
+from protocols.witness import Refusal, TransferRequest
+
+log = logging.getLogger(__name__)
+
+# Spreads facts to some peers and the gossip topic (FactSync.spread).
+Spread = Callable[[list[tuple[FactKind, bytes]], Iterable[str]], None]
+
+
+class Payer:
+    """Pays the receipts this peer owes, one seq at a time."""
+
+    def __init__(
+        self,
+        key: nacl.signing.SigningKey,
+        facts: LedgerFacts,
+        client: LedgerClient,
+        spread: Spread,
+        config: SettlementConfig,
+        stats: Stats,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.key = key
+        self.peer_id = peer_id_from_public_key(bytes(key.verify_key))
+        self.facts = facts
+        self.store = facts.store
+        self.client = client
+        self.spread = spread
+        self.config = config
+        self.stats = stats
+        self.clock = clock
+        self._lock = trio.Lock()
+        self._wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        facts.on_new.append(self.wake)
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def wake(self) -> None:
+        """Look for work now (news: a receipt we owe, a certificate, a refill)."""
+        self._wake.set()
+
+    def unpaid(self) -> list[PayableReceipt]:
+        """Receipts this peer owes that no certificate pays yet (arrival order)."""
+        ledger = self.facts.ledger
+        pending = {r.receipt_id for _, r in self.store.outgoing()}
+        return [
+            r
+            for r in self.store.receipts()
+            if r.requester == self.peer_id and not ledger.is_paid(r) and r.receipt_id not in pending
+        ]
+
+    def _paying_certificate(self, receipt_id: bytes) -> Certificate | None:
+        for seq in range(self.facts.ledger.next_seq(self.peer_id) - 1, 0, -1):
+            cert = self.store.certificate(self.peer_id, seq)
+            if cert is not None and cert.transfer.message.receipt_id == receipt_id:
+                return cert
+        return None
+
+    async def pay(self, receipt: PayableReceipt) -> Certificate:
+        """Pay ``receipt`` (we must be its requester): first any transfer left pending, then a
+        new one with our next seq. Returns the certificate; raises ``PaymentFailed``."""
+        if receipt.requester != self.peer_id:
+            raise SettlementError(f"{self.peer_id} is not the requester of this receipt")
+        await self.facts.add(receipt)
+        async with self._lock:
+            for transfer, pending in self.store.outgoing():
+                await self._finish(transfer, pending)
+            done = self._paying_certificate(receipt.receipt_id)
+            if done is not None:
+                return done
+            if self.facts.ledger.is_paid(receipt):
+                raise PaymentFailed("another receipt for the same commitment is already paid")
+            session, persist = PaymentSession.start(
+                self.key,
+                receipt,
+                self.facts.ledger,
+                self.now_ms(),
+                history_for=self.store.history_for,
+            )
+            await self.store.put_outgoing(persist.transfer, receipt)  # durable before it leaves
+            return await self._run_session(session)
+
+    async def _finish(self, transfer: Signed[Transfer], receipt: PayableReceipt) -> Certificate:
+        """Resend a stored transfer unchanged (never sign another one for its seq)."""
+        t = transfer.message
+        cert = self.store.certificate(t.payer, t.seq)
+        if cert is not None:
+            if cert.digest != transfer.digest:  # cannot happen for an honest key
+                log.error("our seq %d was certified for another transfer", t.seq)
+            await self.store.drop_outgoing(t.seq)
+            return cert
+        session, _ = PaymentSession.resume(
+            transfer, receipt, self.facts.ledger, history_for=self.store.history_for
+        )
+        return await self._run_session(session)
+
+    def _first_requests(self, session: PaymentSession) -> list[SendRequest]:
+        sends = session.persisted()
+        t = session.transfer.message
+        # Carry the previous certificate: a witness that missed it then needs no retry.
+        prev = self.store.history_for(t.payer, t.seq - 1)[:1] if t.seq > 1 else []
+        if not prev:
+            return sends
+        data = TransferRequest(session.transfer, session.receipt, tuple(prev)).to_bytes()
+        return [SendRequest(s.witness, data) for s in sends]
+
+    async def _run_session(self, session: PaymentSession) -> Certificate:
+        sends = self._first_requests(session)
+        send_ch, recv_ch = trio.open_memory_channel[tuple[str, bytes | Exception]](math.inf)
+        errors: dict[str, str] = {}
+        cert: Certificate | None = None
+        failed: Failed | None = None
+
+        async def ask(req: SendRequest) -> None:
+            try:
+                reply = await self.client.call(req.witness, Certify(req.data), CertifyReply)
+                answer: bytes | Exception = reply.r
+            except SettlementError as exc:
+                answer = exc
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                send_ch.send_nowait((req.witness, answer))
+
+        async with contextlib.AsyncExitStack() as stack:
+            # Requests run in the payer's nursery: the ones still in flight when a quorum
+            # is reached finish on their own instead of being cancelled mid-stream.
+            nursery = self._nursery
+            if nursery is None:
+                nursery = await stack.enter_async_context(trio.open_nursery())
+            with recv_ch:
+                outstanding = 0
+                for req in sends:
+                    nursery.start_soon(ask, req)
+                    outstanding += 1
+                while outstanding and cert is None and failed is None:
+                    witness, answer = await recv_ch.receive()
+                    outstanding -= 1
+                    if isinstance(answer, Exception):
+                        errors[witness] = str(answer)
+                        continue
+                    try:
+                        actions = session.on_reply(witness, answer)
+                    except ProtocolError as exc:
+                        errors[witness] = f"bad answer: {exc}"
+                        continue
+                    for action in actions:
+                        if isinstance(action, SendRequest):
+                            nursery.start_soon(ask, action)
+                            outstanding += 1
+                        elif isinstance(action, Certified):
+                            cert = action.certificate
+                        elif isinstance(action, Failed):
+                            failed = action
+        if session.equivocation is not None:
+            await self.facts.add(session.equivocation)
+            self.spread([fact_bytes(session.equivocation)], ())
+        if cert is not None:
+            await self.store.add(cert, drop_outgoing=cert.seq)  # one transaction
+            self.facts.notify()
+            self.stats.certified += 1
+            self.spread(
+                [fact_bytes(cert)], [*session.committee.members, cert.transfer.message.payee]
+            )
+            return cert
+        t = session.transfer.message
+        refusals = failed.refusals if failed is not None else dict(session.refusals)
+        for witness, refusal in refusals.items():
+            if refusal.reason is Refusal.OVER_LIMIT:
+                self.client.forget_introduction(witness)  # it may have lost our identity proof
+        why = "; ".join(
+            [f"{w[-8:]}: {r.reason} ({r.message})" for w, r in refusals.items()]
+            + [f"{w[-8:]}: {e}" for w, e in errors.items()]
+        )
+        raise PaymentFailed(
+            f"transfer seq {t.seq} of {t.amount} to {t.payee} not certified: {why}", refusals
+        )
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the nursery of in-flight requests; with ``auto_pay``, pay what we owe."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                task_status.started()
+                if self.config.auto_pay:
+                    await self._pay_forever()
+                else:
+                    await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    async def _pay_forever(self) -> None:
+        """Resend pending transfers and pay what we owe, with backoff."""
+        delay = self.config.retry_interval
+        while True:
+            work = [r for _, r in self.store.outgoing()] + self.unpaid()
+            if not work:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                continue
+            try:
+                await self.pay(work[0])
+                delay = self.config.retry_interval
+            except (PaymentFailed, SettlementError, StoreError) as exc:
+                log.warning("payment failed, retrying in %.1f s: %s", delay, exc)
+                with trio.move_on_after(delay * random.uniform(0.8, 1.2)):
+                    await self._wake.wait()  # news (a certificate, a refill) retries early
+                self._wake = trio.Event()
+                delay = min(delay * 2, self.config.max_retry_interval)

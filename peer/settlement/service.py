@@ -1,0 +1,313 @@
+"""The settlement service: one peer's payer, witness server and fact sync, wired together.
+
+``open_settlement(peer, store)`` runs, in one nursery:
+
+* the ``/edgeswarm/ledger/1`` stream handler (``server.LedgerServer``), answering
+  ``certify`` (``witness_server.WitnessServer``: the lock is committed durably by
+  the store *before* the vote is written back), ``push``, ``sync`` and ``get``
+  (``fact_sync.FactSync``); the wire is ``protocols.ledger_rpc``;
+* the payer (``payer.Payer``): ``pay(receipt)`` signs the next transfer, stores it,
+  asks the committee in parallel (``ledger_rpc.LedgerClient``) and returns the
+  certificate; with ``auto_pay`` every receipt this peer owes is paid in the
+  background, and transfers left over from a crash are resent unchanged;
+* gossip of certificates and proofs on ``GOSSIP_TOPIC`` (when the peer has pubsub)
+  and anti-entropy with a random connected neighbour every ``sync_interval`` s.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
+
+import nacl.signing
+import trio
+from libp2p.abc import IHost
+from libp2p.kad_dht.kad_dht import KadDHT
+from libp2p.pubsub.pubsub import Pubsub
+
+from peer.ledger_store import LedgerStore, fact_bytes, open_ledger_store
+from peer.settlement.base import (
+    LedgerFacts,
+    SettlementConfig,
+    SettlementError,
+    Stats,
+    SyncResult,
+)
+from peer.settlement.fact_sync import FactSync
+from peer.settlement.ledger_rpc import LedgerClient
+from peer.settlement.payer import Payer
+from peer.settlement.server import LedgerServer, StreamState
+from peer.settlement.witness_server import WitnessServer
+from protocols.certificate import Certificate
+from protocols.committee import CommitteeRule
+from protocols.errors import ProtocolError
+from protocols.identity import peer_id_from_public_key
+from protocols.ledger import CreditPolicy, IdentityProof, solve_pow
+from protocols.ledger_state import FactKind, LedgerState
+from protocols.market_fields import want_peer_id
+from protocols.proofs import FraudProof, PayableReceipt
+from protocols.witness import Witness
+
+log = logging.getLogger(__name__)
+
+
+class SettlementPeer(Protocol):
+    """What settlement needs of a running peer (``peer.node.Peer`` is one)."""
+
+    @property
+    def host(self) -> IHost: ...
+    @property
+    def key(self) -> nacl.signing.SigningKey: ...
+    @property
+    def pubsub(self) -> Pubsub | None: ...
+    @property
+    def dht(self) -> KadDHT | None: ...
+
+
+class SettlementService:
+    """One peer's settlement: payer, witness, gossip and anti-entropy. Use ``open_settlement``."""
+
+    def __init__(
+        self,
+        host: IHost,
+        key: nacl.signing.SigningKey,
+        store: LedgerStore,
+        config: SettlementConfig,
+        *,
+        pubsub: Pubsub | None = None,
+        dht: KadDHT | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.host = host
+        self.key = key
+        self.peer_id = peer_id_from_public_key(bytes(key.verify_key))
+        self.store = store
+        self.config = config
+        self.clock = clock
+        self.stats = Stats()
+        self.facts = LedgerFacts(store)
+        self.client = LedgerClient(
+            host, self.peer_id, request_timeout=config.request_timeout, dht=dht
+        )
+        self.fact_sync = FactSync(
+            host, self.peer_id, self.facts, self.client, config, self.stats, pubsub=pubsub
+        )
+        self.payer = Payer(
+            key, self.facts, self.client, self.fact_sync.spread, config, self.stats, clock=clock
+        )
+        self.witness_server = WitnessServer(
+            key, self.facts, self.fact_sync.spread, self.stats, now_ms=self.now_ms
+        )
+        self.server = LedgerServer(host, self.witness_server, self.fact_sync, config, self.stats)
+
+    # --- state ----------------------------------------------------------------------------
+
+    @property
+    def ledger(self) -> LedgerState:
+        return self.store.ledger
+
+    @property
+    def witness(self) -> Witness:
+        return self.witness_server.witness
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def balances(self) -> dict[str, int]:
+        return self.ledger.balances()
+
+    def state_hash(self) -> bytes:
+        return self.ledger.state_hash()
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate()`` holds; it is re-checked whenever a new fact lands."""
+        await self.facts.wait_until(predicate)
+
+    async def add_facts(
+        self, items: Iterable[tuple[FactKind, bytes]]
+    ) -> list[bool | ProtocolError]:
+        """Verify and store facts (from anywhere); wakes waiters and the payer on news."""
+        return await self.facts.add_facts(items)
+
+    async def add(self, obj: Any) -> bool:
+        return await self.facts.add(obj)
+
+    # --- receipts and proofs from the market ----------------------------------------------
+
+    async def ingest_receipt(self, receipt: PayableReceipt) -> bool:
+        """A receipt from the job market (either side): verify, store, and if we owe it and
+        ``auto_pay`` is on, pay it in the background. Returns True if it was new."""
+        new = await self.facts.add(receipt)
+        if receipt.requester == self.peer_id:
+            self.payer.wake()
+        return new
+
+    async def on_market_receipt(self, receipt: PayableReceipt, role: str) -> None:
+        """Hook for the job market: ``market.on_receipt.append(service.on_market_receipt)``.
+
+        Both sides call it; the requester's side also pays (``auto_pay``)."""
+        await self.ingest_receipt(receipt)
+
+    async def ingest_fraud_proof(self, proof: FraudProof) -> bool:
+        """A fraud proof found by this peer's spot checks: store it and spread it."""
+        new = await self.facts.add(proof)
+        if new:
+            self.fact_sync.spread([fact_bytes(proof)])
+        return new
+
+    # --- the roles' entry points ----------------------------------------------------------
+
+    def unpaid(self) -> list[PayableReceipt]:
+        """Receipts this peer owes that no certificate pays yet (arrival order)."""
+        return self.payer.unpaid()
+
+    async def pay(self, receipt: PayableReceipt) -> Certificate:
+        """Pay ``receipt`` now; see ``Payer.pay``."""
+        return await self.payer.pay(receipt)
+
+    async def push(self, peer_id: str, items: list[tuple[FactKind, bytes]]) -> int:
+        """Send facts to a peer; returns how many were new to it."""
+        return await self.client.push(peer_id, items)
+
+    async def sync_with(self, peer_id: str) -> SyncResult:
+        """One anti-entropy session with ``peer_id``; see ``FactSync.sync_with``."""
+        return await self.fact_sync.sync_with(peer_id)
+
+    async def sync_random(self) -> SyncResult | None:
+        return await self.fact_sync.sync_random()
+
+    async def answer(self, data: bytes, state: StreamState | None = None) -> dict[str, Any]:
+        """The reply to one request frame, as the stream handler would send it."""
+        return await self.server.answer(data, state or StreamState())
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def _ensure_identity(self) -> None:
+        pol = self.ledger.policy
+        if self.peer_id in pol.genesis:
+            return
+        if not self.ledger.has_identity(self.peer_id):
+            nonce = await trio.to_thread.run_sync(solve_pow, self.peer_id, pol.pow_bits)
+            if nonce is None:
+                raise SettlementError(f"no identity proof of {pol.pow_bits} bits found")
+            await self.facts.add(IdentityProof(self.peer_id, nonce))
+        for fid in self.ledger.fact_ids():
+            item = self.ledger.item(fid)
+            if item is not None and item[0] is FactKind.IDENTITY_PROOF:
+                proof = IdentityProof.from_bytes(item[1])
+                if proof.peer_id == self.peer_id:
+                    self.client.identity = proof
+                    return
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                await self._ensure_identity()
+                await nursery.start(self.server.run)
+                await nursery.start(self.fact_sync.run)
+                await nursery.start(self.payer.run)
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.client.close()
+
+
+@asynccontextmanager
+async def open_settlement(
+    peer: SettlementPeer,
+    store: LedgerStore,
+    config: SettlementConfig | None = None,
+    *,
+    clock: Callable[[], float] = time.time,
+) -> AsyncIterator[SettlementService]:
+    """Run settlement for ``peer`` (``.host``, ``.key``, ``.pubsub``, ``.dht``) over ``store``.
+
+    Everything it starts stops when the block exits; the store stays open (its owner
+    closes it after this)."""
+    service = SettlementService(
+        peer.host,
+        peer.key,
+        store,
+        config or SettlementConfig(),
+        pubsub=peer.pubsub,
+        dht=peer.dht,
+        clock=clock,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        try:
+            yield service
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+def committee_rule_from_config(config: Any) -> CommitteeRule:
+    """The network's committee rule from a ``peer.config.Config``: fallback witnesses are
+    ``ledger_witnesses``, or the peer ids of the ``bootstrap`` addresses."""
+    witnesses = set(config.ledger_witnesses)
+    if not witnesses:
+        for address in config.bootstrap:
+            part = address.rsplit("/p2p/", 1)
+            if len(part) == 2 and part[1]:
+                witnesses.add(part[1])
+    if not witnesses:
+        raise SettlementError(
+            "no ledger witnesses: set ledger_witnesses (EDGESWARM_LEDGER_WITNESSES) or give "
+            "--bootstrap addresses, whose peers then witness payments"
+        )
+    for w in witnesses:
+        want_peer_id("Config", "ledger_witnesses[]", w)
+    return CommitteeRule(
+        beacon=config.ledger_beacon.encode(), fallback=frozenset(witnesses), f=config.ledger_f
+    )
+
+
+def credit_policy_from_config(config: Any) -> CreditPolicy:
+    """The network's credit policy: defaults, with ``ledger_base_limit`` credits for a new
+    identity (every peer of a network must use the same value)."""
+    return CreditPolicy(base_limit=round(config.ledger_base_limit * 1_000_000))
+
+
+@asynccontextmanager
+async def open_peer_settlement(
+    peer: SettlementPeer,
+    config: Any,
+    *,
+    policy: CreditPolicy | None = None,
+    settings: SettlementConfig | None = None,
+    optional: bool = False,
+) -> AsyncIterator[SettlementService | None]:
+    """Ledger store in ``config.data_dir`` + settlement service for a running ``peer``.
+
+    ::
+
+        async with (
+            open_peer(config) as peer,
+            open_market(peer) as market,
+            open_peer_settlement(peer, config, optional=True) as settlement,
+        ):
+            if settlement is not None:
+                market.on_receipt.append(settlement.on_market_receipt)
+
+    ``optional``: when the config names no witnesses (a lone peer with no bootstrap),
+    log a warning and yield None instead of raising ``SettlementError``.
+    """
+    try:
+        rule = committee_rule_from_config(config)
+    except SettlementError as exc:
+        if not optional:
+            raise
+        log.warning("settlement is off: %s", exc)
+        yield None
+        return
+    settings = settings or SettlementConfig(sync_interval=config.ledger_sync_interval)
+    async with (
+        open_ledger_store(
+            config.data_dir, rule, policy or credit_policy_from_config(config)
+        ) as store,
+        open_settlement(peer, store, settings) as service,
+    ):
+        yield service

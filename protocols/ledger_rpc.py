@@ -1,0 +1,254 @@
+"""The ``/edgeswarm/ledger/1`` wire: typed requests and replies, sans-IO.
+
+Each frame is ``uvarint(len) || canonical CBOR`` (``protocols.codec``), at most
+``MAX_FRAME`` bytes. Requests are ``{"v": 1, "op": ..., ...}``, one reply frame per
+request, many requests per stream:
+
+=========  ===========================  ==================================
+op         request fields               reply fields
+=========  ===========================  ==================================
+certify    ``req``: TransferRequest     ``r``: witness reply (vote/refusal/proof)
+push       ``items``: [ledger item]     ``new``, ``bad``: counts
+sync       ``m``: reconcile message     ``m``: reply message or null
+get        ``ids``: [32-byte fact id]   ``items``: [ledger item]
+=========  ===========================  ==================================
+
+An error reply is ``{"v": 1, "err": "what was expected and what came"}``.
+
+``decode_request`` / ``decode_reply`` take the decoded CBOR value (untrusted) and
+return one of the frozen dataclasses below or raise ``ValidationError``;
+``to_wire()`` gives the plain value to encode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from protocols.errors import ValidationError
+from protocols.reconcile import ID_SIZE
+
+VERSION = 1
+MAX_FRAME = 1 << 20
+# Items in one push/get, and bytes of items packed into one frame (room for the envelope).
+MAX_ITEMS = 512
+MAX_ITEM_PAYLOAD = MAX_FRAME - 64 * 1024
+MAX_ERROR = 400
+OPS = ("certify", "push", "sync", "get")
+
+
+def _check_message(raw: object, what: str) -> dict[Any, Any]:
+    if not isinstance(raw, dict):
+        raise ValidationError(f"{what} must be a CBOR map, got {type(raw).__name__}")
+    if raw.get("v") != VERSION:
+        raise ValidationError(f"{what} version must be {VERSION}, got {raw.get('v')!r}")
+    return raw
+
+
+def _bytes_list(value: object, what: str, op: str, *, size: int | None = None) -> tuple[bytes, ...]:
+    if type(value) is not list or len(value) > MAX_ITEMS:
+        raise ValidationError(f"{op} needs '{what}': a list of at most {MAX_ITEMS}")
+    for v in value:
+        if type(v) is not bytes:
+            raise ValidationError(f"{op}: every one of '{what}' must be bytes")
+        if size is not None and len(v) != size:
+            raise ValidationError(f"fact ids are {size} bytes")
+    return tuple(value)
+
+
+def _count(value: object, what: str) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_ITEMS:
+        raise ValidationError(f"'{what}' must be a count of 0..{MAX_ITEMS}, got {value!r}")
+    return value
+
+
+# --- requests ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Certify:
+    """Ask a witness to vote for a transfer (``req``: encoded ``TransferRequest``)."""
+
+    req: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"v": VERSION, "op": "certify", "req": self.req}
+
+
+@dataclass(frozen=True)
+class Push:
+    """Facts sent to a peer (encoded ledger items)."""
+
+    items: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.items) > MAX_ITEMS:
+            raise ValidationError(f"a push carries at most {MAX_ITEMS} items")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"v": VERSION, "op": "push", "items": list(self.items)}
+
+
+@dataclass(frozen=True)
+class Sync:
+    """One round of range-based reconciliation (``protocols.reconcile``)."""
+
+    m: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"v": VERSION, "op": "sync", "m": self.m}
+
+
+@dataclass(frozen=True)
+class Get:
+    """Fetch facts by id."""
+
+    ids: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.ids) > MAX_ITEMS:
+            raise ValidationError(f"a get asks for at most {MAX_ITEMS} ids")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"v": VERSION, "op": "get", "ids": list(self.ids)}
+
+
+Request = Certify | Push | Sync | Get
+
+
+def decode_request(raw: object) -> Request:
+    """A request from a peer (the decoded CBOR value), validated."""
+    req = _check_message(raw, "request")
+    op = req.get("op")
+    if op == "certify":
+        body = req.get("req")
+        if type(body) is not bytes:
+            raise ValidationError("certify needs 'req': TransferRequest bytes")
+        return Certify(body)
+    if op == "push":
+        return Push(_bytes_list(req.get("items"), "items", "push"))
+    if op == "sync":
+        m = req.get("m")
+        if type(m) is not bytes:
+            raise ValidationError("sync needs 'm': reconcile message bytes")
+        return Sync(m)
+    if op == "get":
+        return Get(_bytes_list(req.get("ids"), "ids", "get", size=ID_SIZE))
+    raise ValidationError(f"unknown op {op!r}, expected one of {', '.join(OPS)}")
+
+
+# --- replies -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CertifyReply:
+    r: bytes  # encoded witness reply (protocols.witness.decode_reply)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"v": VERSION, "r": self.r}
+
+    @classmethod
+    def from_wire(cls, reply: dict[Any, Any]) -> CertifyReply:
+        r = reply.get("r")
+        if type(r) is not bytes:
+            raise ValidationError("certify reply without 'r' bytes")
+        return cls(r)
+
+
+@dataclass(frozen=True)
+class PushReply:
+    new: int
+    bad: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"v": VERSION, "new": self.new, "bad": self.bad}
+
+    @classmethod
+    def from_wire(cls, reply: dict[Any, Any]) -> PushReply:
+        return cls(_count(reply.get("new"), "new"), _count(reply.get("bad"), "bad"))
+
+
+@dataclass(frozen=True)
+class SyncReply:
+    m: bytes | None  # None: reconciliation is done
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"v": VERSION, "m": self.m}
+
+    @classmethod
+    def from_wire(cls, reply: dict[Any, Any]) -> SyncReply:
+        m = reply.get("m")
+        if m is not None and type(m) is not bytes:
+            raise ValidationError("sync reply 'm' must be bytes or null")
+        return cls(m)
+
+
+@dataclass(frozen=True)
+class GetReply:
+    items: tuple[bytes, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"v": VERSION, "items": list(self.items)}
+
+    @classmethod
+    def from_wire(cls, reply: dict[Any, Any]) -> GetReply:
+        return cls(_bytes_list(reply.get("items"), "items", "get reply"))
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    err: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "err", self.err[:MAX_ERROR])
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"v": VERSION, "err": self.err}
+
+
+Reply = CertifyReply | PushReply | SyncReply | GetReply | ErrorReply
+R = TypeVar("R", CertifyReply, PushReply, SyncReply, GetReply)
+
+
+def decode_reply(raw: object, expected: type[R]) -> R | ErrorReply:
+    """The reply to a request whose reply type is ``expected`` (or the peer's error)."""
+    reply = _check_message(raw, "reply")
+    if "err" in reply:
+        err = reply["err"]
+        return ErrorReply(err if isinstance(err, str) else repr(err))
+    return expected.from_wire(reply)
+
+
+def reply_type(request: Request) -> type[CertifyReply | PushReply | SyncReply | GetReply]:
+    match request:
+        case Certify():
+            return CertifyReply
+        case Push():
+            return PushReply
+        case Sync():
+            return SyncReply
+        case Get():
+            return GetReply
+
+
+__all__ = [
+    "MAX_FRAME",
+    "MAX_ITEMS",
+    "MAX_ITEM_PAYLOAD",
+    "OPS",
+    "VERSION",
+    "Certify",
+    "CertifyReply",
+    "ErrorReply",
+    "Get",
+    "GetReply",
+    "Push",
+    "PushReply",
+    "Reply",
+    "Request",
+    "Sync",
+    "SyncReply",
+    "decode_reply",
+    "decode_request",
+    "reply_type",
+]
