@@ -21,6 +21,7 @@ from edge_models.errors import EdgeModelError
 from edge_models.limits import DEFAULT_INPUT_LIMITS, InputLimits
 from peer.cli import app
 from peer.cli.common import DataDirOpt, JsonOpt, config_from_cli, fail, print_json
+from peer.cli.net_cmd import BootstrapOpt
 from peer.config import Config
 
 if TYPE_CHECKING:  # onnx and onnxruntime take ~0.3 s to import: only when a command needs them
@@ -93,7 +94,23 @@ def list_models(data_dir: DataDirOpt = None, json_out: JsonOpt = False) -> None:
         return
     width = max(len(e.name) for e in entries)
     for e in entries:
-        typer.echo(f"{e.name:<{width}}  {e.cid[:12]}  {e.size:>11} B  {_spec_text(e.inputs)}")
+        typer.echo(
+            f"{e.name:<{width}}  {e.cid[:12]}  {e.size:>11} B  {_spec_text(e.inputs)}"
+            f"  from {_source_text(e.source)}"
+        )
+
+
+def _source_text(source: str) -> str:
+    """Where a model came from, short: a file, a package, or the peers it was fetched from."""
+    kind, _, rest = source.partition(":")
+    if kind == "peers":
+        ids = [p for p in rest.split(",") if p]
+        return (
+            "peers "
+            + ", ".join(f"{p[:16]}..." for p in ids[:3])
+            + (f" (+{len(ids) - 3})" if len(ids) > 3 else "")
+        )
+    return source if len(source) <= 80 else source[:77] + "..."
 
 
 @models_app.command("add")
@@ -126,6 +143,22 @@ def add_model(
         print_json(entry.to_dict())
     else:
         typer.echo(f"added {entry.name} {entry.cid}")
+
+
+@models_app.command("fetch")
+def fetch_model(
+    cid: Annotated[
+        str, typer.Argument(metavar="CID", help="The model's sha256 cid (64 hex digits).")
+    ],
+    bootstrap: BootstrapOpt = None,
+    name: Annotated[str | None, typer.Option("--name", help="Name to give the model.")] = None,
+    data_dir: DataDirOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Fetch a model by cid from the peers that provide it (verified, then added)."""
+    from peer.cli.models_fetch import fetch_command
+
+    fetch_command(cid, bootstrap, name, data_dir, json_out)
 
 
 @models_app.command("info")
