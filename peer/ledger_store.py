@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +86,10 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 class StoreError(Exception):
     """The ledger database cannot be used (newer schema, other network, corrupt, closed)."""
+
+
+class StoreBusy(StoreError):
+    """The write queue is full: try again later (the store keeps running)."""
 
 
 class LedgerInUse(StoreError):
@@ -240,6 +244,56 @@ def _receipt_from(kind: int, data: bytes) -> PayableReceipt:
     raise StoreError(f"outgoing row has receipt kind {kind}, expected 1 or 2")
 
 
+# --- fact bytes on disk -------------------------------------------------------------------
+
+
+class _DiskBlobs:
+    """``FactBlobs`` backed by the ``facts`` table: facts not committed yet stay in memory
+    (``pending``) until the writer's commit holds them, then they are read back by id.
+
+    Reads use their own read-only connection (a WAL reader: it never blocks the writer
+    and sees every committed row); each is a primary-key lookup (~10 µs)."""
+
+    def __init__(self, path: Path) -> None:
+        self.pending: dict[bytes, tuple[FactKind, bytes]] = {}
+        self.loading = False  # replaying rows that are already on disk
+        self._conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+
+    def get(self, fact_id: bytes) -> tuple[FactKind, bytes] | None:
+        held = self.pending.get(fact_id)
+        if held is not None:
+            return held
+        rows = self._conn.execute(
+            "SELECT kind, data FROM facts WHERE id = ?", (fact_id,)
+        ).fetchall()
+        return (FactKind(rows[0][0]), bytes(rows[0][1])) if rows else None
+
+    def put(self, fact_id: bytes, kind: FactKind, data: bytes) -> None:
+        if not self.loading:
+            self.pending[fact_id] = (kind, data)
+
+    def committed(self, fact_ids: Iterable[bytes]) -> None:
+        for fid in fact_ids:
+            self.pending.pop(fid, None)
+
+    def of_kinds(self, kinds: Sequence[FactKind]) -> list[tuple[FactKind, bytes]]:
+        """Every stored fact of these kinds (O(history): for the CLI and tests)."""
+        marks = ",".join("?" * len(kinds))
+        rows = self._conn.execute(
+            f"SELECT kind, data FROM facts WHERE kind IN ({marks})", [int(k) for k in kinds]
+        ).fetchall()
+        out = [(FactKind(k), bytes(d)) for k, d in rows]
+        return out + [v for v in self.pending.values() if v[0] in kinds]
+
+    def rows(self) -> Iterator[tuple[bytes, int, bytes]]:
+        """Every stored fact row, streamed (replay at start)."""
+        for fid, kind, data in self._conn.execute("SELECT id, kind, data FROM facts"):
+            yield bytes(fid), int(kind), bytes(data)
+
+    def close(self) -> None:
+        self._conn.close()
+
+
 # --- the writer's requests -----------------------------------------------------------------
 
 
@@ -263,17 +317,20 @@ class LedgerStore:
     """A ledger database plus its verified in-memory mirror. Made by ``open_ledger_store``."""
 
     def __init__(
-        self, path: Path, db: aiosqlite.Connection, ledger: LedgerState, send: Any
+        self,
+        path: Path,
+        db: aiosqlite.Connection,
+        ledger: LedgerState,
+        send: Any,
+        blobs: _DiskBlobs,
     ) -> None:
         self.path = path
         self.ledger = ledger
         self._db = db
         self._send: trio.MemorySendChannel[_Request] = send
+        self._blobs = blobs
         self._locks: dict[tuple[str, int], LockRecord] = {}
         self._outgoing: dict[int, tuple[Signed[Transfer], PayableReceipt]] = {}
-        self._certs_by_seq: dict[tuple[str, int], Certificate] = {}
-        self._receipt_ids: list[bytes] = []
-        self._balances: dict[str, int] = {}
         self._closed = False
         self.commits = 0  # transactions committed (for tests and benchmarks)
 
@@ -296,21 +353,35 @@ class LedgerStore:
         return [self._outgoing[s] for s in sorted(self._outgoing)]
 
     def certificate(self, account: str, seq: int) -> Certificate | None:
-        return self._certs_by_seq.get((account, seq))
+        """The (canonical) certificate for ``account``'s ``seq``, read back by its digest."""
+        digest = self.ledger.cert_digest(account, seq)
+        item = None if digest is None else self.ledger.item(digest)
+        return None if item is None else Certificate.from_bytes(item[1])
 
     def history_for(self, account: str, from_seq: int) -> list[Certificate]:
         """Certificates of ``account`` for seqs ``from_seq..`` (what a lagging witness lacks)."""
         out: list[Certificate] = []
         seq = from_seq
-        while len(out) < 16 and (c := self._certs_by_seq.get((account, seq))) is not None:
+        while len(out) < 16 and (c := self.certificate(account, seq)) is not None:
             out.append(c)
             seq += 1
         return out
 
     def receipts(self) -> list[PayableReceipt]:
-        """Every receipt (plain or arbitrated) held, in arrival order."""
+        """Every receipt (plain or arbitrated) held: the unpaid ones first, in arrival order,
+        then the rest. Reads them all (O(history)): for the CLI and tests; a payer asks
+        ``unpaid_for``."""
+        kinds = (FactKind.RECEIPT, FactKind.ARBITRATED_RECEIPT)
+        unpaid = [r for payer in self.ledger.payers_owing() for r in self.unpaid_for(payer)]
+        first = {r.receipt_id for r in unpaid}
+        rest = [_receipt_from(k, d) for k, d in self._blobs.of_kinds(kinds)]
+        return unpaid + [r for r in rest if r.receipt_id not in first]
+
+    def unpaid_for(self, payer: str) -> list[PayableReceipt]:
+        """Receipts ``payer`` owes that no certificate pays, in arrival order (cost: those
+        receipts only, from the ledger's per-payer index)."""
         out = []
-        for rid in self._receipt_ids:
+        for rid in self.ledger.unpaid_for(payer):
             r = self.ledger.receipt(rid)
             if r is not None:
                 out.append(r)
@@ -367,12 +438,17 @@ class LedgerStore:
         """
         if self._closed:
             raise StoreError(f"ledger store {self.path} is closed")
+        stats = self._send.statistics()
+        if stats.current_buffer_used >= stats.max_buffer_size:
+            # Refuse before anything reaches memory: the caller (a remote peer's request)
+            # is told to come back; the store itself keeps running.
+            raise StoreBusy(f"ledger write queue is full ({stats.max_buffer_size} requests)")
         req = _Request()
         out: list[FactResult] = []
         for kind, data in items:
             try:
                 obj, fid = _parse_untrusted(kind, data)
-                new = self.ledger.item(fid) is None and ingest_parsed(self.ledger, obj)
+                new = not self.ledger.has(fid) and ingest_parsed(self.ledger, obj)
             except ProtocolError as exc:
                 out.append(exc)
                 continue
@@ -381,14 +457,8 @@ class LedgerStore:
                 item = self.ledger.item(fid)
                 assert item is not None
                 req.ready.append((fid, int(kind), item[1]))
-                self._index(obj, fid)
         if req.ready:
-            try:
-                self._send.send_nowait(req)
-            except trio.WouldBlock:
-                # Memory now holds facts the disk may never get: stop rather than diverge.
-                self._closed = True
-                raise StoreError("ledger write queue is full") from None
+            self._send.send_nowait(req)  # room was checked above; nothing ran since
         return out
 
     async def put_lock(self, record: LockRecord, *, facts: Sequence[Any] = ()) -> None:
@@ -436,7 +506,7 @@ class LedgerStore:
         for req in batch:
             fact_rows.extend(req.ready)
             for kind, obj, fid in req.facts:
-                if self.ledger.item(fid) is not None:
+                if self.ledger.has(fid):
                     # Known id: nothing will be written, so skip the signature checks
                     # (gossip and sync deliver most facts more than once).
                     req.results.append(False)
@@ -451,7 +521,6 @@ class LedgerStore:
                     item = self.ledger.item(fid)
                     assert item is not None
                     fact_rows.append((fid, int(kind), item[1]))
-                    self._index(obj, fid)
             if req.lock is not None:
                 r = req.lock
                 if (r.account, r.seq) not in self._locks:
@@ -471,21 +540,12 @@ class LedgerStore:
                 drop_rows.append((seq_done,))
         return fact_rows, lock_rows, out_rows, drop_rows
 
-    def _index(self, obj: Any, fid: bytes) -> None:
-        if isinstance(obj, Certificate):
-            self._certs_by_seq.setdefault((obj.account, obj.seq), obj)
-        elif isinstance(obj, Receipt | ArbitratedReceipt):
-            self._receipt_ids.append(fid)
-
     async def _commit(self, batch: list[_Request]) -> None:
         fact_rows, lock_rows, out_rows, drop_rows = self._apply(batch)
-        balance_rows: list[tuple[Any, ...]] = []
-        gone: list[tuple[Any, ...]] = []
-        if fact_rows:
-            new = self.ledger.balances()
-            balance_rows = [(a, b) for a, b in new.items() if self._balances.get(a) != b]
-            gone = [(a,) for a in self._balances if a not in new]
-            self._balances = new
+        # Only the accounts these facts moved (O(facts in the batch), not O(accounts)).
+        changes = self.ledger.take_changes()
+        balance_rows = [(a, b) for a, b in changes.items() if b]
+        gone = [(a,) for a, b in changes.items() if not b]
         if not (fact_rows or lock_rows or out_rows or drop_rows):
             return
         statements: list[tuple[str, list[tuple[Any, ...]]]] = [
@@ -526,6 +586,7 @@ class LedgerStore:
                 with trio.CancelScope(shield=True), contextlib.suppress(Exception):
                     await self._exec("ROLLBACK")
                 raise
+        self._blobs.committed(row[0] for row in fact_rows)
         self.commits += 1
 
     async def _writer(
@@ -669,28 +730,38 @@ async def _open(
                         f"{path} was created for another network ({key} differs from the "
                         "configured one); use another data dir or the original settings"
                     )
-            ledger = LedgerState(rule, policy)
-            send, recv = trio.open_memory_channel[_Request](_QUEUE)
-            store = LedgerStore(path, db, ledger, send)
-            _load(
-                store,
-                await _fetchall(db, "SELECT id, kind, data FROM facts"),
-                await _fetchall(db, "SELECT account, seq, digest, transfer FROM locks"),
-                await _fetchall(db, "SELECT seq, transfer, receipt_kind, receipt FROM outgoing"),
-            )
-            store._balances = dict(await _fetchall(db, "SELECT account, balance FROM balances"))
-            if store._balances != ledger.balances():
-                # Edited by hand or by a broken build: the fold of the facts is the truth.
-                log.warning("ledger %s: stored balances differ from the fold; rewriting", path)
-                await _rewrite_balances(db, ledger)
-                store._balances = ledger.balances()
-            async with trio.open_nursery() as nursery:
-                await nursery.start(store._writer, recv)
-                try:
-                    yield store
-                finally:
-                    store._closed = True
-                    send.close()  # the writer drains what is queued, then ends
+            blobs = _DiskBlobs(path)
+            try:
+                ledger = LedgerState(rule, policy, blobs=blobs)
+                send, recv = trio.open_memory_channel[_Request](_QUEUE)
+                store = LedgerStore(path, db, ledger, send, blobs)
+                _load(
+                    store,
+                    await _fetchall(db, "SELECT account, seq, digest, transfer FROM locks"),
+                    await _fetchall(
+                        db, "SELECT seq, transfer, receipt_kind, receipt FROM outgoing"
+                    ),
+                )
+                ledger.take_changes()  # what replay folded is what the table holds (checked next)
+                stored = dict(await _fetchall(db, "SELECT account, balance FROM balances"))
+                hashes = await _fetchall(db, "SELECT value FROM meta WHERE key = 'state_hash'")
+                if stored != ledger.balances():
+                    # Edited by hand or by a broken build: the fold of the facts is the truth.
+                    log.warning("ledger %s: stored balances differ from the fold; rewriting", path)
+                    await _rewrite_balances(db, ledger)
+                elif len(ledger) and [bytes(h[0]) for h in hashes] != [ledger.state_hash()]:
+                    # Written by a build with another state-hash definition (v1: sorted ids).
+                    log.info("ledger %s: rewriting the stored state hash", path)
+                    await _rewrite_balances(db, ledger)
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(store._writer, recv)
+                    try:
+                        yield store
+                    finally:
+                        store._closed = True
+                        send.close()  # the writer drains what is queued, then ends
+            finally:
+                blobs.close()
         finally:
             with trio.CancelScope(shield=True):
                 await aw(db.close)()
@@ -709,19 +780,25 @@ async def _rewrite_balances(db: aiosqlite.Connection, ledger: LedgerState) -> No
     await aw(db.execute)("COMMIT")
 
 
-def _load(store: LedgerStore, facts: list[Any], locks: list[Any], outgoing: list[Any]) -> None:
-    """Replay stored rows through the pure rules (a row that fails is a corrupt database)."""
-    for fid, kind, data in facts:
-        try:
-            obj, computed = parse_fact(FactKind(kind), bytes(data))
-            ingest_parsed(store.ledger, obj)
-        except (ProtocolError, ValueError) as exc:
-            raise StoreError(
-                f"{store.path}: stored fact {bytes(fid).hex()[:16]} is invalid: {exc}"
-            ) from exc
-        if computed != bytes(fid):
-            raise StoreError(f"{store.path}: stored fact {bytes(fid).hex()[:16]} has a wrong id")
-        store._index(obj, computed)
+def _load(store: LedgerStore, locks: list[Any], outgoing: list[Any]) -> None:
+    """Replay stored rows through the pure rules (a row that fails is a corrupt database).
+
+    Facts are streamed from disk and not copied into memory (they are there already)."""
+    blobs = store._blobs
+    blobs.loading = True
+    try:
+        for fid, kind, data in blobs.rows():
+            try:
+                obj, computed = parse_fact(FactKind(kind), data)
+                ingest_parsed(store.ledger, obj)
+            except (ProtocolError, ValueError) as exc:
+                raise StoreError(
+                    f"{store.path}: stored fact {fid.hex()[:16]} is invalid: {exc}"
+                ) from exc
+            if computed != fid:
+                raise StoreError(f"{store.path}: stored fact {fid.hex()[:16]} has a wrong id")
+    finally:
+        blobs.loading = False
     for account, seq, digest, transfer in locks:
         record = LockRecord.from_bytes(bytes(transfer))
         if (record.account, record.seq, record.digest) != (account, seq, bytes(digest)):

@@ -24,22 +24,24 @@ Rules (docs/settlement.md has the reasoning):
 from __future__ import annotations
 
 import hashlib
-from bisect import insort
-from collections.abc import Iterable
-from dataclasses import dataclass
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from enum import IntEnum
+from typing import Any, Protocol
+
+from sortedcontainers import SortedList
 
 from protocols.certificate import Certificate
 from protocols.codec import decode, encode
 from protocols.committee import CommitteeRule
-from protocols.errors import DecodeError
-from protocols.ledger import CreditPolicy, IdentityProof, Transfer, fold_balances
+from protocols.errors import DecodeError, LocalProtocolError
+from protocols.ledger import CreditPolicy, IdentityProof, Transfer
 from protocols.market_fields import check_body, want_bytes, want_int
 from protocols.proofs import ArbitratedReceipt, EquivocationProof, FraudProof, PayableReceipt
 from protocols.receipt import Receipt
 from protocols.signing import signing_bytes
 
-STATE_HASH_DOMAIN = "edgeswarm/ledger-state/v1"
+STATE_HASH_DOMAIN = "edgeswarm/ledger-state/v2"
 ITEM_VERSION = 1
 
 
@@ -78,20 +80,113 @@ def decode_item(data: bytes) -> tuple[FactKind, bytes]:
     return kind, want_bytes("LedgerItem", "b", b["b"], lo=1, hi=_MAX_ITEM_BYTES[kind])
 
 
-@dataclass(frozen=True)
-class _Fact:
-    kind: FactKind
-    data: bytes
+class FactBlobs(Protocol):
+    """Where a ``LedgerState`` keeps the bytes of its facts.
+
+    The state itself keeps only ids and small per-account indexes in memory;
+    the bytes (what sync serves and ``verify`` re-checks) may live on disk.
+    ``MemoryBlobs`` is the default; the ledger store passes one backed by its
+    database (facts not yet committed stay in memory until their commit).
+    """
+
+    def get(self, fact_id: bytes) -> tuple[FactKind, bytes] | None: ...
+
+    def put(self, fact_id: bytes, kind: FactKind, data: bytes) -> None: ...
 
 
-@dataclass
-class _Derived:
-    """Views folded from the facts; rebuilt after a fraud proof or a certificate conflict,
-    updated in place for the common case (a new certificate for a fresh (payer, seq))."""
+class MemoryBlobs:
+    """``FactBlobs`` in a dict (tests, ``verify``, short-lived ledgers)."""
 
-    effective: list[Transfer]
-    balances: dict[str, int]
-    incoming: dict[str, list[Transfer]]
+    def __init__(self) -> None:
+        self._data: dict[bytes, tuple[FactKind, bytes]] = {}
+
+    def get(self, fact_id: bytes) -> tuple[FactKind, bytes] | None:
+        return self._data.get(fact_id)
+
+    def put(self, fact_id: bytes, kind: FactKind, data: bytes) -> None:
+        self._data[fact_id] = (kind, data)
+
+
+# --- the incremental state digest ----------------------------------------------------------
+
+DIGEST_ELEMENT_DOMAIN = b"edgeswarm/ledger-fact/v2"
+DIGEST_BITS = 2048
+_DIGEST_MOD = 1 << DIGEST_BITS
+
+
+def digest_element(fact_id: bytes) -> int:
+    """One fact's term of the set digest: SHAKE-256(domain || id), 2048 bits."""
+    return int.from_bytes(
+        hashlib.shake_256(DIGEST_ELEMENT_DOMAIN + fact_id).digest(DIGEST_BITS // 8), "little"
+    )
+
+
+def digest_of(fact_ids: Iterable[bytes]) -> tuple[int, int]:
+    """(sum of elements mod 2^2048, count) of a set of ids, from scratch."""
+    total, count = 0, 0
+    for fid in set(fact_ids):
+        total += digest_element(fid)
+        count += 1
+    return total % _DIGEST_MOD, count
+
+
+def state_hash_of(total: int, count: int) -> bytes:
+    """The state hash of a set with digest ``(total, count)`` (see ``LedgerState.state_hash``)."""
+    body = count.to_bytes(8, "big") + total.to_bytes(DIGEST_BITS // 8, "little")
+    return hashlib.sha256(signing_bytes(STATE_HASH_DOMAIN, body)).digest()
+
+
+# --- per-account indexes -------------------------------------------------------------------
+
+# Incoming payments are ordered by (time_ms, slot): a key packs both in one int.
+_SLOT_BITS = 40
+
+
+class _Incoming:
+    """Canonical certified payments *to* one account, ordered by transfer time.
+
+    Slots are append-only (amount, payer, digest); ``order`` holds
+    ``time_ms << 40 | slot`` sorted, so the escrow window (the newest entries)
+    and a fraud reversal cut (entries at or after a time) are a bisect away.
+    ``effective`` and ``from_payer`` exclude reversed payments.
+    """
+
+    __slots__ = ("amounts", "digests", "effective", "from_payer", "order", "payers")
+
+    def __init__(self) -> None:
+        self.amounts = array("q")
+        self.payers: list[str] = []
+        self.digests: list[bytes] = []
+        self.order: Any = SortedList()
+        self.effective = 0
+        self.from_payer: dict[str, int] = {}
+
+    def add(self, t: Transfer, digest: bytes) -> int:
+        slot = len(self.amounts)
+        self.amounts.append(t.amount)
+        self.payers.append(t.payer)
+        self.digests.append(digest)
+        key = t.time_ms << _SLOT_BITS | slot
+        self.order.add(key)
+        return key
+
+    def remove(self, digest: bytes, time_ms: int) -> None:
+        lo = self.order.bisect_left(time_ms << _SLOT_BITS)
+        hi = self.order.bisect_left((time_ms + 1) << _SLOT_BITS)
+        for key in list(self.order.islice(lo, hi)):
+            if self.digests[key & _SLOT_MASK] == digest:
+                self.order.remove(key)
+                return
+
+    def entries(self, from_time: int, to_time: int | None = None) -> Iterator[tuple[int, int]]:
+        """(time_ms, slot) with ``from_time <= time_ms < to_time``, oldest first."""
+        lo = self.order.bisect_left(max(from_time, 0) << _SLOT_BITS)
+        hi = len(self.order) if to_time is None else self.order.bisect_left(to_time << _SLOT_BITS)
+        for key in self.order.islice(lo, hi):
+            yield key >> _SLOT_BITS, key & _SLOT_MASK
+
+
+_SLOT_MASK = (1 << _SLOT_BITS) - 1
 
 
 class LedgerState:
@@ -102,41 +197,69 @@ class LedgerState:
     The I/O layer persists a fact after ``ingest`` accepted it (or before, in
     the same transaction; a restart replays the stored facts through
     ``ingest_*`` with the same result).
+
+    Cost: every ingest is O(log n) (no step walks history); the state digest,
+    balances and per-account indexes are updated in place. Memory holds the
+    fact ids and small per-account indexes; the facts' bytes live in ``blobs``.
+    Only evidence of more than f byzantine witnesses (two certificates for
+    one seq, where the smaller digest must replace the larger) reads an old
+    fact back.
     """
 
-    def __init__(self, rule: CommitteeRule, policy: CreditPolicy | None = None) -> None:
+    def __init__(
+        self,
+        rule: CommitteeRule,
+        policy: CreditPolicy | None = None,
+        *,
+        blobs: FactBlobs | None = None,
+    ) -> None:
         self.rule = rule
         self.policy = policy or CreditPolicy()
-        self._facts: dict[bytes, _Fact] = {}
-        self._receipts: dict[bytes, PayableReceipt] = {}
-        self._by_commitment: dict[bytes, set[bytes]] = {}
-        self._arbitrated_by_requester: dict[str, list[ArbitratedReceipt]] = {}
-        self._certs: dict[bytes, Certificate] = {}
-        self._by_seq: dict[tuple[str, int], set[bytes]] = {}
+        self.blobs: FactBlobs = blobs if blobs is not None else MemoryBlobs()
+        self._ids: Any = SortedList()  # every fact id held, sorted (what reconcile works on)
+        self._acc = 0  # sum of digest_element(id) mod 2^2048
+        # Certificates: canonical digest per (payer, seq); more than one only in _conflicts.
+        self._seqs: dict[str, dict[int, bytes]] = {}
+        self._conflicts: dict[tuple[str, int], set[bytes]] = {}
         self._next_seq: dict[str, int] = {}
+        # Paid: receipt ids of certificates whose receipt we did not hold when they came,
+        # and commitment digests of paid receipts we hold (one entry per certificate).
         self._paid_receipts: set[bytes] = set()
+        self._paid_commitments: set[bytes] = set()
+        # Receipts not paid yet, per requester: receipt id -> commitment digest (arrival order).
+        self._unpaid: dict[str, dict[bytes, bytes]] = {}
+        self._arbitrated_by_requester: dict[str, list[ArbitratedReceipt]] = {}
+        self._incoming: dict[str, _Incoming] = {}
+        self._balances: dict[str, int] = {}
+        self._changed: set[str] = set()  # accounts whose balance moved since take_changes
         self._fraud_time: dict[str, int] = {}
         self._banned: set[str] = set()
         self._identities: set[str] = set()
-        self._ids: list[bytes] | None = None
-        self._derived: _Derived | None = None
 
     # --- ingest ---------------------------------------------------------------------------
 
+    def has(self, fact_id: bytes) -> bool:
+        """Whether a fact with this id is held (O(log n), no read of its bytes)."""
+        return fact_id in self._ids
+
     def _add(self, fact_id: bytes, kind: FactKind, data: bytes) -> bool:
-        if fact_id in self._facts:
+        if fact_id in self._ids:
             return False
-        self._facts[fact_id] = _Fact(kind, data)
-        if self._ids is not None:
-            insort(self._ids, fact_id)
+        self._ids.add(fact_id)
+        self._acc = (self._acc + digest_element(fact_id)) % _DIGEST_MOD
+        self.blobs.put(fact_id, kind, data)
         return True
 
     def _add_receipt(self, receipt: PayableReceipt, kind: FactKind, data: bytes) -> bool:
         rid = receipt.receipt_id
-        if rid in self._facts:
+        if rid in self._ids:
             return False
-        self._receipts[rid] = receipt
-        self._by_commitment.setdefault(receipt.commitment.digest, set()).add(rid)
+        c = receipt.commitment.digest
+        if rid in self._paid_receipts:  # its certificate came first
+            self._paid_receipts.discard(rid)
+            self._paid_commitments.add(c)
+        elif c not in self._paid_commitments:
+            self._unpaid.setdefault(receipt.requester, {})[rid] = c
         if isinstance(receipt, ArbitratedReceipt):
             self._arbitrated_by_requester.setdefault(receipt.requester, []).append(receipt)
         return self._add(rid, kind, data)
@@ -161,54 +284,118 @@ class LedgerState:
 
     def ingest_certificate(self, cert: Certificate) -> bool:
         cert.verify(self.rule.committee_for(cert.account))
-        if cert.digest in self._facts:
+        if cert.digest in self._ids:
             return False
         t = cert.transfer.message
-        self._certs[cert.digest] = cert
-        digests = self._by_seq.setdefault((t.payer, t.seq), set())
-        first = not digests
-        digests.add(cert.digest)
-        self._paid_receipts.add(t.receipt_id)
-        nxt = self._next_seq.get(t.payer, 1)
-        while (t.payer, nxt) in self._by_seq:
-            nxt += 1
-        self._next_seq[t.payer] = nxt
-        d = self._derived
-        if d is not None:
-            if not first:
-                self._derived = None  # a conflict may change the canonical transfer
-            elif not self.is_reversed(t):
-                d.effective.append(t)
-                for account, delta in ((t.payer, -t.amount), (t.payee, t.amount)):
-                    value = d.balances.get(account, 0) + delta
-                    if value:
-                        d.balances[account] = value
-                    else:
-                        d.balances.pop(account, None)
-                d.incoming.setdefault(t.payee, []).append(t)
+        self._mark_paid(t)
+        seqs = self._seqs.setdefault(t.payer, {})
+        held = seqs.get(t.seq)
+        if held is None:
+            seqs[t.seq] = cert.digest
+            nxt = self._next_seq.get(t.payer, 1)
+            while nxt in seqs:
+                nxt += 1
+            self._next_seq[t.payer] = nxt
+            self._apply(t, cert.digest)
+        else:
+            # Two certificates for one seq: more than f witnesses broke the rules. The
+            # smaller digest counts everywhere, whatever arrived first.
+            self._conflicts.setdefault((t.payer, t.seq), {held}).add(cert.digest)
+            if cert.digest < held:
+                old = self._certificate(held)
+                self._unapply(old.transfer.message, held)
+                seqs[t.seq] = cert.digest
+                self._apply(t, cert.digest)
         return self._add(cert.digest, FactKind.CERTIFICATE, cert.to_bytes())
+
+    def _mark_paid(self, t: Transfer) -> None:
+        c = self._unpaid.get(t.payer, {}).pop(t.receipt_id, None)
+        if c is not None:
+            self._paid_commitments.add(c)
+        elif t.receipt_id not in self._ids:
+            self._paid_receipts.add(t.receipt_id)
+        else:
+            # A receipt we hold that was already paid by commitment, or that names
+            # another requester (a certificate only a broken quorum would sign).
+            r = self.receipt(t.receipt_id)
+            if r is not None:
+                self._paid_commitments.add(r.commitment.digest)
+
+    def _flow(self, src: str, dst: str, amount: int) -> None:
+        """Move ``amount`` from ``src``'s balance to ``dst``'s."""
+        for account, delta in ((src, -amount), (dst, amount)):
+            value = self._balances.get(account, 0) + delta
+            if value:
+                self._balances[account] = value
+            else:
+                self._balances.pop(account, None)
+            self._changed.add(account)
+
+    def _apply(self, t: Transfer, digest: bytes) -> None:
+        """A canonical transfer joins the fold (unless a fraud proof reverses it)."""
+        inc = self._incoming.get(t.payee)
+        if inc is None:
+            inc = self._incoming[t.payee] = _Incoming()
+        inc.add(t, digest)
+        if not self.is_reversed(t):
+            self._flow(t.payer, t.payee, t.amount)
+            inc.effective += t.amount
+            inc.from_payer[t.payer] = inc.from_payer.get(t.payer, 0) + t.amount
+
+    def _unapply(self, t: Transfer, digest: bytes) -> None:
+        inc = self._incoming[t.payee]
+        inc.remove(digest, t.time_ms)
+        if not self.is_reversed(t):
+            self._flow(t.payee, t.payer, t.amount)
+            inc.effective -= t.amount
+            left = inc.from_payer.get(t.payer, 0) - t.amount
+            if left:
+                inc.from_payer[t.payer] = left
+            else:
+                inc.from_payer.pop(t.payer, None)
+
+    def _certificate(self, digest: bytes) -> Certificate:
+        item = self.blobs.get(digest)
+        if item is None or item[0] is not FactKind.CERTIFICATE:
+            raise LocalProtocolError(f"certificate {digest.hex()[:16]} is held but not stored")
+        return Certificate.from_bytes(item[1])
 
     def ingest_fraud_proof(self, proof: FraudProof) -> bool:
         c = proof.commitment.message
         proof.verify(self.rule.referees_for(c.job_id, (c.requester, c.executor)))
-        if proof.fact_id in self._facts:
+        if proof.fact_id in self._ids:
             return False
-        old = self._fraud_time.get(proof.offender)
-        self._fraud_time[proof.offender] = proof.time_ms if old is None else min(old, proof.time_ms)
-        self._banned.add(proof.offender)
-        self._derived = None
+        e = proof.offender
+        w = self.policy.fraud_window_ms
+        old = self._fraud_time.get(e)
+        if old is None or proof.time_ms < old:
+            # Payments to e from the new cut up to the old one (or all later ones) reverse.
+            inc = self._incoming.get(e)
+            if inc is not None:
+                upto = None if old is None else old - w
+                for _time, slot in list(inc.entries(proof.time_ms - w, upto)):
+                    amount, payer = inc.amounts[slot], inc.payers[slot]
+                    self._flow(e, payer, amount)
+                    inc.effective -= amount
+                    left = inc.from_payer.get(payer, 0) - amount
+                    if left:
+                        inc.from_payer[payer] = left
+                    else:
+                        inc.from_payer.pop(payer, None)
+            self._fraud_time[e] = proof.time_ms
+        self._banned.add(e)
         return self._add(proof.fact_id, FactKind.FRAUD_PROOF, proof.to_bytes())
 
     def ingest_equivocation_proof(self, proof: EquivocationProof) -> bool:
         proof.verify()
-        if proof.fact_id in self._facts:
+        if proof.fact_id in self._ids:
             return False
         self._banned.add(proof.offender)
         return self._add(proof.fact_id, FactKind.EQUIVOCATION_PROOF, proof.to_bytes())
 
     def ingest_identity_proof(self, proof: IdentityProof) -> bool:
         proof.verify(self.policy.pow_bits)
-        if proof.fact_id in self._facts:
+        if proof.fact_id in self._ids:
             return False
         self._identities.add(proof.peer_id)
         return self._add(proof.fact_id, FactKind.IDENTITY_PROOF, proof.to_bytes())
@@ -231,85 +418,138 @@ class LedgerState:
 
     # --- sync -----------------------------------------------------------------------------
 
-    def fact_ids(self) -> list[bytes]:
+    def fact_ids(self) -> Sequence[bytes]:
         """Sorted ids of every fact held: the set that ``reconcile`` works on (do not mutate)."""
-        if self._ids is None:
-            self._ids = sorted(self._facts)
-        return self._ids
+        ids: Sequence[bytes] = self._ids
+        return ids
 
     def item(self, fact_id: bytes) -> tuple[FactKind, bytes] | None:
-        fact = self._facts.get(fact_id)
-        return None if fact is None else (fact.kind, fact.data)
+        if fact_id not in self._ids:
+            return None
+        return self.blobs.get(fact_id)
 
     def __len__(self) -> int:
-        return len(self._facts)
+        return len(self._ids)
+
+    def digest(self) -> tuple[int, int]:
+        """(sum of ``digest_element(id)`` mod 2^2048, count): the set digest, kept in place."""
+        return self._acc, len(self._ids)
 
     def state_hash(self) -> bytes:
-        """sha256 over the sorted fact ids: equal fact sets give equal hashes, in any order."""
-        h = hashlib.sha256(signing_bytes(STATE_HASH_DOMAIN, len(self._facts).to_bytes(8, "big")))
-        for fid in self.fact_ids():
-            h.update(fid)
-        return h.digest()
+        """sha256(tag || count || set digest): equal fact sets give equal hashes, in any
+        order; O(1) (the digest is a sum kept up to date by every ingest)."""
+        return state_hash_of(self._acc, len(self._ids))
 
     # --- derived views --------------------------------------------------------------------
 
+    def take_changes(self) -> dict[str, int]:
+        """Accounts whose balance changed since the last call -> balance now (0 = none)."""
+        out = {a: self._balances.get(a, 0) for a in self._changed}
+        self._changed = set()
+        return out
+
     def canonical_transfers(self) -> list[Transfer]:
-        """One certified transfer per (payer, seq): the smallest digest wins a (broken) tie."""
-        return [self._certs[min(ds)].transfer.message for ds in self._by_seq.values()]
+        """One certified transfer per (payer, seq): the smallest digest wins a (broken) tie.
+
+        Reads every certificate back (O(history)): for checks and tests, not hot paths."""
+        return [
+            self._certificate(d).transfer.message
+            for seqs in self._seqs.values()
+            for d in seqs.values()
+        ]
+
+    def cert_digest(self, account: str, seq: int) -> bytes | None:
+        """Digest of the canonical certificate for ``account``'s ``seq``, if held."""
+        return self._seqs.get(account, {}).get(seq)
 
     def conflicts(self) -> list[tuple[str, int]]:
         """(payer, seq) with more than one certificate: evidence of > f byzantine witnesses."""
-        return sorted(k for k, ds in self._by_seq.items() if len(ds) > 1)
+        return sorted(self._conflicts)
 
     def is_reversed(self, t: Transfer) -> bool:
         T = self._fraud_time.get(t.payee)
         return T is not None and t.time_ms >= T - self.policy.fraud_window_ms
 
-    def _view(self) -> _Derived:
-        if self._derived is None:
-            effective = [t for t in self.canonical_transfers() if not self.is_reversed(t)]
-            incoming: dict[str, list[Transfer]] = {}
-            for t in effective:
-                incoming.setdefault(t.payee, []).append(t)
-            self._derived = _Derived(effective, fold_balances(effective), incoming)
-        return self._derived
+    def _cut(self, account: str) -> int | None:
+        """Payments to ``account`` at or after this time are reversed (None: none are)."""
+        T = self._fraud_time.get(account)
+        return None if T is None else T - self.policy.fraud_window_ms
 
     def balances(self) -> dict[str, int]:
         """Account -> balance (micro-credits), zero balances omitted; the values sum to 0."""
-        return dict(self._view().balances)
+        return dict(self._balances)
 
     def balance(self, account: str) -> int:
-        return self._view().balances.get(account, 0)
+        return self._balances.get(account, 0)
 
     def forfeited(self) -> dict[str, int]:
         """Proven cheater -> total of its reversed payouts."""
         out: dict[str, int] = {}
-        for t in self.canonical_transfers():
-            if self.is_reversed(t):
-                out[t.payee] = out.get(t.payee, 0) + t.amount
+        for e, T in self._fraud_time.items():
+            inc = self._incoming.get(e)
+            if inc is None:
+                continue
+            total = sum(inc.amounts[s] for _t, s in inc.entries(T - self.policy.fraud_window_ms))
+            if total:
+                out[e] = total
         return out
 
     def next_seq(self, account: str) -> int:
         """1 + the highest seq s such that seqs 1..s of ``account`` are all certified here."""
         return self._next_seq.get(account, 1)
 
+    def _escrow_window(self, account: str, now_ms: int) -> Iterator[int]:
+        """Slots of unreversed incoming payments still in escrow at ``now_ms``."""
+        inc = self._incoming.get(account)
+        if inc is None:
+            return iter(())
+        # In escrow: t + W > now, i.e. t >= now - W + 1.
+        return (
+            s for _t, s in inc.entries(now_ms - self.policy.fraud_window_ms + 1, self._cut(account))
+        )
+
     def escrowed(self, account: str, now_ms: int) -> int:
         """Incoming payments still inside the fraud window at ``now_ms``."""
-        w = self.policy.fraud_window_ms
-        incoming = self._view().incoming.get(account, [])
-        return sum(t.amount for t in incoming if t.time_ms + w > now_ms)
+        inc = self._incoming.get(account)
+        if inc is None:
+            return 0
+        return sum(inc.amounts[s] for s in self._escrow_window(account, now_ms))
 
     def earned(self, account: str, now_ms: int) -> int:
         """Incoming payments out of escrow at ``now_ms`` (what grows the credit limit)."""
-        w = self.policy.fraud_window_ms
-        incoming = self._view().incoming.get(account, [])
-        return sum(t.amount for t in incoming if t.time_ms + w <= now_ms)
+        inc = self._incoming.get(account)
+        if inc is None:
+            return 0
+        return inc.effective - self.escrowed(account, now_ms)
+
+    def earned_from(self, account: str, now_ms: int) -> dict[str, int]:
+        """Payer -> what ``account`` earned from it, out of escrow at ``now_ms`` (reversed
+        payments excluded). Cost: the account's payers plus its payments in escrow."""
+        inc = self._incoming.get(account)
+        if inc is None:
+            return {}
+        out = dict(inc.from_payer)
+        for s in self._escrow_window(account, now_ms):
+            payer = inc.payers[s]
+            left = out[payer] - inc.amounts[s]
+            if left:
+                out[payer] = left
+            else:
+                del out[payer]
+        return out
 
     def spendable(self, account: str, now_ms: int) -> int:
         return self.balance(account) - self.escrowed(account, now_ms)
 
     def has_identity(self, account: str) -> bool:
         return account in self._identities or account in self.policy.genesis
+
+    def identity_proof(self, account: str) -> IdentityProof | None:
+        """The identity proof held for ``account`` (one per account), if any."""
+        if account not in self._identities:
+            return None
+        item = self.item(IdentityProof(account, 0).fact_id)
+        return None if item is None else IdentityProof.from_bytes(item[1])
 
     def is_banned(self, account: str) -> bool:
         return account in self._banned
@@ -322,14 +562,38 @@ class LedgerState:
         )
 
     def receipt(self, receipt_id: bytes) -> PayableReceipt | None:
-        return self._receipts.get(receipt_id)
+        """The receipt with this id, read back from ``blobs`` (None if not held)."""
+        item = self.item(receipt_id)
+        if item is None:
+            return None
+        kind, data = item
+        if kind is FactKind.RECEIPT:
+            return Receipt.from_bytes(data, verify=False)
+        if kind is FactKind.ARBITRATED_RECEIPT:
+            return ArbitratedReceipt.from_bytes(data)
+        return None
 
     def is_paid(self, receipt: PayableReceipt) -> bool:
         """Paid if this receipt, or any receipt for the same commitment, has a certificate."""
-        if receipt.receipt_id in self._paid_receipts:
-            return True
-        same = self._by_commitment.get(receipt.commitment.digest, set())
-        return any(rid in self._paid_receipts for rid in same)
+        return (
+            receipt.receipt_id in self._paid_receipts
+            or receipt.commitment.digest in self._paid_commitments
+        )
+
+    def unpaid_for(self, payer: str) -> list[bytes]:
+        """Ids of the receipts ``payer`` owes that no certificate pays, in arrival order.
+
+        Cost: that payer's unpaid receipts only (paid ones leave the index)."""
+        pending = self._unpaid.get(payer)
+        if not pending:
+            return []
+        for rid in [r for r, c in pending.items() if c in self._paid_commitments]:
+            del pending[rid]  # paid through another receipt for the same commitment
+        return list(pending)
+
+    def payers_owing(self) -> list[str]:
+        """Accounts that may owe unpaid receipts (``unpaid_for`` says which)."""
+        return [p for p, pending in self._unpaid.items() if pending]
 
     def outstanding_debts(self, account: str) -> list[ArbitratedReceipt]:
         """Arbitrated receipts ``account`` owes and has not paid (they block its other payments)."""
@@ -339,7 +603,7 @@ class LedgerState:
         """Accounts with a proven identity, not banned, and ``earned >= min_earned``."""
         return frozenset(
             a
-            for a in self._view().incoming
+            for a in self._incoming
             if self.has_identity(a)
             and not self.is_banned(a)
             and self.earned(a, now_ms) >= min_earned
@@ -352,10 +616,16 @@ def replay(state: LedgerState, items: Iterable[tuple[FactKind, bytes]]) -> int:
 
 
 __all__ = [
+    "DIGEST_BITS",
     "STATE_HASH_DOMAIN",
+    "FactBlobs",
     "FactKind",
     "LedgerState",
+    "MemoryBlobs",
     "decode_item",
+    "digest_element",
+    "digest_of",
     "encode_item",
     "replay",
+    "state_hash_of",
 ]

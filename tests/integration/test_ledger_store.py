@@ -18,10 +18,12 @@ from settlement_helpers import (
     rule_for,
 )
 
+from peer import ledger_store
 from peer.ledger_store import (
     DB_NAME,
     MIGRATIONS,
     SCHEMA_VERSION,
+    StoreBusy,
     StoreError,
     open_ledger_store,
     read_snapshot,
@@ -231,3 +233,52 @@ async def test_a_second_writer_of_one_ledger_is_refused(tmp_path: Path) -> None:
                 pass  # pragma: no cover - never opened
     async with open_ledger_store(tmp_path, RULE, POLICY):  # free again once closed
         pass
+
+
+async def test_a_full_write_queue_refuses_and_the_store_keeps_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Remote input (a witness learning history) can fill the queue: it is refused before it
+    reaches memory, and the store goes on (it used to shut down for good)."""
+    monkeypatch.setattr(ledger_store, "_QUEUE", 4)
+    receipts = [make_receipt(PAYER, PAYEE, 10, 700 + n) for n in range(8)]
+    async with open_ledger_store(tmp_path, RULE, POLICY) as store:
+        # No checkpoint between the calls: the writer cannot drain the queue (it takes
+        # one request straight away, 4 wait in the queue).
+        refused = None
+        for r in receipts[:7]:
+            try:
+                assert store.add_facts_nowait([(FactKind.RECEIPT, r.to_bytes())]) == [True]
+            except StoreBusy as exc:
+                assert "queue is full" in str(exc)
+                refused = r
+                break
+        assert refused is receipts[5]
+        assert not store.ledger.has(refused.receipt_id)  # nothing half-taken
+        assert await store.add(receipts[7]) is True  # still open, still writing
+        assert await store.add(refused) is True
+        receipts = [*receipts[:6], receipts[7]]
+    ids = {f[0] for f in read_snapshot(tmp_path).facts}
+    assert {r.receipt_id for r in receipts} <= ids
+
+
+async def test_facts_are_read_back_from_disk_and_indexed_per_account(tmp_path: Path) -> None:
+    receipts, certs = _certificates(3)
+    owed = make_receipt(PAYER, PAYEE, 9, 800)
+    async with open_ledger_store(tmp_path, RULE, POLICY) as store:
+        await store.add_facts([(FactKind.RECEIPT, r.to_bytes()) for r in [*receipts, owed]])
+        assert [r.receipt_id for r in store.unpaid_for(pid(PAYER))] == [
+            r.receipt_id for r in [*receipts, owed]
+        ]
+        await store.add_facts([(FactKind.CERTIFICATE, c.to_bytes()) for c in certs])
+        assert store._blobs.pending == {}  # committed: memory keeps no fact bytes
+        assert [r.receipt_id for r in store.unpaid_for(pid(PAYER))] == [owed.receipt_id]
+        assert store.certificate(pid(PAYER), 2) == certs[1]
+        assert store.ledger.item(certs[0].digest) == (FactKind.CERTIFICATE, certs[0].to_bytes())
+        hash_before = store.ledger.state_hash()
+    async with open_ledger_store(tmp_path, RULE, POLICY) as store:
+        assert store.ledger.state_hash() == hash_before
+        assert [r.receipt_id for r in store.unpaid_for(pid(PAYER))] == [owed.receipt_id]
+        assert store.ledger.earned_from(pid(PAYEE), 10**13) == {pid(PAYER): 6000}
+    snap = read_snapshot(tmp_path)
+    assert snap.state_hash == hash_before and verify_snapshot(snap).ok
