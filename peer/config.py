@@ -63,6 +63,9 @@ class Config:
     ledger_base_limit: float = 1.0
     # Seconds between anti-entropy rounds with a random neighbour (0 = off).
     ledger_sync_interval: float = 10.0
+    # HTTP front door (KServe v2, /v1/embeddings, /metrics, /explorer, control API):
+    # HOST:PORT to serve it on, e.g. 127.0.0.1:8080; empty = off (see peer/http).
+    http: str = ""
 
     @property
     def key_path(self) -> Path:

@@ -72,6 +72,7 @@ if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
 
     from edge_models.spec import ModelEntry
+    from peer.http import HttpServer
     from peer.market import InferResult, Lease, MarketService, ReceiptBook
     from peer.model_transfer import ModelTransfer, Progress
     from peer.settlement import SettlementService
@@ -241,6 +242,10 @@ class Peer:
         self.settlement: SettlementService | None = None
         # Models by cid from other peers (/edgeswarm/model/1); None for bootstrap nodes.
         self.models: ModelTransfer | None = None
+        # The HTTP front door (``Config.http``); set by open_peer when it serves one.
+        self.http: HttpServer | None = None
+        # Set to ask whoever runs this peer (``edgeswarm run``) to stop it (control API).
+        self.stop_requested = trio.Event()
 
     @property
     def ad(self) -> CapabilityAd | None:
@@ -280,7 +285,15 @@ class Peer:
 
     async def infer(self, model: str, inputs: Any, **kw: Any) -> InferResult:
         """One job through the market; see ``MarketService.infer`` (max_price, deadline, ...)."""
-        return await self._market().infer(model, inputs, **kw)
+        from peer import metrics
+
+        metrics.JOBS_REQUESTED.labels("infer").inc()
+        try:
+            with metrics.JOB_SECONDS.time():
+                return await self._market().infer(model, inputs, **kw)
+        except Exception as exc:
+            metrics.JOBS_FAILED.labels(metrics.failure_reason(exc)).inc()
+            raise
 
     def lease(self, model: str, **kw: Any) -> AbstractAsyncContextManager[Lease]:
         """Hold one executor for many jobs; see ``MarketService.lease``."""
@@ -375,6 +388,10 @@ async def open_peer(
         )
     for address in config.bootstrap:
         peer_info_from_addr(address)  # AddressError now, not in a background task
+    if config.http and role != "client":
+        from peer.http import parse_bind
+
+        parse_bind(config.http)  # HttpConfigError (a ConfigError) before anything starts
     run_market = role == "peer" if market is None else market and role != "bootstrap"
     run_settlement = role != "client" if settlement is None else settlement
     market_box: list[Any] = []
@@ -483,6 +500,12 @@ async def open_peer(
                             async with AsyncExitStack() as stack:
                                 if run_settlement:
                                     await _start_settlement(peer, stack)
+                                if config.http and role != "client":
+                                    from peer.http import open_http
+
+                                    peer.http = await stack.enter_async_context(
+                                        open_http(peer, config.http)
+                                    )
                                 yield peer
                         except BaseException as exc:
                             body_error = exc

@@ -52,6 +52,16 @@ BootstrapOpt = Annotated[
         show_default=False,
     ),
 ]
+HttpOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--http",
+        metavar="HOST:PORT",
+        help="Serve the HTTP front door (KServe v2, /v1/embeddings, /metrics, /explorer, "
+        "control API) here, e.g. 127.0.0.1:8080 (env EDGESWARM_HTTP; off by default).",
+        show_default=False,
+    ),
+]
 
 
 def _check_addrs(values: list[str] | None, option: str, *, need_peer_id: bool) -> None:
@@ -66,6 +76,13 @@ def _config(data_dir: Path | None, **flags: Any) -> Config:
     config = config_from_cli(data_dir=data_dir, **{k: v or None for k, v in flags.items()})
     _check_addrs(list(config.listen), "--listen", need_peer_id=False)
     _check_addrs(list(config.bootstrap), "--bootstrap", need_peer_id=True)
+    if config.http:
+        from peer.http import parse_bind
+
+        try:
+            parse_bind(config.http)
+        except ConfigError as exc:
+            fail(str(exc), code=2)
     return config
 
 
@@ -91,9 +108,20 @@ async def _serve(open_cm: Callable[[], AbstractAsyncContextManager[Any]], what: 
             for addr in peer.listen_addrs:
                 print(f"listening on {addr}", flush=True)
             log.info("%s %s is up; Ctrl-C or SIGTERM stops it", what, peer.peer_id)
-            async for signum in signals:
-                log.info("%s received, shutting down", signal.Signals(signum).name)
-                break
+            if peer.http is not None:
+                print(f"http on {peer.http.url}", flush=True)
+            async with trio.open_nursery() as nursery:
+
+                async def on_signal() -> None:
+                    async for signum in signals:
+                        log.info("%s received, shutting down", signal.Signals(signum).name)
+                        break
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(on_signal)
+                await peer.stop_requested.wait()
+                log.info("shutdown requested over the control API")
+                nursery.cancel_scope.cancel()
     log.info("%s stopped", what)
 
 
@@ -117,9 +145,10 @@ def run_command(
     data_dir: DataDirOpt = None,
     listen: ListenOpt = None,
     bootstrap: BootstrapOpt = None,
+    http: HttpOpt = None,
 ) -> None:
     """Run a peer: join via the bootstrap nodes, publish its ad, serve its models until stopped."""
-    config = _config(data_dir, listen=listen, bootstrap=bootstrap)
+    config = _config(data_dir, listen=listen, bootstrap=bootstrap, http=http)
     setup_logging(config.log_level)
     if not config.bootstrap:
         log.warning("no --bootstrap given: this peer is alone until others dial it")
@@ -132,9 +161,11 @@ def run_command(
 
 
 @app.command("bootstrap")
-def bootstrap_command(data_dir: DataDirOpt = None, listen: ListenOpt = None) -> None:
+def bootstrap_command(
+    data_dir: DataDirOpt = None, listen: ListenOpt = None, http: HttpOpt = None
+) -> None:
     """Run a bootstrap node: a DHT server and gossip relay with a stable id and address."""
-    config = _config(data_dir, listen=listen)
+    config = _config(data_dir, listen=listen, http=http)
     setup_logging(config.log_level)
     from bootstrap.node import open_bootstrap
 

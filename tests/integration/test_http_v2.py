@@ -1,0 +1,194 @@
+"""The Open Inference Protocol (KServe v2 REST) on a peer: real hosts, real HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import trio
+from http_swarm import http_swarm
+from test_market import BlockingRuntime
+
+from edge_models.runtime import ModelRuntime
+from peer.http import v2
+from protocols.tensor import TensorLimits
+
+TRITON_SCRIPT = Path(__file__).with_name("triton_client.py")
+
+
+async def _triton(url: str, model: str, mode: str, token: str) -> dict:
+    host_port = url.removeprefix("http://")
+    with trio.fail_after(90):
+        done = await trio.run_process(
+            [sys.executable, str(TRITON_SCRIPT), host_port, model, mode, token],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    return json.loads(done.stdout.decode().strip().splitlines()[-1])
+
+
+async def test_stock_tritonclient_runs_jobs_through_the_market_json_and_binary(
+    tmp_path: Path,
+) -> None:
+    async with http_swarm(tmp_path) as door:
+        token_file = door.peer.config.data_dir / "http.token"
+        assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
+        for mode in ("json", "binary"):
+            out = await _triton(door.url, "tiny_add", mode, door.token)
+            assert out["live"] and out["ready"] and out["model_ready"]
+            assert out["metadata"]["parameters"]["cid"] == door.cid
+            assert [i["name"] for i in out["metadata"]["inputs"]] == ["x", "y"]
+            assert out["metadata"]["inputs"][0]["datatype"] == "FP32"
+            expected = (np.arange(6, dtype=np.float32) + 0.5).tolist()
+            assert out["z"] == expected and out["z_dtype"] == "float32"
+            assert out["z_default"] == expected
+            # The cheaper executor won the auction; the receipt says so.
+            assert out["parameters"]["executor"] == door.ex.peer_id
+            assert out["parameters"]["model_cid"] == door.cid
+            assert len(out["parameters"]["receipt_id"]) == 64
+            binary_meta = "binary_data_size" in out["output_meta"][0].get("parameters", {})
+            assert binary_meta == (mode == "binary")
+            assert "401" in out["no_token"] or "Authorization" in out["no_token"]
+            assert "no_such_model" in out["unknown"]
+        # Receipts the door requested are the ones the triton client got back.
+        ids = {r.receipt_id.hex() for r in door.peer.receipts.receipts}
+        assert out["parameters"]["receipt_id"] in ids
+
+
+async def test_v2_by_cid_with_httpx_and_error_statuses(tmp_path: Path) -> None:
+    async with http_swarm(tmp_path) as door, door.client() as client:
+        x = np.arange(4, dtype=np.float32)
+        body, headers = v2.encode_request({"x": x, "y": x}, binary=True)
+        r = await client.post(
+            f"/v2/models/{door.cid}/infer", content=body, headers={**headers, **door.auth}
+        )
+        assert r.status_code == 200, r.text
+        header, outputs = v2.decode_response(
+            r.content, r.headers.get("inference-header-content-length")
+        )
+        np.testing.assert_array_equal(outputs["z"], 2 * x)
+        assert header["parameters"]["executor"] == door.ex.peer_id
+
+        infer = f"/v2/models/{door.cid}/infer"
+        # 401: no token, a wrong token, another scheme.
+        for auth in ({}, {"Authorization": "Bearer nope"}, {"Authorization": door.token}):
+            r = await client.post(infer, content=body, headers={**headers, **auth})
+            assert r.status_code == 401 and "error" in r.json()
+        # 400: malformed JSON, bad shapes, wrong element counts, header length out of range.
+        bad = [
+            (b"{", {}),
+            (b'{"inputs": []}', {}),
+            (
+                json.dumps(
+                    {"inputs": [{"name": "x", "datatype": "FP32", "shape": [3], "data": [1, 2]}]}
+                ).encode(),
+                {},
+            ),
+            (
+                json.dumps(
+                    {"inputs": [{"name": "x", "datatype": "FP99", "shape": [1], "data": [1]}]}
+                ).encode(),
+                {},
+            ),
+            (
+                json.dumps(
+                    {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1], "data": []}]}
+                ).encode(),
+                {},
+            ),
+            (body, {"inference-header-content-length": str(len(body) + 1)}),
+            # x + y with a wrong input name: the model's input check (local registry) says no.
+            (
+                json.dumps(
+                    {"inputs": [{"name": "q", "datatype": "FP32", "shape": [1], "data": [1]}]}
+                ).encode(),
+                {},
+            ),
+        ]
+        for content, extra in bad:
+            r = await client.post(infer, content=content, headers={**door.auth, **extra})
+            assert r.status_code == 400, (content[:80], r.status_code, r.text)
+            assert isinstance(r.json()["error"], str)
+        # 413: a declared body over the cap is refused before it is read ...
+        host, port = door.url.removeprefix("http://").rsplit(":", 1)
+        with trio.fail_after(10):
+            stream = await trio.open_tcp_stream(host, int(port))
+            async with stream:
+                await stream.send_all(
+                    f"POST {infer} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {door.token}"
+                    f"\r\ncontent-length: {10**12}\r\n\r\n".encode()
+                )
+                head = await stream.receive_some(4096)
+        assert head.startswith(b"HTTP/1.1 413"), head[:100]
+        # ... and a streamed (chunked) one as soon as it passes the cap.
+        door.peer.http.app.state.front_door.limits = TensorLimits(max_total_bytes=1000)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(100):
+                yield b" " * 4096
+
+        r = await client.post(infer, content=chunks(), headers=door.auth)
+        assert r.status_code == 413, r.text
+        door.peer.http.app.state.front_door.limits = TensorLimits()
+        # 404: unknown model (cid nobody serves -> 503 no executor; a name nobody has -> 404).
+        r = await client.get("/v2/models/no_such_model")
+        assert r.status_code == 404
+        r = await client.post(
+            "/v2/models/no_such_model/infer", content=body, headers={**headers, **door.auth}
+        )
+        assert r.status_code == 404, r.text
+        r = await client.post(
+            "/v2/models/" + "ab" * 32 + "/infer",
+            content=body,
+            headers={**headers, **door.auth},
+            params={},
+        )
+        assert r.status_code == 503, r.text
+        # 503: a deadline shorter than any auction: no executor.
+        slow, slow_headers = v2.encode_request(
+            {"x": x, "y": x}, binary=False, parameters={"deadline": 0.1}
+        )
+        r = await client.post(infer, content=slow, headers={**slow_headers, **door.auth})
+        assert r.status_code == 503, r.text
+        # The peer is still fine.
+        r = await client.get("/v2/health/live")
+        assert r.status_code == 200
+
+
+async def test_v2_answers_504_when_the_executor_misses_the_deadline(tmp_path: Path) -> None:
+    stuck: list[BlockingRuntime] = []
+
+    def wrap(rt: ModelRuntime) -> BlockingRuntime:
+        stuck.append(BlockingRuntime(rt))
+        return stuck[-1]
+
+    async with (
+        http_swarm(tmp_path, door_models=False, wrap_runtime=wrap) as door,
+        door.client() as client,
+    ):
+        x = np.arange(3, dtype=np.float32)
+        infer = f"/v2/models/{door.cid}/infer"
+
+        async def ask(deadline: float) -> httpx.Response:
+            body, headers = v2.encode_request(
+                {"x": x, "y": x}, binary=False, parameters={"deadline": deadline}
+            )
+            return await client.post(infer, content=body, headers={**headers, **door.auth})
+
+        # The only executor takes the award and never answers: it is dropped after its
+        # ETA and nobody else bids: 503 (every executor failed).
+        r = await ask(3.0)
+        assert stuck[0].started.is_set()
+        assert r.status_code == 503 and "failed" in r.json()["error"], r.text
+        # Now the topic is warm: a deadline that ends before the executor's ETA: 504.
+        r = await ask(1.0)
+        assert r.status_code == 504, r.text
+        assert "deadline" in r.json()["error"]
