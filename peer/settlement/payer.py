@@ -83,15 +83,14 @@ class Payer:
 
     def unpaid(self) -> list[PayableReceipt]:
         """Receipts this peer owes that no certificate pays yet (arrival order)."""
-        ledger = self.facts.ledger
         pending = {r.receipt_id for _, r in self.store.outgoing()}
-        return [
-            r
-            for r in self.store.receipts()
-            if r.requester == self.peer_id and not ledger.is_paid(r) and r.receipt_id not in pending
-        ]
+        # The ledger's per-payer index: cost grows with what we owe, not with history.
+        return [r for r in self.store.unpaid_for(self.peer_id) if r.receipt_id not in pending]
 
-    def _paying_certificate(self, receipt_id: bytes) -> Certificate | None:
+    def _paying_certificate(self, receipt: PayableReceipt) -> Certificate | None:
+        if not self.facts.ledger.is_paid(receipt):
+            return None  # the common case: no walk over our history
+        receipt_id = receipt.receipt_id
         for seq in range(self.facts.ledger.next_seq(self.peer_id) - 1, 0, -1):
             cert = self.store.certificate(self.peer_id, seq)
             if cert is not None and cert.transfer.message.receipt_id == receipt_id:
@@ -107,7 +106,7 @@ class Payer:
         async with self._lock:
             for transfer, pending in self.store.outgoing():
                 await self._finish(transfer, pending)
-            done = self._paying_certificate(receipt.receipt_id)
+            done = self._paying_certificate(receipt)
             if done is not None:
                 return done
             if self.facts.ledger.is_paid(receipt):

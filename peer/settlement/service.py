@@ -194,13 +194,7 @@ class SettlementService:
             if nonce is None:
                 raise SettlementError(f"no identity proof of {pol.pow_bits} bits found")
             await self.facts.add(IdentityProof(self.peer_id, nonce))
-        for fid in self.ledger.fact_ids():
-            item = self.ledger.item(fid)
-            if item is not None and item[0] is FactKind.IDENTITY_PROOF:
-                proof = IdentityProof.from_bytes(item[1])
-                if proof.peer_id == self.peer_id:
-                    self.client.identity = proof
-                    return
+        self.client.identity = self.ledger.identity_proof(self.peer_id)
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         try:

@@ -50,7 +50,7 @@ class WitnessServer:
         """The witness side of one TransferRequest."""
         req = TransferRequest.from_bytes(request.req)
         ledger = self.facts.ledger
-        history = [c for c in req.history[:MAX_HISTORY] if ledger.item(c.digest) is None]
+        history = [c for c in req.history[:MAX_HISTORY] if not ledger.has(c.digest)]
         if history:
             # Verified and in memory now, on disk with the next commit (with our lock):
             # nobody was promised these, so they need no fsync of their own.
