@@ -49,6 +49,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from multiaddr import Multiaddr
 
+from peer import metrics
 from peer.discovery import Provider
 from protocols.codec import FrameDecoder, frame
 from protocols.errors import ProtocolError
@@ -408,6 +409,7 @@ class _Transfer:
             os.pwrite(self.fd, item.data, offset)
             self.done.add(want)
             self.done_bytes += len(item.data)
+            metrics.MODEL_FETCH_BYTES.inc(len(item.data))
             self.result.bytes_from[pid] = self.result.bytes_from.get(pid, 0) + len(item.data)
             if self.progress is not None:
                 self.progress(self.done_bytes, self.manifest.size)

@@ -29,6 +29,7 @@ import nacl.signing
 import trio
 
 from edge_models.errors import EdgeModelError, ExecutionTimeout, InvalidInput
+from peer import metrics
 from peer.job_stream import CONTROL_FRAME_MAX, JOB_PROTOCOL, FrameStream, JobStreamClosed
 from peer.market.gossip import MarketGossip
 from peer.market.receipts import ReceiptBook
@@ -123,6 +124,7 @@ class ExecutorService:
         for a in self.state.handle(ex.RequestSeen(request, time.time())):
             if isinstance(a, ex.PublishBid) and self._nursery is not None:
                 self.stats["bids"] += 1
+                metrics.BIDS.labels("sent").inc()
                 bid = sign_message(self.key, a.bid)
                 self._nursery.start_soon(self._publish_bid, request.model_cid, bid)
             else:

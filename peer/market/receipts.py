@@ -17,6 +17,7 @@ from typing import Literal
 
 import trio
 
+from peer import metrics
 from protocols.receipt import Receipt
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class ReceiptBook:
     def add(self, receipt: Receipt, role: Role) -> None:
         self.receipts.append(receipt)
         self.count += 1
+        metrics.JOBS_RUN.labels(role).inc(receipt.count)
         self._changed.set()
         self._changed = trio.Event()
         if self._nursery is None:

@@ -34,6 +34,7 @@ import numpy.typing as npt
 import trio
 
 from edge_models.spec import ModelEntry
+from peer import metrics
 from peer.job_stream import FrameStream, JobStreamClosed
 from protocols import requester as rq
 from protocols.errors import ProtocolError
@@ -244,6 +245,7 @@ class JobRun:
         # Bounded: a bid flood is dropped here (the machine keeps the best bids anyway).
         self._send, self._recv = trio.open_memory_channel[rq.Event](EVENT_QUEUE)
         self._bids_dropped = 0
+        self._auction_t0 = time.perf_counter()
 
     @property
     def request(self) -> JobRequest:
@@ -282,6 +284,7 @@ class JobRun:
         return self.outcome
 
     def _on_bid(self, bid: Bid) -> None:
+        metrics.BIDS.labels("received").inc()
         try:
             self._send.send_nowait(rq.BidReceived(bid, time.time()))
         except trio.WouldBlock:
@@ -304,10 +307,12 @@ class JobRun:
     async def _act(self, actions: list[rq.Action]) -> None:
         for a in actions:
             if isinstance(a, rq.Publish):
+                self._auction_t0 = time.perf_counter()  # metrics: auction latency
                 await self.publish(sign_message(self.key, a.request))
             elif isinstance(a, rq.StartTimer):
                 self._timer.set(a.at)
             elif isinstance(a, rq.SendAward):
+                metrics.AUCTION_SECONDS.observe(time.perf_counter() - self._auction_t0)
                 attempt = Attempt(executor=a.executor, award=a.award, bid=a.bid)
                 self._set_attempt(attempt)
                 self._nursery.start_soon(self._award_task, attempt)

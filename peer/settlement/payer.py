@@ -20,6 +20,7 @@ from typing import Any
 import nacl.signing
 import trio
 
+from peer import metrics
 from peer.ledger_store import StoreError, fact_bytes
 from peer.settlement.base import (
     LedgerFacts,
@@ -198,6 +199,7 @@ class Payer:
             await self.store.add(cert, drop_outgoing=cert.seq)  # one transaction
             self.facts.notify()
             self.stats.certified += 1
+            metrics.PAYMENTS_CERTIFIED.inc()
             self.spread(
                 [fact_bytes(cert)], [*session.committee.members, cert.transfer.message.payee]
             )

@@ -28,6 +28,7 @@ from libp2p.abc import IHost
 from libp2p.kad_dht.kad_dht import KadDHT
 from libp2p.pubsub.pubsub import Pubsub
 
+from peer import metrics
 from peer.ledger_store import LedgerStore, fact_bytes, open_ledger_store
 from peer.settlement.base import (
     LedgerFacts,
@@ -155,6 +156,7 @@ class SettlementService:
         """A fraud proof found by this peer's spot checks: store it and spread it."""
         new = await self.facts.add(proof)
         if new:
+            metrics.FRAUD_PROOFS.inc()
             self.fact_sync.spread([fact_bytes(proof)])
         return new
 

@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import trio
 from http_swarm import http_swarm
+from prometheus_client.parser import text_string_to_metric_families
 from test_market import BlockingRuntime
 
 from edge_models.runtime import ModelRuntime
@@ -35,10 +36,29 @@ async def _triton(url: str, model: str, mode: str, token: str) -> dict:
     return json.loads(done.stdout.decode().strip().splitlines()[-1])
 
 
+Sample = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(client: httpx.AsyncClient) -> Sample:
+    r = await client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    out: Sample = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def delta(after: Sample, before: Sample, name: str, **labels: str) -> float:
+    key = (name, frozenset(labels.items()))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
 async def test_stock_tritonclient_runs_jobs_through_the_market_json_and_binary(
     tmp_path: Path,
 ) -> None:
-    async with http_swarm(tmp_path) as door:
+    async with http_swarm(tmp_path) as door, door.client() as client:
+        before = await scrape(client)
         token_file = door.peer.config.data_dir / "http.token"
         assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
         for mode in ("json", "binary"):
@@ -61,6 +81,24 @@ async def test_stock_tritonclient_runs_jobs_through_the_market_json_and_binary(
         # Receipts the door requested are the ones the triton client got back.
         ids = {r.receipt_id.hex() for r in door.peer.receipts.receipts}
         assert out["parameters"]["receipt_id"] in ids
+        # Prometheus: the four jobs, their bids and auctions, the HTTP answers, live gauges.
+        after = await scrape(client)
+        jobs = delta(after, before, "edgeswarm_jobs_requested_total", kind="infer")
+        assert jobs >= 6  # 4 that ran + the unknown model (x2 modes)
+        assert delta(after, before, "edgeswarm_jobs_failed_total", reason="unknown_model") == 2
+        # Both sides of each job live in this process: requester and executor receipts.
+        assert delta(after, before, "edgeswarm_jobs_run_total", role="requester") == 4
+        assert delta(after, before, "edgeswarm_jobs_run_total", role="executor") == 4
+        assert delta(after, before, "edgeswarm_bids_total", direction="received") >= 4
+        assert delta(after, before, "edgeswarm_auction_seconds_count") >= 4
+        assert delta(after, before, "edgeswarm_job_seconds_count") >= 4
+        route = "/v2/models/{model}/infer"
+        assert delta(after, before, "edgeswarm_http_requests_total", route=route, status="200") == 4
+        assert delta(after, before, "edgeswarm_http_requests_total", route=route, status="401") == 2
+        assert after[("edgeswarm_connections", frozenset())] >= 2
+        assert after[("edgeswarm_peers_known", frozenset())] >= 2
+        assert after[("edgeswarm_receipts_held", frozenset())] >= 4
+        assert ("edgeswarm_ledger_facts", frozenset()) in after
 
 
 async def test_v2_by_cid_with_httpx_and_error_statuses(tmp_path: Path) -> None:
