@@ -37,6 +37,9 @@ class Config:
     listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
     # Full multiaddrs (with /p2p/<id>) of bootstrap nodes.
     bootstrap: tuple[str, ...] = ()
+    # Addresses others can dial us at that we cannot see ourselves (a port forward, a
+    # public DNS name), advertised first; e.g. /ip4/203.0.113.7/tcp/4001.
+    announce: tuple[str, ...] = ()
     # Seconds a capability ad stays valid; it is re-published at half-life.
     ad_ttl: float = 120.0
     mdns: bool = False

@@ -57,6 +57,7 @@ from libp2p.records.validator import Validator
 from protocols.ad import (
     AD_KEY_PREFIX,
     AD_MAX_SIZE,
+    MAX_ADDRS,
     CapabilityAd,
     Device,
     ModelOffer,
@@ -76,6 +77,7 @@ ModelEntry = tuple[str, str, float]
 """(cid, name, p50_ms) of a model this peer serves."""
 ModelsSource = Iterable[ModelEntry] | Callable[[], Iterable[ModelEntry]] | None
 
+MAX_ADDR_TEXT = 256  # longer addresses are left out of our ad
 QUERY_TIMEOUT = 3.0  # one GET_VALUE at one peer
 WALK_TIMEOUT = 10.0  # one iterative lookup
 PUBLISH_TIMEOUT = 30.0
@@ -188,6 +190,9 @@ class Discovery:
         self._last_crawl = -math.inf
         self.current_ad: CapabilityAd | None = None
         self.peer_id = str(host.get_id())
+        # Our advertised addresses, read at every publish (peer.reach: announce, AutoNAT-
+        # confirmed, usable listen addresses, relay circuits); None: keep AdState.addrs.
+        self.addrs_source: Callable[[], Iterable[str]] | None = None
 
     # -- publishing -------------------------------------------------------
 
@@ -210,6 +215,8 @@ class Discovery:
         now = self._clock()
         self._seq = max(self._seq + 1, int(now * 1000))
         s = self._state
+        if self.addrs_source is not None:
+            s.addrs = tuple(a for a in self.addrs_source() if len(a) <= MAX_ADDR_TEXT)[:MAX_ADDRS]
         return CapabilityAd(
             peer_id=self.peer_id,
             addrs=s.addrs,

@@ -13,6 +13,11 @@ handled here:
   takes ~11 ms (see docs/benchmarks.md, "Discovery"), and DHT and gossip only
   ever need one connection to a peer, so that is our default.
 
+Dialing goes through ``peer.reach`` (installed by ``build_host``): every
+address of a peer, best first, raced, with a short per-address negative
+cache, instead of py-libp2p's first-address-only dial and 60 s whole-peer
+block. What identify advertises comes from ``peer.reach.addresses``.
+
 QUIC is not enabled: py-libp2p 0.8.1's QUIC transport is optional and we have
 not proven it against other implementations yet; TCP is what js/go dial.
 """
@@ -39,6 +44,8 @@ from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.address_validation import expand_wildcard_address
 
 from peer.identity import libp2p_key_pair
+from peer.reach import attach, reach_of
+from peer.reach.addresses import Advertiser
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +104,22 @@ def connection_config(*, one_connection_per_peer: bool = True) -> ConnectionConf
 
 
 def build_host(
-    key: nacl.signing.SigningKey, *, one_connection_per_peer: bool = True, mdns: bool = False
+    key: nacl.signing.SigningKey,
+    *,
+    one_connection_per_peer: bool = True,
+    mdns: bool = False,
+    announce: Sequence[str] = (),
 ) -> IHost:
-    return new_host(
+    """A host that dials and advertises through ``peer.reach`` (``announce``: ``--announce``)."""
+    advertiser = Advertiser(announce)
+    host = new_host(
         key_pair=libp2p_key_pair(key),
         connection_config=connection_config(one_connection_per_peer=one_connection_per_peer),
         enable_mDNS=mdns,
+        addrs_factory=advertiser.factory,
     )
+    attach(host, advertiser)
+    return host
 
 
 def _ip_and_port(addr: multiaddr.Multiaddr) -> tuple[int, str, int] | None:
@@ -198,8 +214,10 @@ async def running_host(host: IHost, listen: Sequence[str]) -> AsyncIterator[list
 
 
 async def connect(host: IHost, address: str, *, limit: float = DIAL_TIMEOUT) -> PeerInfo:
-    """Dial a full multiaddr; raises py-libp2p's dial errors or ``trio.TooSlowError``."""
+    """Dial a full multiaddr now (no negative cache); raises ``peer.reach.DialError``.
+
+    The peer's other known addresses are raced too (see ``peer.reach``).
+    """
     info = peer_info_from_addr(address)
-    with trio.fail_after(limit):
-        await host.connect(info)
+    await reach_of(host).connect(info.peer_id, info.addrs, deadline=limit, fresh=True)
     return info

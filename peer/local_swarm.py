@@ -103,15 +103,20 @@ class LocalSwarm:
         self.exit_codes: dict[str, int] = {}
 
     async def start(
-        self, name: str, *args: str, env: Mapping[str, str] | None = None
+        self,
+        name: str,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        prefix: Sequence[str] = (),
     ) -> SwarmProcess:
+        """Start ``edgeswarm <args>``; ``prefix`` wraps the command (e.g. ``ip netns exec NS``)."""
         data_dir = self.root / name
         data_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.root / f"{name}.log"
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         with log_path.open("wb") as stderr:
             proc = await trio.lowlevel.open_process(
-                edgeswarm_argv(*args, "--data-dir", str(data_dir)),
+                [*prefix, *edgeswarm_argv(*args, "--data-dir", str(data_dir))],
                 stdout=subprocess.PIPE,
                 stderr=stderr,
                 env=full_env,

@@ -66,6 +66,7 @@ from peer.host import (
 )
 from peer.identity import IdentityError, load_or_create_identity
 from peer.logging_setup import install_libp2p_filter, log_exception_leaves, reraise_lone_error
+from peer.reach import reach_of
 from protocols.ad import AD_MAX_TTL, AD_NAMESPACE, MAX_ADDRS, CapabilityAd, Device
 
 if TYPE_CHECKING:
@@ -235,6 +236,8 @@ class Peer:
         self.discovery = discovery
         self.listen_addrs = listen_addrs
         self.peer_id = str(host.get_id())
+        # Dialing (every address, relays) and what we advertise: see peer.reach.
+        self.reach = reach_of(host)
         self.bootstrap_links: list[BootstrapLink] = []
         # The job market (peer role, or on request): set by open_peer.
         self.market: MarketService | None = None
@@ -413,7 +416,12 @@ async def open_peer(
         else contextlib.nullcontext()
     )
     with dir_lock:
-        host = build_host(key, one_connection_per_peer=one_connection_per_peer, mdns=config.mdns)
+        host = build_host(
+            key,
+            one_connection_per_peer=one_connection_per_peer,
+            mdns=config.mdns,
+            announce=config.announce,
+        )
         install_libp2p_filter()
         body_error: BaseException | None = None
         try:
@@ -433,13 +441,16 @@ async def open_peer(
                 if role == "peer":
                     hw = hardware if hardware is not None else _probe_hardware()
                     state = AdState(
-                        addrs=tuple(a for a in listen_addrs if len(a) <= 256)[:MAX_ADDRS],
+                        addrs=tuple(a for a in reach_of(host).advertised() if len(a) <= 256)[
+                            :MAX_ADDRS
+                        ],
                         devices=_devices_of(hw),
                         providers=tuple(str(p)[:256] for p in hw.providers)[:16],
                         price=config.price,
                         models=models,
                     )
                 discovery = Discovery(host, dht, key, state, ttl=config.ad_ttl)
+                discovery.addrs_source = reach_of(host).advertised
                 peer = Peer(
                     config=config,
                     role=role,

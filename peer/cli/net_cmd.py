@@ -62,6 +62,26 @@ HttpOpt = Annotated[
         show_default=False,
     ),
 ]
+AnnounceOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--announce",
+        metavar="MULTIADDR",
+        help="An address others can dial this peer at that it cannot see itself (a port "
+        "forward, a public DNS name), e.g. /ip4/203.0.113.7/tcp/4001; advertised first "
+        "(repeatable; env EDGESWARM_ANNOUNCE, comma-separated).",
+        show_default=False,
+    ),
+]
+
+
+def _check_announce(values: tuple[str, ...]) -> None:
+    from peer.reach.addresses import AnnounceError, check_announce
+
+    try:
+        check_announce(values)
+    except AnnounceError as exc:
+        fail(f"--announce: {exc}", code=2)
 
 
 def _check_addrs(values: list[str] | None, option: str, *, need_peer_id: bool) -> None:
@@ -76,6 +96,7 @@ def _config(data_dir: Path | None, **flags: Any) -> Config:
     config = config_from_cli(data_dir=data_dir, **{k: v or None for k, v in flags.items()})
     _check_addrs(list(config.listen), "--listen", need_peer_id=False)
     _check_addrs(list(config.bootstrap), "--bootstrap", need_peer_id=True)
+    _check_announce(config.announce)
     if config.http:
         from peer.http import parse_bind
 
@@ -107,6 +128,7 @@ async def _serve(open_cm: Callable[[], AbstractAsyncContextManager[Any]], what: 
         async with open_cm() as peer:
             for addr in peer.listen_addrs:
                 print(f"listening on {addr}", flush=True)
+            log.info("advertising %s", ", ".join(peer.reach.advertised()) or "no address")
             log.info("%s %s is up; Ctrl-C or SIGTERM stops it", what, peer.peer_id)
             if peer.http is not None:
                 print(f"http on {peer.http.url}", flush=True)
@@ -146,9 +168,10 @@ def run_command(
     listen: ListenOpt = None,
     bootstrap: BootstrapOpt = None,
     http: HttpOpt = None,
+    announce: AnnounceOpt = None,
 ) -> None:
     """Run a peer: join via the bootstrap nodes, publish its ad, serve its models until stopped."""
-    config = _config(data_dir, listen=listen, bootstrap=bootstrap, http=http)
+    config = _config(data_dir, listen=listen, bootstrap=bootstrap, http=http, announce=announce)
     setup_logging(config.log_level)
     if not config.bootstrap:
         log.warning("no --bootstrap given: this peer is alone until others dial it")
@@ -162,10 +185,13 @@ def run_command(
 
 @app.command("bootstrap")
 def bootstrap_command(
-    data_dir: DataDirOpt = None, listen: ListenOpt = None, http: HttpOpt = None
+    data_dir: DataDirOpt = None,
+    listen: ListenOpt = None,
+    http: HttpOpt = None,
+    announce: AnnounceOpt = None,
 ) -> None:
     """Run a bootstrap node: a DHT server and gossip relay with a stable id and address."""
-    config = _config(data_dir, listen=listen, http=http)
+    config = _config(data_dir, listen=listen, http=http, announce=announce)
     setup_logging(config.log_level)
     from bootstrap.node import open_bootstrap
 
