@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 import typer
@@ -20,35 +20,17 @@ import typer
 from peer.cli.common import fail, print_json
 from peer.config import Config
 
+if TYPE_CHECKING:
+    from peer.cli.local_api import LocalApi
+
 DEFAULT_DEADLINE = 30.0
 PAY_WAIT_S = 20.0
 
 
 async def _pay(peer: Any, receipt: Any) -> str:
-    """Wait (bounded) until the receipt is paid by a certified transfer; say how it ended.
+    from peer.http.control import payment_status
 
-    A payment that is not certified in time stays stored in this data dir's ledger
-    and resumes the next time this identity runs a peer.
-    """
-    svc = peer.settlement
-    if svc is None:
-        return "left to the peer that owns this data dir's ledger (it pays after syncing)"
-    ledger, me = svc.ledger, peer.peer_id
-    now_ms = int(time.time() * 1000)
-    headroom = ledger.spendable(me, now_ms) + ledger.credit_limit(me, now_ms)
-    if headroom < receipt.price and not ledger.is_paid(receipt):
-        return (
-            f"pending: {receipt.price / 1e6:g} credits is over what this identity may owe now "
-            f"({headroom / 1e6:g} credits: its credit limit grows with what it earns); kept in "
-            "the ledger, paid once it has earned enough"
-        )
-    with trio.move_on_after(PAY_WAIT_S):
-        await svc.wait_until(lambda: svc.ledger.is_paid(receipt))
-        return "certified by the witnesses"
-    return (
-        f"pending after {PAY_WAIT_S:.0f} s (kept in the ledger; resumes when this identity "
-        "runs again; `edgeswarm ledger receipts` shows it)"
-    )
+    return await payment_status(peer, receipt, PAY_WAIT_S)
 
 
 def infer_network(
@@ -63,7 +45,7 @@ def infer_network(
     spot_check: float = 0.0,
 ) -> None:
     from edge_models.errors import EdgeModelError
-    from peer.cli.models_cmd import parse_input_args, write_outputs
+    from peer.cli.models_cmd import parse_input_args
     from peer.host import AddressError, ListenError
     from peer.identity import IdentityError
     from peer.logging_setup import setup_logging
@@ -117,7 +99,72 @@ def infer_network(
         fail(str(exc))
     if "error" in outcome:
         fail(outcome["error"])
-    result = outcome["result"]
+    _report(model, outcome["result"], outcome["payment"], out_dir, json_out, t0)
+
+
+def infer_through(
+    api: LocalApi,
+    model: str,
+    input_args: list[str],
+    out_dir: Path,
+    json_out: bool,
+    *,
+    max_price: float | None,
+    deadline: float | None,
+) -> None:
+    """One market job requested by the running peer of this data dir (its control API)."""
+    from urllib.parse import quote
+
+    from peer.cli.models_cmd import parse_input_args
+    from peer.http import v2
+    from peer.market import InferResult
+    from protocols.errors import ProtocolError
+    from protocols.receipt import Receipt
+
+    if not input_args:
+        fail("give the model's inputs with --input NAME=FILE.npy", code=2)
+    inputs = parse_input_args(input_args)
+    budget = deadline if deadline is not None else DEFAULT_DEADLINE
+    params: dict[str, Any] = {"deadline": budget}
+    if max_price is not None:
+        params["max_price"] = max_price
+    body, headers = v2.encode_request(inputs, binary=True, parameters=params)
+    t0 = time.perf_counter()
+    answer = api.call(
+        "POST",
+        f"/v2/models/{quote(model, safe='')}/infer",
+        content=body,
+        headers=headers,
+        timeout=budget + 30,
+    )
+    try:
+        header, outputs = v2.decode_response(answer.content, answer.headers.get(v2.HEADER_LENGTH))
+        p = header["parameters"]
+        receipt = Receipt.from_bytes(bytes.fromhex(p["receipt"]))  # signatures checked here
+    except (v2.V2Error, ProtocolError, KeyError, TypeError, ValueError) as exc:
+        fail(f"the running peer sent a bad answer: {exc}")
+    result = InferResult(
+        outputs=outputs,
+        receipt=receipt,
+        executor=receipt.executor,
+        price=receipt.price,
+        latency_ms=float(p.get("latency_ms", 0.0)),
+        model_cid=receipt.model_cid,
+    )
+    pay = api.call(
+        "POST",
+        "/control/pay",
+        json={"receipt_id": receipt.receipt_id.hex(), "wait": PAY_WAIT_S},
+        timeout=PAY_WAIT_S + 30,
+    ).json()
+    _report(model, result, str(pay.get("status")), out_dir, json_out, t0)
+
+
+def _report(
+    model: str, result: Any, payment: str, out_dir: Path, json_out: bool, t0: float
+) -> None:
+    from peer.cli.models_cmd import write_outputs
+
     written = write_outputs(result.outputs, out_dir)
     files = {w["name"]: w["path"] for w in written}
     if json_out:
@@ -125,7 +172,7 @@ def infer_network(
         out["outputs"] = files
         out["output_specs"] = written
         out["wall_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
-        out["payment"] = outcome["payment"]
+        out["payment"] = payment
         print_json(out)
         return
     r = result.receipt
@@ -135,7 +182,7 @@ def infer_network(
     )
     for w in written:
         typer.echo(f"  {w['name']}  {w['dtype']}{tuple(w['shape'])}  -> {w['path']}")
-    typer.echo(f"payment  {outcome['payment']}")
+    typer.echo(f"payment  {payment}")
     typer.echo(f"receipt {r.receipt_id.hex()}")
     typer.echo(f"  job {r.job_id.hex()}  count {r.count}  model {r.model_cid[:16]}")
     typer.echo(f"  requester {r.requester}")

@@ -7,7 +7,7 @@ micro-credits in ``--json`` output and credits with 6 decimals for people.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -18,13 +18,13 @@ from peer.ledger_store import (
     StoreError,
     db_path,
     format_credits,
-    parse_fact,
     read_snapshot,
     verify_snapshot,
 )
-from protocols.certificate import Certificate
-from protocols.errors import ProtocolError
-from protocols.ledger_state import FactKind, LedgerState
+from protocols.ledger_state import LedgerState
+
+if TYPE_CHECKING:
+    from peer.cli.local_api import LocalApi
 
 ledger_app = typer.Typer(
     name="ledger",
@@ -42,48 +42,48 @@ def _snapshot(data_dir: Any) -> LedgerSnapshot:
         fail(str(exc))
 
 
+def _running(data_dir: Any) -> LocalApi | None:
+    """The running peer of this data dir (its ledger is live in memory there), or None."""
+    from peer.cli.local_api import running_peer
+
+    return running_peer(config_from_cli(data_dir=data_dir))
+
+
+def _live_ledger(api: LocalApi) -> dict[str, Any]:
+    answer: dict[str, Any] = api.get_json("/api/ledger")
+    if not answer.get("available"):
+        fail(f"the running peer has no ledger: {answer.get('reason', 'settlement is off')}")
+    return answer
+
+
 @ledger_app.command("balances")
 def balances(data_dir: DataDirOpt = None, json_out: JsonOpt = False) -> None:
     """Every account's balance (mutual credit: they sum to zero)."""
-    snap = _snapshot(data_dir)
+    api = _running(data_dir)
+    values = _live_ledger(api)["balances"] if api else _snapshot(data_dir).balances
     if json_out:
-        print_json(dict(sorted(snap.balances.items())))
+        print_json(dict(sorted(values.items())))
         return
-    if not snap.balances:
+    if not values:
         typer.echo("no balances yet (no certified payments in this ledger)")
         return
-    for account, micro in sorted(snap.balances.items(), key=lambda kv: (kv[1], kv[0])):
+    for account, micro in sorted(values.items(), key=lambda kv: (kv[1], kv[0])):
         typer.echo(f"{account}  {format_credits(micro):>18}")
-    typer.echo(f"{len(snap.balances)} accounts, sum {format_credits(sum(snap.balances.values()))}")
+    typer.echo(f"{len(values)} accounts, sum {format_credits(sum(values.values()))}")
 
 
 @ledger_app.command("receipts")
 def receipts(data_dir: DataDirOpt = None, json_out: JsonOpt = False) -> None:
     """Receipts held in the ledger and whether a certificate pays them."""
-    snap = _snapshot(data_dir)
-    paid: set[bytes] = set()
-    rows: list[dict[str, Any]] = []
-    bad = 0
-    for _fid, kind, data in snap.facts:
-        try:
-            if kind == FactKind.CERTIFICATE:
-                paid.add(Certificate.from_bytes(data).transfer.message.receipt_id)
-            elif kind in (FactKind.RECEIPT, FactKind.ARBITRATED_RECEIPT):
-                r, rid = parse_fact(FactKind(kind), data)
-                rows.append(
-                    {
-                        "receipt_id": rid.hex(),
-                        "job_id": r.job_id.hex(),
-                        "requester": r.requester,
-                        "executor": r.executor,
-                        "price": r.price,
-                        "arbitrated": kind == FactKind.ARBITRATED_RECEIPT,
-                    }
-                )
-        except (ProtocolError, ValueError):
-            bad += 1  # `edgeswarm ledger verify` reports the details
-    for row in rows:
-        row["paid"] = bytes.fromhex(row["receipt_id"]) in paid
+    from peer.http.explorer import receipt_rows
+
+    api = _running(data_dir)
+    if api is not None:
+        answer = api.get_json("/api/ledger/receipts")
+        rows, bad = answer["receipts"], answer["bad"]
+    else:
+        snap = _snapshot(data_dir)
+        rows, bad = receipt_rows((kind, data) for _fid, kind, data in snap.facts)
     if json_out:
         print_json(rows)
         return
@@ -134,6 +134,14 @@ def verify(data_dir: DataDirOpt = None, json_out: JsonOpt = False) -> None:
 @ledger_app.command("state-hash")
 def state_hash(data_dir: DataDirOpt = None, json_out: JsonOpt = False) -> None:
     """The ledger's state hash: equal on every peer that holds the same facts."""
+    api = _running(data_dir)
+    if api is not None:
+        value = _live_ledger(api)["state_hash"]
+        if json_out:
+            print_json({"state_hash": value})
+        else:
+            typer.echo(value)
+        return
     snap = _snapshot(data_dir)
     if snap.state_hash is not None:
         value = snap.state_hash.hex()

@@ -11,6 +11,7 @@ import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
+from urllib.parse import quote
 
 import numpy as np
 import numpy.typing as npt
@@ -21,6 +22,7 @@ from edge_models.errors import EdgeModelError
 from edge_models.limits import DEFAULT_INPUT_LIMITS, InputLimits
 from peer.cli import app
 from peer.cli.common import DataDirOpt, JsonOpt, config_from_cli, fail, print_json
+from peer.cli.local_api import running_peer
 from peer.cli.net_cmd import BootstrapOpt
 from peer.config import Config
 
@@ -130,7 +132,17 @@ def add_model(
     """Copy a model into the store (a file path, or --packaged NAME)."""
     if (path is None) == (packaged_name is None):
         fail("give exactly one of PATH or --packaged NAME", code=2)
-    registry = open_registry(config_from_cli(data_dir=data_dir))
+    cfg = config_from_cli(data_dir=data_dir)
+    api = running_peer(cfg)
+    if api is not None:  # the running peer adds it and serves it at once
+        body = {"packaged": packaged_name} if path is None else {"path": str(path.resolve())}
+        added = api.call("POST", "/control/models", json={**body, "name": name}).json()
+        if json_out:
+            print_json(added)
+        else:
+            typer.echo(f"added {added['name']} {added['cid']} (served by the running peer)")
+        return
+    registry = open_registry(cfg)
     try:
         if packaged_name is not None:
             entry = registry.add_packaged(packaged_name, as_name=name)
@@ -185,7 +197,16 @@ def model_info(model: ModelArg, data_dir: DataDirOpt = None, json_out: JsonOpt =
 @models_app.command("remove")
 def remove_model(model: ModelArg, data_dir: DataDirOpt = None, json_out: JsonOpt = False) -> None:
     """Delete a model from the store."""
-    registry = open_registry(config_from_cli(data_dir=data_dir))
+    cfg = config_from_cli(data_dir=data_dir)
+    api = running_peer(cfg)
+    if api is not None:  # the running peer stops serving it and deletes it
+        removed = api.call("DELETE", f"/control/models/{quote(model, safe='')}").json()
+        if json_out:
+            print_json(removed)
+        else:
+            typer.echo(f"removed {removed['removed']['name']} {removed['removed']['cid']}")
+        return
+    registry = open_registry(cfg)
     try:
         entry = registry.remove(model)
     except EdgeModelError as exc:
@@ -368,7 +389,14 @@ def infer(
         return
     if texts:
         fail("--text works with --local only; give --input NAME=FILE.npy", code=2)
-    from peer.cli.infer_net import infer_network
+    from peer.cli.infer_net import infer_network, infer_through
+
+    api = running_peer(cfg)
+    if api is not None:  # this data dir's peer runs: it requests the job and pays for it
+        infer_through(
+            api, model, inputs or [], output_dir, json_out, max_price=max_price, deadline=deadline
+        )
+        return
 
     infer_network(
         cfg, model, inputs or [], output_dir, json_out, max_price=max_price, deadline=deadline

@@ -33,6 +33,18 @@ def fetch_command(
     if not _CID.fullmatch(cid):
         fail(f"CID must be a model's sha256: 64 hex digits, got {cid!r:.80}", code=2)
     config = config_from_cli(data_dir=data_dir, bootstrap=bootstrap or None)
+    from peer.cli.local_api import running_peer
+
+    api = running_peer(config)
+    if api is not None:  # the running peer fetches it (its own network links) and serves it
+        got = api.call(
+            "POST", "/control/models/fetch", json={"cid": cid, "name": name}, timeout=600
+        ).json()
+        if json_out:
+            print_json(got)
+        else:
+            typer.echo(f"fetched {got['name']} {got['cid']} (served by the running peer)")
+        return
     if not config.bootstrap:
         fail("models fetch needs --bootstrap MULTIADDR (or EDGESWARM_BOOTSTRAP)", code=2)
     _check_addrs(list(config.bootstrap), "--bootstrap", need_peer_id=True)

@@ -298,6 +298,7 @@ async def v2_infer(request: Request) -> Response:
         "price": result.price,
         "model_cid": result.model_cid,
         "latency_ms": round(result.latency_ms, 3),
+        "receipt": result.receipt.to_bytes().hex(),  # signed: anyone can verify it offline
     }
     out, headers = v2.encode_response(
         model_name=model, outputs=result.outputs, request=parsed, parameters=params

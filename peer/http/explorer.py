@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -165,6 +166,50 @@ async def api_ledger(request: Request) -> Response:
     )
 
 
+def receipt_rows(facts: Iterable[tuple[int, bytes]]) -> tuple[list[dict[str, Any]], int]:
+    """Receipts among ledger facts ``(kind, bytes)``, each with whether a certificate pays it;
+    and how many facts did not parse (``edgeswarm ledger verify`` has the details)."""
+    from peer.ledger_store import parse_fact
+    from protocols.certificate import Certificate
+    from protocols.errors import ProtocolError
+    from protocols.ledger_state import FactKind
+
+    paid: set[bytes] = set()
+    rows: list[dict[str, Any]] = []
+    bad = 0
+    for kind, data in facts:
+        try:
+            if kind == FactKind.CERTIFICATE:
+                paid.add(Certificate.from_bytes(data).transfer.message.receipt_id)
+            elif kind in (FactKind.RECEIPT, FactKind.ARBITRATED_RECEIPT):
+                r, rid = parse_fact(FactKind(kind), data)
+                rows.append(
+                    {
+                        "receipt_id": rid.hex(),
+                        "job_id": r.job_id.hex(),
+                        "requester": r.requester,
+                        "executor": r.executor,
+                        "price": r.price,
+                        "arbitrated": kind == FactKind.ARBITRATED_RECEIPT,
+                    }
+                )
+        except (ProtocolError, ValueError):
+            bad += 1
+    for row in rows:
+        row["paid"] = bytes.fromhex(row["receipt_id"]) in paid
+    return rows, bad
+
+
+async def api_ledger_receipts(request: Request) -> Response:
+    svc = getattr(front(request).peer, "settlement", None)
+    if svc is None:
+        return json_response({"available": False, "receipts": [], "bad": 0})
+    ledger = svc.ledger
+    items = (ledger.item(fid) for fid in ledger.fact_ids())
+    rows, bad = receipt_rows(item for item in items if item is not None)
+    return json_response({"available": True, "receipts": rows, "bad": bad})
+
+
 async def api_fraud(request: Request) -> Response:
     from protocols.ledger_state import FactKind
     from protocols.proofs import FraudProof
@@ -223,6 +268,7 @@ def routes() -> list[tuple[str, list[str], Any]]:
         ("/api/models", ["GET"], api_models),
         ("/api/jobs", ["GET"], api_jobs),
         ("/api/ledger", ["GET"], api_ledger),
+        ("/api/ledger/receipts", ["GET"], api_ledger_receipts),
         ("/api/fraud", ["GET"], api_fraud),
     ]
 
