@@ -16,23 +16,33 @@ core serves every peer: a pessimistic floor for a real network.
     ledgers report the same state hash (anti-entropy with random neighbours,
     at two sync intervals);
   * spot check: what checking one job costs on top of running it twice
-    (compare outputs, digests, a referee verdict, a fraud proof check).
+    (compare outputs, digests, a referee verdict, a fraud proof check);
+  * growth: 1M facts (100k with --quick: receipts and the certificates that pay
+    them, 1000 payers) written into one ledger store in batches of 256, as sync
+    delivers them; the write cost of the first and the last tenth, and the RSS
+    it took per 100k facts. Baseline in the same run: a bare SQLite insert
+    committed (fsync'd) one row at a time, and 256 rows per commit.
 
-Prints each figure and writes bench/results/settlement.json.
+The certify figures run the 4 witnesses each in its own process
+(``results.certify.witness_processes``); payers share this process.
 
-    python bench/settlement.py           # ~1.5 min on 2 cores
-    python bench/settlement.py --quick   # smaller counts
+Prints each figure and writes bench/results/settlement.json (or --out PATH).
+
+    python bench/settlement.py [--quick] [--out PATH] [--only growth certify ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import os
 import platform
 import random
+import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,7 +60,7 @@ from peer.config import Config
 from peer.ledger_store import open_ledger_store
 from peer.node import open_peer
 from peer.settlement import SettlementConfig, SettlementService, open_settlement
-from protocols.certificate import Certificate, CertificateAssembler
+from protocols.certificate import Certificate, CertificateAssembler, sign_vote
 from protocols.committee import CommitteeRule
 from protocols.identity import peer_id_from_public_key
 from protocols.ledger import CreditPolicy, Transfer, sign_transfer
@@ -235,67 +245,142 @@ async def open_node(
     return peer, svc
 
 
-async def bench_certify(sequential: int, payers: int, per_payer: int, tmp: Path) -> dict[str, Any]:
+def certify_world(
+    payers: int,
+) -> tuple[list[nacl.signing.SigningKey], list[nacl.signing.SigningKey], Any, Any, Any]:
+    """Keys, rule and policy of the certify benchmark (witness processes rebuild them)."""
     wkeys = [key(200 + i) for i in range(4)]
     pkeys = [key(300 + i) for i in range(payers)]
-    payee = key(399)
     rule = CommitteeRule(beacon=BEACON, fallback=frozenset(pid(k) for k in wkeys))
     policy = CreditPolicy(
         genesis=frozenset(pid(k) for k in pkeys), base_limit=10**12, max_limit=10**12
     )
-    config = SettlementConfig(sync_interval=0, gossip=False, auto_pay=False)
+    return wkeys, pkeys, key(399), rule, policy
+
+
+CERTIFY_CONFIG = SettlementConfig(sync_interval=0, gossip=False, auto_pay=False)
+
+
+async def witness_worker(index: int, directory: Path, payers: int) -> None:
+    """One witness in its own process: prints LISTEN <addr>, runs until stdin closes."""
+    wkeys, _, _, rule, policy = certify_world(payers)
     async with AsyncExitStack() as stack:
-        witnesses = [
-            await open_node(stack, tmp, f"w{i}", k, rule, policy, config)
-            for i, k in enumerate(wkeys)
-        ]
-        nodes = [
-            await open_node(stack, tmp, f"p{i}", k, rule, policy, config)
-            for i, k in enumerate(pkeys)
-        ]
-        for peer, _ in nodes:
-            for wpeer, _ in witnesses:
-                await peer.connect(wpeer.listen_addrs[0])
-        job = iter(range(10**9))
-        _, first = nodes[0]
-        for _ in range(5):  # warm up: streams opened, identity introduced
-            await first.pay(receipt(pkeys[0], payee, 1, next(job)))
-        lat = []
-        for _ in range(sequential):
-            r = receipt(pkeys[0], payee, 1, next(job))
+        peer, svc = await open_node(
+            stack, directory, f"w{index}", wkeys[index], rule, policy, CERTIFY_CONFIG
+        )
+        print(f"LISTEN {peer.listen_addrs[0]}", flush=True)
+        stdin = trio.lowlevel.FdStream(os.dup(0))
+        while await stdin.receive_some(1024):
+            pass
+        print(json.dumps({"commits": svc.store.commits, "votes": svc.stats.votes}), flush=True)
+
+
+async def _read_line(stream: Any) -> str:
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = await stream.receive_some(1)
+        if not chunk:
+            raise RuntimeError(f"witness process exited early: {buf!r}")
+        buf += chunk
+    return buf.decode().strip()
+
+
+async def bench_certify(sequential: int, payers: int, per_payer: int, tmp: Path) -> dict[str, Any]:
+    _, pkeys, payee, rule, policy = certify_world(payers)
+    config = CERTIFY_CONFIG
+    procs: list[trio.Process] = []
+    async with AsyncExitStack() as stack:
+        try:
+            for i in range(4):
+                proc = await trio.lowlevel.open_process(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--witness",
+                        str(i),
+                        "--dir",
+                        str(tmp),
+                        "--payers",
+                        str(payers),
+                    ],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                )
+                procs.append(proc)
+            addrs = []
+            with trio.fail_after(120):
+                for proc in procs:
+                    line = await _read_line(proc.stdout)
+                    assert line.startswith("LISTEN "), line
+                    addrs.append(line.split()[1])
+            nodes = [
+                await open_node(stack, tmp, f"p{i}", k, rule, policy, config)
+                for i, k in enumerate(pkeys)
+            ]
+            for peer, _ in nodes:
+                for addr in addrs:
+                    await peer.connect(addr)
+            job = iter(range(10**9))
+            _, first = nodes[0]
+            for _ in range(5):  # warm up: streams opened, identity introduced
+                await first.pay(receipt(pkeys[0], payee, 1, next(job)))
+            lat = []
+            for _ in range(sequential):
+                r = receipt(pkeys[0], payee, 1, next(job))
+                t0 = time.perf_counter()
+                await first.pay(r)
+                lat.append((time.perf_counter() - t0) * 1000)
+
+            async def run(i: int, svc: SettlementService) -> None:
+                for _ in range(per_payer):
+                    await svc.pay(receipt(pkeys[i], payee, 1, next(job)))
+
+            cpu0 = time.process_time()
             t0 = time.perf_counter()
-            await first.pay(r)
-            lat.append((time.perf_counter() - t0) * 1000)
-        commits_before = sum(s.store.commits for _, s in witnesses)
-
-        async def run(i: int, svc: SettlementService) -> None:
-            for _ in range(per_payer):
-                await svc.pay(receipt(pkeys[i], payee, 1, next(job)))
-
-        t0 = time.perf_counter()
-        async with trio.open_nursery() as nursery:
-            for i, (_, svc) in enumerate(nodes):
-                nursery.start_soon(run, i, svc)
-        elapsed = time.perf_counter() - t0
-        total = payers * per_payer
-        commits = sum(s.store.commits for _, s in witnesses) - commits_before
-        return {
-            "witnesses": 4,
-            "quorum": 3,
-            "sequential": {
-                "n": sequential,
-                "p50_ms": round(statistics.median(lat), 2),
-                "p99_ms": round(pct(lat, 0.99), 2),
-                "mean_ms": round(statistics.fmean(lat), 2),
-                "certs_per_s": round(1000 / statistics.fmean(lat), 1),
-            },
-            "concurrent": {
-                "payers": payers,
-                "n": total,
-                "certs_per_s": round(total / elapsed, 1),
-                "witness_commits_per_cert": round(commits / total / 4, 2),
-            },
-        }
+            async with trio.open_nursery() as nursery:
+                for i, (_, svc) in enumerate(nodes):
+                    nursery.start_soon(run, i, svc)
+            elapsed = time.perf_counter() - t0
+            payer_cpu = time.process_time() - cpu0
+            total = payers * per_payer
+            witness_stats = []
+            for proc in procs:
+                assert proc.stdin is not None
+                await proc.stdin.aclose()
+            with trio.fail_after(60):
+                for proc in procs:
+                    witness_stats.append(json.loads(await _read_line(proc.stdout)))
+                    await proc.wait()
+        finally:
+            for proc in procs:
+                if proc.returncode is None:
+                    proc.kill()
+                with trio.move_on_after(10):
+                    await proc.wait()
+    commits = sum(w["commits"] for w in witness_stats)
+    return {
+        "witnesses": 4,
+        "quorum": 3,
+        "witness_processes": True,
+        "sequential": {
+            "n": sequential,
+            "p50_ms": round(statistics.median(lat), 2),
+            "p99_ms": round(pct(lat, 0.99), 2),
+            "mean_ms": round(statistics.fmean(lat), 2),
+            "certs_per_s": round(1000 / statistics.fmean(lat), 1),
+        },
+        "concurrent": {
+            "payers": payers,
+            "n": total,
+            "certs_per_s": round(total / elapsed, 1),
+            "payer_process_cpu_ms_per_cert": round(1000 * payer_cpu / total, 2),
+            # All witness commits of the run (warm-up and sequential included) per vote.
+            "witness_commits_per_vote": round(
+                commits / max(1, sum(w["votes"] for w in witness_stats)), 2
+            ),
+        },
+    }
 
 
 # --- 3. convergence after a partition heals ----------------------------------------------
@@ -415,27 +500,170 @@ def bench_spot_check(n: int) -> dict[str, Any]:
     }
 
 
+# --- 5. growth: cost per write and memory as the ledger grows -------------------------------
+
+
+def sqlite_baseline(tmp: Path, single: int, batches: int) -> dict[str, Any]:
+    """A bare SQLite table like ``facts``: inserts committed (fsync'd) one by one, and 256
+    rows per commit; WAL with synchronous=FULL, as the ledger store."""
+    path = tmp / "bare.sqlite3"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("CREATE TABLE facts (id BLOB PRIMARY KEY, kind INTEGER, data BLOB) WITHOUT ROWID")
+    blob = os.urandom(600)
+    n = 0
+
+    def row() -> tuple[bytes, int, bytes]:
+        nonlocal n
+        n += 1
+        return hashlib.sha256(b"%d" % n).digest(), 1, blob
+
+    t0 = time.perf_counter()
+    for _ in range(single):
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO facts VALUES (?, ?, ?)", row())
+        conn.execute("COMMIT")
+    one = single / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany("INSERT INTO facts VALUES (?, ?, ?)", [row() for _ in range(256)])
+        conn.execute("COMMIT")
+    batched = batches * 256 / (time.perf_counter() - t0)
+    conn.close()
+    return {
+        "fsync_inserts_per_s_one_per_commit": round(one),
+        "fsync_inserts_per_s_256_per_commit": round(batched),
+    }
+
+
+def growth_batches(total: int, batch: int = 256) -> Any:
+    """Receipts and the certificates that pay them (1000 payers, 1000 payees, a committee of
+    one witness), as wire items, ``batch`` facts at a time; generated as they are used."""
+    wkey = key(4000)
+    payers = [key(5000 + i) for i in range(1000)]
+    payees = [key(6000 + i) for i in range(1000)]
+    seqs = [0] * len(payers)
+    t_base = now_ms()
+    j = 0
+    while j * 2 < total:
+        items: list[tuple[FactKind, bytes]] = []
+        while len(items) < batch and j * 2 < total:
+            p = j % len(payers)
+            r = receipt(payers[p], payees[(j // len(payers)) % len(payees)], 1 + j % 7, 10**8 + j)
+            seqs[p] += 1
+            t = sign_transfer(
+                payers[p],
+                Transfer(pid(payers[p]), r.executor, r.price, seqs[p], r.receipt_id, t_base + j),
+            )
+            cert = Certificate(t, (sign_vote(wkey, t),))
+            items += [(FactKind.RECEIPT, r.to_bytes()), (FactKind.CERTIFICATE, cert.to_bytes())]
+            j += 1
+        yield items
+
+
+async def bench_growth(total: int, tmp: Path) -> dict[str, Any]:
+    wkey = key(4000)
+    rule = CommitteeRule(beacon=BEACON, fallback=frozenset({pid(wkey)}), f=0)
+    payers = frozenset(pid(key(5000 + i)) for i in range(1000))
+    policy = CreditPolicy(genesis=payers, base_limit=10**12, max_limit=10**12)
+    proc = psutil.Process()
+    times: list[tuple[int, float, float]] = []  # (facts in the batch, CPU s, wall s)
+    async with open_ledger_store(tmp / "growth", rule, policy) as store:
+        gc_was = gc.isenabled()
+        gc.collect()
+        rss0 = proc.memory_info().rss
+        done = 0
+        next_report = total // 10
+        for items in growth_batches(total):
+            c0, t0 = time.process_time(), time.perf_counter()
+            results = await store.add_facts(items)
+            times.append((len(items), time.process_time() - c0, time.perf_counter() - t0))
+            bad = [r for r in results if r is not True]
+            assert not bad, bad[:3]
+            done += len(items)
+            if done >= next_report:
+                print(
+                    f"  growth: {done} facts, rss {proc.memory_info().rss / 2**20:.0f} MB",
+                    flush=True,
+                )
+                next_report += total // 10
+        gc.collect()
+        rss1 = proc.memory_info().rss
+        assert len(store.ledger) == total, len(store.ledger)
+        commits = store.commits
+        if not gc_was:
+            gc.disable()
+
+    def decile_us(which: int, column: int) -> float:
+        lo, hi = which * total // 10, (which + 1) * total // 10
+        seen = facts = 0
+        secs = 0.0
+        for row in times:
+            if lo <= seen < hi:
+                secs += row[column]
+                facts += row[0]
+            seen += row[0]
+        return round(1e6 * secs / facts, 1)
+
+    # Write cost = CPU time of this process (event loop + aiosqlite's thread) per fact:
+    # parse, verify, ingest, commit. Wall time is also given; on a shared box it mostly
+    # measures the other processes.
+    cpu = [decile_us(d, 1) for d in range(10)]
+    wall = [decile_us(d, 2) for d in range(10)]
+    return {
+        "facts": total,
+        "batch": 256,
+        "commits": commits,
+        "write_us_first_decile": cpu[0],
+        "write_us_last_decile": cpu[-1],
+        "write_us_by_decile": cpu,
+        "last_over_first": round(cpu[-1] / cpu[0], 3),
+        "write_wall_us_by_decile": wall,
+        "write_wall_last_over_first": round(wall[-1] / wall[0], 3),
+        "write_us_means": "process CPU time per fact (parse + verify + ingest + fsync'd commit)",
+        "rss_mb_per_100k_facts": round((rss1 - rss0) / 2**20 / (total / 100_000), 2),
+        "rss_mb_growth": round((rss1 - rss0) / 2**20, 1),
+    }
+
+
+SECTIONS = ("growth", "verify", "certify", "converge", "spot_check")
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
+    only = set(args.only or SECTIONS)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        print("verify ...", flush=True)
-        results["verify"] = await bench_verify(1000 if args.quick else 4000, tmp)
-        print(json.dumps(results["verify"], indent=1), flush=True)
-        print("certify ...", flush=True)
-        results["certify"] = await bench_certify(
-            50 if args.quick else 300, 4 if args.quick else 8, 10 if args.quick else 40, tmp
-        )
-        print(json.dumps(results["certify"], indent=1), flush=True)
-        print("converge ...", flush=True)
-        conv = []
-        for trial, interval in enumerate([1.0, 0.25] if not args.quick else [0.5]):
-            conv.append(await bench_converge(20, 100 if args.quick else 400, interval, tmp, trial))
-            print(json.dumps(conv[-1], indent=1), flush=True)
-        results["converge"] = conv
-    print("spot check ...", flush=True)
-    results["spot_check"] = bench_spot_check(2000 if args.quick else 10000)
-    print(json.dumps(results["spot_check"], indent=1), flush=True)
+        if "growth" in only:  # first: the process is still small, so RSS growth is the ledger's
+            print("growth ...", flush=True)
+            results["growth"] = await bench_growth(100_000 if args.quick else 1_000_000, tmp)
+            results["growth"]["baseline_sqlite"] = sqlite_baseline(tmp, 200, 40)
+            print(json.dumps(results["growth"], indent=1), flush=True)
+        if "verify" in only:
+            print("verify ...", flush=True)
+            results["verify"] = await bench_verify(1000 if args.quick else 4000, tmp)
+            print(json.dumps(results["verify"], indent=1), flush=True)
+        if "certify" in only:
+            print("certify ...", flush=True)
+            results["certify"] = await bench_certify(
+                50 if args.quick else 300, 4 if args.quick else 8, 10 if args.quick else 40, tmp
+            )
+            print(json.dumps(results["certify"], indent=1), flush=True)
+        if "converge" in only:
+            print("converge ...", flush=True)
+            conv = []
+            for trial, interval in enumerate([1.0, 0.25] if not args.quick else [0.5]):
+                conv.append(
+                    await bench_converge(20, 100 if args.quick else 400, interval, tmp, trial)
+                )
+                print(json.dumps(conv[-1], indent=1), flush=True)
+            results["converge"] = conv
+    if "spot_check" in only:
+        print("spot check ...", flush=True)
+        results["spot_check"] = bench_spot_check(2000 if args.quick else 10000)
+        print(json.dumps(results["spot_check"], indent=1), flush=True)
     return results
 
 
@@ -446,7 +674,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
+    # Internal: one witness of the certify benchmark, in its own process.
+    parser.add_argument("--witness", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--payers", type=int, default=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.witness is not None:
+        trio.run(witness_worker, args.witness, args.dir, args.payers)
+        return
     results = trio.run(main_async, args)
     doc = {
         "bench": "settlement",
@@ -460,7 +696,8 @@ def main() -> None:
             "loadavg_1m_start_end": [LOAD_AT_START, round(os.getloadavg()[0], 2)],
         },
         "setup": {
-            "transport": "TCP + Noise + yamux on 127.0.0.1, all peers in one process",
+            "transport": "TCP + Noise + yamux on 127.0.0.1; certify: 4 witness processes, "
+            "payers in this process; converge: all peers in this process",
             "sqlite": "WAL, synchronous=FULL (fsync per commit), group commit",
             "quick": args.quick,
             "argv": sys.argv[1:],

@@ -161,12 +161,12 @@ class _Incoming:
         self.effective = 0
         self.from_payer: dict[str, int] = {}
 
-    def add(self, t: Transfer, digest: bytes) -> int:
+    def add(self, time_ms: int, amount: int, payer: str, digest: bytes) -> int:
         slot = len(self.amounts)
-        self.amounts.append(t.amount)
-        self.payers.append(t.payer)
+        self.amounts.append(amount)
+        self.payers.append(payer)
         self.digests.append(digest)
-        key = t.time_ms << _SLOT_BITS | slot
+        key = time_ms << _SLOT_BITS | slot
         self.order.add(key)
         return key
 
@@ -235,6 +235,7 @@ class LedgerState:
         self._fraud_time: dict[str, int] = {}
         self._banned: set[str] = set()
         self._identities: set[str] = set()
+        self._names: dict[str, str] = {}
 
     # --- ingest ---------------------------------------------------------------------------
 
@@ -259,7 +260,7 @@ class LedgerState:
             self._paid_receipts.discard(rid)
             self._paid_commitments.add(c)
         elif c not in self._paid_commitments:
-            self._unpaid.setdefault(receipt.requester, {})[rid] = c
+            self._unpaid.setdefault(self._name(receipt.requester), {})[rid] = c
         if isinstance(receipt, ArbitratedReceipt):
             self._arbitrated_by_requester.setdefault(receipt.requester, []).append(receipt)
         return self._add(rid, kind, data)
@@ -284,29 +285,35 @@ class LedgerState:
 
     def ingest_certificate(self, cert: Certificate) -> bool:
         cert.verify(self.rule.committee_for(cert.account))
-        if cert.digest in self._ids:
+        digest = cert.digest  # one object, shared by every index below
+        if digest in self._ids:
             return False
         t = cert.transfer.message
+        payer = self._name(t.payer)
         self._mark_paid(t)
-        seqs = self._seqs.setdefault(t.payer, {})
+        seqs = self._seqs.setdefault(payer, {})
         held = seqs.get(t.seq)
         if held is None:
-            seqs[t.seq] = cert.digest
-            nxt = self._next_seq.get(t.payer, 1)
+            seqs[t.seq] = digest
+            nxt = self._next_seq.get(payer, 1)
             while nxt in seqs:
                 nxt += 1
-            self._next_seq[t.payer] = nxt
-            self._apply(t, cert.digest)
+            self._next_seq[payer] = nxt
+            self._apply(t, digest)
         else:
             # Two certificates for one seq: more than f witnesses broke the rules. The
             # smaller digest counts everywhere, whatever arrived first.
-            self._conflicts.setdefault((t.payer, t.seq), {held}).add(cert.digest)
-            if cert.digest < held:
+            self._conflicts.setdefault((payer, t.seq), {held}).add(digest)
+            if digest < held:
                 old = self._certificate(held)
                 self._unapply(old.transfer.message, held)
-                seqs[t.seq] = cert.digest
-                self._apply(t, cert.digest)
-        return self._add(cert.digest, FactKind.CERTIFICATE, cert.to_bytes())
+                seqs[t.seq] = digest
+                self._apply(t, digest)
+        return self._add(digest, FactKind.CERTIFICATE, cert.to_bytes())
+
+    def _name(self, account: str) -> str:
+        """One string object per account, however many facts name it (memory)."""
+        return self._names.setdefault(account, account)
 
     def _mark_paid(self, t: Transfer) -> None:
         c = self._unpaid.get(t.payer, {}).pop(t.receipt_id, None)
@@ -323,7 +330,7 @@ class LedgerState:
 
     def _flow(self, src: str, dst: str, amount: int) -> None:
         """Move ``amount`` from ``src``'s balance to ``dst``'s."""
-        for account, delta in ((src, -amount), (dst, amount)):
+        for account, delta in ((self._name(src), -amount), (self._name(dst), amount)):
             value = self._balances.get(account, 0) + delta
             if value:
                 self._balances[account] = value
@@ -335,12 +342,13 @@ class LedgerState:
         """A canonical transfer joins the fold (unless a fraud proof reverses it)."""
         inc = self._incoming.get(t.payee)
         if inc is None:
-            inc = self._incoming[t.payee] = _Incoming()
-        inc.add(t, digest)
+            inc = self._incoming[self._name(t.payee)] = _Incoming()
+        payer = self._name(t.payer)
+        inc.add(t.time_ms, t.amount, payer, digest)
         if not self.is_reversed(t):
-            self._flow(t.payer, t.payee, t.amount)
+            self._flow(payer, t.payee, t.amount)
             inc.effective += t.amount
-            inc.from_payer[t.payer] = inc.from_payer.get(t.payer, 0) + t.amount
+            inc.from_payer[payer] = inc.from_payer.get(payer, 0) + t.amount
 
     def _unapply(self, t: Transfer, digest: bytes) -> None:
         inc = self._incoming[t.payee]
