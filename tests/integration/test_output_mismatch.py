@@ -4,11 +4,13 @@ The executor below is a real market node (it advertises, bids, accepts the
 award and runs the model), but its job streams pass through a tampering proxy
 on the wire: every JobResult frame it writes carries outputs different from
 the ones it computed, while its signed ResultCommitment still names the
-digest of the honest outputs. The input digest and the declared output
-names, dtypes and shapes all still check out, so the only rule that can
-catch it is "the outputs received hash to the commitment's output digest".
-Without that rule the receipt would prove the wrong thing and a fraud proof
-built on the commitment would point at the honest digest.
+digest of the honest outputs (or, in the last test, it re-signs a commitment
+that names other inputs). Everything else (the other digest, the declared
+output names, dtypes and shapes) still checks out, so the only rule that can
+catch it is "the outputs received and the inputs sent hash to the digests the
+executor committed to". Without that rule the receipt would prove the wrong
+thing and a fraud proof built on the commitment would point at the honest
+digest.
 
 Written against behaviour only (the public market API, the job wire format
 and the host's stream handler), so it survives refactors of the market
@@ -17,7 +19,8 @@ modules.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +31,12 @@ from test_market import WINNER_WINDOW, wait_providers
 
 from peer.job_stream import JOB_PROTOCOL
 from protocols.codec import FrameDecoder, frame
-from protocols.market import MAX_PAYLOAD_FRAME, JobResult, decode_frame, encode_frame
-from protocols.receipt import Acceptance
+from protocols.market import MAX_PAYLOAD_FRAME, JobFrame, JobResult, decode_frame, encode_frame
+from protocols.receipt import Acceptance, ResultCommitment, commit
 from protocols.signed import Signed
 from protocols.tensor import decode_tensors, encode_tensors
+
+Tamper = Callable[[Node, JobFrame], JobFrame | None]  # None: send the frame as it is
 
 
 @dataclass
@@ -40,24 +45,35 @@ class WireLog:
 
     read: list[Any] = field(default_factory=list)
     tampered: int = 0
-    tampered_event: trio.Event = field(default_factory=trio.Event)
 
     def acceptances(self) -> list[Any]:
         return [f for f in self.read if isinstance(f, Signed) and isinstance(f.message, Acceptance)]
 
 
-def _tamper(result: JobResult) -> JobResult:
-    """Same names, dtypes and shapes; different values (so only the digest can tell)."""
-    arrays = decode_tensors(result.outputs)
+def other_outputs(node: Node, item: JobFrame) -> JobFrame | None:
+    """JobResults with the same names, dtypes and shapes but other values (so only the
+    digest can tell); the commitment still names the honest outputs."""
+    if not isinstance(item, JobResult):
+        return None
+    arrays = decode_tensors(item.outputs)
     lied = {name: arr + np.ones_like(arr) for name, arr in arrays.items()}
-    return JobResult(result.job_id, result.seq, encode_tensors(lied), result.compute_ms)
+    return JobResult(item.job_id, item.seq, encode_tensors(lied), item.compute_ms)
+
+
+def other_inputs(node: Node, item: JobFrame) -> JobFrame | None:
+    """The honest outputs, under a commitment (validly signed) that names other inputs."""
+    if not (isinstance(item, Signed) and isinstance(item.message, ResultCommitment)):
+        return None
+    return commit(node.peer.key, replace(item.message, input_digest=b"\x42" * 32))
 
 
 class TamperingStream:
-    """Wraps the executor's side of a job stream: JobResult frames are rewritten on write."""
+    """Wraps the executor's side of a job stream: frames it writes pass through ``tamper``."""
 
-    def __init__(self, stream: Any, log: WireLog) -> None:
+    def __init__(self, stream: Any, node: Node, tamper: Tamper, log: WireLog) -> None:
         self._stream = stream
+        self._node = node
+        self._tamper = tamper
         self._log = log
         self._out = FrameDecoder(max_size=MAX_PAYLOAD_FRAME)
         self._in = FrameDecoder(max_size=MAX_PAYLOAD_FRAME)
@@ -69,12 +85,10 @@ class TamperingStream:
         self._out.feed(data)
         out = b""
         for raw in self._out.frames():
-            item = decode_frame(raw)
-            if isinstance(item, JobResult):
-                item = _tamper(item)
+            lie = self._tamper(self._node, decode_frame(raw))
+            if lie is not None:
                 self._log.tampered += 1
-                self._log.tampered_event.set()
-                raw = encode_frame(item)
+                raw = encode_frame(lie)
             out += frame(raw, max_size=MAX_PAYLOAD_FRAME)
         await self._stream.write(out)
 
@@ -85,7 +99,7 @@ class TamperingStream:
         return chunk
 
 
-def make_byzantine(node: Node) -> WireLog:
+def make_byzantine(node: Node, tamper: Tamper = other_outputs) -> WireLog:
     """Route ``node``'s incoming job streams through a TamperingStream."""
     log = WireLog()
     host = node.peer.host
@@ -93,7 +107,7 @@ def make_byzantine(node: Node) -> WireLog:
     assert honest is not None
 
     async def handler(stream: Any) -> None:
-        await honest(TamperingStream(stream, log))
+        await honest(TamperingStream(stream, node, tamper, log))
 
     host.set_stream_handler(JOB_PROTOCOL, handler)
     return log
@@ -136,3 +150,42 @@ async def test_result_not_matching_the_commitment_is_refused_and_retried_elsewhe
         assert list(req.market.receipts.receipts) == [result.receipt]
         assert list(honest.market.receipts.receipts) == [result.receipt]
         assert list(cheater.market.receipts.receipts) == []
+
+
+async def _lease_on_a_byzantine_holder(tmp_path: Path, tamper: Tamper) -> None:
+    """The cheapest executor holds the lease and lies; at BatchClose its commitment does not
+    match what was sent and received, so the batch is never signed: no Acceptance, no receipt."""
+    async with market_swarm(tmp_path) as swarm:
+        cheater = await swarm.start("cheater", price=0.5)
+        honest = await swarm.start("honest", price=2.0)
+        req = await swarm.start("req", serve=False)
+        wire = make_byzantine(cheater, tamper)
+        cid = next(iter(honest.market.served))
+        await wait_providers(req, cid, 2)
+        with trio.fail_after(60):
+            async with req.market.lease(
+                cid, max_jobs=100, seconds=30, bid_window=WINNER_WINDOW
+            ) as lease:
+                for i in range(3):
+                    x = np.full(2, i, dtype=np.float32)
+                    await lease.infer({"x": x, "y": x})
+                    assert lease.executor == cheater.peer_id  # the lie was exercised
+        assert wire.tampered >= 1
+        assert lease.jobs_done == 3
+        assert [r.executor for r in lease.receipts] == []
+        assert wire.acceptances() == []
+        assert list(req.market.receipts.receipts) == []
+        assert list(cheater.market.receipts.receipts) == []
+
+
+async def test_lease_batch_whose_outputs_do_not_match_its_commitment_is_never_signed(
+    tmp_path: Path,
+) -> None:
+    """Rule: a batch's outputs must hash (batch digest) to the commitment's output digest."""
+    await _lease_on_a_byzantine_holder(tmp_path, other_outputs)
+
+
+async def test_lease_batch_committed_to_other_inputs_is_never_signed(tmp_path: Path) -> None:
+    """Rule: a batch's commitment must name the batch digest of the inputs that were sent
+    (for a lease only the requester's I/O layer knows them: the machine cannot check)."""
+    await _lease_on_a_byzantine_holder(tmp_path, other_inputs)
