@@ -1,4 +1,4 @@
-"""OpenAI-style /v1/embeddings with the openai SDK against the packaged MiniLM, through the market."""
+"""OpenAI-style /v1/embeddings with the openai SDK against the packaged MiniLM (via the market)."""
 
 from __future__ import annotations
 
