@@ -226,8 +226,12 @@ class Registry:
         *,
         source: str,
         expected_cid: str | None = None,
+        default_name: str = "model",
     ) -> ModelEntry:
         """Admit a file written through ``partial_file``: moved into place, never copied.
+
+        ``default_name`` (e.g. the name a provider gives the model) is used when
+        ``name`` is None; if another model has it, ``-<cid[:8]>`` is appended.
 
         The same checks as ``add_file`` (size cap, hash, ONNX parse, no external
         data, allowed op domains, ``onnx.checker``); a rejected file is deleted.
@@ -244,7 +248,7 @@ class Registry:
                     path,
                     f,
                     name=name,
-                    default_name="model",
+                    default_name=default_name,
                     source=source,
                     expected_cid=expected_cid,
                 )

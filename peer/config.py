@@ -69,6 +69,12 @@ class Config:
     # HTTP front door (KServe v2, /v1/embeddings, /metrics, /explorer, control API):
     # HOST:PORT to serve it on, e.g. 127.0.0.1:8080; empty = off (see peer/http).
     http: str = ""
+    # Models (sha256 cids) to fetch from their providers at start if missing, then serve.
+    serve: tuple[str, ...] = ()
+    # Bid for models we do not hold but providers have (the bid's eta includes the fetch).
+    fetch_on_demand: bool = False
+    # Bytes the model store may use; least recently used models go first (0 = no limit).
+    model_store_bytes: int = 0
 
     @property
     def key_path(self) -> Path:

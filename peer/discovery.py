@@ -49,7 +49,7 @@ from typing import Any
 import nacl.signing
 import trio
 from libp2p.abc import IHost
-from libp2p.kad_dht.kad_dht import KadDHT
+from libp2p.kad_dht.kad_dht import KadDHT, _encode_key
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.validator import Validator
@@ -493,13 +493,39 @@ class Discovery:
         return [results[p] for p in sorted(results)]
 
     async def find_providers(self, cid: str, *, count: int = 20) -> list[Provider]:
-        """Peers that provide ``cid``, each once (py-libp2p can repeat a provider)."""
+        """Peers that provide ``cid``, each once (py-libp2p can repeat a provider).
+
+        Asks the network every time: py-libp2p's own ``find_providers`` answers
+        from the local store as soon as it holds any record for the key, and it
+        stores every answer it fetched, so after one lookup a provider that
+        appeared later would never be seen. We walk to the closest peers of the
+        key and ask each of them (one round, in parallel), plus our own store.
+        """
+        key = _encode_key(provider_key(cid))
+        store = self.dht.provider_store
+        infos: list[PeerInfo] = list(store.get_providers(key))
+        me = self.host.get_id()
+
+        async def ask(peer: ID) -> None:
+            with trio.move_on_after(QUERY_TIMEOUT):
+                try:
+                    found, _closer = await store._get_providers_from_peer_with_closers(peer, key)
+                except Exception as exc:  # py-libp2p raises many types on a dead peer
+                    log.debug("GET_PROVIDERS at %s failed: %s", peer, exc)
+                    return
+                infos.extend(found)
+
         with trio.move_on_after(WALK_TIMEOUT):
-            infos = await self.dht.find_providers(provider_key(cid), count)
-            seen: dict[str, Provider] = {}
-            for info in infos:
-                pid = str(info.peer_id)
-                if pid not in seen:
-                    seen[pid] = Provider(pid, tuple(str(a) for a in info.addrs))
-            return list(seen.values())
-        return []
+            closest = await self.dht.peer_routing.find_closest_peers_network(key)
+            async with trio.open_nursery() as nursery:
+                for peer in closest:
+                    if peer != me:
+                        nursery.start_soon(ask, peer)
+        seen: dict[str, Provider] = {}
+        for info in infos:
+            pid = str(info.peer_id)
+            addrs = tuple(str(a) for a in info.addrs)
+            held = seen.get(pid)
+            if held is None or (addrs and not held.addrs):
+                seen[pid] = Provider(pid, addrs)
+        return list(seen.values())[:count]

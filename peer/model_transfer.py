@@ -92,6 +92,8 @@ PROVIDER_ROUNDS = 3  # fresh provider lookups after every provider failed
 SERVER_IDLE = 30.0
 SERVER_STREAMS_PER_PEER = 4
 SERVER_STREAMS = 32
+SERVE_RETRY_START = 2.0  # `serve` models that cannot be fetched yet: backoff
+SERVE_RETRY_MAX = 60.0
 
 Progress = Callable[[int, int], None]
 """Called with (bytes verified and written, total bytes)."""
@@ -427,6 +429,9 @@ class _Transfer:
 
 
 FindProviders = Callable[[str], Awaitable[list[Provider]]]
+NameOf = Callable[[str, list[str]], Awaitable[str | None]]
+"""(cid, provider ids) -> the name a provider gives the model, if any."""
+NAME_TIMEOUT = 3.0
 
 
 class ModelFetcher:
@@ -440,7 +445,9 @@ class ModelFetcher:
         *,
         find_timeout: float = FIND_TIMEOUT,
         max_providers: int = MAX_PROVIDERS,
+        name_of: NameOf | None = None,
     ) -> None:
+        self.name_of = name_of
         self.host = host
         self.registry = registry
         self.find_providers = find_providers
@@ -525,12 +532,17 @@ class ModelFetcher:
         from edge_models.errors import InvalidModel
 
         senders = sorted(p for p, n in result.bytes_from.items() if n > 0)
+        default = "model"
+        if name is None and self.name_of is not None:
+            with trio.move_on_after(NAME_TIMEOUT):
+                default = await self.name_of(cid, senders) or default
         install = functools.partial(
             self.registry.install_partial,
             transfer.path,
             name,
             source="peers:" + ",".join(senders),
             expected_cid=cid,
+            default_name=default,
         )
         try:
             entry: ModelEntry = await trio.to_thread.run_sync(install)
@@ -642,6 +654,24 @@ __all__ = [
 ]
 
 
+def serve_cids(config: Any) -> tuple[str, ...]:
+    """The ``serve`` setting, checked: every entry a model cid (``ConfigError`` otherwise)."""
+    from peer.config import ConfigError
+
+    out: list[str] = []
+    for value in getattr(config, "serve", ()):
+        cid = value.lower().removeprefix("sha256:")
+        try:
+            check_cid(cid)
+        except ProtocolError:
+            raise ConfigError(
+                f"serve: {value!r:.80} is not a model cid (the sha256 of the model: 64 hex digits)"
+            ) from None
+        if cid not in out:
+            out.append(cid)
+    return tuple(out)
+
+
 class ModelTransfer:
     """A peer's side of model transfer: the server (peers that serve) and the fetcher.
 
@@ -667,14 +697,59 @@ class ModelTransfer:
     def fetcher(self) -> ModelFetcher:
         if self._fetcher is None:
             self._fetcher = ModelFetcher(
-                self.peer.host, self.registry, self.peer.discovery.find_providers
+                self.peer.host,
+                self.registry,
+                self.peer.discovery.find_providers,
+                name_of=self._name_in_ads,
             )
         return self._fetcher
 
+    async def _name_in_ads(self, cid: str, providers: list[str]) -> str | None:
+        """The name the first provider's ad gives ``cid`` (a hint: names are not unique)."""
+        for pid in providers[:2]:
+            try:
+                ad = await self.peer.discovery.find_ad(pid, walk=False)
+            except Exception as exc:  # an ad lookup is only a nicety here
+                log.debug("no ad of %s: %s", pid, exc)
+                continue
+            for offer in ad.models if ad is not None else ():
+                if offer.cid == cid and offer.name:
+                    return str(offer.name)
+        return None
+
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve ``/edgeswarm/model/1`` until cancelled."""
+        """Serve ``/edgeswarm/model/1``; fetch the configured ``serve`` cids we lack."""
         self.server = ModelServer(self.peer.host, self.registry)
-        await self.server.run(task_status=task_status)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.server.run)
+            for cid in serve_cids(self.peer.config):
+                nursery.start_soon(self._keep_fetching, cid)
+            task_status.started()
+
+    async def _keep_fetching(self, cid: str) -> None:
+        """Fetch (then serve) one configured model, retrying until it is here or refused."""
+        delay = SERVE_RETRY_START
+        while True:
+            try:
+                result = await self.fetch(cid)
+            except ModelRejected as exc:
+                log.error("not serving %s: %s", cid, exc)
+                return
+            except ModelFetchError as exc:
+                log.warning("%s; trying again in %.0f s", exc, delay)
+            else:
+                if not result.already:
+                    log.info(
+                        "fetched %s (%s, %d bytes) in %.2f s from %d peer(s)",
+                        result.entry.name,
+                        cid,
+                        result.entry.size,
+                        result.seconds,
+                        len(result.bytes_from),
+                    )
+                return
+            await trio.sleep(delay)  # backoff between attempts, for as long as the peer runs
+            delay = min(delay * 2, SERVE_RETRY_MAX)
 
     async def fetch(
         self,

@@ -395,6 +395,9 @@ async def open_peer(
         from peer.http import parse_bind
 
         parse_bind(config.http)  # HttpConfigError (a ConfigError) before anything starts
+    from peer.model_transfer import serve_cids
+
+    serve_cids(config)  # ConfigError now, not in a background task
     run_market = role == "peer" if market is None else market and role != "bootstrap"
     run_settlement = role != "client" if settlement is None else settlement
     market_box: list[Any] = []

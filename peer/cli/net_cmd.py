@@ -169,9 +169,27 @@ def run_command(
     bootstrap: BootstrapOpt = None,
     http: HttpOpt = None,
     announce: AnnounceOpt = None,
+    serve: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--serve",
+            metavar="CID",
+            help="Also serve this model (sha256 cid), fetched from its providers if missing "
+            "(repeatable; config `serve`).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run a peer: join via the bootstrap nodes, publish its ad, serve its models until stopped."""
-    config = _config(data_dir, listen=listen, bootstrap=bootstrap, http=http, announce=announce)
+    config = _config(
+        data_dir, listen=listen, bootstrap=bootstrap, http=http, announce=announce, serve=serve
+    )
+    from peer.model_transfer import serve_cids
+
+    try:
+        serve_cids(config)
+    except ConfigError as exc:
+        fail(str(exc), code=2)
     setup_logging(config.log_level)
     if not config.bootstrap:
         log.warning("no --bootstrap given: this peer is alone until others dial it")

@@ -135,7 +135,7 @@ async def test_a_fetched_model_is_served_even_after_its_only_holder_is_killed(
         await wait_providers(fetcher, cid, 1)
         with trio.fail_after(30):
             entry = await fetcher.peer.fetch_model(cid)
-        assert entry.cid == cid
+        assert entry.cid == cid and entry.name == "mm"  # the name in the holder's ad
         assert entry.source == f"peers:{holder.peer.peer_id}"
         assert fetcher.registry.path_of(cid).read_bytes() == src.read_bytes()
         assert fetcher.peer.market is not None and cid in fetcher.peer.market.served
