@@ -37,6 +37,7 @@ from edge_models import packaged
 from edge_models.errors import AmbiguousModelRef, InvalidModel, ModelNotFound
 from edge_models.limits import DEFAULT_MODEL_LIMITS, ModelLimits
 from edge_models.spec import ModelEntry, inspect_model
+from protocols.model_wire import CHUNK_SIZE, ipfs_cid_of
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +267,22 @@ class Registry:
             expected_cid=model.sha256,
         )
 
+    def ensure_ipfs_cid(self, cid: str) -> str:
+        """The model's IPFS CIDv1, computed (and stored) for entries added before it existed."""
+        entry = self.get(cid)
+        if entry.ipfs_cid:
+            return entry.ipfs_cid
+        whole, ipfs_cid = _hash_file(self.path_of(entry.cid))
+        if whole != entry.cid:
+            raise InvalidModel(f"model file of {entry.cid} is corrupt on disk (hashes to {whole})")
+        with self._lock:
+            current = self._entries.get(entry.cid)
+            if current is not None and not current.ipfs_cid:
+                updated = dataclasses.replace(current, ipfs_cid=ipfs_cid)
+                self._write_meta(updated)
+                self._set_index({**self._entries, entry.cid: updated})
+        return ipfs_cid
+
     def remove(self, ref: str) -> ModelEntry:
         entry = self.get(ref)
         with self._lock:
@@ -355,7 +372,7 @@ class Registry:
         # Hash what is on disk, not what we meant to write: this verifies the copy.
         # Streamed, and parsed from a read-only map of the file, so the model's
         # bytes are never held in memory twice (the page cache backs the map).
-        cid = _sha256_file(tmp_path)
+        cid, ipfs_cid = _hash_file(tmp_path)
         if expected_cid is not None and cid != expected_cid.lower():
             raise InvalidModel(f"model bytes hash to {cid}, expected {expected_cid}")
         sig = inspect_model(_parse_onnx(tmp_path), self.limits.allowed_domains)
@@ -376,6 +393,7 @@ class Registry:
                     opset=sig.opset,
                     source=source,
                     added_at=time.time(),
+                    ipfs_cid=ipfs_cid,
                 )
                 os.replace(tmp_path, self._blob(cid))
                 _fsync_dir(self._blobs)
@@ -425,12 +443,17 @@ class Registry:
                     p.unlink()
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
+def _hash_file(path: Path) -> tuple[str, str]:
+    """(sha256 hex, IPFS CIDv1) of a file, read once in 256 KiB chunks (kubo's leaves)."""
+    whole = hashlib.sha256()
+    hashes: list[bytes] = []
+    sizes: list[int] = []
     with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+        while chunk := f.read(CHUNK_SIZE):
+            whole.update(chunk)
+            hashes.append(hashlib.sha256(chunk).digest())
+            sizes.append(len(chunk))
+    return whole.hexdigest(), ipfs_cid_of(hashes, sizes) if hashes else ""
 
 
 def _parse_onnx(path: Path) -> onnx.ModelProto:

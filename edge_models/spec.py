@@ -71,6 +71,8 @@ class ModelEntry:
     opset: int
     source: str
     added_at: float = 0.0
+    # The IPFS CIDv1 kubo gives these bytes (protocols.model_wire.ipfs_cid_of); "" if unknown.
+    ipfs_cid: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -82,6 +84,7 @@ class ModelEntry:
             "opset": self.opset,
             "source": self.source,
             "added_at": self.added_at,
+            "ipfs_cid": self.ipfs_cid,
         }
 
     @classmethod
@@ -95,6 +98,7 @@ class ModelEntry:
             opset=int(d["opset"]),
             source=str(d["source"]),
             added_at=float(d.get("added_at", 0.0)),
+            ipfs_cid=str(d.get("ipfs_cid", "")),
         )
 
 

@@ -132,13 +132,16 @@ class Provider:
     addrs: tuple[str, ...]
 
 
-def _models_now(source: ModelsSource) -> tuple[ModelOffer, ...]:
+def _models_now(
+    source: ModelsSource, ipfs_of: Callable[[str], str] | None = None
+) -> tuple[ModelOffer, ...]:
     if source is None:
         return ()
     entries = source() if callable(source) else source
     out: dict[str, ModelOffer] = {}
     for cid, name, p50 in entries:
-        out.setdefault(cid, ModelOffer(cid=cid, name=name, p50_ms=float(p50)))
+        ipfs = ipfs_of(cid) if ipfs_of is not None else ""
+        out.setdefault(cid, ModelOffer(cid=cid, name=name, p50_ms=float(p50), ipfs=ipfs))
     return tuple(out.values())
 
 
@@ -162,6 +165,8 @@ class AdState:
     load: float = 0.0
     queue: int = 0
     provided: set[str] = field(default_factory=set)
+    # cid -> the IPFS CIDv1 of the model's bytes ("" if unknown), for the ad.
+    ipfs_of: Callable[[str], str] | None = None
 
 
 class Discovery:
@@ -222,7 +227,7 @@ class Discovery:
             addrs=s.addrs,
             devices=s.devices,
             providers=s.providers,
-            models=_models_now(s.models),
+            models=_models_now(s.models, s.ipfs_of),
             price=s.price,
             load=s.load,
             queue=s.queue,

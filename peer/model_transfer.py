@@ -724,7 +724,30 @@ class ModelTransfer:
             await nursery.start(self.server.run)
             for cid in serve_cids(self.peer.config):
                 nursery.start_soon(self._keep_fetching, cid)
+            nursery.start_soon(self._backfill_ipfs_cids)
             task_status.started()
+
+    def ipfs_of(self, cid: str) -> str:
+        """The IPFS CIDv1 the registry holds for ``cid`` ("" if unknown), for our ad."""
+        from edge_models.errors import EdgeModelError
+
+        try:
+            return self.registry.get(cid).ipfs_cid
+        except EdgeModelError:
+            return ""
+
+    async def _backfill_ipfs_cids(self) -> None:
+        """Models added before entries carried an IPFS CID get one (hashed in a thread)."""
+        from edge_models.errors import EdgeModelError
+
+        missing = [e.cid for e in self.registry.list() if not e.ipfs_cid]
+        for cid in missing:
+            try:
+                await trio.to_thread.run_sync(self.registry.ensure_ipfs_cid, cid)
+            except (EdgeModelError, OSError) as exc:
+                log.warning("no IPFS CID for model %s: %s", cid, exc)
+        if missing:
+            self.peer.models_changed()
 
     async def _keep_fetching(self, cid: str) -> None:
         """Fetch (then serve) one configured model, retrying until it is here or refused."""

@@ -507,6 +507,8 @@ async def open_peer(
                             peer.models = ModelTransfer(
                                 peer, registry or getattr(runtime, "registry", None)
                             )
+                            if state is not None:
+                                state.ipfs_of = peer.models.ipfs_of
                             if role == "peer":
                                 await nursery.start(peer.models.run)
                         await nursery.start(discovery.run)

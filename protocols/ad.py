@@ -156,19 +156,32 @@ class ModelOffer:
     cid: str
     name: str
     p50_ms: float = 0.0
+    # The IPFS CIDv1 of the same bytes (kubo's), so IPFS users can seed it; "" = not given.
+    ipfs: str = ""
 
     def __post_init__(self) -> None:
         _text(self.cid, "model cid", max_len=128)
         _text(self.name, "model name", allow_empty=True)
         _number(self.p50_ms, "model p50_ms")
+        _text(self.ipfs, "model ipfs cid", max_len=128, allow_empty=True)
 
     def to_body(self) -> dict[str, Any]:
-        return {"cid": self.cid, "name": self.name, "p50_ms": float(self.p50_ms)}
+        body: dict[str, Any] = {"cid": self.cid, "name": self.name, "p50_ms": float(self.p50_ms)}
+        if self.ipfs:  # absent rather than empty: ads without it keep their old encoding
+            body["ipfs"] = self.ipfs
+        return body
 
     @classmethod
     def from_body(cls, value: Any) -> ModelOffer:
-        raw = _map(value, "model", frozenset({"cid", "name", "p50_ms"}))
-        return cls(cid=raw["cid"], name=raw["name"], p50_ms=_number(raw["p50_ms"], "p50_ms"))
+        base = frozenset({"cid", "name", "p50_ms"})
+        fields = base | {"ipfs"} if isinstance(value, dict) and "ipfs" in value else base
+        raw = _map(value, "model", fields)
+        return cls(
+            cid=raw["cid"],
+            name=raw["name"],
+            p50_ms=_number(raw["p50_ms"], "p50_ms"),
+            ipfs=raw.get("ipfs", ""),
+        )
 
 
 @dataclass(frozen=True)

@@ -288,3 +288,26 @@ def test_misses_reread_the_disk_only_after_a_change(
     Registry(registry.root).add_file(models.tiny_add_model(src / "a.onnx"), "new")
     assert registry.get("new").name == "new"
     assert reads == [1]
+
+
+def test_entries_carry_the_ipfs_cid_and_old_entries_get_one(tmp_path: Path) -> None:
+    import json
+
+    from protocols.model_wire import CHUNK_SIZE, ipfs_cid_of
+
+    reg = Registry(tmp_path / "store")
+    src = models.tiny_padded_model(tmp_path / "p.onnx", 3 * CHUNK_SIZE)
+    entry = reg.add_file(src)
+    data = src.read_bytes()
+    chunks = [data[i : i + CHUNK_SIZE] for i in range(0, len(data), CHUNK_SIZE)]
+    expected = ipfs_cid_of([hashlib.sha256(c).digest() for c in chunks], [len(c) for c in chunks])
+    assert entry.ipfs_cid == expected and expected.startswith("bafybei")
+    # An entry written before the field existed is filled in on demand, and stored.
+    meta = tmp_path / "store" / "meta" / f"{entry.cid}.json"
+    body = json.loads(meta.read_text())
+    del body["ipfs_cid"]
+    meta.write_text(json.dumps(body))
+    old = Registry(tmp_path / "store")
+    assert old.get(entry.cid).ipfs_cid == ""
+    assert old.ensure_ipfs_cid(entry.cid) == expected
+    assert Registry(tmp_path / "store").get(entry.cid).ipfs_cid == expected

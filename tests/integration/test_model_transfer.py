@@ -137,6 +137,10 @@ async def test_a_fetched_model_is_served_even_after_its_only_holder_is_killed(
             entry = await fetcher.peer.fetch_model(cid)
         assert entry.cid == cid and entry.name == "mm"  # the name in the holder's ad
         assert entry.source == f"peers:{holder.peer.peer_id}"
+        # Both ads carry the IPFS CIDv1 of the bytes: one chunk, so a raw block of the sha256.
+        assert entry.ipfs_cid.startswith("bafkrei")
+        assert holder.peer.ad is not None
+        assert [(m.cid, m.ipfs) for m in holder.peer.ad.models] == [(cid, entry.ipfs_cid)]
         assert fetcher.registry.path_of(cid).read_bytes() == src.read_bytes()
         assert fetcher.peer.market is not None and cid in fetcher.peer.market.served
         # The fetcher now provides the cid itself; the only original holder goes away.
