@@ -21,8 +21,10 @@ Rules it enforces:
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import assert_never
 
 from protocols.errors import LocalProtocolError
 from protocols.market import MAX_ETA_MS, Award, Bid, JobError, JobRequest
@@ -265,6 +267,15 @@ Action = (
 # --- state ------------------------------------------------------------------------
 
 
+class JobPhase(enum.Enum):
+    """One job id's phase at this executor (``ExecutorState.job_phase``)."""
+
+    UNKNOWN = "unknown"
+    BIDDING = "bidding"  # an open bid, no award yet
+    RUNNING = "running"  # award accepted: inputs run, results go out
+    FINISHED = "finished"  # committed or ended; never awarded again
+
+
 @dataclass
 class _OpenBid:
     request: JobRequest
@@ -304,23 +315,54 @@ class ExecutorState:
         return None if held is None else held.bid
 
     def handle(self, event: Event) -> list[Action]:
-        if isinstance(event, RequestSeen):
-            return self._on_request(event.request, event.now)
-        if isinstance(event, AwardReceived):
-            return self._on_award(event.award, event.now)
-        if isinstance(event, InputReceived):
-            return self._on_input(event.job_id, event.seq, event.now)
-        if isinstance(event, InputRejected):
-            return self._on_rejected(event)
-        if isinstance(event, ExecutionFinished):
-            return self._on_finished(event)
-        if isinstance(event, ExecutionFailed):
-            return self._on_failed(event)
-        if isinstance(event, BatchCloseReceived):
-            return self._on_close(event.job_id, event.count)
-        if isinstance(event, ConnectionLost):
-            return self._end(event.job_id, None)
-        return self._on_tick(event.now)
+        """Feed one event; returns the actions to perform, in order.
+
+        Raises ``LocalProtocolError`` for an event the I/O layer must never send: an
+        execution that finished or failed for a seq of a live award that the machine
+        never started (or already settled). Remote behaviour (a duplicate input, an
+        input or close for an unknown job) is answered with a ``JobError`` instead,
+        and events about an award that already ended are ignored.
+        """
+        match event:
+            case RequestSeen(request=request, now=now):
+                return self._on_request(request, now)
+            case AwardReceived(award=award, now=now):
+                return self._on_award(award, now)
+            case InputReceived(job_id=job_id, seq=seq, now=now):
+                return self._on_input(job_id, seq, now)
+            case InputRejected():
+                return self._on_rejected(event)
+            case ExecutionFinished():
+                self._check_running(event.job_id, event.seq)
+                return self._on_finished(event)
+            case ExecutionFailed():
+                self._check_running(event.job_id, event.seq)
+                return self._on_failed(event)
+            case BatchCloseReceived(job_id=job_id, count=count):
+                return self._on_close(job_id, count)
+            case ConnectionLost(job_id=job_id):
+                return self._end(job_id, None)
+            case Tick(now=now):
+                return self._on_tick(now)
+            case _:
+                assert_never(event)
+
+    def _check_running(self, job_id: bytes, seq: int) -> None:
+        job = self._jobs.get(job_id)
+        if job is None:
+            return  # the award ended meanwhile (stream lost): a late, legal report
+        if seq not in job.started or seq in job.results or seq in job.failed:
+            raise LocalProtocolError(
+                f"execution report for job {seq} of {job_id.hex()[:12]}, which is not running"
+            )
+
+    def job_phase(self, job_id: bytes) -> JobPhase:
+        """Where one award is: running here, finished (committed or ended), or unknown."""
+        if job_id in self._jobs:
+            return JobPhase.RUNNING
+        if job_id in self._finished:
+            return JobPhase.FINISHED
+        return JobPhase.BIDDING if job_id in self._bids else JobPhase.UNKNOWN
 
     # --- bidding --------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ passed in by the caller, never read here.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
@@ -372,17 +373,19 @@ class Award:
         return open_message(Award, data, now=now)
 
 
-ERROR_CODES = frozenset(
-    {
-        "busy",  # no capacity now; try another executor
-        "unknown-model",  # model not served here
-        "bad-award",  # award does not match this executor's bid, or is expired
-        "bad-input",  # inputs malformed, oversize, or not what the model declares
-        "deadline",  # cannot finish before the deadline
-        "duplicate",  # this job (or lease seq) was already run
-        "internal",  # the model failed to run
-    }
-)
+class JobErrorCode(enum.StrEnum):
+    """Why an executor refused or failed a job (``JobError.code`` on the wire)."""
+
+    BUSY = "busy"  # no capacity now; try another executor
+    UNKNOWN_MODEL = "unknown-model"  # model not served here
+    BAD_AWARD = "bad-award"  # award does not match this executor's bid, or is expired
+    BAD_INPUT = "bad-input"  # inputs malformed, oversize, or not what the model declares
+    DEADLINE = "deadline"  # cannot finish before the deadline
+    DUPLICATE = "duplicate"  # this job (or lease seq) was already run
+    INTERNAL = "internal"  # the model failed to run
+
+
+ERROR_CODES = frozenset(c.value for c in JobErrorCode)
 
 
 @dataclass(frozen=True)

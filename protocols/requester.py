@@ -27,10 +27,11 @@ import enum
 import hashlib
 from collections.abc import Container, Mapping
 from dataclasses import dataclass, field, replace
+from typing import assert_never
 
 from protocols.errors import LocalProtocolError, ProtocolError
 from protocols.market import Award, Bid, JobRequest
-from protocols.receipt import ResultCommitment
+from protocols.receipt import ResultCommitment, batch_digest
 from protocols.selection import DEFAULT_WEIGHTS, Weights, rank_bids
 from protocols.signed import Signed
 
@@ -159,7 +160,46 @@ class DeadlineReached:
     now: float
 
 
-Event = BidReceived | TimerFired | AwardFailed | ExecutorGone | ResultReceived | DeadlineReached
+@dataclass(frozen=True)
+class InputSent:
+    """The I/O layer sent job ``seq``'s inputs (``content_digest`` ``digest``) to the awarded
+    ``executor``. ``seq`` must be ``RequesterJob.next_seq``: the machine allocates seqs."""
+
+    executor: str
+    seq: int
+    digest: bytes
+    now: float
+
+    def __post_init__(self) -> None:
+        if len(self.digest) != 32 or self.seq < 0:
+            raise LocalProtocolError("InputSent needs seq >= 0 and a 32-byte digest")
+
+
+@dataclass(frozen=True)
+class ResultArrived:
+    """A JobResult for ``seq`` came from ``executor``; ``digest`` is ``content_digest`` of its
+    outputs as received. The commitment is later checked against these digests."""
+
+    executor: str
+    seq: int
+    digest: bytes
+    now: float
+
+    def __post_init__(self) -> None:
+        if len(self.digest) != 32 or self.seq < 0:
+            raise LocalProtocolError("ResultArrived needs seq >= 0 and a 32-byte digest")
+
+
+Event = (
+    BidReceived
+    | TimerFired
+    | AwardFailed
+    | ExecutorGone
+    | ResultReceived
+    | DeadlineReached
+    | InputSent
+    | ResultArrived
+)
 
 # --- actions ------------------------------------------------------------------
 
@@ -259,6 +299,8 @@ class _Current:
     award: Award
     awarded_at: float
     result_by: float
+    sent: dict[int, bytes] = field(default_factory=dict)  # seq -> input digest
+    arrived: dict[int, bytes] = field(default_factory=dict)  # seq -> output digest
 
 
 @dataclass
@@ -296,6 +338,16 @@ class RequesterJob:
     _current: _Current | None = field(default=None, init=False)
 
     @property
+    def next_seq(self) -> int:
+        """The seq the next input sent to the awarded executor must carry."""
+        return 0 if self._current is None else len(self._current.sent)
+
+    @property
+    def results_arrived(self) -> int:
+        """Results the awarded executor delivered so far (0 when none is awarded)."""
+        return 0 if self._current is None else len(self._current.arrived)
+
+    @property
     def awarded_to(self) -> str | None:
         return None if self._current is None else self._current.bid.executor
 
@@ -312,22 +364,70 @@ class RequesterJob:
         return self._open_auction()
 
     def handle(self, event: Event) -> list[Action]:
+        """Feed one event; returns the actions to perform, in order.
+
+        Raises ``LocalProtocolError`` for an event the I/O layer must never send in
+        the current phase (any event before ``start()``; an ``InputSent`` without a
+        live award to that executor, with a seq other than ``next_seq``, or past the
+        award's jobs). Late events from the network (bids, results, failures after
+        the job moved on or ended) are legal and ignored.
+        """
         if self.phase is Phase.NEW:
             raise LocalProtocolError("call RequesterJob.start() before handle()")
+        if isinstance(event, InputSent):
+            self._check_input_sent(event)
         if self.phase is Phase.DONE:
             return []
         self.now = max(self.now, event.now)
-        if isinstance(event, BidReceived):
-            return self._on_bid(event.bid)
-        if isinstance(event, AwardFailed):
-            return self._on_award_failed(event.executor, event.reason)
-        if isinstance(event, ExecutorGone):
-            return self._on_award_failed(event.executor, "executor went away")
-        if isinstance(event, ResultReceived):
-            return self._on_result(event)
-        if isinstance(event, DeadlineReached):
-            return self._fail_no_time()
-        return self._on_timer()
+        match event:
+            case BidReceived(bid=bid):
+                return self._on_bid(bid)
+            case TimerFired():
+                return self._on_timer()
+            case AwardFailed(executor=executor, reason=reason):
+                return self._on_award_failed(executor, reason)
+            case ExecutorGone(executor=executor):
+                return self._on_award_failed(executor, "executor went away")
+            case ResultReceived():
+                return self._on_result(event)
+            case DeadlineReached():
+                return self._fail_no_time()
+            case InputSent():
+                assert self._current is not None  # checked above
+                self._current.sent[event.seq] = event.digest
+                return []
+            case ResultArrived():
+                return self._on_result_arrived(event)
+            case _:
+                assert_never(event)
+
+    def _check_input_sent(self, event: InputSent) -> None:
+        cur = self._current
+        if self.phase is not Phase.AWARDED or cur is None or cur.bid.executor != event.executor:
+            raise LocalProtocolError(
+                f"InputSent in phase {self.phase.value} without a live award to {event.executor}"
+            )
+        if event.seq != len(cur.sent):
+            raise LocalProtocolError(f"InputSent seq {event.seq}, expected {len(cur.sent)}")
+        if event.seq >= cur.award.max_jobs:
+            raise LocalProtocolError(
+                f"InputSent seq {event.seq} is past the award's {cur.award.max_jobs} jobs"
+            )
+        if self.request.lease is None and self.input_digest not in (None, event.digest):
+            raise LocalProtocolError("InputSent digest is not the job's input digest")
+
+    def _on_result_arrived(self, event: ResultArrived) -> list[Action]:
+        cur = self._current
+        if self.phase is not Phase.AWARDED or cur is None or cur.bid.executor != event.executor:
+            return []  # from a revoked executor: never paid
+        if event.seq not in cur.sent or event.seq in cur.arrived:
+            problem = f"result for job {event.seq} that was not asked for"
+            return [
+                CancelAward(event.executor, problem),
+                *self._after_failure(event.executor, problem),
+            ]
+        cur.arrived[event.seq] = event.digest
+        return []
 
     # --- transitions ----------------------------------------------------------
 
@@ -414,6 +514,28 @@ class RequesterJob:
             return f"commitment asks {c.price}, the award says {award.price} x {c.count}"
         if c.count == 1 and self.input_digest is not None and c.input_digest != self.input_digest:
             return "commitment is about other inputs"
+        return self._check_digests(c)
+
+    def _check_digests(self, c: ResultCommitment) -> str:
+        """The commitment covers exactly the results that arrived, with the digests of the
+        inputs we sent and the outputs we received (batch digests for a lease), once the
+        I/O layer reports them (``InputSent``/``ResultArrived``)."""
+        assert self._current is not None
+        sent, arrived = self._current.sent, self._current.arrived
+        if not sent:
+            return ""
+        seqs = sorted(arrived)
+        if c.count != len(seqs):
+            return f"commitment covers {c.count} jobs, {len(seqs)} results came"
+        if self.request.lease is None:
+            want_in, want_out = sent[0], arrived[seqs[0]] if seqs else b""
+        else:
+            want_in = batch_digest([sent[s] for s in seqs])
+            want_out = batch_digest([arrived[s] for s in seqs])
+        if c.output_digest != want_out:
+            return "the commitment's output digest does not match the outputs received"
+        if c.input_digest != want_in:
+            return "the commitment's input digest does not match the inputs sent"
         return ""
 
     # --- helpers ------------------------------------------------------------------

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +30,7 @@ import trio
 from edge_models.errors import EdgeModelError, ExecutionTimeout, InvalidInput
 from peer import metrics
 from peer.job_stream import CONTROL_FRAME_MAX, JOB_PROTOCOL, FrameStream, JobStreamClosed
+from peer.market.clock import Clock, system_clock
 from peer.market.gossip import MarketGossip
 from peer.market.receipts import ReceiptBook
 from peer.worker import Arrays, Worker
@@ -72,8 +72,10 @@ class ExecutorService:
         config: ex.ExecutorConfig,
         receipts: ReceiptBook,
         limits: TensorLimits,
+        clock: Clock = system_clock,
     ) -> None:
         self.key = key
+        self.clock = clock
         self.peer_id = peer_id
         self.host = host
         self.gossip = gossip
@@ -111,7 +113,7 @@ class ExecutorService:
             try:
                 for tick in itertools.count(1):
                     await trio.sleep(1.0)
-                    self._do_sync(self.state.handle(ex.Tick(time.time())))
+                    self._do_sync(self.state.handle(ex.Tick(self.clock())))
                     if tick % LOAD_EVERY_S == 0:
                         self._report_load()
             finally:
@@ -121,7 +123,7 @@ class ExecutorService:
     # --- gossip ------------------------------------------------------------------
 
     def on_request(self, request: JobRequest) -> None:
-        for a in self.state.handle(ex.RequestSeen(request, time.time())):
+        for a in self.state.handle(ex.RequestSeen(request, self.clock())):
             if isinstance(a, ex.PublishBid) and self._nursery is not None:
                 self.stats["bids"] += 1
                 metrics.BIDS.labels("sent").inc()
@@ -168,7 +170,7 @@ class ExecutorService:
             if first.message.requester != fs.remote_peer:
                 return  # an award relayed by someone else
             award = first.message
-            actions = self.state.handle(ex.AwardReceived(award, time.time()))
+            actions = self.state.handle(ex.AwardReceived(award, self.clock()))
             for a in actions:
                 if isinstance(a, ex.RejectAward):
                     self.stats["rejected"] += 1
@@ -181,7 +183,7 @@ class ExecutorService:
             log.debug("job stream ended: %s", exc)
         finally:
             if award is not None and award.job_id in self.state.awarded_jobs:
-                self._do_sync(self.state.handle(ex.ConnectionLost(award.job_id, time.time())))
+                self._do_sync(self.state.handle(ex.ConnectionLost(award.job_id, self.clock())))
             await fs.close()
 
     async def _run_award(self, award: Award, fs: FrameStream) -> None:
@@ -191,7 +193,7 @@ class ExecutorService:
             self.sessions[job_id] = session
             try:
                 # Never hold an award past its deadline (+ time to hear the acceptance).
-                with trio.move_on_after(max(0.0, award.deadline - time.time()) + ACCEPT_WAIT_S):
+                with trio.move_on_after(max(0.0, award.deadline - self.clock()) + ACCEPT_WAIT_S):
                     await self._read_frames(session)
             finally:
                 self.sessions.pop(job_id, None)
@@ -212,7 +214,7 @@ class ExecutorService:
                 await self._on_input(s, item)
             elif isinstance(item, BatchClose) and item.job_id == job_id:
                 await self._act(
-                    s, self.state.handle(ex.BatchCloseReceived(job_id, item.count, time.time()))
+                    s, self.state.handle(ex.BatchCloseReceived(job_id, item.count, self.clock()))
                 )
             elif isinstance(item, Signed) and isinstance(item.message, Acceptance):
                 self._on_acceptance(s, item)
@@ -224,7 +226,7 @@ class ExecutorService:
                 return  # the award ended without a commitment (failed single job)
 
     async def _on_input(self, s: _Session, item: JobInput) -> None:
-        now = time.time()
+        now = self.clock()
         cid = s.award.model_cid
         try:
             arrays = decode_tensors(item.inputs, limits=self.limits)
@@ -264,14 +266,14 @@ class ExecutorService:
             wire = encode_tensors(outputs)
         except ExecutionTimeout as exc:
             event: ex.Event = ex.ExecutionFailed(
-                job_id, seq, str(exc), time.time(), code="deadline"
+                job_id, seq, str(exc), self.clock(), code="deadline"
             )
         except (EdgeModelError, ProtocolError, trio.TooSlowError) as exc:
-            event = ex.ExecutionFailed(job_id, seq, str(exc) or type(exc).__name__, time.time())
+            event = ex.ExecutionFailed(job_id, seq, str(exc) or type(exc).__name__, self.clock())
         else:
             s.outputs[seq] = (wire, ms)
             event = ex.ExecutionFinished(
-                job_id, seq, in_digest, content_digest(wire), ms, time.time()
+                job_id, seq, in_digest, content_digest(wire), ms, self.clock()
             )
         try:
             await self._act(s, self.state.handle(event))

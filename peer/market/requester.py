@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +35,7 @@ import trio
 from edge_models.spec import ModelEntry
 from peer import metrics
 from peer.job_stream import FrameStream, JobStreamClosed
+from peer.market.clock import Clock, sleep_until, system_clock
 from protocols import requester as rq
 from protocols.errors import ProtocolError
 from protocols.market import (
@@ -49,7 +49,7 @@ from protocols.market import (
     LeaseTerms,
     TensorMeta,
 )
-from protocols.receipt import Receipt, ResultCommitment, batch_digest, content_digest
+from protocols.receipt import Receipt, ResultCommitment, content_digest
 from protocols.signed import Signed, sign_message
 from protocols.tensor import DTYPES, TensorLimits, decode_tensors, dtype_name
 
@@ -79,20 +79,13 @@ def input_meta(wire: Mapping[str, Any]) -> tuple[tuple[TensorMeta, ...], int]:
 
 
 def check_outputs(
-    wire_by_seq: Mapping[int, Any],
-    inputs_by_seq: Mapping[int, bytes],
-    commitment: ResultCommitment,
-    entry: ModelEntry | None,
-    limits: TensorLimits,
-    *,
-    lease: bool = False,
+    wire_by_seq: Mapping[int, Any], entry: ModelEntry | None, limits: TensorLimits
 ) -> tuple[bool, str, dict[int, Arrays]]:
-    """Outputs decode within limits, match the declared outputs, and match the commitment."""
-    seqs = sorted(wire_by_seq)
-    if len(seqs) != commitment.count:
-        return False, f"commitment covers {commitment.count} jobs, {len(seqs)} results came", {}
+    """Outputs decode within limits and match the model's declared outputs. (That the
+    commitment covers exactly these outputs and the inputs sent, by digest, is the
+    machine's check: ``RequesterJob`` gets ``InputSent``/``ResultArrived``.)"""
     decoded: dict[int, Arrays] = {}
-    for seq in seqs:
+    for seq in sorted(wire_by_seq):
         try:
             arrays = decode_tensors(wire_by_seq[seq], limits=limits)
         except ProtocolError as exc:
@@ -101,19 +94,6 @@ def check_outputs(
         if problem:
             return False, f"outputs of job {seq}: {problem}", {}
         decoded[seq] = arrays
-    out_digests = [content_digest(wire_by_seq[s]) for s in seqs]
-    if not lease:  # a single job's digests are the job's own; a lease's are batch digests
-        want_out = out_digests[0]
-        want_in = next(iter(inputs_by_seq.values()), commitment.input_digest)
-    else:
-        if any(s not in inputs_by_seq for s in seqs):
-            return False, "results for jobs that were never sent", {}
-        want_out = batch_digest(out_digests)
-        want_in = batch_digest([inputs_by_seq[s] for s in seqs])
-    if commitment.output_digest != want_out:
-        return False, "the commitment's output digest does not match the outputs received", {}
-    if commitment.input_digest != want_in:
-        return False, "the commitment's input digest does not match the inputs sent", {}
     return True, "", decoded
 
 
@@ -139,9 +119,12 @@ def declared_problem(arrays: Arrays, entry: ModelEntry | None) -> str:
 class _Timer:
     """The job's single timer: a new ``set`` replaces the previous one."""
 
-    def __init__(self, nursery: trio.Nursery, send: trio.MemorySendChannel[rq.Event]) -> None:
+    def __init__(
+        self, nursery: trio.Nursery, send: trio.MemorySendChannel[rq.Event], clock: Clock
+    ) -> None:
         self.nursery = nursery
         self.send = send
+        self.clock = clock
         self.scope: trio.CancelScope | None = None
 
     def set(self, at: float) -> None:
@@ -152,13 +135,8 @@ class _Timer:
 
     async def _fire(self, at: float, scope: trio.CancelScope) -> None:
         with scope:
-            # trio sleeps on a monotonic clock; loop so we never fire before `at` by POSIX time.
-            for _ in range(1000):
-                left = at - time.time()
-                if left <= 0:
-                    break
-                await trio.sleep(left + 0.0005)
-            await self.send.send(rq.TimerFired(time.time()))
+            await sleep_until(self.clock, at)  # never before `at` by the market's clock
+            await self.send.send(rq.TimerFired(self.clock()))
 
 
 @dataclass
@@ -172,11 +150,10 @@ class Attempt:
     fs: FrameStream | None = None
     ready: trio.Event = field(default_factory=trio.Event)
     ended: trio.Event = field(default_factory=trio.Event)
-    inputs: dict[int, bytes] = field(default_factory=dict)  # seq -> input digest
+    inputs: dict[int, bytes] = field(default_factory=dict)  # seq -> input digest (claims)
     outputs: dict[int, Any] = field(default_factory=dict)  # seq -> wire outputs
     decoded: dict[int, Arrays] = field(default_factory=dict)  # checked outputs, at commit
     waiters: dict[int, _Waiter] = field(default_factory=dict)
-    next_seq: int = 0
     decided: trio.Event = field(default_factory=trio.Event)
     acceptance: Signed[Any] | None = None
     closing: bool = False
@@ -219,8 +196,10 @@ class JobRun:
         banned: Container[str] = frozenset(),
         reputation: Mapping[str, float] | None = None,
         expected: frozenset[str] = frozenset(),
+        clock: Clock = system_clock,
     ) -> None:
         self.key = key
+        self.clock = clock
         self.publish = publish
         self.open_stream = open_stream
         self.bid_sinks = bid_sinks
@@ -230,7 +209,7 @@ class JobRun:
         digest = content_digest(single_input) if single_input is not None else None
         self.job = rq.RequesterJob(
             request,
-            now=time.time(),
+            now=clock(),
             policy=policy,
             input_digest=digest,
             banned=banned,
@@ -262,7 +241,7 @@ class JobRun:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self._timer = _Timer(nursery, self._send)
+                self._timer = _Timer(nursery, self._send, self.clock)
                 task_status.started()
                 try:
                     await self._act(self.job.start())
@@ -286,7 +265,7 @@ class JobRun:
     def _on_bid(self, bid: Bid) -> None:
         metrics.BIDS.labels("received").inc()
         try:
-            self._send.send_nowait(rq.BidReceived(bid, time.time()))
+            self._send.send_nowait(rq.BidReceived(bid, self.clock()))
         except trio.WouldBlock:
             self._bids_dropped += 1
 
@@ -368,7 +347,7 @@ class JobRun:
                 else:
                     await att.fs.close()
         if reason:
-            await self._send.send(rq.AwardFailed(att.executor, reason, time.time()))
+            await self._send.send(rq.AwardFailed(att.executor, reason, self.clock()))
 
     async def _award(self, att: Attempt) -> str:
         """Returns a failure reason, or "" once the result was reported."""
@@ -377,33 +356,27 @@ class JobRun:
             att.fs = await self.open_stream(att.executor, self.request.deadline)
             await att.fs.send(sign_message(self.key, att.award))
             if self.single_input is not None:
-                att.inputs[0] = content_digest(self.single_input)
-                await att.fs.send(JobInput(job_id, 0, self.single_input))
-                att.next_seq = 1
+                await self.send_input(att, self.single_input, content_digest(self.single_input))
             att.ready.set()
             while True:
                 item = await att.fs.receive()
                 if isinstance(item, JobResult) and item.job_id == job_id:
-                    if item.seq not in att.inputs or item.seq in att.outputs:
-                        return f"result for job {item.seq} that was not asked for"
-                    att.outputs[item.seq] = item.outputs
-                    w = att.waiters.get(item.seq)
-                    if w is not None:
-                        w.wire = item.outputs
-                        w.done.set()
-                elif isinstance(item, Signed) and isinstance(item.message, ResultCommitment):
-                    c = item.message
-                    ok, problem, decoded = check_outputs(
-                        att.outputs,
-                        att.inputs,
-                        c,
-                        self.entry,
-                        self.limits,
-                        lease=self.lease is not None,
+                    digest = content_digest(item.outputs)
+                    # The machine checks the seq (asked for, not twice); a bad one revokes us.
+                    await self._send.send(
+                        rq.ResultArrived(att.executor, item.seq, digest, self.clock())
                     )
+                    if item.seq in att.inputs and item.seq not in att.outputs:
+                        att.outputs[item.seq] = item.outputs
+                        w = att.waiters.get(item.seq)
+                        if w is not None:
+                            w.wire = item.outputs
+                            w.done.set()
+                elif isinstance(item, Signed) and isinstance(item.message, ResultCommitment):
+                    ok, problem, decoded = check_outputs(att.outputs, self.entry, self.limits)
                     att.decoded = decoded
                     signed_c: Signed[ResultCommitment] = item  # type: ignore[assignment]
-                    await self._send.send(rq.ResultReceived(signed_c, ok, time.time(), problem))
+                    await self._send.send(rq.ResultReceived(signed_c, ok, self.clock(), problem))
                     await att.decided.wait()  # Complete sets it; CancelAward cancels us
                     if att.acceptance is not None:
                         await att.fs.send(att.acceptance)
@@ -429,12 +402,39 @@ class JobRun:
 
     # --- lease side ------------------------------------------------------------------
 
+    def holds(self, att: Attempt) -> bool:
+        """Whether ``att`` is still the machine's live award (inputs may go to it)."""
+        return self.attempt is att and self.job.awarded_to == att.executor and not att.closing
+
+    async def send_input(self, att: Attempt, wire: Any, digest: bytes) -> tuple[int, _Waiter]:
+        """Send one job's inputs on ``att``'s stream under the next seq the machine allocates;
+        returns the seq and the waiter its result wakes. ``JobStreamClosed`` if the stream is
+        gone, ``LocalProtocolError`` if ``att`` is no longer the live award (check ``holds``)."""
+        fs = att.fs
+        if fs is None or fs.closed or att.ended.is_set():
+            raise JobStreamClosed(f"the job stream to {att.executor} is closed")
+        seq = self.job.next_seq
+        self.job.handle(rq.InputSent(att.executor, seq, digest, self.clock()))  # no actions
+        att.inputs[seq] = digest
+        waiter = att.waiters[seq] = _Waiter()
+        await fs.send(JobInput(att.award.job_id, seq, wire))
+        if att.ended.is_set():  # the award task ended while we wrote: nobody reads a result
+            self._fail_waiters(att)
+        return seq, waiter
+
+    def can_send(self, max_jobs: int) -> bool:
+        """Another input fits in this batch."""
+        return self.job.next_seq < max_jobs
+
     async def current_attempt(self) -> Attempt | None:
         """The attempt whose stream is ready, waiting through fail-overs; None once ended."""
         while not self.done.is_set():
             att = self.attempt
             if att is not None and att.ready.is_set() and not att.closing:
-                return att
+                if not att.ended.is_set():
+                    return att
+                await self.attempt_changed.wait()  # set on the next award, and at the end
+                continue
             changed = self.attempt_changed
             if att is not None and not att.ready.is_set():
                 with trio.move_on_after(0.05):
@@ -450,7 +450,7 @@ class JobRun:
             self._cancel_all()
             return
         att.closing = True
-        with trio.move_on_after(max(1.0, self.request.deadline - time.time())):
+        with trio.move_on_after(max(1.0, self.request.deadline - self.clock())):
             for w in list(att.waiters.values()):  # jobs in flight finish first
                 await w.done.wait()
         done = len(att.outputs)
@@ -464,7 +464,7 @@ class JobRun:
 
     def _cancel_all(self) -> None:
         if self.job.outcome is None and not self.done.is_set():
-            self.post(rq.DeadlineReached(time.time()))
+            self.post(rq.DeadlineReached(self.clock()))
 
 
 def new_request(

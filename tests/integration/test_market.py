@@ -18,6 +18,7 @@ from edge_models.runtime import ModelRuntime
 from peer.job_stream import JOB_PROTOCOL
 from peer.market import ExecutorsFailed, MarketSettings, NoExecutors, UnknownModel
 from peer.market.gossip import topic_for
+from peer.market.jobspec import JobSpec
 from peer.market.requester import new_request
 from protocols.codec import encode_uvarint
 from protocols.market import BID_DOMAIN, Bid
@@ -173,7 +174,7 @@ async def test_oversize_input_is_refused_and_the_executor_keeps_serving(tmp_path
         async def lying_job(payload: Any) -> str:
             """A request that declares ``tiny`` inputs, then sends ``payload``."""
             until = time.time() + 10
-            await market._prepare(cid, until)
+            await market.auctions.prepare(cid, until)
             request = new_request(
                 requester=market.peer_id,
                 cid=cid,
@@ -182,7 +183,8 @@ async def test_oversize_input_is_refused_and_the_executor_keeps_serving(tmp_path
                 deadline=until,
                 bid_window=0.15,
             )
-            run = market._new_run(cid, None, request, single_input=payload)
+            spec = JobSpec(cid, None, max_price=10**7, until=until, bid_window=0.15)
+            run = market.auctions.new_run(spec, request, single_input=payload)
             with pytest.raises(ExecutorsFailed) as info:
                 await run.run()
             return str(info.value)
@@ -393,7 +395,10 @@ async def test_concurrent_jobs_from_one_requester_each_get_one_receipt(tmp_path:
 
         async def job(i: int) -> None:
             x = np.full(3, i, dtype=np.float32)
-            outputs[i] = (await req.market.infer(cid, {"x": x, "y": x}, deadline=20)).outputs
+            # A long window is only the fallback: the auction closes when both servers bid
+            # (under load, bids can take hundreds of ms to come back).
+            result = await req.market.infer(cid, {"x": x, "y": x}, deadline=20, bid_window=3.0)
+            outputs[i] = result.outputs
 
         with trio.fail_after(40):
             async with trio.open_nursery() as nursery:
@@ -416,3 +421,22 @@ async def test_no_bid_under_the_max_price_says_why(tmp_path: Path) -> None:
             await req.market.infer(cid, {"x": x, "y": x}, max_price=1.0, deadline=5)
         assert "max price (1 credits)" in str(info.value)
         assert ex.market.executor.stats["bids"] == 0
+
+
+async def test_an_auction_closes_when_every_expected_server_has_bid(tmp_path: Path) -> None:
+    async with market_swarm(tmp_path) as swarm:
+        a = await swarm.start("a", price=2.0)
+        b = await swarm.start("b", price=1.0)
+        req = await swarm.start("req", serve=False)
+        cid = next(iter(a.market.served))
+        await wait_providers(req, cid, 2)
+        x = np.ones(2, dtype=np.float32)
+        with trio.fail_after(30):
+            await req.market.infer(cid, {"x": x, "y": x}, deadline=25, bid_window=10.0)
+            assert req.market.auctions.expected_bidders(cid) == {a.peer_id, b.peer_id}
+            t0 = trio.current_time()
+            result = await req.market.infer(cid, {"x": x, "y": x}, deadline=25, bid_window=10.0)
+            took = trio.current_time() - t0
+        # Both servers bid, so the 10 s window closed early; the cheaper one still won.
+        assert took < 5.0
+        assert result.executor == b.peer_id

@@ -24,11 +24,13 @@ from protocols.requester import (
     ExecutorGone,
     ExecutorsFailed,
     Fail,
+    InputSent,
     NoExecutors,
     Phase,
     Publish,
     RequesterJob,
     RequesterPolicy,
+    ResultArrived,
     ResultReceived,
     SendAward,
     StartTimer,
@@ -399,3 +401,137 @@ def test_close_early_off_waits_out_the_window() -> None:
     job.start()
     assert job.handle(BidReceived(bid(E1), now=T0 + 0.01)) == []
     assert job.phase is Phase.COLLECTING
+
+
+# --- lease bookkeeping in the machine: InputSent / ResultArrived ------------------------
+
+OUT = [content_digest({"y": bytes([i])}) for i in range(8)]
+INS = [content_digest({"x": bytes([i])}) for i in range(8)]
+
+
+def leased(max_jobs: int = 10) -> tuple[RequesterJob, SendAward]:
+    job, _ = started(lease=LeaseTerms(max_jobs=max_jobs, until=T0 + 8))
+    send = awarded(job, bid(E1, 30))[0]
+    assert isinstance(send, SendAward)
+    return job, send
+
+
+def send_and_receive(job: RequesterJob, n: int, *, now: float = T0 + 0.6) -> None:
+    for i in range(n):
+        assert job.next_seq == i
+        assert job.handle(InputSent(E1, i, INS[i], now)) == []
+    for i in range(n):
+        assert job.handle(ResultArrived(E1, i, OUT[i], now)) == []
+    assert job.results_arrived == n
+
+
+def lease_commitment(n: int, **over: Any) -> Signed[ResultCommitment]:
+    fields: dict[str, Any] = {
+        "price": 30 * n,
+        "count": n,
+        "input_digest": batch_digest(INS[:n]),
+        "output_digest": batch_digest(OUT[:n]),
+    }
+    fields.update(over)
+    return commitment(E1, **fields)
+
+
+def test_lease_seqs_and_digests_are_the_machines() -> None:
+    job, send = leased()
+    send_and_receive(job, 3)
+    c = lease_commitment(3)
+    done = job.handle(ResultReceived(c, outputs_ok=True, now=T0 + 1))
+    assert done == [Complete(commitment=c, award=send.award)]
+
+
+@pytest.mark.parametrize(
+    ("over", "why"),
+    [
+        ({"output_digest": batch_digest(OUT[1:4])}, "output digest"),
+        ({"input_digest": batch_digest(INS[1:4])}, "input digest"),
+        ({"count": 2, "price": 60}, "2 jobs, 3 results"),
+    ],
+)
+def test_a_lease_commitment_that_does_not_match_what_was_exchanged_is_refused(
+    over: dict[str, Any], why: str
+) -> None:
+    job, _ = leased()
+    send_and_receive(job, 3)
+    actions = job.handle(ResultReceived(lease_commitment(3, **over), outputs_ok=True, now=T0 + 1))
+    assert isinstance(actions[0], CancelAward) and why in actions[0].reason
+    assert not any(isinstance(a, Complete) for a in actions)
+
+
+def test_a_result_for_a_seq_never_sent_or_sent_twice_revokes_the_award() -> None:
+    job, _ = leased()
+    job.handle(InputSent(E1, 0, INS[0], T0 + 0.6))
+    actions = job.handle(ResultArrived(E1, 5, OUT[5], T0 + 0.7))
+    assert isinstance(actions[0], CancelAward) and "not asked for" in actions[0].reason
+    job, _ = leased()
+    send_and_receive(job, 1)
+    actions = job.handle(ResultArrived(E1, 0, OUT[0], T0 + 0.7))
+    assert isinstance(actions[0], CancelAward)
+
+
+def test_a_revoked_executors_late_result_is_ignored() -> None:
+    job, _ = leased()
+    send_and_receive(job, 1)
+    assert job.handle(ResultArrived(E2, 1, OUT[1], T0 + 0.7)) == []
+
+
+# --- illegal (phase, event) pairs raise LocalProtocolError ----------------------------
+
+
+def test_input_sent_without_a_live_award_is_a_local_error() -> None:
+    job, _ = started()
+    with pytest.raises(LocalProtocolError, match="without a live award"):
+        job.handle(InputSent(E1, 0, INPUT_DIGEST, T0 + 0.1))  # still collecting bids
+    awarded(job, bid(E1))
+    with pytest.raises(LocalProtocolError, match="without a live award"):
+        job.handle(InputSent(E2, 0, INPUT_DIGEST, T0 + 0.6))  # E2 holds no award
+    job.handle(DeadlineReached(T0 + 11))
+    assert job.phase is Phase.DONE
+    with pytest.raises(LocalProtocolError):
+        job.handle(InputSent(E1, 0, INPUT_DIGEST, T0 + 11))  # nothing after the end
+
+
+def test_input_sent_with_the_wrong_seq_or_past_the_award_is_a_local_error() -> None:
+    job, _ = leased(max_jobs=2)
+    with pytest.raises(LocalProtocolError, match="expected 0"):
+        job.handle(InputSent(E1, 1, INS[1], T0 + 0.6))
+    job.handle(InputSent(E1, 0, INS[0], T0 + 0.6))
+    job.handle(InputSent(E1, 1, INS[1], T0 + 0.6))
+    with pytest.raises(LocalProtocolError, match="past the award"):
+        job.handle(InputSent(E1, 2, INS[2], T0 + 0.6))
+
+
+def test_a_single_jobs_input_must_be_the_announced_one() -> None:
+    job, _ = started()
+    awarded(job, bid(E1))
+    with pytest.raises(LocalProtocolError, match="input digest"):
+        job.handle(InputSent(E1, 0, INS[0], T0 + 0.6))
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        BidReceived(bid(E1), T0),
+        TimerFired(T0),
+        AwardFailed(E1, "x", T0),
+        ExecutorGone(E1, T0),
+        DeadlineReached(T0),
+        InputSent(E1, 0, INPUT_DIGEST, T0),
+        ResultArrived(E1, 0, INPUT_DIGEST, T0),
+    ],
+)
+def test_every_event_before_start_is_a_local_error(event: Any) -> None:
+    job = RequesterJob(request(), now=T0)
+    with pytest.raises(LocalProtocolError, match="start"):
+        job.handle(event)
+
+
+def test_events_carry_valid_digests_and_seqs() -> None:
+    with pytest.raises(LocalProtocolError):
+        InputSent(E1, -1, INPUT_DIGEST, T0)
+    with pytest.raises(LocalProtocolError):
+        ResultArrived(E1, 0, b"short", T0)

@@ -1,0 +1,201 @@
+"""``peer/market`` on an in-memory host and trio's MockClock: no sockets, no real time.
+
+The requester's auctions, job runs and leases and the executor's service run
+for real; only libp2p (``tests/unit/market_memory.py``) and ONNX Runtime (a
+doubling worker) are stood in for. Bid windows, etas and deadlines pass in
+virtual time through the market's injected clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import trio
+import trio.testing
+
+from peer.market.auction import Auctions, Bans
+from peer.market.clock import Clock, trio_clock
+from peer.market.executor import ExecutorService
+from peer.market.jobspec import JobSpec
+from peer.market.lease import Lease
+from peer.market.receipts import ReceiptBook
+from peer.market.referee import SpotChecks
+from peer.market.requester import to_arrays
+from peer.market.spot_check import SpotChecker
+from protocols import requester as rq
+from protocols.tensor import DEFAULT_LIMITS, encode_tensors
+from tests.unit.market_memory import (
+    DoublingWorker,
+    MemoryDialer,
+    MemoryGossip,
+    MemoryNet,
+    key,
+    pid,
+    start_executor,
+)
+
+CID = hashlib.sha256(b"doubler").hexdigest()
+REQ_KEY = key(1)
+REQ = pid(REQ_KEY)
+
+
+@pytest.fixture
+def mock_clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+@dataclass
+class Market:
+    net: MemoryNet
+    gossip: MemoryGossip
+    auctions: Auctions
+    checker: SpotChecker
+    receipts: ReceiptBook
+    clock: Clock
+    nursery: trio.Nursery
+
+    async def executor(self, n: int, price: int, **kw: Any) -> ExecutorService:
+        return await start_executor(
+            self.nursery, self.net, self.gossip, n, cid=CID, price=price, clock=self.clock, **kw
+        )
+
+    def spec(self, *, seconds: float = 30.0, bid_window: float = 2.0) -> JobSpec:
+        return JobSpec(
+            CID, None, max_price=10_000, until=self.clock() + seconds, bid_window=bid_window
+        )
+
+
+@asynccontextmanager
+async def memory_market() -> AsyncIterator[Market]:
+    clock = trio_clock()
+    async with trio.open_nursery() as nursery:
+        net = MemoryNet(nursery)
+        gossip = MemoryGossip()
+        receipts = ReceiptBook()
+        receipts.attach(nursery)
+        auctions = Auctions(
+            key=REQ_KEY,
+            peer_id=REQ,
+            gossip=gossip,  # type: ignore[arg-type]
+            dialer=MemoryDialer(net, REQ, gossip),  # type: ignore[arg-type]
+            receipts=receipts,
+            bans=Bans(),
+            limits=DEFAULT_LIMITS,
+            policy=rq.RequesterPolicy(),
+            clock=clock,
+        )
+        checker = SpotChecker(
+            peer_id=REQ,
+            auctions=auctions,
+            bans=auctions.bans,
+            rule=lambda: None,
+            open_referee=lambda peer, until: net.open_stream(REQ, peer, "/edgeswarm/referee/1"),
+            limits=DEFAULT_LIMITS,
+            sampler=SpotChecks(random.Random(0)),
+            clock=clock,
+        )
+        yield Market(net, gossip, auctions, checker, receipts, clock, nursery)
+        nursery.cancel_scope.cancel()
+
+
+def job_inputs(i: float) -> dict[str, Any]:
+    return {"x": np.full(4, i, dtype=np.float32)}
+
+
+def wire(i: float) -> Any:
+    return encode_tensors(to_arrays(job_inputs(i)))
+
+
+async def test_an_auction_closes_on_the_last_expected_bid(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    async with memory_market() as m:
+        execs = [await m.executor(n, price) for n, price in ((2, 300), (3, 100), (4, 200))]
+        await m.auctions.prepare(CID, m.clock() + 30)
+        assert m.auctions.expected_bidders(CID) == {e.peer_id for e in execs}
+        t0 = trio.current_time()
+        result = await m.auctions.one_job(m.spec(bid_window=2.0), wire(3))
+        took = trio.current_time() - t0
+    # The 2 s window closed on the third bid: only the 5 ms job took (virtual) time.
+    assert took < 0.1
+    assert result.executor == execs[1].peer_id and result.price == 100
+    assert result.outputs["z"].tolist() == [6.0] * 4
+    result.receipt.verify()
+    assert [r.receipt_id for r in execs[1].receipts.receipts] == [result.receipt.receipt_id]
+
+
+async def test_a_silent_expected_bidder_makes_the_auction_wait_out_the_window(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    async with memory_market() as m:
+        await m.executor(2, 100)
+        await m.executor(3, 50_000)  # over the max price: it never bids
+        t0 = trio.current_time()
+        result = await m.auctions.one_job(m.spec(bid_window=2.0), wire(1))
+        took = trio.current_time() - t0
+    assert 2.0 <= took < 2.1
+    assert result.price == 100
+
+
+async def test_a_hung_executor_is_dropped_at_its_eta_and_the_next_bid_runs_the_job(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    async with memory_market() as m:
+        hung = await m.executor(2, 100, worker=DoublingWorker(hang=True))
+        ok = await m.executor(3, 200)
+        t0 = trio.current_time()
+        result = await m.auctions.one_job(m.spec(bid_window=2.0), wire(2))
+        took = trio.current_time() - t0
+    assert result.executor == ok.peer_id
+    assert [e for e, _why in result.attempts] == [hung.peer_id]
+    # eta = p50 5 ms + margin 20 ms; dropped at eta x slack 2 + grace 1 s after the award.
+    assert 1.05 <= took < 1.2
+    assert not hung.receipts.receipts  # never paid
+
+
+async def test_no_executor_fails_after_every_round_in_virtual_time(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    async with memory_market() as m:
+        with pytest.raises(rq.NoExecutors) as info:
+            await m.auctions.one_job(m.spec(bid_window=1.0), wire(1))
+    assert info.value.rounds == 3 and info.value.waited_s == pytest.approx(3.0, abs=0.01)
+
+
+def lease_for(m: Market, nursery: trio.Nursery, max_jobs: int = 1000) -> Lease:
+    return Lease(
+        auctions=m.auctions,
+        checker=m.checker,
+        receipts=m.receipts,
+        nursery=nursery,
+        spec=m.spec(),
+        check_inputs=lambda entry, inputs: to_arrays(inputs),
+        limits=DEFAULT_LIMITS,
+        job_timeout=30.0,
+        max_jobs=max_jobs,
+        seconds=60.0,
+        clock=m.clock,
+    )
+
+
+async def test_a_lease_runs_jobs_in_order_with_one_receipt_per_batch(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    async with memory_market() as m:
+        execu = await m.executor(2, 100)
+        async with trio.open_nursery() as nursery:
+            lease = lease_for(m, nursery, max_jobs=4)
+            outs = [await lease.infer(job_inputs(i)) for i in range(6)]
+            await lease.aclose()
+            nursery.cancel_scope.cancel()
+    assert [float(o["z"][0]) for o in outs] == [2.0 * i for i in range(6)]
+    # 4 jobs used up the first batch (committed by itself), the next batch held 2.
+    assert sorted(r.count for r in lease.receipts) == [2, 4]
+    assert {r.executor for r in lease.receipts} == {execu.peer_id}
