@@ -158,8 +158,11 @@ class Auctions:
             if not fresh:
                 found = await self.dialer.servers(cid)
                 found.pop(self.peer_id, None)
-                self._servers[cid] = set(found)
-                candidates |= await self.dialer.connect(found)
+                connected = await self.dialer.connect(found)
+                # Who is expected to bid: the servers we reach (a stale provider record of a
+                # peer that is gone would hold every auction to its full window).
+                self._servers[cid] = connected | (set(found) & candidates)
+                candidates |= connected
                 self._discovered[cid] = time.monotonic()
             ids = [ID.from_base58(c) for c in candidates]
             await self.gossip.wait_for_mesh(cid, ids, limit=budget)
@@ -173,8 +176,11 @@ class Auctions:
 
     def expected_bidders(self, cid: str) -> frozenset[str]:
         """Who should bid on a job for ``cid``: the servers found in provider records and
-        ads that are on the model's topic now (the auction closes once they all bid)."""
-        return frozenset(self._servers.get(cid, set()) & self.gossip.topic_peers(cid))
+        ads at the last discovery that we could reach (the auction closes once they all
+        bid). One not yet on the topic in our view still hears the request through the
+        mesh, so it is waited for too: an auction never closes before a reachable server
+        had its say, unless a bid is good enough (``RequesterPolicy.good_enough_price``)."""
+        return frozenset(self._servers.get(cid, ()))
 
     async def open_job_stream(self, executor: str, until: float) -> FrameStream:
         return FrameStream(await self.dialer.open_stream(executor, until, JOB_PROTOCOL))

@@ -224,7 +224,7 @@ class JobRun:
         # Bounded: a bid flood is dropped here (the machine keeps the best bids anyway).
         self._send, self._recv = trio.open_memory_channel[rq.Event](EVENT_QUEUE)
         self._bids_dropped = 0
-        self._auction_t0 = time.perf_counter()
+        self._auction_t0 = self.clock()
 
     @property
     def request(self) -> JobRequest:
@@ -286,12 +286,12 @@ class JobRun:
     async def _act(self, actions: list[rq.Action]) -> None:
         for a in actions:
             if isinstance(a, rq.Publish):
-                self._auction_t0 = time.perf_counter()  # metrics: auction latency
+                self._auction_t0 = self.clock()  # metrics: auction latency
                 await self.publish(sign_message(self.key, a.request))
             elif isinstance(a, rq.StartTimer):
                 self._timer.set(a.at)
             elif isinstance(a, rq.SendAward):
-                metrics.AUCTION_SECONDS.observe(time.perf_counter() - self._auction_t0)
+                metrics.AUCTION_SECONDS.observe(self.clock() - self._auction_t0)
                 attempt = Attempt(executor=a.executor, award=a.award, bid=a.bid)
                 self._set_attempt(attempt)
                 self._nursery.start_soon(self._award_task, attempt)

@@ -55,7 +55,7 @@ from protocols.tensor import DEFAULT_LIMITS, TensorLimits, encode_tensors
 
 log = logging.getLogger(__name__)
 
-RESOLVE_TIMEOUT = 3.0  # at least this long, up to half the job timeout (slow DHT under load)
+RESOLVE_TIMEOUT = 3.0  # at least this long; up to a third of the job's deadline (slow DHT)
 _CID_RE = re.compile(r"[0-9a-f]{64}")
 
 __all__ = [
@@ -285,8 +285,11 @@ class MarketService:
 
     # --- requester side ---------------------------------------------------------------
 
-    async def resolve(self, model: str) -> tuple[str, ModelEntry | None]:
-        """A model name, cid or cid prefix -> (cid, local registry entry or None)."""
+    async def resolve(
+        self, model: str, *, within: float | None = None
+    ) -> tuple[str, ModelEntry | None]:
+        """A model name, cid or cid prefix -> (cid, local registry entry or None). A name
+        only ads know is looked up for ``RESOLVE_TIMEOUT``, or a third of ``within``."""
         if self.registry is not None:
             try:
                 entry: ModelEntry = self.registry.get(model)
@@ -297,7 +300,7 @@ class MarketService:
             return model, None
         # A fresh peer's ad may not list its models yet: look again for a short while.
         ads: list[Any] = []
-        with trio.move_on_after(max(RESOLVE_TIMEOUT, self.settings.job_timeout / 2)):
+        with trio.move_on_after(max(RESOLVE_TIMEOUT, (within or 0.0) / 3)):
             for _ in range(50):
                 ads = await self.peer.find_ads()
                 cids = {m.cid for ad in ads for m in ad.models if m.name == model}
@@ -362,7 +365,7 @@ class MarketService:
         """
         t0 = self.clock()
         until = t0 + (self.settings.job_timeout if deadline is None else deadline)
-        cid, entry = await self.resolve(model)
+        cid, entry = await self.resolve(model, within=until - t0)
         arrays = self._check_inputs(entry, inputs)
         wire = encode_tensors(arrays)
         spec = self._spec(
