@@ -48,6 +48,7 @@ from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
+from peer.caps import PubsubIntake, StreamCaps, caps_for, intake_for
 from peer.config import Config, ConfigError
 from peer.dirlock import exclusive_lock
 from peer.discovery import (
@@ -249,6 +250,9 @@ class Peer:
         self.http: HttpServer | None = None
         # Set to ask whoever runs this peer (``edgeswarm run``) to stop it (control API).
         self.stop_requested = trio.Event()
+        # What one remote peer may cost us: stream caps, bounded gossip intake (peer.caps).
+        self.caps: StreamCaps = caps_for(host)
+        self.intake: PubsubIntake = intake_for(pubsub)
 
     @property
     def ad(self) -> CapabilityAd | None:
@@ -486,6 +490,7 @@ async def open_peer(
                         for i, link in enumerate(links):
                             dials.start_soon(first_attempt, i, link)
                     async with trio.open_nursery() as nursery:
+                        await nursery.start(peer.intake.run)
                         for i, link in enumerate(links):
                             nursery.start_soon(link.run, first[i])
                         # The market first: models it serves are loaded and listed in the first ad.

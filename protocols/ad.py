@@ -6,6 +6,9 @@ of ``CapabilityAd.to_body()``. Anyone can check a record offline with
 ``parse_ad_record``: the envelope must verify, its signer must be the peer
 named in the body *and* in the key, the whole value must fit ``AD_MAX_SIZE``,
 and it must not be expired (nor claim to live longer than ``AD_MAX_TTL``).
+An ad carries only its own peer's addresses: an address that names a peer
+(``/p2p/<id>``) must name the ad's own peer id, except a relay's id before
+``/p2p-circuit`` (``addr_peer``), so nobody can plant addresses for another peer.
 Between two valid records for one key the higher ``seq`` wins
 (``better_record``); publishers use a clock-derived seq, so a restarted peer
 still outranks its own older ad.
@@ -78,6 +81,60 @@ def peer_id_from_ad_key(key: str) -> str:
     peer_id = key[len(AD_KEY_PREFIX) :]
     public_key_from_peer_id(peer_id)
     return peer_id
+
+
+# Multiaddr protocols that take no value (the others take exactly one; ``unix`` takes the rest).
+_NO_VALUE = frozenset(
+    {
+        "p2p-circuit",
+        "quic",
+        "quic-v1",
+        "ws",
+        "wss",
+        "tls",
+        "noise",
+        "http",
+        "https",
+        "webtransport",
+        "webrtc",
+        "webrtc-direct",
+        "p2p-webrtc-direct",
+        "p2p-websocket-star",
+        "p2p-webrtc-star",
+        "udt",
+        "utp",
+    }
+)
+
+
+def addr_peer(addr: str) -> str | None:
+    """The peer id a multiaddr dials: its ``/p2p/<id>`` after the last ``/p2p-circuit``.
+
+    None when that part names no peer (a plain transport address, or a relay
+    address ``.../p2p/<relay>/p2p-circuit`` the dialer completes with the target).
+    ``ValidationError`` when the part names two different peers.
+    """
+    parts = addr.split("/")[1:]
+    target: str | None = None
+    i = 0
+    while i < len(parts):
+        proto = parts[i]
+        if proto == "unix":
+            break
+        if proto == "p2p-circuit":
+            target = None  # what came before was the relay
+            i += 1
+            continue
+        if proto in _NO_VALUE:
+            i += 1
+            continue
+        value = parts[i + 1] if i + 1 < len(parts) else ""
+        if proto in ("p2p", "ipfs"):
+            if target is not None and value != target:
+                raise ValidationError(f"address {addr[:120]!r} names two peers")
+            target = value
+        i += 2
+    return target
 
 
 def _text(value: Any, what: str, *, max_len: int = MAX_TEXT, allow_empty: bool = False) -> str:
@@ -211,6 +268,12 @@ class CapabilityAd:
         for a in self.addrs:
             if not a.startswith("/"):
                 raise ValidationError(f"address {a!r} is not a multiaddr (must start with '/')")
+            target = addr_peer(a)
+            if target is not None and target != self.peer_id:
+                raise ValidationError(
+                    f"address {a!r} is for peer {target}, not the ad's own peer "
+                    f"{self.peer_id}: an ad may carry only its own addresses"
+                )
         _list(self.devices, "devices", MAX_DEVICES)
         _list(self.models, "models", MAX_MODELS)
         if not all(isinstance(d, Device) for d in self.devices):

@@ -29,6 +29,7 @@ import trio
 
 from edge_models.errors import EdgeModelError, ExecutionTimeout, InvalidInput
 from peer import metrics
+from peer.caps import StreamSlot, caps_for
 from peer.job_stream import CONTROL_FRAME_MAX, JOB_PROTOCOL, FrameStream, JobStreamClosed
 from peer.market.clock import Clock, system_clock
 from peer.market.gossip import MarketGossip
@@ -58,6 +59,8 @@ class _Session:
     outputs: dict[int, tuple[Any, int]] = field(default_factory=dict)
     commitment: Signed[Any] | None = None
     ended: trio.Event = field(default_factory=trio.Event)
+    running: int = 0  # inputs read and not yet answered (they hold their arrays)
+    slot_freed: trio.Event = field(default_factory=trio.Event)
 
 
 class ExecutorService:
@@ -85,8 +88,20 @@ class ExecutorService:
         self.limits = limits
         self.max_frame = limits.max_total_bytes + FRAME_OVERHEAD
         self.sessions: dict[bytes, _Session] = {}
+        # Inputs of one award held at once (decoded, running or being answered); the
+        # next JobInput is read only when one is free, so a requester that streams
+        # inputs waits on the transport's flow control instead of filling our memory.
+        self.inputs_in_flight = config.max_concurrent + 1
+        self.backpressured = trio.Event()  # set once a reader waited for a free input slot
         self.award_wait_s = AWARD_WAIT_S
-        self.stats: dict[str, int] = {"bids": 0, "awards": 0, "rejected": 0, "jobs": 0}
+        self.stats: dict[str, int] = {
+            "bids": 0,
+            "awards": 0,
+            "rejected": 0,
+            "jobs": 0,
+            "inputs_high_water": 0,
+            "input_waits": 0,
+        }
         self._nursery: trio.Nursery | None = None
         # Called with (load, queue) when awards start or end: the ad carries them.
         self.on_load: Callable[[float, int], None] | None = None
@@ -155,11 +170,16 @@ class ExecutorService:
         if self._nursery is None:
             await stream.reset()
             return
+        slot = await caps_for(self.host).admit(JOB_PROTOCOL, stream)  # over the cap: reset
+        if slot is None:
+            return
         # Until an award is accepted only a small signed frame may come: nobody can make
         # us buffer a payload-sized frame without holding one of our bids.
-        self._nursery.start_soon(self._serve, FrameStream(stream, max_frame=CONTROL_FRAME_MAX))
+        self._nursery.start_soon(
+            self._serve, FrameStream(stream, max_frame=CONTROL_FRAME_MAX), slot
+        )
 
-    async def _serve(self, fs: FrameStream) -> None:
+    async def _serve(self, fs: FrameStream, slot: StreamSlot | None = None) -> None:
         award: Award | None = None
         try:
             first: Any = None
@@ -185,6 +205,8 @@ class ExecutorService:
             if award is not None and award.job_id in self.state.awarded_jobs:
                 self._do_sync(self.state.handle(ex.ConnectionLost(award.job_id, self.clock())))
             await fs.close()
+            if slot is not None:
+                slot.release()
 
     async def _run_award(self, award: Award, fs: FrameStream) -> None:
         job_id = award.job_id
@@ -202,6 +224,11 @@ class ExecutorService:
     async def _read_frames(self, s: _Session) -> None:
         job_id = s.award.job_id
         while True:
+            while s.running >= self.inputs_in_flight:  # backpressure: no free input slot
+                self.stats["input_waits"] += 1
+                self.backpressured.set()
+                s.slot_freed = trio.Event()
+                await s.slot_freed.wait()
             try:
                 item = await s.fs.receive()
             except FrameTooLarge as exc:
@@ -243,6 +270,8 @@ class ExecutorService:
     async def _act(self, s: _Session, actions: list[ex.Action]) -> None:
         for a in actions:
             if isinstance(a, ex.StartExecution):
+                s.running += 1
+                self.stats["inputs_high_water"] = max(self.stats["inputs_high_water"], s.running)
                 s.nursery.start_soon(self._execute, s, a.seq)
             elif isinstance(a, ex.SendResult):
                 wire, ms = s.outputs.pop(a.seq)
@@ -258,6 +287,13 @@ class ExecutorService:
                 self._do_sync([a])
 
     async def _execute(self, s: _Session, seq: int) -> None:
+        try:
+            await self._execute_one(s, seq)
+        finally:
+            s.running -= 1
+            s.slot_freed.set()
+
+    async def _execute_one(self, s: _Session, seq: int) -> None:
         arrays, in_digest = s.inputs.pop(seq)
         job_id, cid = s.award.job_id, s.award.model_cid
         deadline = s.award.deadline

@@ -27,7 +27,12 @@ per stream:
    nothing to judge) or ``{"v": 1, "err": "<what was expected, what came>"}``.
 
 Referee runs share the executor's worker (its ``CapacityLimiter``) and at most
-``MAX_ACTIVE`` referee requests are served at once (others get ``busy``).
+``MAX_ACTIVE`` referee requests are served at once (others get ``busy``). Per
+requester (the remote peer): at most ``MAX_ACTIVE_PER_PEER`` at once and a budget
+of ``RUNS_BURST`` requests refilled at ``RUNS_PER_S`` (``peer.caps.RateBudget``);
+a request over either is refused with ``busy``/``budget`` before its payload is
+read, so nobody can make a referee run models for nothing at will. Streams beyond
+the per-peer stream cap (``peer.caps``) are reset.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import trio
 from libp2p.custom_types import TProtocol
 
 from edge_models.errors import EdgeModelError
+from peer.caps import RateBudget, StreamSlot, caps_for
 from peer.worker import Worker
 from protocols.codec import FrameDecoder, decode, encode, frame
 from protocols.committee import RefereePanel
@@ -70,6 +76,9 @@ HEADER_MAX = 8192 + 2 * MAX_REFEREE_BATCH * 34
 REPLY_MAX = 8192
 MAX_CLAIMS = 2
 MAX_ACTIVE = 4
+MAX_ACTIVE_PER_PEER = 1
+RUNS_BURST = 4.0  # referee requests one peer may make at once ...
+RUNS_PER_S = 0.1  # ... and then one every 10 s (a dispute needs one per referee)
 READ_WAIT_S = 10.0  # each frame of a request must arrive within this
 RUN_BUDGET_S = 30.0  # one referee model run
 READ_CHUNK = 256 * 1024
@@ -290,7 +299,10 @@ class RefereeService:
         self.limits = limits
         self.panel_for = panel_for  # None: committee rule unknown, answer any requester
         self.active = 0
-        self.stats: dict[str, int] = {"asked": 0, "judged": 0, "refused": 0}
+        self.active_by_peer: dict[str, int] = {}
+        self.budget = RateBudget(rate=RUNS_PER_S, burst=RUNS_BURST)
+        self.clock: Callable[[], float] = time.monotonic
+        self.stats: dict[str, int] = {"asked": 0, "judged": 0, "refused": 0, "over_budget": 0}
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -309,19 +321,42 @@ class RefereeService:
         if self._nursery is None:
             await _close(stream, reset=True)
             return
-        self._nursery.start_soon(self._serve, stream)
+        slot = await caps_for(self.host).admit(REFEREE_PROTOCOL, stream)  # over the cap: reset
+        if slot is not None:
+            self._nursery.start_soon(self._serve_in, slot, stream)
+
+    async def _serve_in(self, slot: StreamSlot, stream: Any) -> None:
+        with slot:
+            await self._serve(stream)
+
+    def _admit(self, remote: str) -> None:
+        """Refuse (RefereeError) a request over the global or the requester's own limits."""
+        if self.active >= MAX_ACTIVE:
+            raise RefereeError(f"busy: {self.active} referee runs in progress")
+        if self.active_by_peer.get(remote, 0) >= MAX_ACTIVE_PER_PEER:
+            raise RefereeError(f"busy: {MAX_ACTIVE_PER_PEER} request(s) of yours in progress")
+        if not self.budget.take(remote, self.clock()):
+            self.stats["over_budget"] += 1
+            raise RefereeError(
+                f"budget: over {RUNS_BURST:.0f} referee requests at once or one per "
+                f"{1 / RUNS_PER_S:.0f} s; try again in {self.budget.wait_s(remote):.0f} s"
+            )
 
     async def _serve(self, stream: Any) -> None:
         self.stats["asked"] += 1
         frames = _Frames(stream, HEADER_MAX)
+        remote = str(stream.muxed_conn.peer_id)
         try:
-            if self.active >= MAX_ACTIVE:
-                raise RefereeError(f"busy: {self.active} referee runs in progress")
+            self._admit(remote)
             self.active += 1
+            self.active_by_peer[remote] = self.active_by_peer.get(remote, 0) + 1
             try:
-                reply = await self._judge(frames, str(stream.muxed_conn.peer_id))
+                reply = await self._judge(frames, remote)
             finally:
                 self.active -= 1
+                left = self.active_by_peer.pop(remote) - 1
+                if left:
+                    self.active_by_peer[remote] = left
         except (ProtocolError, EdgeModelError, trio.TooSlowError) as exc:
             self.stats["refused"] += 1
             log.info("referee request refused: %s", exc)

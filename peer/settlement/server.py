@@ -16,6 +16,7 @@ from typing import Any
 import trio
 from libp2p.abc import IHost, INetStream
 
+from peer.caps import guarded
 from peer.ledger_store import StoreError
 from peer.settlement.base import SettlementConfig, SettlementError, Stats
 from peer.settlement.fact_sync import FactSync, SyncSession
@@ -122,7 +123,10 @@ class LedgerServer:
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; then stop every open handler."""
         assert self.host is not None
-        self.host.set_stream_handler(PROTOCOL_ID, self.handle_stream)
+        # Per-peer stream cap (peer.caps): a stream over it is reset at once.
+        self.host.set_stream_handler(
+            PROTOCOL_ID, guarded(self.host, PROTOCOL_ID, self.handle_stream)
+        )
         try:
             task_status.started()
             await trio.sleep_forever()
