@@ -210,7 +210,7 @@ async def test_a_requester_streaming_inputs_gets_backpressure_not_our_memory(
             jobs = 3 * cap + 5
             with trio.fail_after(60):
                 until = time.time() + 40
-                await req.market._prepare(cid, until)
+                await req.market.auctions.prepare(cid, until)
                 request = new_request(
                     requester=req.peer_id,
                     cid=cid,
