@@ -40,6 +40,13 @@ class Config:
     # Addresses others can dial us at that we cannot see ourselves (a port forward, a
     # public DNS name), advertised first; e.g. /ip4/203.0.113.7/tcp/4001.
     announce: tuple[str, ...] = ()
+    # Reach: "auto" asks AutoNAT (bootstrap nodes, public peers) whether others can dial
+    # us; "public" / "private" skip the question. A private peer holds reservations on
+    # `relay_reservations` circuit relays and is reachable through them. `relay_hop`: a
+    # public peer also relays for others, with limits (bootstrap nodes always do).
+    reachability: str = "auto"
+    relay_reservations: int = 2
+    relay_hop: bool = False
     # Seconds a capability ad stays valid; it is re-published at half-life.
     ad_ttl: float = 120.0
     mdns: bool = False

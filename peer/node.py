@@ -191,6 +191,7 @@ class BootstrapLink:
         self.delay = BACKOFF_START
         self.joined += 1
         log.info("joined the network through bootstrap %s", self.address)
+        self.peer.reach.kick()  # AutoNAT and relay reservations: a server/relay is here
         await self.peer.dht.add_peer(self.info.peer_id, skip_server_mode_check=True)
         await self.peer.discovery.self_lookup()
         if self.joined > 1:
@@ -388,6 +389,10 @@ async def open_peer(
     """
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    if config.reachability not in ("auto", "public", "private"):
+        raise ConfigError(
+            f"reachability must be auto, public or private, got {config.reachability!r}"
+        )
     if not MIN_AD_TTL <= config.ad_ttl <= AD_MAX_TTL:
         raise ConfigError(
             f"ad_ttl must be between {MIN_AD_TTL:.0f} and {AD_MAX_TTL:.0f} seconds, "
@@ -473,6 +478,7 @@ async def open_peer(
                     background_trio_service(pubsub),
                     background_trio_service(gossipsub),
                     background_trio_service(dht),
+                    peer.reach.services(role, config, discovery.request_publish),
                 ):
                     await pubsub.wait_until_ready()
                     watcher = _LinkWatcher()

@@ -16,10 +16,12 @@ same path, because the dialer replaces the swarm's ``dial_peer``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
+import trio
 from libp2p.abc import IHost, INetConn, INetStream
 from libp2p.peer.id import ID
 from multiaddr import Multiaddr
@@ -46,7 +48,59 @@ class Reach:
     host: IHost
     dialer: Dialer
     advertiser: Advertiser
-    relay: Any = None  # peer.reach.relay.RelayClient once started
+    relay: Any = None  # peer.reach.relay.RelayService while services run
+    reachability: Any = None  # peer.reach.autonat.Reachability while services run
+    reservations: Any = None  # peer.reach.relay.Reservations (peers only)
+    _kick: trio.Event = field(default_factory=trio.Event)
+
+    def kick(self) -> None:
+        """Something changed (a bootstrap link came up): re-check reachability and relays now."""
+        self._kick.set()
+        self._kick = trio.Event()
+        if self.reservations is not None:
+            self.reservations.wake.set()
+
+    @property
+    def status(self) -> str:
+        """``public``, ``private`` or ``unknown`` (AutoNAT, or the ``reachability`` setting)."""
+        return self.reachability.status if self.reachability is not None else "unknown"
+
+    @asynccontextmanager
+    async def services(
+        self, role: str, config: Any, republish: Callable[[], None]
+    ) -> AsyncIterator[None]:
+        """Run relay (stop; hop on bootstrap nodes and ``relay_hop`` peers), AutoNAT and,
+        for peers, relay reservations while AutoNAT says we are private."""
+        from peer.reach.autonat import Reachability, install_server
+        from peer.reach.relay import RelayService, Reservations
+
+        forced = config.reachability if config.reachability in ("public", "private") else None
+        bootstrap_ids = [_pid(a.rsplit("/p2p/", 1)[1]) for a in config.bootstrap if "/p2p/" in a]
+        if role != "client":
+            install_server(self.host)
+        async with trio.open_nursery() as nursery:
+            self.relay = RelayService(self.host, hop=role == "bootstrap" or config.relay_hop)
+            await nursery.start(self.relay.run)
+            self.dialer.circuit_dial = self.relay.dial
+            self.reachability = Reachability(
+                self.host, self.advertiser, forced=forced, servers=lambda: bootstrap_ids
+            )
+            if role == "peer":
+                await nursery.start(self.reachability.run, lambda: self._kick)
+                self.reservations = Reservations(
+                    self.relay,
+                    self.advertiser,
+                    target=config.relay_reservations,
+                    wanted=lambda: self.status == "private",
+                    relays=lambda: bootstrap_ids,
+                    published=republish,
+                )
+                await nursery.start(self.reservations.run)
+            try:
+                yield
+            finally:
+                self.dialer.circuit_dial = None
+                nursery.cancel_scope.cancel()
 
     async def connect(
         self,
@@ -86,9 +140,22 @@ class Reach:
 
 
 def attach(host: IHost, advertiser: Advertiser | None = None) -> Reach:
-    """Install a dialer on ``host`` and remember the bundle on its swarm."""
+    """Install a dialer on ``host`` and remember the bundle on its swarm.
+
+    Also replaces the host's ``get_addrs`` (what identify, provider records and
+    peer records carry): py-libp2p 0.8.1 strips "the" ``/p2p`` part of each
+    address before appending ours, and for a relay address
+    ``.../p2p/RELAY/p2p-circuit`` that cuts at the relay, so it would tell
+    everyone our address is the *relay's* address.
+    """
     advertiser = advertiser or Advertiser()
     advertiser.host = host
+
+    def get_addrs() -> list[Multiaddr]:
+        me = host.get_id()
+        return [Multiaddr(f"{a}/p2p/{me}") for a in advertiser.addrs()]
+
+    host.get_addrs = get_addrs  # type: ignore[method-assign]
     reach = Reach(host=host, dialer=Dialer(host).install(), advertiser=advertiser)
     host.get_network()._edgeswarm_reach = reach  # type: ignore[attr-defined]
     return reach

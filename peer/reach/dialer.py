@@ -42,7 +42,8 @@ from libp2p.network.exceptions import SwarmException
 from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
-from protocols.reach import MAX_DIAL_ADDRS, DialAddr, Network, rank_dial_addrs
+from peer.reach.addresses import expand_listen
+from protocols.reach import MAX_DIAL_ADDRS, DialAddr, Network, parse_dial_addr, rank_dial_addrs
 
 log = logging.getLogger(__name__)
 
@@ -137,12 +138,29 @@ class Dialer:
             self._networks_at = now
         return self._networks
 
+    def _ours(self) -> set[tuple[str, int]]:
+        """(ip, port) we listen on: never dialed for another peer (it would be ourselves)."""
+        out: set[tuple[str, int]] = set()
+        with contextlib.suppress(Exception):
+            for a in expand_listen(self.host.get_transport_addrs()):
+                parsed = parse_dial_addr(a)
+                if parsed is not None:
+                    out.add((parsed.host, parsed.port))
+        return out
+
     def candidates(self, peer_id: ID, addrs: Iterable[str | Multiaddr] = ()) -> list[DialAddr]:
-        """Every address we know for ``peer_id``, ranked best first."""
+        """Every address we know for ``peer_id``, ranked best first (never our own address,
+        nor a relay circuit through ourselves)."""
         texts = [str(a) for a in addrs]
         with contextlib.suppress(Exception):  # no peerstore entry
             texts += [str(a) for a in self.host.get_peerstore().addrs(peer_id)]
-        return rank_dial_addrs(texts, str(peer_id), self.networks(), limit=MAX_DIAL_ADDRS)
+        ranked = rank_dial_addrs(texts, str(peer_id), self.networks(), limit=2 * MAX_DIAL_ADDRS)
+        ours = self._ours()
+        me = str(self.host.get_id())
+        ranked = [
+            a for a in ranked if a.relay != me and (a.circuit or (a.host, a.port) not in ours)
+        ]
+        return ranked[:MAX_DIAL_ADDRS]
 
     def _is_failed(self, peer: str, addr: DialAddr, now: float) -> bool:
         until = self._failed.get((peer, addr.text))

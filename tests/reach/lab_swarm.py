@@ -93,3 +93,76 @@ async def wait_log(sp: SwarmProcess, needle: str, *, limit: float = 60) -> str:
 
 def run_in(host: Host, *cmd: str) -> str:
     return subprocess.run(host.argv(list(cmd)), capture_output=True, text=True, check=False).stdout
+
+
+async def wait_lines(sp: SwarmProcess, needle: str, count: int, *, limit: float = 60) -> None:
+    """Wait until ``count`` lines of ``sp``'s log contain ``needle`` (polled, bounded)."""
+    with trio.fail_after(limit):
+        while sum(needle in line for line in log_text(sp).splitlines()) < count:
+            if sp.process.returncode is not None:
+                raise AssertionError(f"{sp.name} exited: {log_text(sp)[-3000:]}")
+            await trio.sleep(0.1)
+
+
+class LeaseClient:
+    """``tests/reach/lease_client.py`` in a namespace: jobs over a lease, as JSON lines."""
+
+    def __init__(self, proc: trio.Process, log_path: Path) -> None:
+        self.proc = proc
+        self.log_path = log_path
+        self.lines: list[dict[str, Any]] = []
+        self._buf = b""
+
+    @classmethod
+    async def start(cls, host: Host, boots: list[str], data_dir: Path, jobs: int) -> LeaseClient:
+        script = Path(__file__).with_name("lease_client.py")
+        log_path = data_dir.with_suffix(".log")
+        await trio.Path(data_dir).mkdir(parents=True, exist_ok=True)
+        env = {**ENV, "PYTHONPATH": str(script.parents[2])}
+        with log_path.open("wb") as err:
+            proc = await trio.lowlevel.open_process(
+                host.argv([sys.executable, str(script), ",".join(boots), str(data_dir), str(jobs)]),
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env=env,
+            )
+        return cls(proc, log_path)
+
+    async def __aenter__(self) -> LeaseClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            await self.proc.wait()
+
+    async def _read_line(self) -> dict[str, Any] | None:
+        assert self.proc.stdout is not None
+        while b"\n" not in self._buf:
+            chunk = await self.proc.stdout.receive_some(4096)
+            if not chunk:
+                return None
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        parsed: dict[str, Any] = json.loads(line)
+        self.lines.append(parsed)
+        return parsed
+
+    def _tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    async def wait_jobs(self, n: int, *, limit: float = 120) -> list[dict[str, Any]]:
+        with trio.fail_after(limit):
+            while sum("i" in ln for ln in self.lines) < n:
+                if await self._read_line() is None:
+                    raise AssertionError(f"lease client exited: {self.lines} {self._tail()}")
+        return [ln for ln in self.lines if "i" in ln]
+
+    async def finish(self, *, limit: float = 180) -> list[dict[str, Any]]:
+        with trio.fail_after(limit):
+            while await self._read_line() is not None:
+                pass
+            await self.proc.wait()
+        assert self.proc.returncode == 0, self._tail()
+        return self.lines

@@ -11,7 +11,14 @@ import pytest
 
 from peer.local_swarm import local_swarm
 from tests.netlab import Lab
-from tests.reach.lab_swarm import infer, start_bootstrap, start_executor, wait_log
+from tests.reach.lab_swarm import (
+    LeaseClient,
+    infer,
+    start_bootstrap,
+    start_executor,
+    wait_lines,
+    wait_log,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -32,3 +39,55 @@ async def test_public_executor_with_several_addresses_only_one_reachable(
         assert "/ip4/127." not in advertised
         report = await infer(tmp_path, req_host, [boot])
         assert report["executor"] == ex.peer_id
+
+
+async def test_nated_executor_serves_a_public_and_a_nated_requester(
+    lab: Lab, tmp_path: Path
+) -> None:
+    b1, b2 = lab.public("boot1"), lab.public("boot2")
+    ex_host = lab.home("ex")  # behind NAT, no port forward
+    pub_req, nat_req = lab.public("reqpub"), lab.home("reqnat")
+    async with local_swarm(tmp_path / "swarm") as swarm:
+        boots = [
+            await start_bootstrap(swarm, "boot1", b1),
+            await start_bootstrap(swarm, "boot2", b2),
+        ]
+        ex = await start_executor(swarm, "ex", ex_host, boots)
+        await wait_log(ex, "reachability: private")
+        await wait_lines(ex, "reserved a slot on relay", 2)
+        for host, name in ((pub_req, "pub"), (nat_req, "nat")):
+            (tmp_path / name).mkdir()
+            report = await infer(tmp_path / name, host, boots)
+            assert report["executor"] == ex.peer_id, name
+
+
+async def test_relay_dies_mid_lease_and_the_lease_goes_on_through_the_second_relay(
+    lab: Lab, tmp_path: Path
+) -> None:
+    b1, b2 = lab.public("boot1"), lab.public("boot2")
+    ex_host, req_host = lab.home("ex"), lab.home("req")
+    async with local_swarm(tmp_path / "swarm") as swarm:
+        boot_addrs = {
+            "boot1": await start_bootstrap(swarm, "boot1", b1),
+            "boot2": await start_bootstrap(swarm, "boot2", b2),
+        }
+        ex = await start_executor(swarm, "ex", ex_host, list(boot_addrs.values()))
+        await wait_lines(ex, "reserved a slot on relay", 2)
+        jobs = 30
+        client = await LeaseClient.start(
+            req_host, list(boot_addrs.values()), tmp_path / "req", jobs
+        )
+        async with client:
+            first = await client.wait_jobs(5)
+            relay = first[-1]["via"]
+            assert relay is not None, first  # NAT to NAT: through a relay
+            victim = next(p for p in swarm.processes if p.peer_id == relay)
+            await swarm.stop(victim)
+            lines = await client.finish()
+        done = [ln for ln in lines if "i" in ln]
+        assert [ln["i"] for ln in done] == list(range(jobs)), lines
+        assert {ln["executor"] for ln in done} == {ex.peer_id}
+        after = done[-1]["via"]
+        assert after is not None and after != relay, lines
+        survivor = next(p for p in swarm.processes if p.name != victim.name and p.peer_id == after)
+        assert survivor.name.startswith("boot")
