@@ -174,6 +174,10 @@ class Auctions:
                         break
                     await trio.sleep(0.01)
 
+    def rediscover(self, cid: str) -> None:
+        """Look the cid's servers up again at the next ``prepare`` (e.g. a new one joined)."""
+        self._discovered.pop(cid, None)
+
     def expected_bidders(self, cid: str) -> frozenset[str]:
         """Who should bid on a job for ``cid``: the servers found in provider records and
         ads at the last discovery that we could reach (the auction closes once they all
