@@ -309,15 +309,19 @@ def diff_of(group: Group, name: str) -> str:
     from mutmut.mutation.diff_apply import get_diff_for_mutant
 
     here = Path.cwd()
-    try:
-        os.chdir(group.work)
-        configuration.reset_config()
-        return get_diff_for_mutant(name)
-    except Exception as exc:  # a stale work dir: say so rather than stop the report
-        return f"(no diff: {exc})"
-    finally:
-        os.chdir(here)
-        configuration.reset_config()
+    why = ""
+    for _ in range(3):  # mutmut may be rewriting its index while a run is in progress
+        try:
+            os.chdir(group.work)
+            configuration.reset_config()
+            return get_diff_for_mutant(name)
+        except Exception as exc:  # a stale work dir: say so rather than stop the report
+            why = str(exc)
+            time.sleep(0.5)
+        finally:
+            os.chdir(here)
+            configuration.reset_config()
+    return f"(no diff: {why})"
 
 
 def changed_lines(diff: str) -> tuple[list[str], list[str]]:

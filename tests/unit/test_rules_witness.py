@@ -1,0 +1,101 @@
+"""Rules of the witness and its wire that mutation testing found no test holding
+(issue 17). Each test names one rule and fails when that rule is broken
+(``python bench/mutation.py --paths protocols/witness.py``).
+"""
+
+from __future__ import annotations
+
+import pytest
+from settlement_fixtures import NOW_MS, key, receipt, transfer
+from test_proofs import _verdicts
+from test_witness import P, X, Y, _world
+
+from protocols.codec import encode
+from protocols.errors import RemoteProtocolError
+from protocols.proofs import ArbitratedReceipt
+from protocols.receipt import Receipt
+from protocols.signed import Signed
+from protocols.signing import seal
+from protocols.witness import (
+    MAX_HISTORY,
+    REQUEST_VERSION,
+    PersistLock,
+    Refusal,
+    Refuse,
+    TransferRequest,
+    decode_reply,
+    encode_reply,
+)
+
+OTHER = key(9)
+
+
+def test_a_refusal_without_a_next_seq_stays_without_one_on_the_wire() -> None:
+    refuse = Refuse(Refusal.BANNED, "banned")
+    assert decode_reply(encode_reply(refuse)).next_seq is None  # type: ignore[union-attr]
+
+
+def test_a_refusal_may_have_an_empty_message() -> None:
+    refuse = Refuse(Refusal.STALE_SEQ, "", 4)
+    assert decode_reply(encode_reply(refuse)) == refuse
+
+
+def test_a_refusal_message_is_cut_to_400_characters_and_a_longer_one_is_refused() -> None:
+    long = Refuse(Refusal.OVER_LIMIT, "x" * 1000, 2)
+    assert decode_reply(encode_reply(long)) == Refuse(Refusal.OVER_LIMIT, "x" * 400, 2)
+    raw = {"v": REQUEST_VERSION, "no": "over-limit", "msg": "x" * 401, "next": 2}
+    with pytest.raises(RemoteProtocolError):
+        decode_reply(encode(raw))
+
+
+def test_a_transfer_request_carries_an_arbitrated_receipt_as_one() -> None:
+    """rk on the wire says which kind of receipt follows; an arbitrated one stays arbitrated."""
+    c = receipt(P, X, 10, 5).commitment
+    arb = ArbitratedReceipt.of(c, _verdicts(c, "match", 2))
+    req = TransferRequest(transfer(P, arb, 1), arb, ())
+    back = TransferRequest.from_bytes(req.to_bytes())
+    assert isinstance(back.receipt, ArbitratedReceipt)
+    assert back.receipt.receipt_id == arb.receipt_id
+
+
+def test_a_transfer_request_carries_at_most_max_history_certificates() -> None:
+    world = _world()
+    r = receipt(P, X, 10, 1)
+    cert = world.certify(transfer(P, r, 1), r)
+    assert cert is not None
+    r2 = receipt(P, Y, 20, 2)
+    full = TransferRequest(transfer(P, r2, 2), r2, (cert,) * MAX_HISTORY)
+    assert len(TransferRequest.from_bytes(full.to_bytes()).history) == MAX_HISTORY
+    over = TransferRequest(transfer(P, r2, 2), r2, (cert,) * (MAX_HISTORY + 1))
+    with pytest.raises(RemoteProtocolError, match="at most"):
+        TransferRequest.from_bytes(over.to_bytes())
+
+
+def test_a_badly_signed_receipt_reaches_the_witness_and_is_refused_as_bad_receipt() -> None:
+    """Parsing a request checks its shape, not the receipt: the witness answers the payer
+    with a BAD_RECEIPT refusal it can read instead of an undecodable request."""
+    world = _world()
+    r = receipt(P, X, 10, 1)
+    a = r.acceptance
+    forged = Receipt(
+        commitment=r.commitment,
+        acceptance=Signed(
+            message=a.message, envelope=seal(OTHER, a.envelope.domain, a.message.to_body())
+        ),
+    )
+    req = TransferRequest.from_bytes(TransferRequest(transfer(P, forged, 1), forged, ()).to_bytes())
+    answer = world.witnesses[0].handle_transfer(req.transfer, req.receipt, world.ledgers[0], NOW_MS)
+    assert isinstance(answer, Refuse) and answer.reason is Refusal.BAD_RECEIPT
+
+
+def test_a_witness_finds_its_durable_lock_by_account_and_seq() -> None:
+    world = _world()
+    w, led = world.witnesses[0], world.ledgers[0]
+    r = receipt(P, X, 10, 1)
+    t = transfer(P, r, 1)
+    led.ingest_payable(r)
+    first = w.handle_transfer(t, r, led, NOW_MS)
+    assert isinstance(first, PersistLock)
+    w.lock_persisted(first.record)
+    assert w.lock_for(t.message.payer, 1) == first.record
+    assert w.lock_for(t.message.payer, 2) is None
