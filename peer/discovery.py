@@ -88,6 +88,9 @@ LIST_CLOSEST = 3
 CRAWL_ROUNDS = 16
 CRAWL_PARALLEL = 4
 CRAWL_MIN_INTERVAL = 10.0  # seconds between two crawls by find_ads
+AD_CACHE_S = 30.0  # a cached ad of a provider is re-fetched after this long
+AD_CACHE_MAX = 4096  # cached ads (least recently used dropped first)
+AD_FETCH_BUDGET = 2.0  # one round of ad GETs for a provider lookup
 
 _SHA256_HEX = re.compile(r"^(?:sha256:)?([0-9a-f]{64})$")
 
@@ -126,10 +129,51 @@ def provider_key(cid: str) -> str:
 
 @dataclass(frozen=True)
 class Provider:
-    """A peer that announced it serves a cid, with the addresses it gave."""
+    """A peer that announced it serves a cid, with the addresses it gave.
+
+    From ``find_executors``: ``ad`` is its valid capability ad and ``addrs``
+    are the ad's (bound to the peer id by the ad's own rules).
+    """
 
     peer_id: str
     addrs: tuple[str, ...]
+    ad: CapabilityAd | None = None
+
+
+@dataclass
+class AdCache:
+    """Capability ads of peers we looked up, re-fetched after ``max_age`` seconds.
+
+    Entries go when their ad expires, when a refresh finds no valid ad (the peer
+    left and its copies expired), and least recently used first beyond ``max_size``.
+    """
+
+    max_age: float = AD_CACHE_S
+    max_size: int = AD_CACHE_MAX
+    entries: dict[str, tuple[CapabilityAd, float]] = field(default_factory=dict)
+    hits: int = 0
+    misses: int = 0
+
+    def get(self, peer_id: str, now_mono: float, now: float) -> CapabilityAd | None:
+        held = self.entries.pop(peer_id, None)
+        if held is None:
+            return None
+        ad, at = held
+        if ad.expires_at <= now:
+            return None
+        self.entries[peer_id] = held  # most recently used last
+        return ad if now_mono - at < self.max_age else None
+
+    def put(self, ad: CapabilityAd, now_mono: float) -> None:
+        held = self.entries.pop(ad.peer_id, None)
+        if held is not None:
+            ad = better_record(ad, held[0])
+        self.entries[ad.peer_id] = (ad, now_mono)
+        while len(self.entries) > self.max_size:
+            del self.entries[next(iter(self.entries))]
+
+    def forget(self, peer_id: str) -> None:
+        self.entries.pop(peer_id, None)
 
 
 def _models_now(
@@ -193,6 +237,8 @@ class Discovery:
         self._running = False
         self._crawled: set[str] = set()  # peer ids learned by crawl()
         self._last_crawl = -math.inf
+        self.crawls = 0
+        self.ad_cache = AdCache()
         self.current_ad: CapabilityAd | None = None
         self.peer_id = str(host.get_id())
         # Our advertised addresses, read at every publish (peer.reach: announce, AutoNAT-
@@ -482,6 +528,7 @@ class Discovery:
             await self.self_lookup()
             await self.crawl()
             self._last_crawl = trio.current_time()
+            self.crawls += 1
         ids = sorted(self.known_peer_ids())
         results: dict[str, CapabilityAd] = {}
         limiter = trio.CapacityLimiter(LIST_CONCURRENCY)
@@ -534,3 +581,50 @@ class Discovery:
             if held is None or (addrs and not held.addrs):
                 seen[pid] = Provider(pid, addrs)
         return list(seen.values())[:count]
+
+    async def find_executors(self, cid: str, *, count: int = 20) -> list[Provider]:
+        """Providers of ``cid`` (DHT provider records: one lookup, no crawl) with their ads.
+
+        Only those providers' ads are fetched, through ``ad_cache``: a cached ad
+        younger than ``AD_CACHE_S`` is used as is, the others are re-fetched (the
+        owner and the closest peers to its key, in parallel, within
+        ``AD_FETCH_BUDGET``), so load, price and addresses follow the network as it
+        changes. A provider whose ad lists the cid comes back with the ad's
+        addresses; one whose ad was not found keeps its provider-record addresses;
+        one whose ad does not list the cid (it stopped serving it) is left out.
+        """
+        providers = await self.find_providers(cid, count=count)
+        now_mono, now = trio.current_time(), self._clock()
+        ads: dict[str, CapabilityAd] = {}
+        stale: list[str] = []
+        for p in providers:
+            ad = self.ad_cache.get(p.peer_id, now_mono, now)
+            if ad is None:
+                stale.append(p.peer_id)
+                self.ad_cache.misses += 1
+            else:
+                ads[p.peer_id] = ad
+                self.ad_cache.hits += 1
+        limiter = trio.CapacityLimiter(LIST_CONCURRENCY)
+
+        async def fetch(pid: str) -> None:
+            async with limiter:
+                ad = await self.find_ad(pid, walk=False)
+            if ad is None:
+                self.ad_cache.forget(pid)
+            else:
+                self.ad_cache.put(ad, trio.current_time())
+                ads[pid] = ad
+
+        with trio.move_on_after(AD_FETCH_BUDGET):
+            async with trio.open_nursery() as nursery:
+                for pid in stale:
+                    nursery.start_soon(fetch, pid)
+        out: list[Provider] = []
+        for p in providers:
+            ad = ads.get(p.peer_id)
+            if ad is None:
+                out.append(p)
+            elif any(provider_key(m.cid) == provider_key(cid) for m in ad.models):
+                out.append(Provider(p.peer_id, ad.addrs or p.addrs, ad))
+        return out

@@ -268,7 +268,8 @@ class Peer:
         return await self.discovery.find_ad(peer_id)
 
     async def find_providers(self, cid: str) -> list[Provider]:
-        return await self.discovery.find_providers(cid)
+        """Servers of ``cid``: DHT provider records, with addresses from their (cached) ads."""
+        return await self.discovery.find_executors(cid)
 
     def set_load(self, load: float, queue: int) -> None:
         """Record current load/queue; the ad is re-published shortly (at most once a second)."""
