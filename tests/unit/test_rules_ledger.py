@@ -1,0 +1,100 @@
+"""Rules of the ledger state that mutation testing found no test holding (issue 17).
+Each test names one rule and fails when that rule is broken
+(``python bench/mutation.py --paths protocols/ledger_state.py``).
+"""
+
+from __future__ import annotations
+
+import pytest
+from settlement_fixtures import (
+    NOW_MS,
+    WITNESS_KEYS,
+    World,
+    pid,
+    policy,
+    receipt,
+    signed_commitment,
+    transfer,
+)
+from test_ledger import A, B
+from test_proofs import EXE, REQ, _verdicts
+
+from protocols.certificate import make_certificate, sign_vote
+from protocols.codec import encode
+from protocols.errors import RemoteProtocolError
+from protocols.ledger_state import ITEM_VERSION, FactKind, decode_item, encode_item
+from protocols.proofs import EquivocationProof, FraudProof
+
+
+def test_ledger_items_round_trip_and_an_unknown_kind_is_a_protocol_error() -> None:
+    for kind in FactKind:
+        assert decode_item(encode_item(kind, b"fact")) == (kind, b"fact")
+    for k in (0, len(FactKind) + 1):
+        with pytest.raises(RemoteProtocolError):
+            decode_item(encode({"v": ITEM_VERSION, "k": k, "b": b"fact"}))
+
+
+def test_two_certificates_for_one_seq_are_a_conflict() -> None:
+    """Byzantine witnesses certifying two transfers for one (payer, seq) show in conflicts()."""
+    world = World(policy(genesis=frozenset({pid(REQ)})))
+    view = world.view
+    assert view is not None
+    r1, r2 = receipt(REQ, EXE, 5, 1), receipt(REQ, EXE, 5, 2)
+    t1, t2 = transfer(REQ, r1, 1), transfer(REQ, r2, 1)
+    assert view.conflicts() == []
+    for r, t in ((r1, t1), (r2, t2)):
+        view.ingest_payable(r)
+        view.ingest_certificate(make_certificate(t, [sign_vote(k, t) for k in WITNESS_KEYS]))
+    assert view.conflicts() == [(pid(REQ), 1)]
+
+
+def test_an_equivocation_proof_is_new_once() -> None:
+    view = World(policy()).view
+    assert view is not None
+    ra, rb = receipt(REQ, EXE, 5, 1), receipt(REQ, EXE, 5, 2)
+    proof = EquivocationProof.of(transfer(REQ, ra, 3), transfer(REQ, rb, 3))
+    assert view.ingest_equivocation_proof(proof)
+    assert not view.ingest_equivocation_proof(proof)
+    assert view.is_banned(pid(REQ))
+
+
+def test_a_later_fraud_proof_never_reverses_a_payment_twice() -> None:
+    """The earliest fraud time of an offender counts; a later proof changes no balance."""
+    pol = policy(genesis=frozenset({pid(REQ)}), fraud_window_ms=60_000, base_limit=10_000)
+    world = World(pol)
+    view = world.view
+    assert view is not None
+    paid = receipt(REQ, EXE, 250, 2)
+    assert world.certify(transfer(REQ, paid, 1), paid)
+    first = signed_commitment(REQ, EXE, 40, 3, output=b"wrong")
+    assert view.ingest_fraud_proof(
+        FraudProof.of(first, _verdicts(first, "mismatch", time_ms=NOW_MS + 1_000))
+    )
+    after_first = view.balances()
+    assert view.balance(pid(EXE)) == 0 and view.forfeited() == {pid(EXE): 250}
+    later = signed_commitment(REQ, EXE, 40, 4, output=b"wrong")
+    assert view.ingest_fraud_proof(
+        FraudProof.of(later, _verdicts(later, "mismatch", time_ms=NOW_MS + 2_000))
+    )
+    assert view.balances() == after_first
+    assert view.forfeited() == {pid(EXE): 250}
+
+
+def test_a_receipt_is_found_by_its_id() -> None:
+    view = World(policy()).view
+    assert view is not None
+    r = receipt(REQ, EXE, 5, 1)
+    assert view.receipt(r.receipt_id) is None
+    view.ingest_payable(r)
+    assert view.receipt(r.receipt_id) == r
+
+
+def test_earning_exactly_the_minimum_makes_an_identity_eligible() -> None:
+    pol = policy(genesis=frozenset({pid(A), pid(B)}), fraud_window_ms=1_000)
+    world = World(pol)
+    r = receipt(A, B, 500, 1)
+    assert world.certify(transfer(A, r, 1), r) is not None
+    view = world.view
+    assert view is not None
+    assert view.eligible_pool(NOW_MS + 1_000, 500) == {pid(B)}
+    assert view.eligible_pool(NOW_MS + 1_000, 501) == frozenset()
