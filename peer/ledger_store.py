@@ -305,6 +305,9 @@ class _Request:
     drop_outgoing: int | None = None
     # Rows of facts already verified and ingested by ``add_facts_nowait``.
     ready: list[tuple[bytes, int, bytes]] = field(default_factory=list)
+    # Facts from another peer: refuse those this peer has no reason to hold (see
+    # ``LedgerState.check_relevant``), before their signatures are checked.
+    relevant_to: str | None = None
     done: trio.Event = field(default_factory=trio.Event)
     results: list[bool | ProtocolError] = field(default_factory=list)
     error: BaseException | None = None
@@ -398,10 +401,16 @@ class LedgerStore:
             raise StoreError(f"ledger write failed: {req.error}") from req.error
         return req
 
-    async def add_facts(self, items: Iterable[tuple[FactKind, bytes]]) -> list[FactResult]:
+    async def add_facts(
+        self, items: Iterable[tuple[FactKind, bytes]], *, relevant_to: str | None = None
+    ) -> list[FactResult]:
         """Parse, verify and durably store facts; per item: True (new), False (known) or the
-        ``ProtocolError`` that refused it (nothing is written for a refused item)."""
-        req = _Request()
+        ``ProtocolError`` that refused it (nothing is written for a refused item).
+
+        ``relevant_to``: facts from another peer, for this account: each is first checked
+        to be one it has a reason to hold (``IrrelevantFact`` otherwise, no signature
+        checked). Items are taken in order: a certificate before the receipt it pays."""
+        req = _Request(relevant_to=relevant_to)
         early: dict[int, ProtocolError] = {}
         for n, (kind, data) in enumerate(items):
             try:
@@ -512,6 +521,8 @@ class LedgerStore:
                     req.results.append(False)
                     continue
                 try:
+                    if req.relevant_to is not None:
+                        self.ledger.check_relevant(obj, req.relevant_to)
                     new = ingest_parsed(self.ledger, obj)
                 except ProtocolError as exc:
                     req.results.append(exc)

@@ -34,7 +34,7 @@ from sortedcontainers import SortedList
 from protocols.certificate import Certificate
 from protocols.codec import decode, encode
 from protocols.committee import CommitteeRule
-from protocols.errors import DecodeError, LocalProtocolError
+from protocols.errors import DecodeError, LocalProtocolError, ValidationError
 from protocols.ledger import CreditPolicy, IdentityProof, Transfer
 from protocols.market_fields import check_body, want_bytes, want_int
 from protocols.proofs import ArbitratedReceipt, EquivocationProof, FraudProof, PayableReceipt
@@ -78,6 +78,16 @@ def decode_item(data: bytes) -> tuple[FactKind, bytes]:
     k = want_int("LedgerItem", "k", b["k"], lo=1, hi=len(FactKind))
     kind = FactKind(k)
     return kind, want_bytes("LedgerItem", "b", b["b"], lo=1, hi=_MAX_ITEM_BYTES[kind])
+
+
+class IrrelevantFact(ValidationError):
+    """A fact this peer has no reason to hold (e.g. a receipt between strangers that no
+    certificate here pays): refused before any signature is checked."""
+
+
+# Facts every peer holds (they change balances, bans or committees everywhere); the ledger
+# gossip topic carries only these.
+NETWORK_WIDE = frozenset({FactKind.CERTIFICATE, FactKind.FRAUD_PROOF, FactKind.EQUIVOCATION_PROOF})
 
 
 class FactBlobs(Protocol):
@@ -424,6 +434,47 @@ class LedgerState:
             return self.ingest_equivocation_proof(EquivocationProof.from_bytes(data))
         return self.ingest_identity_proof(IdentityProof.from_bytes(data))
 
+    def verify_fact(self, fact: object) -> None:
+        """Check ``fact``'s signatures, quorum or work under this ledger's rules without
+        adding it (what a gossip validator needs); raises the ``ProtocolError``."""
+        if isinstance(fact, Receipt):
+            fact.verify()
+        elif isinstance(fact, ArbitratedReceipt):
+            fact.verify(self.rule.referees_for(fact.job_id, (fact.requester, fact.executor)))
+        elif isinstance(fact, Certificate):
+            fact.verify(self.rule.committee_for(fact.account))
+        elif isinstance(fact, FraudProof):
+            c = fact.commitment.message
+            fact.verify(self.rule.referees_for(c.job_id, (c.requester, c.executor)))
+        elif isinstance(fact, EquivocationProof):
+            fact.verify()
+        elif isinstance(fact, IdentityProof):
+            fact.verify(self.policy.pow_bits)
+        else:
+            raise TypeError(f"not a ledger fact: {type(fact).__name__}")
+
+    def check_relevant(self, fact: object, me: str) -> None:
+        """Raise ``IrrelevantFact`` unless ``me`` has a reason to hold ``fact`` (a parsed,
+        not yet verified fact from another peer). Reads fields only: cheap, so it runs
+        before any signature check.
+
+        - certificates, fraud and equivocation proofs: always (network-wide facts: their
+          signatures need a committee quorum or a referee panel);
+        - a receipt: ``me`` is a party to it or in its requester's committee, or a
+          certificate here pays it;
+        - identity proofs: always (every peer computes the eligible pool from them; each
+          costs its maker ``pow_bits`` of work, and the per-peer budget bounds the rate).
+        """
+        if isinstance(fact, Receipt | ArbitratedReceipt):
+            if me in (fact.requester, fact.executor) or fact.receipt_id in self._paid_receipts:
+                return
+            if me in self.rule.committee_for(fact.requester):
+                return
+            raise IrrelevantFact(
+                f"receipt {fact.receipt_id.hex()[:12]} between {fact.requester[-8:]} and "
+                f"{fact.executor[-8:]}: not ours, not paid here, not our committee's"
+            )
+
     # --- sync -----------------------------------------------------------------------------
 
     def fact_ids(self) -> Sequence[bytes]:
@@ -625,9 +676,11 @@ def replay(state: LedgerState, items: Iterable[tuple[FactKind, bytes]]) -> int:
 
 __all__ = [
     "DIGEST_BITS",
+    "NETWORK_WIDE",
     "STATE_HASH_DOMAIN",
     "FactBlobs",
     "FactKind",
+    "IrrelevantFact",
     "LedgerState",
     "MemoryBlobs",
     "decode_item",

@@ -60,6 +60,7 @@ class Stats:
     pushed_in: int = 0  # new facts peers pushed to us
     gossiped_in: int = 0  # new facts from the gossip topic
     handler_errors: int = 0  # streams closed for a protocol error
+    gossip_rejected: int = 0  # gossip messages our topic validator stopped
 
 
 @dataclass
@@ -92,10 +93,11 @@ class LedgerFacts:
             listener()
 
     async def add_facts(
-        self, items: Iterable[tuple[FactKind, bytes]]
+        self, items: Iterable[tuple[FactKind, bytes]], *, relevant_to: str | None = None
     ) -> list[bool | ProtocolError]:
-        """Verify and store facts (from anywhere); wakes waiters and listeners on news."""
-        results = await self.store.add_facts(list(items))
+        """Verify and store facts (from anywhere); wakes waiters and listeners on news.
+        ``relevant_to``: from another peer, keep only what this account needs (see the store)."""
+        results = await self.store.add_facts(list(items), relevant_to=relevant_to)
         if any(r is True for r in results):
             self._news()
         return results

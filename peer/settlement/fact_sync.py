@@ -20,7 +20,9 @@ import trio
 from libp2p.abc import IHost
 from libp2p.pubsub.pubsub import Pubsub
 
+from peer.ledger_store import parse_fact
 from peer.settlement.base import LedgerFacts, SettlementConfig, SettlementError, Stats, SyncResult
+from peer.settlement.budget import PeerBudget
 from peer.settlement.ledger_rpc import LedgerClient, pack
 from protocols.errors import ProtocolError, ValidationError
 from protocols.ledger_rpc import (
@@ -33,7 +35,13 @@ from protocols.ledger_rpc import (
     Sync,
     SyncReply,
 )
-from protocols.ledger_state import FactKind, decode_item, encode_item
+from protocols.ledger_state import (
+    NETWORK_WIDE,
+    FactKind,
+    IrrelevantFact,
+    decode_item,
+    encode_item,
+)
 from protocols.reconcile import Reconciler
 
 log = logging.getLogger(__name__)
@@ -45,6 +53,15 @@ MAX_SYNC_SESSIONS = 8  # answered at once; more get a "busy" error
 # loop (~4 signatures per certificate), so small batches keep the loop responsive.
 FETCH_CHUNK = 128
 MAX_GOSSIP_MESSAGE = 1 << 20
+# What one peer may make us parse and verify (pushed facts, gossip it forwards): a
+# sustained rate and a burst (an honest peer's push after a long partition fits a burst).
+FACT_BUDGET_RATE = 2000.0  # facts per second
+FACT_BUDGET_BURST = 20_000.0
+# Receipts refused in one sync session for lack of the certificate that pays them, kept
+# for one retry at its end (their certificate may come in a later chunk).
+MAX_RETRY_ITEMS = 4096
+# Certificates first: a receipt or an identity proof is relevant once a payment is held.
+_INGEST_ORDER = {k: n for n, k in enumerate(sorted(FactKind, key=lambda k: k not in NETWORK_WIDE))}
 
 
 class SyncSession:
@@ -78,24 +95,60 @@ class FactSync:
         self.pubsub = pubsub if config.gossip else None
         self._nursery: trio.Nursery | None = None
         self._sync_sessions = 0  # sync sessions we are answering right now
+        self.budget = PeerBudget(FACT_BUDGET_RATE, FACT_BUDGET_BURST)
 
     # --- facts in -------------------------------------------------------------------------
 
     async def ingest_items(self, items: Iterable[object]) -> tuple[int, int]:
-        """Decode, verify and store encoded items: (new, bad). Bad items are counted, never
-        raised; a StoreError (the database failed) is."""
+        """Decode, check relevance, verify and store encoded items from another peer:
+        (new, bad). Bad items are counted, never raised; a StoreError (the database
+        failed) is."""
+        new, bad, _ = await self._ingest(items)
+        return new, bad
+
+    async def _ingest(self, items: Iterable[object]) -> tuple[int, int, list[bytes]]:
+        """``ingest_items``, also returning the items refused as irrelevant."""
         parsed: list[tuple[FactKind, bytes]] = []
+        raw: list[bytes] = []
         bad = 0
         for item in items:
             try:
                 if type(item) is not bytes:
                     raise ValidationError("a ledger item must be bytes")
                 parsed.append(decode_item(item))
+                raw.append(item)
             except ProtocolError:
                 bad += 1
-        results = await self.facts.add_facts(parsed)
+        order = sorted(range(len(parsed)), key=lambda n: _INGEST_ORDER[parsed[n][0]])
+        results = await self.facts.add_facts([parsed[n] for n in order], relevant_to=self.peer_id)
+        irrelevant = [
+            raw[n] for n, r in zip(order, results, strict=True) if isinstance(r, IrrelevantFact)
+        ]
         new = sum(1 for r in results if r is True)
-        return new, bad + sum(1 for r in results if isinstance(r, ProtocolError))
+        return new, bad + sum(1 for r in results if isinstance(r, ProtocolError)), irrelevant
+
+    def validate_gossip(self, forwarder: object, msg: Any) -> bool:
+        """Topic validator of ``GOSSIP_TOPIC``: only a network-wide fact that verifies, within
+        the forwarder's budget, is accepted and forwarded; anything else stops here."""
+        data = getattr(msg, "data", b"")
+        if not isinstance(data, bytes) or len(data) > MAX_GOSSIP_MESSAGE:
+            return False
+        sender = str(forwarder)
+        if sender != self.peer_id and not self.budget.take(sender):
+            self.stats.gossip_rejected += 1
+            return False
+        try:
+            kind, blob = decode_item(data)
+            if kind not in NETWORK_WIDE:
+                raise ValidationError(f"{kind.name} is not a network-wide fact")
+            fact, fid = parse_fact(kind, blob)
+            if not self.facts.ledger.has(fid):
+                self.facts.ledger.verify_fact(fact)
+        except (ProtocolError, ValueError, TypeError) as exc:
+            log.debug("gossip from %s rejected: %s", sender, exc)
+            self.stats.gossip_rejected += 1
+            return False
+        return True
 
     async def _gossip_in(self, sub: Any) -> None:
         while True:
@@ -159,11 +212,17 @@ class FactSync:
                         raise SettlementError(f"{peer_id}: bad reconcile message: {exc}") from exc
                 fetched = refused = 0
                 need = rec.need
+                retry: list[bytes] = []
                 for i in range(0, len(need), FETCH_CHUNK):
                     got_reply = await ch.call(Get(tuple(need[i : i + FETCH_CHUNK])), GetReply)
-                    got, bad = await self.ingest_items(got_reply.items)
+                    got, bad, irrelevant = await self._ingest(got_reply.items)
                     fetched += got
                     refused += bad
+                    retry += irrelevant[: MAX_RETRY_ITEMS - len(retry)]
+                if retry:  # their certificates may have come in a later chunk
+                    got, bad, _ = await self._ingest(retry)
+                    fetched += got
+                    refused += bad - len(retry)  # they were counted as refused above
                 pushed = 0
                 have = [x for x in (ledger.item(i) for i in rec.have) if x is not None]
                 for chunk in pack([encode_item(k, d) for k, d in have]):
@@ -200,7 +259,14 @@ class FactSync:
 
     # --- server side ----------------------------------------------------------------------
 
-    async def answer_push(self, req: Push) -> PushReply:
+    async def answer_push(self, req: Push, peer: str = "?") -> PushReply:
+        """Facts a peer pushed: within its budget (else an error reply, nothing parsed),
+        and only those we have a reason to hold."""
+        if not self.budget.take(peer, max(1, len(req.items))):
+            raise ValidationError(
+                f"over budget: at most {FACT_BUDGET_RATE:.0f} facts/s per peer "
+                f"(bursts of {FACT_BUDGET_BURST:.0f}); try later"
+            )
         new, bad = await self.ingest_items(req.items)
         self.stats.pushed_in += new
         return PushReply(new, bad)
@@ -244,6 +310,9 @@ class FactSync:
             subscribed = False
             try:
                 if self.pubsub is not None:
+                    self.pubsub.set_topic_validator(
+                        GOSSIP_TOPIC, self.validate_gossip, is_async_validator=False
+                    )
                     sub = await self.pubsub.subscribe(GOSSIP_TOPIC)
                     subscribed = True
                     nursery.start_soon(self._gossip_in, sub)

@@ -43,8 +43,9 @@ MAX_REQUESTS_PER_STREAM = 100_000
 class StreamState:
     """What one inbound stream holds between requests (its reconciliation, if any)."""
 
-    def __init__(self) -> None:
+    def __init__(self, peer: str = "?") -> None:
         self.sync: SyncSession | None = None
+        self.peer = peer  # the remote peer id (its budget pays for what it pushes)
 
 
 class LedgerServer:
@@ -76,7 +77,7 @@ class LedgerServer:
                 case Certify():
                     reply = await self.witness.certify(req)
                 case Push():
-                    reply = await self.fact_sync.answer_push(req)
+                    reply = await self.fact_sync.answer_push(req, state.peer)
                 case Sync():
                     if state.sync is None:
                         state.sync = self.fact_sync.open_sync_session()
@@ -92,7 +93,7 @@ class LedgerServer:
         with suppress(Exception):
             remote = str(stream.muxed_conn.peer_id)
         ch = Channel(stream, remote)
-        state = StreamState()
+        state = StreamState(remote)
         with trio.CancelScope() as scope:
             self._handlers.add(scope)
             try:
