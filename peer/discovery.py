@@ -244,6 +244,8 @@ class Discovery:
         # Our advertised addresses, read at every publish (peer.reach: announce, AutoNAT-
         # confirmed, usable listen addresses, relay circuits); None: keep AdState.addrs.
         self.addrs_source: Callable[[], Iterable[str]] | None = None
+        # "public" / "private" (AutoNAT) or "" for the ad's reachability; None: leave it out.
+        self.reachability_source: Callable[[], str] | None = None
 
     # -- publishing -------------------------------------------------------
 
@@ -279,6 +281,7 @@ class Discovery:
             queue=s.queue,
             seq=self._seq,
             expires_at=now + self._ttl,
+            reachability=self.reachability_source() if self.reachability_source else "",
         )
 
     def _signed_ad(self) -> tuple[CapabilityAd, bytes] | None:

@@ -464,6 +464,7 @@ async def open_peer(
                     )
                 discovery = Discovery(host, dht, key, state, ttl=config.ad_ttl)
                 discovery.addrs_source = reach_of(host).advertised
+                discovery.reachability_source = reach_of(host).ad_reachability
                 peer = Peer(
                     config=config,
                     role=role,

@@ -51,6 +51,7 @@ MAX_PROVIDERS = 16
 MAX_MODELS = 64
 MAX_TEXT = 256
 MAX_SEQ = 2**63 - 1
+REACHABILITY = frozenset({"", "public", "private"})
 
 _BODY_FIELDS = frozenset(
     {
@@ -255,9 +256,16 @@ class CapabilityAd:
     queue: int
     seq: int
     expires_at: float
+    # What AutoNAT told the peer: "public" (others can dial it), "private" (reach it
+    # through the relay circuits in `addrs`), "" = not known (absent from the body).
+    reachability: str = ""
 
     def __post_init__(self) -> None:
         public_key_from_peer_id(self.peer_id)
+        if self.reachability not in REACHABILITY:
+            raise ValidationError(
+                f"reachability must be one of {sorted(REACHABILITY)}, got {self.reachability!r}"
+            )
         for field_name, limit in (("addrs", MAX_ADDRS), ("providers", MAX_PROVIDERS)):
             values = getattr(self, field_name)
             if not isinstance(values, tuple):
@@ -289,7 +297,7 @@ class CapabilityAd:
         _number(self.expires_at, "expires_at")
 
     def to_body(self) -> dict[str, Any]:
-        return {
+        body = {
             "peer_id": self.peer_id,
             "addrs": list(self.addrs),
             "devices": [d.to_body() for d in self.devices],
@@ -301,10 +309,14 @@ class CapabilityAd:
             "seq": self.seq,
             "expires_at": float(self.expires_at),
         }
+        if self.reachability:  # absent when unknown: ads without it keep their old encoding
+            body["reachability"] = self.reachability
+        return body
 
     @classmethod
     def from_body(cls, value: Any) -> CapabilityAd:
-        raw = _map(value, "capability ad", _BODY_FIELDS)
+        has = isinstance(value, dict) and "reachability" in value
+        raw = _map(value, "capability ad", _BODY_FIELDS | {"reachability"} if has else _BODY_FIELDS)
         return cls(
             peer_id=_text(raw["peer_id"], "peer_id", max_len=64),
             addrs=tuple(_list(raw["addrs"], "addrs", MAX_ADDRS)),
@@ -320,6 +332,9 @@ class CapabilityAd:
             queue=raw["queue"],
             seq=raw["seq"],
             expires_at=_number(raw["expires_at"], "expires_at"),
+            reachability=_text(
+                raw.get("reachability", ""), "reachability", max_len=16, allow_empty=True
+            ),
         )
 
     def to_dict(self) -> dict[str, Any]:

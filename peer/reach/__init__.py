@@ -65,6 +65,11 @@ class Reach:
         """``public``, ``private`` or ``unknown`` (AutoNAT, or the ``reachability`` setting)."""
         return self.reachability.status if self.reachability is not None else "unknown"
 
+    def ad_reachability(self) -> str:
+        """What our ad says: "public", "private", or "" while unknown."""
+        status = self.status
+        return status if status in ("public", "private") else ""
+
     @asynccontextmanager
     async def services(
         self, role: str, config: Any, republish: Callable[[], None]
@@ -83,7 +88,11 @@ class Reach:
             await nursery.start(self.relay.run)
             self.dialer.circuit_dial = self.relay.dial
             self.reachability = Reachability(
-                self.host, self.advertiser, forced=forced, servers=lambda: bootstrap_ids
+                self.host,
+                self.advertiser,
+                forced=forced,
+                servers=lambda: bootstrap_ids,
+                on_change=republish,
             )
             if role == "peer":
                 await nursery.start(self.reachability.run, lambda: self._kick)

@@ -107,12 +107,14 @@ class Reachability:
         *,
         forced: Status | None = None,
         servers: Callable[[], Sequence[ID]] = lambda: (),
+        on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.host = host
         self.advertiser = advertiser
         self.forced = forced
         self.status: Status = forced or "unknown"
         self.servers = servers
+        self.on_change = on_change
         self.changed = trio.Event()  # set (and replaced) whenever status changes
         self._client = AutoNATService(host, serve=False)  # type: ignore[arg-type]
         self.last_results: dict[str, bool] = {}
@@ -121,6 +123,7 @@ class Reachability:
         if status != self.status:
             log.info("reachability: %s (was %s)", status, self.status)
             self.status = status
+            self.on_change()
             self.changed.set()
             self.changed = trio.Event()
 

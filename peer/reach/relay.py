@@ -298,6 +298,7 @@ class Reservations:
         self.wake = trio.Event()
         self.changed = trio.Event()  # set (and replaced) when the relays we hold change
         self.failures = 0
+        self.renewals = 0
         self._watcher = _Lost(self._lost)
 
     def _lost(self, peer: ID) -> None:
@@ -351,6 +352,11 @@ class Reservations:
         if new:
             log.info("reserved a slot on relay %s; reachable at %s", relay, circuit)
             self._advertise()
+        else:
+            self.renewals += 1
+            log.debug("renewed the reservation on relay %s", relay)
+            self.changed.set()
+            self.changed = trio.Event()
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self.host.get_network().register_notifee(self._watcher)

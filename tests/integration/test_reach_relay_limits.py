@@ -161,3 +161,31 @@ async def test_an_oversized_hop_message_is_refused_before_it_is_read() -> None:
         with trio.fail_after(5), pytest.raises(Exception):  # noqa: B017 (reset: any stream error)
             await stream.read(1)
         assert relay.relay.guard.refused == 1
+
+
+async def test_reservations_are_renewed_before_they_expire() -> None:
+    from peer.reach.addresses import Advertiser
+    from peer.reach.relay import Reservations
+
+    async with relay_and_clients(HopLimits(reservation_ttl=3), 1) as (relay, (client,)):
+        rid = relay.host.get_id()
+        held = Reservations(
+            client.relay,
+            Advertiser(),
+            target=1,
+            wanted=lambda: True,
+            relays=lambda: [rid],
+            published=lambda: None,
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(held.run)
+            with trio.fail_after(20):
+                while rid not in held.held:  # each wait ends on a reservation event
+                    await held.changed.wait()
+                first = held.held[rid].expires
+                while held.renewals < 2:
+                    await held.changed.wait()
+            # Renewed: a later expiry, and the relay still holds us past the first lifetime.
+            assert held.held[rid].expires > first
+            assert str(client.host.get_id()) in reserved(relay)
+            nursery.cancel_scope.cancel()
