@@ -630,14 +630,21 @@ def _in_path(mutant: str, group: Group) -> bool:
 
 
 def print_table(summary: dict[str, Any], groups: list[Group]) -> None:
-    print(f"{'module':34} {'mutants':>7} {'caught':>6} {'missed':>6} {'equiv':>5} {'score':>6}")
+    print(
+        f"{'module':34} {'mutants':>7} {'caught':>6} {'missed':>6} {'equiv':>5} {'left':>5} "
+        f"{'score':>6}"
+    )
     for path, m in summary["modules"].items():
         if not _in(path, groups):
             continue
         caught = m["killed"] + m["timeout"] + m["type_check"]
         missed = m["survived"] + m["no_tests"] + m["suspicious"]
         score = "-" if m["score"] is None else f"{m['score']:.1f}%"
-        print(f"{path:34} {m['mutants']:7} {caught:6} {missed:6} {m['equivalent']:5} {score:>6}")
+        left = m["not_checked"]
+        print(
+            f"{path:34} {m['mutants']:7} {caught:6} {missed:6} {m['equivalent']:5} {left:5} "
+            f"{score:>6}"
+        )
     for prefix, t in summary["totals"].items():
         if t["modules"]:
             print(f"{prefix} (all measured modules): {t['score']}% of {t['caught'] + t['missed']}")

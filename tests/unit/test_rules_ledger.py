@@ -98,3 +98,16 @@ def test_earning_exactly_the_minimum_makes_an_identity_eligible() -> None:
     assert view is not None
     assert view.eligible_pool(NOW_MS + 1_000, 500) == {pid(B)}
     assert view.eligible_pool(NOW_MS + 1_000, 501) == frozenset()
+
+
+def test_stored_fact_bytes_are_ingested_as_their_kind() -> None:
+    """ingest_bytes routes by kind: an equivocation proof's bytes ban the payer, a receipt's
+    bytes make a receipt."""
+    view = World(policy()).view
+    assert view is not None
+    ra, rb = receipt(REQ, EXE, 5, 1), receipt(REQ, EXE, 5, 2)
+    proof = EquivocationProof.of(transfer(REQ, ra, 3), transfer(REQ, rb, 3))
+    assert view.ingest_bytes(FactKind.EQUIVOCATION_PROOF, proof.to_bytes())
+    assert view.is_banned(pid(REQ))
+    assert view.ingest_bytes(FactKind.RECEIPT, ra.to_bytes())
+    assert view.receipt(ra.receipt_id) == ra
