@@ -1,8 +1,9 @@
 """The CLI's way to a running local peer: its HTTP control API instead of a second peer.
 
 A peer started with ``--http`` writes ``<data dir>/http.json`` (its URL and
-pid) and ``<data dir>/http.token``. ``running_peer(config)`` finds it when the
-pid is alive and the server at that URL answers with this data dir's peer id;
+pid) and ``<data dir>/http.token``. ``running_peer(config)`` finds it when that
+pid is alive and is the one holding the data dir's lock (``peer.lock``), and the
+server at that URL answers with this data dir's peer id;
 commands (``infer``, ``models add|remove|fetch``, ``ledger``) then go through
 it, so one identity never runs as two peers. A peer that runs without
 ``--http`` is not found here: commands then do what they do with no peer.
@@ -74,6 +75,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _lock_holder(config: Config) -> str:
+    """The pid the data dir's lock holder wrote into ``peer.lock`` (see ``peer.dirlock``)."""
+    try:  # peer.node.PEER_LOCK (not imported: it pulls in libp2p)
+        with (config.data_dir / "peer.lock").open("rb") as f:
+            return f.read(32).decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
 def running_peer(config: Config) -> LocalApi | None:
     """The control API of the peer that runs from this data dir, or None."""
     from peer.http.auth import TokenError, read_token, token_path
@@ -87,7 +97,7 @@ def running_peer(config: Config) -> LocalApi | None:
         url, pid = str(info["url"]), int(info["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if not _alive(pid):
+    if not _alive(pid) or _lock_holder(config) != str(pid):
         return None  # a peer that was killed: its marker stayed behind
     try:
         token = read_token(token_path(config.data_dir))

@@ -22,7 +22,6 @@ from typing import Any
 import numpy.typing as npt
 import trio
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -352,7 +351,3 @@ def build_app(
     app.state.front_door = door
     app.state.token = door.token
     return app
-
-
-def after_response(fn: Callable[[], Any]) -> BackgroundTask:
-    return BackgroundTask(fn)

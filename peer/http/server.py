@@ -23,13 +23,16 @@ import trio
 
 from peer.config import ConfigError
 from peer.host import ListenError
-from peer.http.app import FrontDoor, build_app
+from peer.http.app import DEADLINE_GRACE_S, MAX_DEADLINE_S, FrontDoor, build_app
 from peer.http.auth import load_or_create_token
 
 log = logging.getLogger(__name__)
 
 ENDPOINT_FILE = "http.json"
 GRACEFUL_S = 1.0
+# hypercorn applies it to every socket read, also while a request is being answered: it
+# must outlast the longest job a request may ask for (app.MAX_DEADLINE_S + grace).
+READ_TIMEOUT_S = int(MAX_DEADLINE_S + DEADLINE_GRACE_S + 60)
 
 
 class HttpConfigError(ConfigError):
@@ -59,6 +62,13 @@ def parse_bind(value: str) -> tuple[str, int]:
     return host, int(port_s)
 
 
+def _loopback(host: str) -> bool:
+    bare = host.strip("[]")
+    if bare == "localhost":
+        return True
+    return ipaddress.ip_address(bare).is_loopback
+
+
 def endpoint_path(data_dir: Path) -> Path:
     return Path(data_dir) / ENDPOINT_FILE
 
@@ -73,6 +83,7 @@ def _hypercorn_config(host: str, port: int) -> Any:
     cfg.graceful_timeout = GRACEFUL_S
     cfg.keep_alive_timeout = 30.0
     cfg.h11_max_incomplete_size = 64 * 1024  # request line + headers
+    cfg.read_timeout = READ_TIMEOUT_S  # a silent client is dropped, eventually
     cfg.include_server_header = False
     return cfg
 
@@ -109,6 +120,12 @@ async def open_http(peer: Any, bind: str) -> AsyncIterator[HttpServer]:
         tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}))
         tmp.replace(marker)
         log.info("HTTP front door on %s (explorer: %s/explorer)", url, url)
+        if not _loopback(host):
+            log.warning(
+                "the HTTP front door listens on %s, beyond this machine: its control routes "
+                "need the token, but health, metrics and the explorer are open to the network",
+                host,
+            )
         try:
             yield HttpServer(url=url, token=token, app=app)
         finally:

@@ -150,25 +150,47 @@ _END = object()
 
 def _from_json(data: Any, dtype_name: str, shape: tuple[int, ...], what: str) -> npt.NDArray[Any]:
     count = math.prod(shape)
-    flat = _flatten(data, count, what)
-    if len(flat) != count:
-        raise V2Error(f"{what}: data holds {len(flat)} elements, shape {list(shape)} needs {count}")
     if dtype_name == "BYTES":
+        flat = _flatten(data, count, what)
+        if len(flat) != count:
+            raise V2Error(
+                f"{what}: data holds {len(flat)} elements, shape {list(shape)} needs {count}"
+            )
         if not all(isinstance(v, str) for v in flat):
             raise V2Error(f"{what}: BYTES data must be strings in JSON")
         return np.array(flat, dtype=object).reshape(shape)
-    kinds = (bool,) if dtype_name == "BOOL" else (int, float)
-    for v in flat:
-        if not isinstance(v, kinds) or (dtype_name != "BOOL" and isinstance(v, bool)):
-            raise V2Error(
-                f"{what}: {dtype_name} data must be {'booleans' if kinds == (bool,) else 'numbers'}"
-            )
-        if dtype_name[0] in "UI" and not isinstance(v, int):
-            raise V2Error(f"{what}: {dtype_name} data must be integers, got {v!r:.40}")
-    try:
-        return np.array(flat, dtype=DATATYPES[dtype_name].newbyteorder("=")).reshape(shape)
-    except (OverflowError, ValueError) as exc:
-        raise V2Error(f"{what}: a value does not fit {dtype_name}: {exc}") from None
+    try:  # nested lists -> one array, at C speed (ragged or mixed data raise)
+        array = np.array(data)
+    except (ValueError, TypeError, OverflowError):
+        raise V2Error(f"{what}: data must be a regular (not ragged) list of values") from None
+    if array.size != count:
+        raise V2Error(
+            f"{what}: data holds {array.size} elements, shape {list(shape)} needs {count}"
+        )
+    target = DATATYPES[dtype_name].newbyteorder("=")
+    kind = array.dtype.kind
+    if dtype_name == "BOOL":
+        if kind != "b" and count:
+            raise V2Error(f"{what}: BOOL data must be booleans")
+    elif dtype_name[0] in "UI":
+        if kind not in "iu" and count:
+            # numpy turns ints beyond int64 (UINT64's upper half) into floats: check the
+            # values themselves, then convert exactly.
+            flat = _flatten(data, count, what)
+            if not all(type(v) is int for v in flat):
+                raise V2Error(f"{what}: {dtype_name} data must be integers")
+            try:
+                return np.array(flat, dtype=target).reshape(shape)
+            except (OverflowError, ValueError):
+                raise V2Error(f"{what}: a value does not fit {dtype_name}") from None
+        if count:
+            info = np.iinfo(target)
+            low, high = array.min(), array.max()
+            if low < info.min or high > info.max:
+                raise V2Error(f"{what}: a value does not fit {dtype_name}")
+    elif kind not in "iuf" and count:
+        raise V2Error(f"{what}: {dtype_name} data must be numbers")
+    return array.astype(target).reshape(shape)
 
 
 def _bytes_elements(raw: memoryview, count: int, what: str) -> npt.NDArray[Any]:

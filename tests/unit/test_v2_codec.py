@@ -118,7 +118,7 @@ def _inp(**kw: Any) -> bytes:
         (
             _inp(data=[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]),
             None,
-            "deeply",
+            "deeply|needs 2|regular",
         ),
         (_inp(parameters={"binary_data_size": 8}), "x", "integer"),
         (_inp(shape=[2**40]), None, "above the limit"),
