@@ -19,6 +19,7 @@ import numpy.typing as npt
 import trio
 
 from edge_models.spec import ModelEntry
+from peer import metrics
 from peer.market.auction import Auctions
 from peer.market.clock import Clock, system_clock
 from peer.market.jobspec import JobSpec
@@ -207,12 +208,14 @@ class Lease:
         if self._closed:
             raise RuntimeError("this lease is closed")
         wire = encode_tensors(self.check_inputs(self.entry, inputs))
+        metrics.JOBS_REQUESTED.labels("lease").inc()
         return wire, content_digest(wire)
 
     async def infer(self, inputs: Mapping[str, Any]) -> Arrays:
         """Run one job on the leased executor; returns its outputs."""
         wire, digest = self._prepare_inputs(inputs)
-        return await self._infer_wire(wire, digest)
+        with metrics.LEASE_JOB_SECONDS.time():
+            return await self._infer_wire(wire, digest)
 
     async def _infer_wire(self, wire: Any, digest: bytes, last: str = "") -> Arrays:
         last = last or "no executor held the lease"

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import trio
 from http_swarm import http_swarm
+from test_http_v2 import delta, scrape
 
 CDP_SCRIPT = Path(__file__).with_name("cdp_page.py")
 BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser")
@@ -26,13 +27,21 @@ async def test_explorer_renders_peers_models_jobs_and_ledger_in_chromium(tmp_pat
     assert BROWSER is not None
     async with http_swarm(tmp_path) as door, door.client() as client:
         x = np.arange(3, dtype=np.float32)
+        before = await scrape(client)
         with trio.fail_after(30):
             result = await door.peer.infer(door.cid, {"x": x, "y": x}, deadline=20)
+            async with door.peer.lease(door.cid, max_jobs=3, seconds=20) as lease:
+                for _ in range(3):
+                    await lease.infer({"x": x, "y": x})
+        after = await scrape(client)
+        assert delta(after, before, "edgeswarm_jobs_requested_total", kind="lease") == 3
+        assert delta(after, before, "edgeswarm_lease_job_seconds_count") == 3
+        assert delta(after, before, "edgeswarm_jobs_requested_total", kind="infer") == 1
         receipt = result.receipt.receipt_id.hex()
         # Its JSON comes from GET endpoints, open to anyone.
         jobs = (await client.get("/api/jobs")).json()
-        assert jobs["receipts"][0]["receipt_id"] == receipt
-        assert jobs["receipts"][0]["verified"] is True
+        assert receipt in {r["receipt_id"] for r in jobs["receipts"]}
+        assert all(r["verified"] is True for r in jobs["receipts"])
         models = (await client.get("/api/models")).json()
         assert door.cid in {m["cid"] for m in models["network"]}
         ledger = (await client.get("/api/ledger")).json()

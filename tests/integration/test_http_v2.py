@@ -190,12 +190,13 @@ async def test_v2_by_cid_with_httpx_and_error_statuses(tmp_path: Path) -> None:
             params={},
         )
         assert r.status_code == 503, r.text
-        # 503: a deadline shorter than any auction: no executor.
+        # A deadline shorter than an auction: no executor bid in time (503), or the award
+        # came but no result before the deadline (504), as the timing falls.
         slow, slow_headers = v2.encode_request(
             {"x": x, "y": x}, binary=False, parameters={"deadline": 0.1}
         )
         r = await client.post(infer, content=slow, headers={**slow_headers, **door.auth})
-        assert r.status_code == 503, r.text
+        assert r.status_code in (503, 504), r.text
         # The peer is still fine.
         r = await client.get("/v2/health/live")
         assert r.status_code == 200
