@@ -236,6 +236,29 @@ async def run(quick: bool) -> dict[str, Any]:
                 out["concurrent_8_tiny"] = rates
                 print("8 concurrent clients:", rates, flush=True)
 
+                # The v2 codec alone (server decode + encode, client encode + decode), no I/O.
+                hidden = np.zeros((1, 12, 384), np.float32)  # MiniLM's output, one sentence
+                codec: dict[str, Any] = {}
+                for name, (arrays, outputs) in {
+                    "tiny": (inputs["tiny"][1], {"z": x + x}),
+                    "minilm": (inputs["minilm"][1], {"last_hidden_state": hidden}),
+                }.items():
+                    for binary in (False, True):
+                        req = v2.Tensors(arrays={}, binary_default=binary)
+                        runs = []
+                        for _ in range(50 if quick else 300):
+                            t0 = time.perf_counter()
+                            body, headers = v2.encode_request(arrays, binary=binary)
+                            v2.decode_request(body, headers.get(v2.HEADER_LENGTH))
+                            body, headers = v2.encode_response(
+                                model_name="m", outputs=outputs, request=req, parameters={}
+                            )
+                            v2.decode_response(body, headers.get(v2.HEADER_LENGTH))
+                            runs.append((time.perf_counter() - t0) * 1e3)
+                        codec[f"{name}_{'binary' if binary else 'json'}"] = summary(runs)
+                out["codec_round_trip"] = codec
+                print("v2 codec, request + response, both sides:", codec, flush=True)
+
                 floor = [await timed(lambda: client.get("/v2/health/live")) for _ in range(200)]
                 out["http_floor_health_live"] = summary(floor)
                 print("GET /v2/health/live:", out["http_floor_health_live"], flush=True)
