@@ -95,8 +95,8 @@ FRAUD_PROOFS = Counter(
 # --- reach and models ---------------------------------------------------------------------
 RELAY_CONNECTIONS = Counter(
     "edgeswarm_relay_connections",
-    "Connections through circuit relays, by our role (client = dialed via a relay, hop = "
-    "relayed for others).",
+    "Circuit relay use, by our role (client = connections we dialed through a relay, hop = "
+    "hop requests (reserve or connect) we served for others within our limits).",
     ["role"],
     registry=REGISTRY,
 )

@@ -49,6 +49,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
 from multiaddr import Multiaddr
 
+from peer import metrics
 from peer.reach.addresses import Advertiser
 from protocols.reach import parse_dial_addr, rank_dial_addrs
 
@@ -183,6 +184,7 @@ class HopGuard:
                 if ip is not None:
                     self._reservation_ip[peer] = ip
             replay: Any = _Replay(stream, encode_varint_prefixed(body))
+            metrics.RELAY_CONNECTIONS.labels("hop").inc()
             await self.protocol._handle_hop_stream(replay)
         finally:
             self._open[peer] -= 1
@@ -247,7 +249,9 @@ class RelayService:
 
     async def dial(self, addr: Multiaddr) -> INetConn:
         """Connect through the relay named in ``addr`` (``.../p2p/R/p2p-circuit/p2p/PEER``)."""
-        return await self.transport.dial(addr)
+        conn = await self.transport.dial(addr)
+        metrics.RELAY_CONNECTIONS.labels("client").inc()
+        return conn
 
     async def reserve(self, relay: ID) -> float:
         """Reserve a slot on ``relay`` (connected or dialable); its expiry (unix time) or raise."""

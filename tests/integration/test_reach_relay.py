@@ -12,6 +12,7 @@ import trio
 from bootstrap.node import open_bootstrap
 from edge_models.registry import Registry
 from edge_models.runtime import ModelRuntime
+from peer import metrics
 from peer.config import Config
 from peer.node import Peer, open_peer
 from tests.integration.market_swarm import FakeHardware, add_tiny_model
@@ -31,9 +32,17 @@ async def wait_until(
     raise AssertionError("the condition never held")
 
 
+def relay_uses() -> tuple[float, float]:
+    """edgeswarm_relay_connections_total (client, hop) in this process's metrics."""
+    get = metrics.REGISTRY.get_sample_value
+    name = "edgeswarm_relay_connections_total"
+    return get(name, {"role": "client"}) or 0.0, get(name, {"role": "hop"}) or 0.0
+
+
 async def test_an_executor_that_accepts_no_connection_serves_through_a_relay(
     tmp_path: Path,
 ) -> None:
+    used_before = relay_uses()
     async with AsyncExitStack() as stack:
         boot = await stack.enter_async_context(
             open_bootstrap(Config(data_dir=tmp_path / "boot", listen=LOCAL))
@@ -75,3 +84,6 @@ async def test_an_executor_that_accepts_no_connection_serves_through_a_relay(
         np.testing.assert_array_equal(result.outputs["z"], x + x)
         conns = req.host.get_network().get_connections(ex.host.get_id())
         assert conns and all("p2p-circuit" in str(c.get_transport_addresses()) for c in conns)
+        # /metrics counts it: circuits dialed through the relay, hop requests it served.
+        client, hop = (a - b for a, b in zip(relay_uses(), used_before, strict=True))
+        assert client >= 1 and hop >= 2  # the executor's reservation + the circuit
