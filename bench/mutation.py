@@ -103,7 +103,7 @@ TARGETS: list[Target] = [
     Target(
         "peer/market/requester.py",
         "peer",
-        ("tests/unit", *MARKET_IT),
+        ("tests/unit/test_market_flow.py", *MARKET_IT),
         ("x_check_outputs", "x_declared_problem"),
     ),
     # Gossip intake: signature, signer = origin, topic, duplicates, rate.

@@ -22,6 +22,7 @@ from test_proofs import EXE, REQ, _verdicts
 from protocols.certificate import make_certificate, sign_vote
 from protocols.codec import encode
 from protocols.errors import RemoteProtocolError
+from protocols.ledger import IdentityProof, solve_pow
 from protocols.ledger_state import ITEM_VERSION, FactKind, decode_item, encode_item
 from protocols.proofs import EquivocationProof, FraudProof
 
@@ -111,3 +112,40 @@ def test_stored_fact_bytes_are_ingested_as_their_kind() -> None:
     assert view.is_banned(pid(REQ))
     assert view.ingest_bytes(FactKind.RECEIPT, ra.to_bytes())
     assert view.receipt(ra.receipt_id) == ra
+
+
+def test_a_certificate_or_identity_proof_is_new_once() -> None:
+    pol = policy(genesis=frozenset({pid(REQ)}), pow_bits=4)
+    world = World(pol)
+    view = world.view
+    assert view is not None
+    r = receipt(REQ, EXE, 5, 1)
+    cert = world.certify(transfer(REQ, r, 1), r)  # the view ingested it already
+    assert cert is not None
+    assert not view.ingest_certificate(cert)
+    nonce = solve_pow(pid(A), 4, max_tries=100_000)
+    assert nonce is not None
+    proof = IdentityProof(pid(A), nonce)
+    assert view.ingest_identity_proof(proof)
+    assert not view.ingest_identity_proof(proof)
+
+
+def test_a_payment_made_exactly_one_window_before_the_fraud_is_reversed() -> None:
+    """Payments at or after (fraud time - window) are reversed; one ms earlier stands."""
+    window = 60_000
+    pol = policy(genesis=frozenset({pid(REQ)}), fraud_window_ms=window, base_limit=10_000)
+    world = World(pol)
+    view = world.view
+    assert view is not None
+    fraud_at = NOW_MS + 1_000
+    edge = receipt(REQ, EXE, 100, 1)
+    t_edge = transfer(REQ, edge, 1, time_ms=fraud_at - window)
+    before = receipt(REQ, EXE, 30, 2)
+    t_before = transfer(REQ, before, 2, time_ms=fraud_at - window - 1)
+    assert world.certify(t_edge, edge, fraud_at - window)
+    assert world.certify(t_before, before, fraud_at - window - 1)
+    bad = signed_commitment(REQ, EXE, 40, 3, output=b"wrong")
+    assert view.ingest_fraud_proof(FraudProof.of(bad, _verdicts(bad, "mismatch", time_ms=fraud_at)))
+    assert view.is_reversed(t_edge.message)
+    assert not view.is_reversed(t_before.message)
+    assert view.balance(pid(EXE)) == 30

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import pytest
-from settlement_fixtures import NOW_MS, key, receipt, transfer
+from settlement_fixtures import NOW_MS, key, pid, receipt, transfer
 from test_proofs import _verdicts
 from test_witness import P, X, Y, _world
 
@@ -99,3 +99,17 @@ def test_a_witness_finds_its_durable_lock_by_account_and_seq() -> None:
     w.lock_persisted(first.record)
     assert w.lock_for(t.message.payer, 1) == first.record
     assert w.lock_for(t.message.payer, 2) is None
+
+
+def test_a_late_persist_failure_never_drops_a_durable_lock() -> None:
+    """Once a lock is durable (and its vote may be out), no failure report releases it: a
+    second transfer for that seq is still refused."""
+    world = _world()
+    w, led = world.witnesses[0], world.ledgers[0]
+    ra, rb = receipt(P, X, 10, 1), receipt(P, Y, 10, 2)
+    first = w.handle_transfer(transfer(P, ra, 1), ra, led, NOW_MS)
+    assert isinstance(first, PersistLock)
+    w.lock_persisted(first.record)
+    w.lock_failed(first.record)
+    assert w.lock_for(pid(P), 1) == first.record
+    assert not isinstance(w.handle_transfer(transfer(P, rb, 1), rb, led, NOW_MS), PersistLock)
