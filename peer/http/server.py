@@ -91,7 +91,8 @@ def _hypercorn_config(host: str, port: int) -> Any:
 @asynccontextmanager
 async def open_http(peer: Any, bind: str) -> AsyncIterator[HttpServer]:
     """Serve the front door for ``peer`` on ``bind`` until the block exits."""
-    from hypercorn.trio import serve
+    from hypercorn.trio.run import worker_serve
+    from hypercorn.utils import wrap_app
 
     host, port = parse_bind(bind)
     data_dir = Path(peer.config.data_dir)
@@ -102,18 +103,23 @@ async def open_http(peer: Any, bind: str) -> AsyncIterator[HttpServer]:
     async def shutdown_trigger() -> None:
         await stop.wait()
 
+    cfg = _hypercorn_config(host, port)
+    try:  # bound here, so "in use" is one clear error before anything runs
+        sockets = cfg.create_sockets()
+    except OSError as exc:
+        raise ListenError(f"cannot serve HTTP on {bind}: {exc.strerror or exc}") from None
+    for sock in sockets.insecure_sockets:
+        sock.listen(cfg.backlog)
     async with trio.open_nursery() as nursery:
-        try:
-            binds: list[str] = await nursery.start(
-                lambda task_status: serve(
-                    app,  # type: ignore[arg-type]  # Starlette is an ASGI app
-                    _hypercorn_config(host, port),
-                    shutdown_trigger=shutdown_trigger,
-                    task_status=task_status,
-                )
+        binds: list[str] = await nursery.start(
+            lambda task_status: worker_serve(
+                wrap_app(app, cfg.wsgi_max_body_size, None),  # type: ignore[arg-type]
+                cfg,
+                sockets=sockets,
+                shutdown_trigger=shutdown_trigger,
+                task_status=task_status,
             )
-        except OSError as exc:
-            raise ListenError(f"cannot serve HTTP on {bind}: {exc.strerror or exc}") from exc
+        )
         url = binds[0]
         marker = endpoint_path(data_dir)
         tmp = marker.with_suffix(".tmp")

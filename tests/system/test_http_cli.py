@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -123,3 +124,17 @@ async def test_bad_http_values_are_usage_errors(tmp_path: Path) -> None:
         err = done.stderr.decode()
         assert done.returncode == 2, err
         assert "--http" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+async def test_an_http_port_in_use_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = await cli(
+            "run", "--http", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "d"), limit=60
+        )
+    err = done.stderr.decode()
+    assert done.returncode == 1, err
+    assert f"cannot serve HTTP on 127.0.0.1:{port}" in err and "Traceback" not in err
+    assert not (tmp_path / "d" / "http.json").exists()
