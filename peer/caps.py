@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -174,14 +173,16 @@ class StreamCaps:
             )
 
 
-_CAPS: weakref.WeakKeyDictionary[Any, StreamCaps] = weakref.WeakKeyDictionary()
+_CAPS_ATTR = "_edgeswarm_stream_caps"
+_INTAKE_ATTR = "_edgeswarm_pubsub_intake"
 
 
 def caps_for(host: Any) -> StreamCaps:
     """The one ``StreamCaps`` of ``host`` (made with the defaults on first use)."""
-    caps = _CAPS.get(host)
+    caps: StreamCaps | None = getattr(host, _CAPS_ATTR, None)
     if caps is None:
-        caps = _CAPS[host] = StreamCaps()
+        caps = StreamCaps()
+        setattr(host, _CAPS_ATTR, caps)
     return caps
 
 
@@ -313,14 +314,12 @@ class PubsubIntake:
                 nursery.cancel_scope.cancel()
 
 
-_INTAKES: weakref.WeakKeyDictionary[Any, PubsubIntake] = weakref.WeakKeyDictionary()
-
-
 def intake_for(pubsub: Any, **kw: Any) -> PubsubIntake:
     """The installed ``PubsubIntake`` of ``pubsub`` (installed with ``kw`` on first use)."""
-    intake = _INTAKES.get(pubsub)
+    intake: PubsubIntake | None = getattr(pubsub, _INTAKE_ATTR, None)
     if intake is None:
-        intake = _INTAKES[pubsub] = PubsubIntake(pubsub, **kw).install()
+        intake = PubsubIntake(pubsub, **kw).install()
+        setattr(pubsub, _INTAKE_ATTR, intake)
     return intake
 
 
