@@ -60,6 +60,11 @@ class ExecutorConfig:
     max_open_bids: int = 4096
     # Finished job ids remembered (oldest forgotten first) so none runs twice.
     max_finished: int = 100_000
+    # Deadlines and lease ends come from the requester's clock: judged with this allowance.
+    # 0 here (exact rules); the peer sets ``protocols.market.CLOCK_SKEW_S``. A bid's
+    # expiry is written that much later too, so a requester whose clock is ahead still
+    # finds it valid.
+    clock_skew_s: float = 0.0
 
     def __post_init__(self) -> None:
         want_peer_id("ExecutorConfig", "peer_id", self.peer_id)
@@ -75,6 +80,8 @@ class ExecutorConfig:
             )
         if not 0 < self.bid_validity_s <= 3600:
             raise LocalProtocolError("ExecutorConfig.bid_validity_s must be in (0, 3600]")
+        if not 0 <= self.clock_skew_s <= 600:
+            raise LocalProtocolError("ExecutorConfig.clock_skew_s must be in [0, 600]")
 
     @property
     def slots(self) -> int:
@@ -385,7 +392,7 @@ class ExecutorState:
             return no("no capacity")
         queue_position = self.active // self.config.max_concurrent
         eta_ms = min(offer.p50_ms * (1 + queue_position) + self.config.eta_margin_ms, MAX_ETA_MS)
-        if now + eta_ms / 1000.0 > request.deadline:
+        if now + eta_ms / 1000.0 > request.deadline + self.config.clock_skew_s:
             return no(f"eta {eta_ms} ms misses the deadline")
         if request.job_id not in self._bids and len(self._bids) >= self.config.max_open_bids:
             self._prune_bids(now)
@@ -396,7 +403,8 @@ class ExecutorState:
             executor=self.config.peer_id,
             price=offer.price,
             eta_ms=eta_ms,
-            expires_at=min(now + self.config.bid_validity_s, request.deadline),
+            expires_at=min(now + self.config.bid_validity_s, request.deadline)
+            + self.config.clock_skew_s,
         )
         # A new auction round for the same job replaces the earlier bid.
         self._bids[request.job_id] = _OpenBid(request=request, bid=bid)
@@ -431,7 +439,7 @@ class ExecutorState:
             return "award deadline is later than the request's", "bad-award"
         if now > bid.expires_at:
             return f"our bid expired {now - bid.expires_at:.3f} s before the award", "bad-award"
-        if now >= award.deadline:
+        if now >= award.deadline + self.config.clock_skew_s:
             return "the award's deadline has passed", "deadline"
         if self.active >= self.config.slots:
             return "no capacity left", "busy"
@@ -451,7 +459,7 @@ class ExecutorState:
             why = f"job {seq} is beyond the award's {award.max_jobs} jobs"
             return [SendError(self._error(job_id, "bad-input", why, seq))]
         cutoff = award.deadline if award.lease is None else award.lease.until
-        if now >= cutoff:
+        if now >= cutoff + self.config.clock_skew_s:
             why = "the award's deadline has passed" if award.lease is None else "the lease is over"
             return [SendError(self._error(job_id, "deadline", why, seq))]
         job.started.add(seq)
@@ -541,7 +549,7 @@ class ExecutorState:
         self._prune_bids(now)
         actions: list[Action] = []
         for job_id, job in list(self._jobs.items()):
-            if now > job.award.deadline:
+            if now > job.award.deadline + self.config.clock_skew_s:
                 actions += self._end(job_id, "the award's deadline passed")
         return actions
 

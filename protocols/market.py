@@ -55,6 +55,10 @@ MAX_HORIZON_S = 24 * 3600.0
 MAX_BID_WINDOW_S = 60.0
 # A bid may be valid for at most this long after now.
 MAX_BID_VALIDITY_S = 3600.0
+# How far apart two peers' wall clocks may be (edge boxes without NTP) for jobs to still
+# run: the I/O layer judges times written by another peer with this allowance
+# (``ExecutorConfig.clock_skew_s``, the gossip guard).
+CLOCK_SKEW_S = 10.0
 MAX_ETA_MS = 3_600_000
 MAX_INPUTS = 32
 MAX_RANK = 8

@@ -296,7 +296,7 @@ class ExecutorService:
     async def _execute_one(self, s: _Session, seq: int) -> None:
         arrays, in_digest = s.inputs.pop(seq)
         job_id, cid = s.award.job_id, s.award.model_cid
-        deadline = s.award.deadline
+        deadline = s.award.deadline + self.state.config.clock_skew_s  # the requester's clock
         try:
             outputs, ms = await self.worker.run(cid, arrays, deadline=deadline)
             wire = encode_tensors(outputs)

@@ -25,7 +25,7 @@ from libp2p.peer.id import ID
 
 from protocols.codec import decode
 from protocols.errors import ProtocolError
-from protocols.market import BID_DOMAIN, JOB_REQUEST_DOMAIN, Bid, JobRequest
+from protocols.market import BID_DOMAIN, CLOCK_SKEW_S, JOB_REQUEST_DOMAIN, Bid, JobRequest
 from protocols.signed import Signed
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,8 @@ def parse_market_message(data: bytes, now: float) -> MarketMessage:
     if domain == BID_DOMAIN:
         return Bid.from_bytes(data, now=now)
     if domain == JOB_REQUEST_DOMAIN:
-        return JobRequest.from_bytes(data, now=now)
+        # The deadline is the requester's clock: allow for skew between the two clocks.
+        return JobRequest.from_bytes(data, now=now - CLOCK_SKEW_S)
     raise ProtocolError(f"expected a job request or a bid on a market topic, got {domain!r:.60}")
 
 

@@ -49,6 +49,7 @@ from peer.worker import Worker
 from protocols import executor as ex
 from protocols import requester as rq
 from protocols.committee import CommitteeRule, RefereePanel
+from protocols.market import CLOCK_SKEW_S
 from protocols.proofs import FraudProof
 from protocols.receipt import ResultCommitment
 from protocols.tensor import DEFAULT_LIMITS, TensorLimits, encode_tensors
@@ -122,7 +123,9 @@ class MarketService:
         self.runtime = runtime
         self.registry = registry if registry is not None else getattr(runtime, "registry", None)
         self.receipts = ReceiptBook()
-        self.gossip = MarketGossip(peer.pubsub, guard=GossipGuard(), on_request=self._on_request)
+        self.gossip = MarketGossip(
+            peer.pubsub, guard=GossipGuard(clock=clock), on_request=self._on_request
+        )
         self.served: dict[str, tuple[str, float]] = {}  # cid -> (name, p50_ms)
         self.dialer = Dialer(self.host, peer, clock=clock)
         self.bans = Bans(self._ledger_banned)
@@ -166,6 +169,7 @@ class MarketService:
                     max_concurrent=settings.max_concurrent,
                     max_queue=settings.max_queue,
                     max_input_bytes=settings.limits.max_total_bytes,
+                    clock_skew_s=CLOCK_SKEW_S,  # requesters' clocks may be off (issue 15)
                 ),
                 receipts=self.receipts,
                 limits=settings.limits,

@@ -82,6 +82,7 @@ class Swarm:
         model: str = "add",
         wrap_runtime: Callable[[ModelRuntime], Any] | None = None,
         settings: MarketSettings | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> Node:
         data_dir = self.tmp_path / name
         runtime = None
@@ -117,6 +118,7 @@ class Swarm:
                             peer,
                             runtime=wrap_runtime(runtime) if wrap_runtime and runtime else runtime,
                             settings=node_settings,
+                            **({} if clock is None else {"clock": clock}),
                         ) as market,
                     ):
                         holder.append(market)
