@@ -46,6 +46,17 @@ _EXPECTED_NOISE = (
     "Auto-connect dial",
     # py-libp2p 0.8.1 sends its own bucket-refresh lookups with keys its servers reject.
     "FIND_NODE key is not a valid PeerId",
+    # Circuit relay v2 (peer.reach.relay): a client closing its stream after a reservation,
+    # a circuit ending, a refused stream, an AutoNAT probe's short connection.
+    "Error reading from hop stream",
+    "Unexpected error reading from stream",
+    "Error writing to destination stream",
+    "Error relaying data",
+    "Error sending status message",
+    "Unexpected error handling hop stream",
+    "Reservation failed with relay",
+    "fail to upgrade mux",
+    "Error handling AutoNAT stream",
 )
 
 

@@ -76,8 +76,11 @@ class Reach:
     ) -> AsyncIterator[None]:
         """Run relay (stop; hop on bootstrap nodes and ``relay_hop`` peers), AutoNAT and,
         for peers, relay reservations while AutoNAT says we are private."""
+        from peer.logging_setup import install_libp2p_filter
         from peer.reach.autonat import Reachability, install_server
         from peer.reach.relay import RelayService, Reservations
+
+        install_libp2p_filter()  # the relay's py-libp2p loggers exist now
 
         forced = config.reachability if config.reachability in ("public", "private") else None
         bootstrap_ids = [_pid(a.rsplit("/p2p/", 1)[1]) for a in config.bootstrap if "/p2p/" in a]
