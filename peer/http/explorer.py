@@ -364,9 +364,11 @@ async function refresh() {
     n.id = "node";
     n.className = "";
     n.dataset.peerId = node.peer_id;
-    table("peers", ["peer id", "addrs", "devices", "providers", "models", "price", "load"],
+    table("peers", ["peer id", "reachability", "addrs", "devices", "providers", "models", "price",
+                    "load"],
       peers.map(ad => [
         ad.peer_id,
+        ad.reachability || "unknown",
         (ad.addrs || []).join("\\n"),
         (ad.devices || []).map(d => d.kind + ": " + d.name).join("\\n"),
         (ad.providers || []).join("\\n"),
