@@ -77,6 +77,7 @@ from protocols.model_wire import (
 if TYPE_CHECKING:
     from edge_models.registry import Registry
     from edge_models.spec import ModelEntry
+    from peer.model_on_demand import OnDemand
 
 log = logging.getLogger(__name__)
 
@@ -614,6 +615,22 @@ class ModelFetcher:
                 nursery.start_soon(one, p)
         return sources
 
+    async def manifest_from(self, provider: Provider, cid: str) -> Manifest | None:
+        """Ask one provider for ``cid``'s manifest (e.g. for its size); None if it cannot say."""
+        try:
+            with trio.fail_after(DIAL_TIMEOUT + MANIFEST_TIMEOUT):
+                frames = _Frames(await self._open(provider))
+                try:
+                    await frames.send(encode_request(ManifestRequest(cid)), max_size=REQUEST_MAX)
+                    raw = await frames.receive(max_size=MANIFEST_FRAME_MAX)
+                finally:
+                    await frames.close()
+            item = decode_response(raw, max_size=MANIFEST_FRAME_MAX) if raw else None
+        except Exception as exc:  # unreachable, refusing or garbage: it cannot say
+            log.debug("no manifest of %s from %s: %s", cid, provider.peer_id, exc)
+            return None
+        return item if isinstance(item, Manifest) and item.cid == cid else None
+
     async def _open(self, p: Provider) -> Any:
         pid = ID.from_base58(p.peer_id)
         network = self.host.get_network()
@@ -684,6 +701,7 @@ class ModelTransfer:
         self._registry = registry
         self.server: ModelServer | None = None
         self._fetcher: ModelFetcher | None = None
+        self.on_demand: OnDemand | None = None
 
     @property
     def registry(self) -> Registry:
@@ -725,6 +743,12 @@ class ModelTransfer:
             for cid in serve_cids(self.peer.config):
                 nursery.start_soon(self._keep_fetching, cid)
             nursery.start_soon(self._backfill_ipfs_cids)
+            market = getattr(self.peer, "market", None)
+            if self.peer.config.fetch_on_demand and getattr(market, "executor", None) is not None:
+                from peer.model_on_demand import OnDemand
+
+                self.on_demand = OnDemand(self)
+                await nursery.start(self.on_demand.run)
             task_status.started()
 
     def ipfs_of(self, cid: str) -> str:

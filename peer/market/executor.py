@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +105,8 @@ class ExecutorService:
         self._nursery: trio.Nursery | None = None
         # Called with (load, queue) when awards start or end: the ad carries them.
         self.on_load: Callable[[float, int], None] | None = None
+        # fetch_on_demand: called with the model cid of an accepted award before it runs.
+        self.prepare: Callable[[str], Awaitable[None]] | None = None
         self._last_load: tuple[float, int] = (0.0, 0)
 
     def _report_load(self) -> None:
@@ -197,6 +199,12 @@ class ExecutorService:
                     await fs.send(sign_message(self.key, a.error))
                     return
             self.stats["awards"] += 1
+            if self.prepare is not None:  # a model bid for on demand: fetch it first
+                try:
+                    await self.prepare(award.model_cid)
+                except Exception as exc:  # the requester sees the stream end and retries
+                    log.warning("cannot run job %s: %s", award.job_id.hex()[:12], exc)
+                    return
             fs.set_max_frame(self.max_frame)
             await self._run_award(award, fs)
         except (JobStreamClosed, ProtocolError, trio.TooSlowError) as exc:

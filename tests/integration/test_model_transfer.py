@@ -66,13 +66,17 @@ class Net:
     nodes: dict[str, Node] = field(default_factory=dict)
 
     async def start(
-        self, name: str, files: tuple[Path, ...] = (), limits: ModelLimits | None = None
+        self,
+        name: str,
+        files: tuple[Path, ...] = (),
+        limits: ModelLimits | None = None,
+        **settings: Any,
     ) -> Node:
         registry = Registry(self.tmp_path / name / "models", limits=limits or ModelLimits())
         for f in files:
             registry.add_file(f)
         runtime = ModelRuntime(registry, p50_runs=1)
-        cfg = config(self.tmp_path, name, bootstrap=(self.boot.listen_addrs[0],))
+        cfg = config(self.tmp_path, name, bootstrap=(self.boot.listen_addrs[0],), **settings)
         ready: list[Node] = []
 
         async def run(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -113,7 +117,7 @@ async def wait_providers(node: Node, cid: str, n: int) -> None:
     """Until ``node`` finds ``n`` providers of ``cid`` (real DHT queries, bounded)."""
     with trio.fail_after(20):
         while True:
-            if len({p.peer_id for p in await node.peer.find_providers(cid)}) >= n:
+            if len({p.peer_id for p in await node.peer.discovery.find_providers(cid)}) >= n:
                 return
             await trio.sleep(0.2)
 
