@@ -102,9 +102,15 @@ class RssSampler:
 
     async def run(self) -> None:
         while True:
-            rss = self.proc.memory_info().rss
-            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), rss)
+            m = self.proc.memory_info()
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), m.rss)
+            anon = f"{self.phase}-anon"  # RSS less file-backed pages (e.g. the mapped model)
+            self.peaks[anon] = max(self.peaks.get(anon, 0), m.rss - m.shared)
             await trio.sleep(0.01)  # sampling period
+
+    def anon_now(self) -> int:
+        m = self.proc.memory_info()
+        return int(m.rss - m.shared)
 
 
 def _start_sender(path: Path) -> subprocess.Popen[str]:
@@ -164,6 +170,7 @@ async def transfers(
                 )
                 sampler = RssSampler()
                 base = sampler.proc.memory_info().rss
+                base_anon = sampler.anon_now()
                 done_at: list[float] = []
 
                 def progress(
@@ -187,6 +194,9 @@ async def transfers(
                         "admit_s": t1 - done_at[0],
                         "rss_transfer_mb": (sampler.peaks.get("transfer", base) - base) / 1e6,
                         "rss_admit_mb": (sampler.peaks.get("admit", base) - base) / 1e6,
+                        "anon_transfer_mb": (sampler.peaks.get("transfer-anon", 0) - base_anon)
+                        / 1e6,
+                        "anon_admit_mb": (sampler.peaks.get("admit-anon", 0) - base_anon) / 1e6,
                     }
                 )
                 registry.remove(cid)
@@ -198,6 +208,8 @@ async def transfers(
                 "admit_s": round(best["admit_s"], 3),
                 "rss_above_base_transfer_mb": round(max(r["rss_transfer_mb"] for r in runs), 1),
                 "rss_above_base_admit_mb": round(max(r["rss_admit_mb"] for r in runs), 1),
+                "anon_above_base_transfer_mb": round(max(r["anon_transfer_mb"] for r in runs), 1),
+                "anon_above_base_admit_mb": round(max(r["anon_admit_mb"] for r in runs), 1),
                 "runs": len(runs),
             }
     for sp in providers_up:  # they would serve (and win) the jobs of the serve phase

@@ -36,7 +36,7 @@ import onnx
 from edge_models import packaged
 from edge_models.errors import AmbiguousModelRef, InvalidModel, ModelNotFound
 from edge_models.limits import DEFAULT_MODEL_LIMITS, ModelLimits
-from edge_models.spec import ModelEntry, inspect_model
+from edge_models.spec import ModelEntry, check_model_file, inspect_model
 from protocols.model_wire import CHUNK_SIZE, ipfs_cid_of
 
 log = logging.getLogger(__name__)
@@ -375,7 +375,8 @@ class Registry:
         cid, ipfs_cid = _hash_file(tmp_path)
         if expected_cid is not None and cid != expected_cid.lower():
             raise InvalidModel(f"model bytes hash to {cid}, expected {expected_cid}")
-        sig = inspect_model(_parse_onnx(tmp_path), self.limits.allowed_domains)
+        sig = inspect_model(_parse_onnx(tmp_path), self.limits.allowed_domains, check=False)
+        check_model_file(str(tmp_path))  # after the parsed model is gone: one copy at a time
         with self._lock:
             existing = self._entries.get(cid)
             chosen = self._choose_name(name, default_name, cid, existing)

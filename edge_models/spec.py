@@ -6,7 +6,7 @@ what we will not run (external data, custom op domains, non-tensor inputs).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,8 +109,14 @@ class Signature:
     opset: int
 
 
-def inspect_model(model: onnx.ModelProto, allowed_domains: frozenset[str]) -> Signature:
-    """Check a parsed model against our rules and read its signature."""
+def inspect_model(
+    model: onnx.ModelProto, allowed_domains: frozenset[str], *, check: bool = True
+) -> Signature:
+    """Check a parsed model against our rules and read its signature.
+
+    ``check=False`` leaves out ``onnx.checker``: the caller runs ``check_model_file``
+    on the file once it has dropped the parsed model (one copy in memory, not two).
+    """
     for tensor in _all_tensors(model):
         if tensor.data_location == TensorProto.EXTERNAL or tensor.external_data:
             raise InvalidModel(
@@ -126,10 +132,8 @@ def inspect_model(model: onnx.ModelProto, allowed_domains: frozenset[str]) -> Si
             f"model uses operator domains {bad} that are not allowed "
             f"(allowed: {sorted({d or 'ai.onnx' for d in allowed_domains})})"
         )
-    try:
-        onnx.checker.check_model(model)
-    except Exception as exc:  # the checker raises several types
-        raise InvalidModel(f"not a valid ONNX model: {_first_line(exc)}") from exc
+    if check:
+        _checked(onnx.checker.check_model, model)
     graph = model.graph
     initializers = {t.name for t in graph.initializer}
     inputs = tuple(_spec(v, "input") for v in graph.input if v.name not in initializers)
@@ -139,6 +143,18 @@ def inspect_model(model: onnx.ModelProto, allowed_domains: frozenset[str]) -> Si
         0,
     )
     return Signature(inputs=inputs, outputs=outputs, opset=int(opset))
+
+
+def check_model_file(path: str) -> None:
+    """``onnx.checker`` on a model file (it reads the file itself: no serialized copy)."""
+    _checked(onnx.checker.check_model, path)
+
+
+def _checked(check: Callable[[Any], None], model: Any) -> None:
+    try:
+        check(model)
+    except Exception as exc:  # the checker raises several types
+        raise InvalidModel(f"not a valid ONNX model: {_first_line(exc)}") from exc
 
 
 def _spec(value: onnx.ValueInfoProto, role: str) -> TensorSpec:
