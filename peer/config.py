@@ -82,6 +82,24 @@ class Config:
     fetch_on_demand: bool = False
     # Bytes the model store may use; least recently used models go first (0 = no limit).
     model_store_bytes: int = 0
+    # The settlement network (docs/settlement.md, "Genesis"): a genesis file to use
+    # (default: learned from the bootstrap nodes, or founded by a bootstrap node that
+    # has none), the network id this peer must join (empty: whichever its bootstrap
+    # nodes serve) and the name a founding bootstrap node gives its network.
+    genesis: str = ""
+    network: str = ""
+    network_name: str = "edgeswarm"
+    # Written into the genesis a bootstrap node founds (every peer of the network then
+    # follows its genesis): seconds per epoch, identity cost (proof-of-work bits; 27 is
+    # about a CPU-minute), credits earned from others and epochs of age to enter the
+    # witness/referee pool.
+    ledger_epoch: float = 600.0
+    ledger_pow_bits: int = 27
+    ledger_eligible_earned: float = 10.0
+    ledger_eligible_age: int = 6
+    # Share of this requester's jobs that are also run on a second executor and
+    # compared (never announced to executors before they commit).
+    spot_check: float = 0.05
 
     @property
     def key_path(self) -> Path:
@@ -155,7 +173,8 @@ def load_config(
         {
             k[len(ENV_PREFIX) :].lower(): v
             for k, v in env.items()
-            if k.startswith(ENV_PREFIX) and k != ENV_PREFIX + "CONFIG"
+            # Other EDGESWARM_* names (a test's switch, a newer version's setting) are not ours.
+            if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX) :].lower() in _FIELDS
         },
         "environment",
     )

@@ -136,7 +136,7 @@ class LocalSwarm:
     async def stop_all(self) -> dict[str, int]:
         # Peers first, bootstrap last (it was started first).
         for sp in reversed(self.processes):
-            if sp.name not in self.exit_codes:
+            if sp.process.returncode is None:  # (one name may have run more than once)
                 await self.stop(sp)
         return dict(self.exit_codes)
 

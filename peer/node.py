@@ -25,7 +25,6 @@ its routing table and re-publishes its ad.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import logging
 import random
@@ -329,18 +328,16 @@ class Peer:
 async def _start_settlement(peer: Peer, stack: AsyncExitStack) -> None:
     """Open the ledger and settlement service; hook the market's receipts into it.
 
-    Witnesses default to the bootstrap nodes (``Config.ledger_witnesses`` overrides);
-    a bootstrap node with no witness list witnesses for itself.
+    The network is the genesis the peer finds (``peer.settlement.network``): a
+    bootstrap node with none founds one and witnesses for it.
     """
     from peer.ledger_store import LedgerInUse  # SQLite + trio-asyncio: only when used
     from peer.settlement import open_peer_settlement
 
-    config = peer.config
-    if peer.role == "bootstrap" and not config.ledger_witnesses:
-        others = tuple(a.rsplit("/p2p/", 1)[1] for a in config.bootstrap if "/p2p/" in a)
-        config = dataclasses.replace(config, ledger_witnesses=(peer.peer_id, *others))
     try:
-        service = await stack.enter_async_context(open_peer_settlement(peer, config, optional=True))
+        service = await stack.enter_async_context(
+            open_peer_settlement(peer, peer.config, optional=True, role=peer.role)
+        )
     except LedgerInUse as exc:
         if peer.role != "client":
             raise

@@ -35,6 +35,7 @@ DEMO_PRICES = (1.0, 2.0, 3.0)
 # Everyone in one network must agree on these settlement parameters.
 DEMO_BASE_LIMIT = 1000.0  # credits a new identity may owe
 DEMO_SYNC_INTERVAL = 1.0  # seconds between anti-entropy rounds
+DEMO_POW_BITS = 12  # a cheap test genesis: identities cost ~2 ms, not a CPU-minute
 WAIT_S = 90.0
 # Share of jobs also run on a second executor and compared (referees settle a dispute).
 SPOT_CHECK = 0.25
@@ -60,6 +61,7 @@ def _settlement_env(witnesses: list[str]) -> dict[str, str]:
         "EDGESWARM_LEDGER_WITNESSES": ",".join(witnesses),
         "EDGESWARM_LEDGER_BASE_LIMIT": str(DEMO_BASE_LIMIT),
         "EDGESWARM_LEDGER_SYNC_INTERVAL": str(DEMO_SYNC_INTERVAL),
+        "EDGESWARM_LEDGER_POW_BITS": str(DEMO_POW_BITS),
     }
 
 
@@ -147,6 +149,7 @@ async def _demo(
             ledger_witnesses=tuple(witnesses),
             ledger_base_limit=DEMO_BASE_LIMIT,
             ledger_sync_interval=DEMO_SYNC_INTERVAL,
+            ledger_pow_bits=DEMO_POW_BITS,
             log_level="WARNING",
         )
         async with open_peer(config) as app_peer:
@@ -282,6 +285,7 @@ async def _settle(console: Any, peer: Any, root: Path, who: dict[str, str]) -> N
     from rich.table import Table
 
     from peer.ledger_store import format_credits, read_snapshot
+    from peer.settlement_paths import ledger_dir
 
     svc = peer.settlement
     if svc is None:
@@ -302,7 +306,8 @@ async def _settle(console: Any, peer: Any, root: Path, who: dict[str, str]) -> N
             hashes = {"app": mine}
             for name in names:
                 try:
-                    snap = await trio.to_thread.run_sync(read_snapshot, root / name)
+                    where = ledger_dir(root / name)
+                    snap = await trio.to_thread.run_sync(read_snapshot, where)
                     hashes[name] = snap.state_hash.hex() if snap.state_hash else "-"
                 except Exception as exc:  # a ledger being created: read again next pass
                     hashes[name] = f"unreadable ({exc})"

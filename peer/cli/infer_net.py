@@ -48,9 +48,11 @@ def infer_network(
     from peer.cli.models_cmd import parse_input_args
     from peer.host import AddressError, ListenError
     from peer.identity import IdentityError
+    from peer.ledger_store import StoreError
     from peer.logging_setup import setup_logging
     from peer.market import MarketFailure, UnknownModel
     from peer.node import open_peer
+    from peer.settlement_paths import NetworkError
 
     if not cfg.bootstrap:
         fail("network inference needs --bootstrap MULTIADDR (or EDGESWARM_BOOTSTRAP)", code=2)
@@ -91,7 +93,7 @@ def infer_network(
     t0 = time.perf_counter()
     try:
         trio.run(main)
-    except IdentityError as exc:
+    except (IdentityError, StoreError, NetworkError) as exc:
         fail(str(exc))
     except AddressError as exc:
         fail(str(exc), code=2)

@@ -7,7 +7,7 @@ micro-credits in ``--json`` output and credits with 6 decimals for people.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -21,6 +21,7 @@ from peer.ledger_store import (
     read_snapshot,
     verify_snapshot,
 )
+from peer.settlement_paths import NetworkError, ledger_dir
 from protocols.ledger_state import LedgerState
 
 if TYPE_CHECKING:
@@ -34,18 +35,33 @@ ledger_app = typer.Typer(
 app.add_typer(ledger_app, name="ledger")
 
 
-def _snapshot(data_dir: Any) -> LedgerSnapshot:
+NetworkOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--network",
+        metavar="ID",
+        help="Which network's ledger (a network id or a prefix of 8+ hex digits; "
+        "default: the one this data dir used last).",
+        show_default=False,
+    ),
+]
+
+
+def _snapshot(data_dir: Any, network: str | None = None) -> LedgerSnapshot:
     cfg = config_from_cli(data_dir=data_dir)
     try:
-        return read_snapshot(db_path(cfg.data_dir))
-    except StoreError as exc:
+        return read_snapshot(db_path(ledger_dir(cfg.data_dir, network)))
+    except (StoreError, NetworkError) as exc:
         fail(str(exc))
 
 
-def _running(data_dir: Any) -> LocalApi | None:
-    """The running peer of this data dir (its ledger is live in memory there), or None."""
+def _running(data_dir: Any, network: str | None = None) -> LocalApi | None:
+    """The running peer of this data dir (its ledger is live in memory there), or None
+    (also when another network's ledger is asked for)."""
     from peer.cli.local_api import running_peer
 
+    if network:
+        return None
     return running_peer(config_from_cli(data_dir=data_dir))
 
 
@@ -57,10 +73,12 @@ def _live_ledger(api: LocalApi) -> dict[str, Any]:
 
 
 @ledger_app.command("balances")
-def balances(data_dir: DataDirOpt = None, json_out: JsonOpt = False) -> None:
+def balances(
+    data_dir: DataDirOpt = None, json_out: JsonOpt = False, network: NetworkOpt = None
+) -> None:
     """Every account's balance (mutual credit: they sum to zero)."""
-    api = _running(data_dir)
-    values = _live_ledger(api)["balances"] if api else _snapshot(data_dir).balances
+    api = _running(data_dir, network)
+    values = _live_ledger(api)["balances"] if api else _snapshot(data_dir, network).balances
     if json_out:
         print_json(dict(sorted(values.items())))
         return
@@ -73,16 +91,18 @@ def balances(data_dir: DataDirOpt = None, json_out: JsonOpt = False) -> None:
 
 
 @ledger_app.command("receipts")
-def receipts(data_dir: DataDirOpt = None, json_out: JsonOpt = False) -> None:
+def receipts(
+    data_dir: DataDirOpt = None, json_out: JsonOpt = False, network: NetworkOpt = None
+) -> None:
     """Receipts held in the ledger and whether a certificate pays them."""
     from peer.http.explorer import receipt_rows
 
-    api = _running(data_dir)
+    api = _running(data_dir, network)
     if api is not None:
         answer = api.get_json("/api/ledger/receipts")
         rows, bad = answer["receipts"], answer["bad"]
     else:
-        snap = _snapshot(data_dir)
+        snap = _snapshot(data_dir, network)
         rows, bad = receipt_rows((kind, data) for _fid, kind, data in snap.facts)
     if json_out:
         print_json(rows)
@@ -100,11 +120,13 @@ def receipts(data_dir: DataDirOpt = None, json_out: JsonOpt = False) -> None:
 
 
 @ledger_app.command("verify")
-def verify(data_dir: DataDirOpt = None, json_out: JsonOpt = False) -> None:
+def verify(
+    data_dir: DataDirOpt = None, json_out: JsonOpt = False, network: NetworkOpt = None
+) -> None:
     """Re-check every signature, certificate quorum, lock and the balance fold.
 
     Exits 1 if anything is wrong."""
-    snap = _snapshot(data_dir)
+    snap = _snapshot(data_dir, network)
     report = verify_snapshot(snap)
     state_hash = report.ledger.state_hash().hex() if report.ledger is not None else None
     if json_out:
@@ -132,9 +154,11 @@ def verify(data_dir: DataDirOpt = None, json_out: JsonOpt = False) -> None:
 
 
 @ledger_app.command("state-hash")
-def state_hash(data_dir: DataDirOpt = None, json_out: JsonOpt = False) -> None:
+def state_hash(
+    data_dir: DataDirOpt = None, json_out: JsonOpt = False, network: NetworkOpt = None
+) -> None:
     """The ledger's state hash: equal on every peer that holds the same facts."""
-    api = _running(data_dir)
+    api = _running(data_dir, network)
     if api is not None:
         value = _live_ledger(api)["state_hash"]
         if json_out:
@@ -142,7 +166,7 @@ def state_hash(data_dir: DataDirOpt = None, json_out: JsonOpt = False) -> None:
         else:
             typer.echo(value)
         return
-    snap = _snapshot(data_dir)
+    snap = _snapshot(data_dir, network)
     if snap.state_hash is not None:
         value = snap.state_hash.hex()
     elif snap.rule is not None and snap.policy is not None:

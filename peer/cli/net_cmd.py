@@ -110,10 +110,11 @@ def _config(data_dir: Path | None, **flags: Any) -> Config:
 def _run_trio(main: Callable[[], Any]) -> None:
     """Run ``main`` under trio; expected failures become one line on stderr."""
     from peer.ledger_store import StoreError
+    from peer.settlement_paths import NetworkError
 
     try:
         trio.run(main)
-    except StoreError as exc:
+    except (StoreError, NetworkError) as exc:
         fail(str(exc))
     except IdentityError as exc:
         fail(str(exc))
@@ -207,9 +208,13 @@ def bootstrap_command(
     listen: ListenOpt = None,
     http: HttpOpt = None,
     announce: AnnounceOpt = None,
+    bootstrap: BootstrapOpt = None,
 ) -> None:
-    """Run a bootstrap node: a DHT server and gossip relay with a stable id and address."""
-    config = _config(data_dir, listen=listen, http=http, announce=announce)
+    """Run a bootstrap node: a DHT server and gossip relay with a stable id and address.
+
+    With no --bootstrap it founds a settlement network (or keeps the one it founded);
+    with --bootstrap it joins the network those nodes are in."""
+    config = _config(data_dir, listen=listen, http=http, announce=announce, bootstrap=bootstrap)
     setup_logging(config.log_level)
     from bootstrap.node import open_bootstrap
 

@@ -21,6 +21,7 @@ from peer.settlement.base import (
 )
 from peer.settlement.fact_sync import GOSSIP_TOPIC, FactSync
 from peer.settlement.ledger_rpc import PROTOCOL_ID, LedgerClient
+from peer.settlement.network import resolve_genesis
 from peer.settlement.payer import Payer
 from peer.settlement.service import (
     SettlementPeer,
@@ -31,6 +32,7 @@ from peer.settlement.service import (
     open_settlement,
 )
 from peer.settlement.witness_server import WitnessServer
+from peer.settlement_paths import NetworkError, known_networks, ledger_dir, network_dir
 from protocols.ledger_rpc import MAX_FRAME
 
 __all__ = [
@@ -40,6 +42,7 @@ __all__ = [
     "FactSync",
     "LedgerClient",
     "LedgerFacts",
+    "NetworkError",
     "Payer",
     "PaymentFailed",
     "SettlementConfig",
@@ -51,6 +54,10 @@ __all__ = [
     "WitnessServer",
     "committee_rule_from_config",
     "credit_policy_from_config",
+    "known_networks",
+    "ledger_dir",
+    "network_dir",
     "open_peer_settlement",
     "open_settlement",
+    "resolve_genesis",
 ]

@@ -73,6 +73,9 @@ class Payer:
         self._lock = trio.Lock()
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
+        # Set when this identity may owe (its proof-of-work is done): payments wait for it.
+        self.identity_ready = trio.Event()
+        self.identity_ready.set()
         facts.on_new.append(self.wake)
 
     def now_ms(self) -> int:
@@ -104,6 +107,7 @@ class Payer:
         if receipt.requester != self.peer_id:
             raise SettlementError(f"{self.peer_id} is not the requester of this receipt")
         await self.facts.add(receipt)
+        await self.identity_ready.wait()
         async with self._lock:
             for transfer, pending in self.store.outgoing():
                 await self._finish(transfer, pending)
@@ -233,6 +237,7 @@ class Payer:
     async def _pay_forever(self) -> None:
         """Resend pending transfers and pay what we owe, with backoff."""
         delay = self.config.retry_interval
+        await self.identity_ready.wait()
         while True:
             work = [r for _, r in self.store.outgoing()] + self.unpaid()
             if not work:

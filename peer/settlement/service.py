@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -29,6 +31,7 @@ from libp2p.kad_dht.kad_dht import KadDHT
 from libp2p.pubsub.pubsub import Pubsub
 
 from peer import metrics
+from peer.config import Config
 from peer.ledger_store import LedgerStore, fact_bytes, open_ledger_store
 from peer.settlement.base import (
     LedgerFacts,
@@ -39,12 +42,15 @@ from peer.settlement.base import (
 )
 from peer.settlement.fact_sync import FactSync
 from peer.settlement.ledger_rpc import LedgerClient
+from peer.settlement.network import GENESIS_PROTOCOL, resolve_genesis, serve_genesis
 from peer.settlement.payer import Payer
 from peer.settlement.server import LedgerServer, StreamState
 from peer.settlement.witness_server import WitnessServer
+from peer.settlement_paths import NetworkError, remember_network
 from protocols.certificate import Certificate
 from protocols.committee import CommitteeRule
 from protocols.errors import ProtocolError
+from protocols.genesis import Genesis
 from protocols.identity import peer_id_from_public_key
 from protocols.ledger import CreditPolicy, IdentityProof, solve_pow
 from protocols.ledger_state import FactKind, LedgerState
@@ -53,6 +59,10 @@ from protocols.proofs import FraudProof, PayableReceipt
 from protocols.witness import Witness
 
 log = logging.getLogger(__name__)
+
+# Nonces searched per thread call while proving an identity (~40 ms of hashing).
+POW_CHUNK = 1 << 16
+MAX_POW_NONCE = 1 << 48
 
 
 class SettlementPeer(Protocol):
@@ -103,6 +113,11 @@ class SettlementService:
             key, self.facts, self.fact_sync.spread, self.stats, now_ms=self.now_ms
         )
         self.server = LedgerServer(host, self.witness_server, self.fact_sync, config, self.stats)
+        # Set once this identity has its proof-of-work (or needs none): it may then owe.
+        self.identity_ready = trio.Event()
+        self.payer.identity_ready = self.identity_ready
+        # The network this ledger belongs to (set by open_peer_settlement).
+        self.genesis: Genesis | None = None
 
     # --- state ----------------------------------------------------------------------------
 
@@ -187,21 +202,58 @@ class SettlementService:
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    async def _ensure_identity(self) -> None:
-        pol = self.ledger.policy
-        if self.peer_id in pol.genesis:
+    def _stored_identity(self) -> IdentityProof | None:
+        return self.ledger.identity_proof(self.peer_id)
+
+    async def _solve_chunk(self, start: int) -> int | None:
+        bits = self.ledger.policy.pow_bits
+        return await trio.to_thread.run_sync(
+            functools.partial(solve_pow, self.peer_id, bits, start=start, max_tries=POW_CHUNK)
+        )
+
+    async def _have_identity(self, nonce: int) -> None:
+        proof = IdentityProof(self.peer_id, nonce)
+        await self.facts.add(proof)
+        self.client.identity = proof
+        self.identity_ready.set()
+
+    async def _prove_identity(self) -> None:
+        """Background: search the identity proof-of-work, a chunk of nonces per thread call
+        (so cancelling stops it), then store and use it."""
+        bits = self.ledger.policy.pow_bits
+        log.info("proving this identity (%d bits of proof-of-work, ~%.0e hashes)", bits, 2.0**bits)
+        t0 = time.monotonic()
+        start = POW_CHUNK  # the first chunk was searched before start-up finished
+        while start < MAX_POW_NONCE:
+            nonce = await self._solve_chunk(start)
+            if nonce is not None:
+                await self._have_identity(nonce)
+                log.info("identity proof found in %.1f s", time.monotonic() - t0)
+                return
+            start += POW_CHUNK
+        raise SettlementError(f"no identity proof of {bits} bits found")
+
+    async def _ensure_identity(self, nursery: trio.Nursery) -> None:
+        """Our identity proof: stored, or found in the first chunk of nonces (cheap networks),
+        or searched in the background (until then this peer may not owe anything)."""
+        if self.peer_id in self.ledger.policy.genesis:
+            self.identity_ready.set()
             return
-        if not self.ledger.has_identity(self.peer_id):
-            nonce = await trio.to_thread.run_sync(solve_pow, self.peer_id, pol.pow_bits)
-            if nonce is None:
-                raise SettlementError(f"no identity proof of {pol.pow_bits} bits found")
-            await self.facts.add(IdentityProof(self.peer_id, nonce))
-        self.client.identity = self.ledger.identity_proof(self.peer_id)
+        proof = self._stored_identity()
+        if proof is not None:
+            self.client.identity = proof
+            self.identity_ready.set()
+            return
+        nonce = await self._solve_chunk(0)
+        if nonce is not None:
+            await self._have_identity(nonce)
+        else:
+            nursery.start_soon(self._prove_identity)
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         try:
             async with trio.open_nursery() as nursery:
-                await self._ensure_identity()
+                await self._ensure_identity(nursery)
                 await nursery.start(self.server.run)
                 await nursery.start(self.fact_sync.run)
                 await nursery.start(self.payer.run)
@@ -270,13 +322,15 @@ def credit_policy_from_config(config: Any) -> CreditPolicy:
 @asynccontextmanager
 async def open_peer_settlement(
     peer: SettlementPeer,
-    config: Any,
+    config: Config,
     *,
     policy: CreditPolicy | None = None,
     settings: SettlementConfig | None = None,
     optional: bool = False,
+    genesis: Genesis | None = None,
+    role: str = "peer",
 ) -> AsyncIterator[SettlementService | None]:
-    """Ledger store in ``config.data_dir`` + settlement service for a running ``peer``.
+    """The network's ledger in ``config.data_dir`` + settlement service for a running ``peer``.
 
     ::
 
@@ -288,22 +342,43 @@ async def open_peer_settlement(
             if settlement is not None:
                 market.on_receipt.append(settlement.on_market_receipt)
 
-    ``optional``: when the config names no witnesses (a lone peer with no bootstrap),
-    log a warning and yield None instead of raising ``SettlementError``.
+    The network is ``genesis``, else the one ``network.resolve_genesis`` finds (a
+    genesis file, the ledger_witnesses setting, the network a bootstrap node founded,
+    or the genesis the bootstrap nodes serve); its ledger is
+    ``<data dir>/networks/<network id>/``, and this peer answers
+    ``/edgeswarm/genesis/1`` with it while the block runs.
+
+    ``optional``: when no network can be found (a lone peer with no bootstrap), log a
+    warning and yield None instead of raising ``NetworkError``. A genesis that breaks
+    the ``network`` pin is always an error.
     """
-    try:
-        rule = committee_rule_from_config(config)
-    except SettlementError as exc:
-        if not optional:
-            raise
-        log.warning("settlement is off: %s", exc)
-        yield None
-        return
+    source = "the caller"
+    if genesis is None:
+        try:
+            genesis, source = await resolve_genesis(peer.host, config, role=role)
+        except NetworkError as exc:
+            if not optional or config.network or config.genesis or "must join" in str(exc):
+                raise
+            log.warning("settlement is off: %s", exc)
+            yield None
+            return
+    path = await trio.to_thread.run_sync(remember_network, config.data_dir, genesis)
+    log.info(
+        "settlement network %s (%s, from %s); ledger in %s",
+        genesis.network_id[:16],
+        genesis.name,
+        source,
+        path,
+    )
     settings = settings or SettlementConfig(sync_interval=config.ledger_sync_interval)
-    async with (
-        open_ledger_store(
-            config.data_dir, rule, policy or credit_policy_from_config(config)
-        ) as store,
-        open_settlement(peer, store, settings) as service,
-    ):
-        yield service
+    serve_genesis(peer.host, genesis)
+    try:
+        async with (
+            open_ledger_store(path, genesis.rule(), policy or genesis.policy()) as store,
+            open_settlement(peer, store, settings) as service,
+        ):
+            service.genesis = genesis
+            yield service
+    finally:
+        with contextlib.suppress(Exception):
+            peer.host.remove_stream_handler(GENESIS_PROTOCOL)

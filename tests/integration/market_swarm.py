@@ -38,6 +38,7 @@ class FakeHardware:
 
 
 def config(tmp_path: Path, name: str, **kw: Any) -> Config:
+    kw.setdefault("ledger_pow_bits", 8)  # a cheap test genesis (the default costs a CPU-minute)
     return Config(data_dir=tmp_path / name, listen=("/ip4/127.0.0.1/tcp/0",), **kw)
 
 

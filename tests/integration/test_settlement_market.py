@@ -25,6 +25,7 @@ from peer.settlement import (
     SettlementConfig,
     SettlementError,
     committee_rule_from_config,
+    network_dir,
     open_peer_settlement,
     open_settlement,
 )
@@ -100,6 +101,7 @@ async def test_open_peer_settlement_from_config(tmp_path: Path) -> None:
         ledger_witnesses=witnesses,
         ledger_base_limit=5.0,
         ledger_sync_interval=0.0,
+        ledger_pow_bits=8,
     )
     async with (
         open_peer(cfg, key=key(7), hardware=FakeHardware(), settlement=False) as peer,
@@ -109,7 +111,9 @@ async def test_open_peer_settlement_from_config(tmp_path: Path) -> None:
         assert svc.ledger.policy.base_limit == 5_000_000
         assert svc.ledger.rule.fallback == frozenset(witnesses)
         assert svc.ledger.has_identity(peer.peer_id)  # proved its identity at start
-    assert read_snapshot(tmp_path / "p").rule is not None
+        assert svc.ledger.policy.pow_bits == 8 and svc.genesis is not None
+    assert svc.genesis is not None
+    assert read_snapshot(network_dir(tmp_path / "p", svc.genesis)).rule is not None
     lone = Config(data_dir=tmp_path / "lone", listen=("/ip4/127.0.0.1/tcp/0",))
     async with (
         open_peer(lone, key=key(8), hardware=FakeHardware(), settlement=False) as peer,

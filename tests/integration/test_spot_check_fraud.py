@@ -62,6 +62,7 @@ def config(tmp_path: Path, name: str, boot: str = "", **kw: Any) -> Config:
         listen=("/ip4/127.0.0.1/tcp/0",),
         bootstrap=(boot,) if boot else (),
         ledger_witnesses=WITNESSES,
+        ledger_pow_bits=8,  # a cheap test genesis (the default costs a CPU-minute)
         ledger_base_limit=100.0,  # the requester pays for many jobs before it earns
         ledger_sync_interval=0.5,
         bid_window=BID_WINDOW,
