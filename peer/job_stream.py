@@ -58,6 +58,14 @@ class FrameStream:
         data = frame(encode_frame(item), max_size=MAX_PAYLOAD_FRAME)
         await self.send_raw(data)
 
+    async def send_many(self, items: list[JobFrame]) -> None:
+        """Several frames in one write: nothing another task sends can come between them
+        (a result and the commitment that covers it), and one write instead of many."""
+        if items:
+            await self.send_raw(
+                b"".join(frame(encode_frame(i), max_size=MAX_PAYLOAD_FRAME) for i in items)
+            )
+
     async def send_raw(self, data: bytes) -> None:
         async with self._write_lock:
             try:

@@ -65,6 +65,9 @@ class ExecutorConfig:
     # expiry is written that much later too, so a requester whose clock is ahead still
     # finds it valid.
     clock_skew_s: float = 0.0
+    # Fair exchange on leases: jobs started (and results delivered) beyond the last
+    # cumulative Acceptance, at most; a lease's own ``window`` may only lower it.
+    max_unaccepted: int = 32
 
     def __post_init__(self) -> None:
         want_peer_id("ExecutorConfig", "peer_id", self.peer_id)
@@ -73,10 +76,11 @@ class ExecutorConfig:
             or self.max_queue < 0
             or self.max_open_bids < 1
             or self.max_finished < 1
+            or self.max_unaccepted < 1
         ):
             raise LocalProtocolError(
                 "ExecutorConfig needs max_concurrent>=1, max_queue>=0, max_open_bids>=1, "
-                "max_finished>=1"
+                "max_finished>=1, max_unaccepted>=1"
             )
         if not 0 < self.bid_validity_s <= 3600:
             raise LocalProtocolError("ExecutorConfig.bid_validity_s must be in (0, 3600]")
@@ -171,6 +175,16 @@ class ConnectionLost:
 
 
 @dataclass(frozen=True)
+class AcceptanceReceived:
+    """The requester's signed Acceptance of our last interim (cumulative) commitment of a
+    lease arrived and verified; it covers the first ``count`` results."""
+
+    job_id: bytes
+    count: int
+    now: float
+
+
+@dataclass(frozen=True)
 class Tick:
     """Periodic clock: prunes expired bids and abandons awards past their deadline."""
 
@@ -186,6 +200,7 @@ Event = (
     | ExecutionFailed
     | BatchCloseReceived
     | ConnectionLost
+    | AcceptanceReceived
     | Tick
 )
 
@@ -252,6 +267,14 @@ class SendCommitment:
 
 
 @dataclass(frozen=True)
+class SendInterim:
+    """Sign ``commitment`` (cumulative: every result delivered so far of a lease) and send
+    it; the award goes on, and no job past the window starts until it is accepted."""
+
+    commitment: ResultCommitment
+
+
+@dataclass(frozen=True)
 class Abandon:
     """Close the stream of ``job_id``: its award is over without a commitment."""
 
@@ -268,6 +291,7 @@ Action = (
     | SendResult
     | SendError
     | SendCommitment
+    | SendInterim
     | Abandon
 )
 
@@ -295,6 +319,15 @@ class _Job:
     started: set[int] = field(default_factory=set)
     results: dict[int, tuple[bytes, bytes, int]] = field(default_factory=dict)
     failed: set[int] = field(default_factory=set)
+    window: int = 1  # see LeaseTerms.window (a single job: 1)
+    accepted: int = 0  # results the requester's last cumulative Acceptance covers
+    interim: int = 0  # count of the interim commitment awaiting its Acceptance (0: none)
+    deferred: list[int] = field(default_factory=list)  # inputs past the window, not started
+
+    @property
+    def unaccepted(self) -> int:
+        """Jobs started (running or delivered, not failed) beyond the last Acceptance."""
+        return len(self.started) - len(self.failed) - self.accepted
 
 
 @dataclass
@@ -349,6 +382,8 @@ class ExecutorState:
                 return self._on_close(job_id, count)
             case ConnectionLost(job_id=job_id):
                 return self._end(job_id, None)
+            case AcceptanceReceived(job_id=job_id, count=count):
+                return self._on_accepted(job_id, count)
             case Tick(now=now):
                 return self._on_tick(now)
             case _:
@@ -417,7 +452,9 @@ class ExecutorState:
         if problem:
             return [RejectAward(self._error(award.job_id, code, problem))]
         self._bids.pop(award.job_id, None)
-        self._jobs[award.job_id] = _Job(award=award)
+        cap = self.config.max_unaccepted
+        window = 1 if award.lease is None else min(award.lease.window or cap, cap)
+        self._jobs[award.job_id] = _Job(award=award, window=window)
         return [AcceptAward(award)]
 
     def _award_problem(self, award: Award, now: float) -> tuple[str, str]:
@@ -453,7 +490,7 @@ class ExecutorState:
             code = "duplicate" if job_id in self._finished else "bad-award"
             return [SendError(self._error(job_id, code, "no open award for this job", seq))]
         award = job.award
-        if seq in job.started:
+        if seq in job.started or seq in job.deferred:
             return [SendError(self._error(job_id, "duplicate", f"job {seq} already ran", seq))]
         if seq >= award.max_jobs:
             why = f"job {seq} is beyond the award's {award.max_jobs} jobs"
@@ -462,6 +499,9 @@ class ExecutorState:
         if now >= cutoff + self.config.clock_skew_s:
             why = "the award's deadline has passed" if award.lease is None else "the lease is over"
             return [SendError(self._error(job_id, "deadline", why, seq))]
+        if award.lease is not None and job.unaccepted >= job.window:
+            job.deferred.append(seq)  # fair exchange: starts once the requester accepts
+            return []
         job.started.add(seq)
         return [StartExecution(job_id, seq)]
 
@@ -480,10 +520,37 @@ class ExecutorState:
         if job is None or ev.seq not in job.started or ev.seq in job.results:
             return []  # the award ended meanwhile (stream lost); nothing to send
         job.results[ev.seq] = (ev.input_digest, ev.output_digest, ev.compute_ms)
+        if job.award.lease is None:
+            # Commitment first, then the result: our claim is fixed before the requester
+            # sees the outputs, and the requester accepts against both.
+            return [*self._commit(ev.job_id), SendResult(ev.job_id, ev.seq)]
         actions: list[Action] = [SendResult(ev.job_id, ev.seq)]
-        if job.award.lease is None or len(job.results) == job.award.max_jobs:
-            actions += self._commit(ev.job_id)
-        return actions
+        if len(job.results) == job.award.max_jobs:
+            return actions + self._commit(ev.job_id)
+        return actions + self._maybe_interim(job)
+
+    def _maybe_interim(self, job: _Job) -> list[Action]:
+        """At half the window of delivered results, ask for a cumulative Acceptance."""
+        if job.interim or len(job.results) - job.accepted < max(1, job.window // 2):
+            return []
+        job.interim = len(job.results)
+        return [SendInterim(self._commitment(job))]
+
+    def _on_accepted(self, job_id: bytes, count: int) -> list[Action]:
+        job = self._jobs.get(job_id)
+        if job is None:
+            return []  # the award ended meanwhile
+        if job.award.lease is None or count != job.interim:
+            raise LocalProtocolError(
+                f"acceptance of {count} results, but the interim commitment covers {job.interim}"
+            )
+        job.accepted, job.interim = count, 0
+        actions: list[Action] = []
+        while job.deferred and job.unaccepted < job.window:
+            seq = job.deferred.pop(0)
+            job.started.add(seq)
+            actions.append(StartExecution(job_id, seq))
+        return actions + self._maybe_interim(job)
 
     def _on_failed(self, ev: ExecutionFailed) -> list[Action]:
         job = self._jobs.get(ev.job_id)
@@ -500,7 +567,11 @@ class ExecutorState:
         job = self._jobs.get(job_id)
         if job is None:
             return []
-        if count != len(job.results) or len(job.started) != len(job.results) + len(job.failed):
+        if (
+            count != len(job.results)
+            or len(job.started) != len(job.results) + len(job.failed)
+            or job.deferred
+        ):
             why = f"close says {count} jobs, {len(job.results)} finished of {len(job.started)}"
             return [SendError(self._error(job_id, "bad-input", why))]
         return self._commit(job_id)
@@ -509,7 +580,13 @@ class ExecutorState:
         job = self._jobs[job_id]
         if not job.results:
             return self._end(job_id, "no job finished")
-        award = job.award
+        commitment = self._commitment(job)
+        self._finish(job_id)
+        return [SendCommitment(commitment)]
+
+    def _commitment(self, job: _Job) -> ResultCommitment:
+        """The cumulative commitment to every result delivered so far, in seq order."""
+        job_id, award = job.award.job_id, job.award
         done = [job.results[s] for s in sorted(job.results)]
         if award.lease is None:
             input_digest, output_digest = done[0][0], done[0][1]
@@ -527,8 +604,7 @@ class ExecutorState:
             compute_ms=min(sum(d[2] for d in done), MAX_COMPUTE_MS),
             count=len(done),
         )
-        self._finish(job_id)
-        return [SendCommitment(commitment)]
+        return commitment
 
     # --- endings and housekeeping ---------------------------------------------------
 

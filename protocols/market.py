@@ -110,25 +110,42 @@ class TensorMeta:
 
 @dataclass(frozen=True)
 class LeaseTerms:
-    """Up to ``max_jobs`` jobs, each at the award's per-job price, sent before ``until``."""
+    """Up to ``max_jobs`` jobs, each at the award's per-job price, sent before ``until``.
+
+    ``window`` (fair exchange): the most results the executor delivers (and jobs it
+    starts) beyond the last cumulative Acceptance the requester signed; at half of it
+    the executor sends a cumulative commitment to accept. 0: the executor's own bound
+    (``ExecutorConfig.max_unaccepted``), which also caps any larger window. In credits
+    the bound is ``window x price``.
+    """
 
     max_jobs: int
     until: float
+    window: int = 0
 
     def __post_init__(self) -> None:
         want_int("LeaseTerms", "max_jobs", self.max_jobs, lo=1, hi=MAX_BATCH)
+        want_int("LeaseTerms", "window", self.window, lo=0, hi=MAX_BATCH)
         object.__setattr__(self, "until", want_float("LeaseTerms", "until", self.until))
 
     def to_body(self) -> dict[str, Any]:
-        return {"max_jobs": self.max_jobs, "until": self.until}
+        body: dict[str, Any] = {"max_jobs": self.max_jobs, "until": self.until}
+        if self.window:  # absent when 0, so terms without a window keep their encoding
+            body["window"] = self.window
+        return body
 
     @classmethod
     def from_body(cls, body: Any) -> LeaseTerms | None:
         if body is None:
             return None
-        if not isinstance(body, dict) or set(body) != {"max_jobs", "until"}:
-            raise DecodeError("lease terms must be a map {max_jobs, until} or null")
-        return cls(max_jobs=body["max_jobs"], until=body["until"])
+        if not isinstance(body, dict) or set(body) not in (
+            {"max_jobs", "until"},
+            {"max_jobs", "until", "window"},
+        ):
+            raise DecodeError("lease terms must be a map {max_jobs, until[, window]} or null")
+        if body.get("window", 1) == 0:
+            raise DecodeError("lease terms encode a window of 0 by leaving it out")
+        return cls(max_jobs=body["max_jobs"], until=body["until"], window=body.get("window", 0))
 
 
 def _lease_body(lease: LeaseTerms | None) -> dict[str, Any] | None:

@@ -190,6 +190,15 @@ class ResultArrived:
             raise LocalProtocolError("ResultArrived needs seq >= 0 and a 32-byte digest")
 
 
+@dataclass(frozen=True)
+class InterimReceived:
+    """A lease executor's signed cumulative commitment to the results delivered so far
+    (fair exchange: it starts no job past its window until we accept)."""
+
+    commitment: Signed[ResultCommitment]
+    now: float
+
+
 Event = (
     BidReceived
     | TimerFired
@@ -199,6 +208,7 @@ Event = (
     | DeadlineReached
     | InputSent
     | ResultArrived
+    | InterimReceived
 )
 
 # --- actions ------------------------------------------------------------------
@@ -250,7 +260,15 @@ class Fail:
     error: MarketFailure
 
 
-Action = Publish | StartTimer | SendAward | CancelAward | Complete | Fail
+@dataclass(frozen=True)
+class SendAcceptance:
+    """Sign the Acceptance of this cumulative commitment and send it to the executor (the
+    lease goes on; the signed receipt is kept only if the batch never completes)."""
+
+    commitment: Signed[ResultCommitment]
+
+
+Action = Publish | StartTimer | SendAward | CancelAward | Complete | Fail | SendAcceptance
 
 
 class Phase(enum.Enum):
@@ -301,6 +319,7 @@ class _Current:
     result_by: float
     sent: dict[int, bytes] = field(default_factory=dict)  # seq -> input digest
     arrived: dict[int, bytes] = field(default_factory=dict)  # seq -> output digest
+    accepted: int = 0  # results our last cumulative Acceptance covers
 
 
 @dataclass
@@ -398,6 +417,8 @@ class RequesterJob:
                 return []
             case ResultArrived():
                 return self._on_result_arrived(event)
+            case InterimReceived():
+                return self._on_interim(event)
             case _:
                 assert_never(event)
 
@@ -501,6 +522,26 @@ class RequesterJob:
         self._finish(done)
         return [done]
 
+    def _on_interim(self, event: InterimReceived) -> list[Action]:
+        c = event.commitment.message
+        cur = self._current
+        if self.phase is not Phase.AWARDED or cur is None or c.executor != cur.bid.executor:
+            return []  # from a revoked executor: never accepted
+        problem = ""
+        try:
+            event.commitment.verify()
+        except ProtocolError as exc:
+            problem = f"interim commitment does not verify: {exc}"
+        if not problem and cur.award.lease is None:
+            problem = "an interim commitment on a single job"
+        if not problem and c.count <= cur.accepted:
+            problem = f"interim commitment of {c.count} results, {cur.accepted} already accepted"
+        problem = problem or self._check_commitment(c)
+        if problem:
+            return [CancelAward(c.executor, problem), *self._after_failure(c.executor, problem)]
+        cur.accepted = c.count
+        return [SendAcceptance(event.commitment)]
+
     def _check_commitment(self, c: ResultCommitment) -> str:
         assert self._current is not None
         award = self._current.award
@@ -512,7 +553,11 @@ class RequesterJob:
             return f"commitment covers {c.count} jobs, the award allows {award.max_jobs}"
         if c.price != award.price * c.count:
             return f"commitment asks {c.price}, the award says {award.price} x {c.count}"
-        if c.count == 1 and self.input_digest is not None and c.input_digest != self.input_digest:
+        if (
+            self.request.lease is None
+            and self.input_digest is not None
+            and c.input_digest != self.input_digest
+        ):
             return "commitment is about other inputs"
         return self._check_digests(c)
 

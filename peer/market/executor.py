@@ -37,7 +37,15 @@ from peer.market.receipts import ReceiptBook
 from peer.worker import Arrays, Worker
 from protocols import executor as ex
 from protocols.errors import FrameTooLarge, ProtocolError
-from protocols.market import Award, BatchClose, JobError, JobInput, JobRequest, JobResult
+from protocols.market import (
+    Award,
+    BatchClose,
+    JobError,
+    JobFrame,
+    JobInput,
+    JobRequest,
+    JobResult,
+)
 from protocols.receipt import Acceptance, Receipt, commit, content_digest
 from protocols.signed import Signed, sign_message
 from protocols.tensor import TensorLimits, decode_tensors, encode_tensors
@@ -61,6 +69,9 @@ class _Session:
     ended: trio.Event = field(default_factory=trio.Event)
     running: int = 0  # inputs read and not yet answered (they hold their arrays)
     slot_freed: trio.Event = field(default_factory=trio.Event)
+    interim: Signed[Any] | None = None  # our last cumulative commitment awaiting acceptance
+    accepted: Receipt | None = None  # the last one the requester accepted (a lease)
+    paid: bool = False  # the final receipt is booked
 
 
 class ExecutorService:
@@ -103,6 +114,11 @@ class ExecutorService:
             "input_waits": 0,
         }
         self._nursery: trio.Nursery | None = None
+        # Called when a requester leaves results of ours unaccepted (it refused to sign or
+        # went away): (award, our signed commitment it did not accept, why). Settlement
+        # arbitrates from here (ArbitratedReceipt); our loss is bounded by the window.
+        self.on_refusal: Callable[[Award, Signed[Any], str], None] | None = None
+        self.refusals: list[tuple[Award, Signed[Any], str]] = []
         # Called with (load, queue) when awards start or end: the ad carries them.
         self.on_load: Callable[[float, int], None] | None = None
         # fetch_on_demand: called with the model cid of an accepted award before it runs.
@@ -228,6 +244,24 @@ class ExecutorService:
             finally:
                 self.sessions.pop(job_id, None)
                 nursery.cancel_scope.cancel()
+                self._settle_unfinished(session)
+
+    def _settle_unfinished(self, s: _Session) -> None:
+        """The award ended without its final receipt: book the last cumulative receipt the
+        requester signed (a lease), and report what it left unaccepted."""
+        if s.paid:
+            return
+        if s.accepted is not None:
+            self.receipts.add(s.accepted, "executor")
+        unaccepted = s.commitment or s.interim
+        covered = s.accepted.count if s.accepted is not None else 0
+        if unaccepted is not None and unaccepted.message.count > covered:
+            c = unaccepted.message
+            why = f"{c.count - covered} result(s) left unaccepted by {c.requester}"
+            log.warning("job %s: %s", s.award.job_id.hex()[:12], why)
+            self.refusals.append((s.award, unaccepted, why))
+            if self.on_refusal is not None:
+                self.on_refusal(s.award, unaccepted, why)
 
     async def _read_frames(self, s: _Session) -> None:
         job_id = s.award.job_id
@@ -252,6 +286,9 @@ class ExecutorService:
                     s, self.state.handle(ex.BatchCloseReceived(job_id, item.count, self.clock()))
                 )
             elif isinstance(item, Signed) and isinstance(item.message, Acceptance):
+                if s.interim is not None and item.message.commitment == s.interim.digest:
+                    await self._on_interim_acceptance(s, item)
+                    continue
                 self._on_acceptance(s, item)
                 return
             else:
@@ -276,6 +313,17 @@ class ExecutorService:
         await self._act(s, self.state.handle(event))
 
     async def _act(self, s: _Session, actions: list[ex.Action]) -> None:
+        """Carry out one ``handle`` call's actions; its frames go out in one write, so a
+        commitment is never overtaken by a result it does not cover."""
+        out: list[JobFrame] = []
+        after: list[ex.Action] = []  # Abandon & co. cancel the award: only once it is said
+        self._act_into(s, actions, out, after)
+        await s.fs.send_many(out)
+        self._do_sync(after)
+
+    def _act_into(
+        self, s: _Session, actions: list[ex.Action], out: list[JobFrame], after: list[ex.Action]
+    ) -> None:
         for a in actions:
             if isinstance(a, ex.StartExecution):
                 s.running += 1
@@ -283,16 +331,19 @@ class ExecutorService:
                 s.nursery.start_soon(self._execute, s, a.seq)
             elif isinstance(a, ex.SendResult):
                 wire, ms = s.outputs.pop(a.seq)
-                await s.fs.send(JobResult(a.job_id, a.seq, wire, ms))
+                out.append(JobResult(a.job_id, a.seq, wire, ms))
             elif isinstance(a, ex.SendError):
                 s.inputs.pop(a.error.seq, None)
-                await s.fs.send(sign_message(self.key, a.error))
+                out.append(sign_message(self.key, a.error))
             elif isinstance(a, ex.SendCommitment):
                 s.commitment = commit(self.key, a.commitment)
                 self.stats["jobs"] += a.commitment.count
-                await s.fs.send(s.commitment)
+                out.append(s.commitment)
+            elif isinstance(a, ex.SendInterim):
+                s.interim = commit(self.key, a.commitment)
+                out.append(s.interim)
             else:
-                self._do_sync([a])
+                after.append(a)
 
     async def _execute(self, s: _Session, seq: int) -> None:
         try:
@@ -324,15 +375,34 @@ class ExecutorService:
         except JobStreamClosed:
             s.nursery.cancel_scope.cancel()
 
-    def _on_acceptance(self, s: _Session, acc: Signed[Acceptance]) -> None:
-        if s.commitment is None:
-            return
-        receipt = Receipt(commitment=s.commitment, acceptance=acc)
+    @staticmethod
+    def _verified(s: _Session, commitment: Signed[Any], acc: Signed[Acceptance]) -> Receipt | None:
+        receipt = Receipt(commitment=commitment, acceptance=acc)
         try:
             receipt.verify()
         except ProtocolError as exc:
             log.warning("bad acceptance for job %s: %s", s.award.job_id.hex()[:12], exc)
+            return None
+        return receipt
+
+    async def _on_interim_acceptance(self, s: _Session, acc: Signed[Acceptance]) -> None:
+        """A cumulative Acceptance of our interim commitment: the receipt we keep in case the
+        batch never completes; jobs past the window may start again."""
+        assert s.interim is not None
+        receipt = self._verified(s, s.interim, acc)
+        if receipt is None:
             return
+        s.accepted, s.interim = receipt, None
+        event = ex.AcceptanceReceived(s.award.job_id, receipt.count, self.clock())
+        await self._act(s, self.state.handle(event))
+
+    def _on_acceptance(self, s: _Session, acc: Signed[Acceptance]) -> None:
+        if s.commitment is None:
+            return
+        receipt = self._verified(s, s.commitment, acc)
+        if receipt is None:
+            return
+        s.paid = True
         self.receipts.add(receipt, "executor")
 
     async def _error(self, s: _Session, code: str, message: str) -> None:

@@ -21,6 +21,7 @@ ends the batch and one commitment covers it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Container, Mapping
@@ -156,6 +157,7 @@ class Attempt:
     waiters: dict[int, _Waiter] = field(default_factory=dict)
     decided: trio.Event = field(default_factory=trio.Event)
     acceptance: Signed[Any] | None = None
+    interim: Receipt | None = None  # our last cumulative Acceptance of a lease (fair exchange)
     closing: bool = False
     failure: str = ""
 
@@ -320,6 +322,18 @@ class JobRun:
                     attempts=list(self.job.attempts),
                     wires=wires,
                 )
+            elif isinstance(a, rq.SendAcceptance):
+                att = self.attempt
+                fs = att.fs if att is not None else None
+                if (
+                    att is not None
+                    and fs is not None
+                    and att.executor == a.commitment.message.executor
+                ):
+                    att.interim = Receipt.create(self.key, a.commitment)
+                    # A gone stream: the award task sees it and reports it.
+                    with contextlib.suppress(JobStreamClosed):
+                        await fs.send(att.interim.acceptance)
             elif isinstance(a, rq.Fail):
                 self.error = a.error
                 if self.attempt is not None:
@@ -332,6 +346,17 @@ class JobRun:
             if not w.done.is_set():
                 w.lost = True
                 w.done.set()
+
+    async def _decide(self, att: Attempt, signed_c: Signed[ResultCommitment]) -> str:
+        """The final commitment: the machine decides; the Acceptance goes out if it accepts."""
+        assert att.fs is not None
+        ok, problem, decoded = check_outputs(att.outputs, self.entry, self.limits)
+        att.decoded = decoded
+        await self._send.send(rq.ResultReceived(signed_c, ok, self.clock(), problem))
+        await att.decided.wait()  # Complete sets it; CancelAward cancels us
+        if att.acceptance is not None:
+            await att.fs.send(att.acceptance)
+        return ""
 
     async def _award_task(self, att: Attempt) -> None:
         reason = ""
@@ -358,6 +383,7 @@ class JobRun:
             if self.single_input is not None:
                 await self.send_input(att, self.single_input, content_digest(self.single_input))
             att.ready.set()
+            early: Signed[ResultCommitment] | None = None  # a single job commits first
             while True:
                 item = await att.fs.receive()
                 if isinstance(item, JobResult) and item.job_id == job_id:
@@ -372,15 +398,21 @@ class JobRun:
                         if w is not None:
                             w.wire = item.outputs
                             w.done.set()
+                    if early is not None and 0 in att.outputs:
+                        return await self._decide(att, early)
                 elif isinstance(item, Signed) and isinstance(item.message, ResultCommitment):
-                    ok, problem, decoded = check_outputs(att.outputs, self.entry, self.limits)
-                    att.decoded = decoded
                     signed_c: Signed[ResultCommitment] = item  # type: ignore[assignment]
-                    await self._send.send(rq.ResultReceived(signed_c, ok, self.clock(), problem))
-                    await att.decided.wait()  # Complete sets it; CancelAward cancels us
-                    if att.acceptance is not None:
-                        await att.fs.send(att.acceptance)
-                    return ""
+                    c = signed_c.message
+                    if self.lease is None and 0 not in att.outputs:
+                        early = signed_c  # judged against the result that follows it
+                    elif (
+                        self.lease is not None and not att.closing and c.count < att.award.max_jobs
+                    ):
+                        # Fair exchange: a cumulative commitment mid-lease; the machine checks
+                        # it against what arrived and answers with SendAcceptance.
+                        await self._send.send(rq.InterimReceived(signed_c, self.clock()))
+                    else:
+                        return await self._decide(att, signed_c)
                 elif isinstance(item, Signed) and isinstance(item.message, JobError):
                     err = item.message
                     w = att.waiters.get(err.seq)
@@ -423,8 +455,8 @@ class JobRun:
         return seq, waiter
 
     def can_send(self, max_jobs: int) -> bool:
-        """Another input fits in this batch."""
-        return self.job.next_seq < max_jobs
+        """Another input fits in this batch (which has not ended)."""
+        return self.job.phase is not rq.Phase.DONE and self.job.next_seq < max_jobs
 
     async def current_attempt(self) -> Attempt | None:
         """The attempt whose stream is ready, waiting through fail-overs; None once ended."""

@@ -69,7 +69,7 @@ class MemoryStream:
         await self._s.aclose()
 
 
-@dataclass
+@dataclass(eq=False)  # hashable: peer.caps keys its per-host caps by the host
 class MemoryHost:
     peer_id: str
     net: MemoryNet

@@ -11,6 +11,7 @@ import pytest
 from protocols.errors import LocalProtocolError
 from protocols.executor import (
     Abandon,
+    AcceptanceReceived,
     AcceptAward,
     AwardReceived,
     BatchCloseReceived,
@@ -28,6 +29,7 @@ from protocols.executor import (
     RequestSeen,
     SendCommitment,
     SendError,
+    SendInterim,
     SendResult,
     StartExecution,
     Tick,
@@ -218,9 +220,10 @@ def test_single_job_runs_once_and_commits() -> None:
     assert isinstance(dup[0], SendError) and dup[0].error.code == "duplicate"
     ins, outs = content_digest("in"), content_digest("out")
     actions = state.handle(ExecutionFinished(JOB, 0, ins, outs, 37, now=T0 + 0.5))
-    assert actions[0] == SendResult(JOB, 0)
-    assert isinstance(actions[1], SendCommitment)
-    c = actions[1].commitment
+    # Commitment first, then the result (fair exchange: the claim is fixed before delivery).
+    assert actions[1] == SendResult(JOB, 0)
+    assert isinstance(actions[0], SendCommitment)
+    c = actions[0].commitment
     assert (c.job_id, c.requester, c.executor, c.price, c.count) == (JOB, REQ, ME, aw.price, 1)
     assert (c.input_digest, c.output_digest, c.compute_ms) == (ins, outs, 37)
     assert state.active == 0
@@ -352,3 +355,38 @@ def test_execution_finished_is_validated() -> None:
         ExecutionFinished(JOB, 0, b"short", b"\0" * 32, 1, T0)
     with pytest.raises(LocalProtocolError):
         ExecutionFinished(JOB, 0, b"\0" * 32, b"\0" * 32, -1, T0)
+
+
+# --- fair exchange: a lease's window of unaccepted work ----------------------------------
+
+
+def test_a_lease_never_starts_more_than_its_window_past_the_last_acceptance() -> None:
+    state = ExecutorState(config())
+    won(state, request(lease=LeaseTerms(max_jobs=50, until=T0 + 8, window=4)))
+    starts = []
+    for i in range(10):
+        starts += state.handle(InputReceived(JOB, i, now=T0 + 1))
+    assert starts == [StartExecution(JOB, i) for i in range(4)]  # 6 wait for an acceptance
+    d = [(content_digest(("in", i)), content_digest(("out", i))) for i in range(10)]
+    a0 = state.handle(ExecutionFinished(JOB, 0, *d[0], 5, T0 + 2))
+    assert a0 == [SendResult(JOB, 0)]
+    a1 = state.handle(ExecutionFinished(JOB, 1, *d[1], 5, T0 + 2))
+    # At half the window: a cumulative commitment to accept (2 results).
+    assert a1[0] == SendResult(JOB, 1) and isinstance(a1[1], SendInterim)
+    interim = a1[1].commitment
+    assert interim.count == 2 and interim.output_digest == batch_digest([d[0][1], d[1][1]])
+    for i in (2, 3):
+        assert state.handle(ExecutionFinished(JOB, i, *d[i], 5, T0 + 2)) == [SendResult(JOB, i)]
+    # Nothing more starts until the requester accepts; an acceptance of another count is a bug.
+    with pytest.raises(LocalProtocolError):
+        state.handle(AcceptanceReceived(JOB, 3, T0 + 3))
+    after = state.handle(AcceptanceReceived(JOB, 2, T0 + 3))
+    assert after[:2] == [StartExecution(JOB, 4), StartExecution(JOB, 5)]
+    assert isinstance(after[2], SendInterim) and after[2].commitment.count == 4
+
+
+def test_the_executor_caps_a_lease_window_with_its_own_bound() -> None:
+    state = ExecutorState(config(max_unaccepted=3))
+    won(state, request(lease=LeaseTerms(max_jobs=50, until=T0 + 8, window=40)))
+    starts = [a for i in range(10) for a in state.handle(InputReceived(JOB, i, now=T0 + 1))]
+    assert starts == [StartExecution(JOB, i) for i in range(3)]

@@ -95,7 +95,13 @@ class Swarm:
         self.executors: dict[str, Executor] = {}
         for i, price in enumerate(prices):
             k = key(10 + i)
-            cfg = ExecutorConfig(peer_id=pid(k), models={CID: ModelOffer(price=price, p50_ms=5)})
+            # No fair-exchange window here (its interims are tested in test_executor.py and
+            # tests/unit/test_market_memory.py): this flow sends a whole batch at once.
+            cfg = ExecutorConfig(
+                peer_id=pid(k),
+                models={CID: ModelOffer(price=price, p50_ms=5)},
+                max_unaccepted=100_000,
+            )
             self.executors[pid(k)] = Executor(key=k, state=ExecutorState(cfg))
         self.timer: float | None = None
         self.outbox: list[bytes] = []  # frames executor -> requester
@@ -151,18 +157,22 @@ class Swarm:
             if action.award.lease is not None:
                 frames.append(encode_frame(BatchClose(action.award.job_id, len(inputs))))
             outputs: dict[int, Any] = {}
+            committed: Signed[ResultCommitment] | None = None
             for raw in self.executor_stream(ex, frames):
                 frame = decode_frame(raw)
                 if isinstance(frame, JobResult):
                     outputs[frame.seq] = frame.outputs
                 elif isinstance(frame, Signed) and isinstance(frame.message, ResultCommitment):
-                    ok = self.outputs_match(frame.message, outputs, len(inputs))
-                    for a in job.handle(ResultReceived(frame, ok, now=self.now)):
-                        self.requester_do(job, a, inputs)
+                    # A single job's commitment comes before its result: judged once both are in.
+                    committed = frame  # type: ignore[assignment]
                 else:
                     reason = getattr(frame.message, "message", "?")  # type: ignore[union-attr]
                     for a in job.handle(AwardFailed(action.executor, reason, now=self.now)):
                         self.requester_do(job, a, inputs)
+            if committed is not None:
+                ok = self.outputs_match(committed.message, outputs, len(inputs))
+                for a in job.handle(ResultReceived(committed, ok, now=self.now)):
+                    self.requester_do(job, a, inputs)
         elif isinstance(action, Complete):
             receipt = Receipt.create(self.req_key, action.commitment)
             # Send the acceptance back; the executor keeps the same receipt.

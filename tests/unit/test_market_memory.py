@@ -12,7 +12,7 @@ import hashlib
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ import pytest
 import trio
 import trio.testing
 
+from peer.job_stream import JOB_PROTOCOL, FrameStream
 from peer.market.auction import Auctions, Bans
 from peer.market.clock import Clock, trio_clock
 from peer.market.executor import ExecutorService
@@ -27,9 +28,12 @@ from peer.market.jobspec import JobSpec
 from peer.market.lease import Lease
 from peer.market.receipts import ReceiptBook
 from peer.market.referee import SpotChecks
-from peer.market.requester import to_arrays
+from peer.market.requester import new_request, to_arrays
 from peer.market.spot_check import SpotChecker
 from protocols import requester as rq
+from protocols.market import Award, Bid, JobInput, JobResult, LeaseTerms
+from protocols.receipt import Receipt
+from protocols.signed import Signed, sign_message
 from protocols.tensor import DEFAULT_LIMITS, encode_tensors
 from tests.unit.market_memory import (
     DoublingWorker,
@@ -199,3 +203,168 @@ async def test_a_lease_runs_jobs_in_order_with_one_receipt_per_batch(
     # 4 jobs used up the first batch (committed by itself), the next batch held 2.
     assert sorted(r.count for r in lease.receipts) == [2, 4]
     assert {r.executor for r in lease.receipts} == {execu.peer_id}
+
+
+# --- fair exchange on the job wire (issue 10 item 4) ----------------------------------
+
+
+async def test_a_lease_with_a_window_completes_through_cumulative_acceptances(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    async with memory_market() as m:
+        execu = await m.executor(2, 100)
+        execu.state.config = replace(execu.state.config, max_unaccepted=4)
+        async with trio.open_nursery() as nursery:
+            lease = lease_for(m, nursery, max_jobs=1000)
+            outs = [o async for o in lease.map((job_inputs(i) for i in range(20)), window=8)]
+            await lease.aclose()
+            nursery.cancel_scope.cancel()
+    assert [float(o["z"][0]) for o in outs] == [2.0 * i for i in range(20)]
+    (receipt,) = lease.receipts  # one receipt for the batch: the final, cumulative one
+    assert receipt.count == 20
+    assert [r.receipt_id for r in execu.receipts.receipts] == [receipt.receipt_id]
+    assert execu.refusals == []
+
+
+class RawRequester:
+    """A requester that speaks the job wire by hand and never signs an Acceptance."""
+
+    def __init__(self, m: Market, executor: ExecutorService) -> None:
+        self.m = m
+        self.executor = executor
+        self.results: list[int] = []
+        self.frames: list[Any] = []
+        self.refused = trio.Event()
+        executor.on_refusal = lambda *_: self.refused.set()
+
+    async def award(self, lease: LeaseTerms | None) -> tuple[Any, Award]:
+        request = new_request(
+            requester=REQ,
+            cid=CID,
+            wire=wire(0),
+            max_price=10_000,
+            deadline=self.m.clock() + 30,
+            bid_window=1.0,
+            lease=lease,
+        )
+        bids: list[Bid] = []
+        got_bid = trio.Event()
+
+        def sink(b: Bid) -> None:
+            bids.append(b)
+            got_bid.set()
+
+        self.m.gossip.bid_sinks[request.job_id] = sink
+        self.executor.on_request(request)
+        with trio.fail_after(5):
+            await got_bid.wait()
+        bid = bids[0]
+        award = Award(
+            job_id=request.job_id,
+            requester=REQ,
+            executor=bid.executor,
+            model_cid=CID,
+            price=bid.price,
+            deadline=request.deadline,
+            lease=lease,
+        )
+        stream = await self.m.net.open_stream(REQ, self.executor.peer_id, JOB_PROTOCOL)
+        fs = FrameStream(stream)
+        await fs.send(sign_message(REQ_KEY, award))
+        return fs, award
+
+    async def lease(self, window: int, *, jobs: int) -> tuple[FrameStream, Award]:
+        """A lease award with ``window``, and ``jobs`` inputs sent at once."""
+        terms = LeaseTerms(max_jobs=100, until=self.m.clock() + 20, window=window)
+        fs, award = await self.award(terms)
+        for seq in range(jobs):
+            await fs.send(JobInput(award.job_id, seq, wire(seq)))
+        return fs, award
+
+    async def read_until_quiet(self, fs: FrameStream, quiet_s: float = 5.0) -> None:
+        """Read frames until the executor says nothing for ``quiet_s`` (virtual) seconds."""
+        while True:
+            with trio.move_on_after(quiet_s) as cs:
+                item = await fs.receive()
+            if cs.cancelled_caught:
+                return
+            self.frames.append(item)
+            if isinstance(item, JobResult):
+                self.results.append(item.seq)
+
+
+async def raw_lease(
+    m: Market, window: int, jobs: int = 20
+) -> tuple[DoublingWorker, ExecutorService, RawRequester, FrameStream, Award]:
+    """An executor and a hand-driven requester with a lease of ``window`` and ``jobs`` sent."""
+    worker = DoublingWorker()
+    execu = await m.executor(2, 100, worker=worker)
+    raw = RawRequester(m, execu)
+    fs, award = await raw.lease(window, jobs=jobs)
+    return worker, execu, raw, fs, award
+
+
+async def test_a_requester_that_never_signs_gets_at_most_the_window_of_work(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    async with memory_market() as m:
+        window = 4
+        worker, execu, raw, fs, award = await raw_lease(m, window)
+        await raw.read_until_quiet(fs)
+        await fs.reset()  # and walks away
+        with trio.fail_after(30):
+            await raw.refused.wait()
+    # The executor ran and delivered only the window, then waited for an acceptance that
+    # never came: its unpaid work is the window, and the refusal is surfaced for arbitration.
+    assert worker.ran == window and sorted(raw.results) == list(range(window))
+    interims = [f for f in raw.frames if isinstance(f, Signed) and f.message.count == window // 2]
+    assert interims  # it asked for an acceptance at half the window
+    ((refused_award, commitment, why),) = execu.refusals
+    assert refused_award == award and commitment.message.count <= window
+    assert "unaccepted" in why
+    assert list(execu.receipts.receipts) == []
+
+
+async def test_a_requester_that_drops_a_lease_after_accepting_pays_all_but_the_window(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    async with memory_market() as m:
+        window = 4
+        worker, execu, raw, fs, _award = await raw_lease(m, window)
+        accepted = 0
+        for _ in range(3):  # accept three interims, then drop the lease
+            await raw.read_until_quiet(fs)
+            interim = [f for f in raw.frames if isinstance(f, Signed)][-1]
+            await fs.send(Receipt.create(REQ_KEY, interim).acceptance)
+            accepted = interim.message.count
+        await raw.read_until_quiet(fs)
+        await fs.reset()
+        with trio.fail_after(30):
+            await execu.receipts.wait_for(1)
+    # The executor holds a receipt for everything accepted; what it delivered beyond that
+    # is at most the window.
+    (receipt,) = execu.receipts.receipts
+    receipt.verify()
+    assert receipt.count == accepted and receipt.price == 100 * accepted
+    assert len(raw.results) - accepted <= window
+    assert worker.ran - accepted <= window
+
+
+async def test_a_single_jobs_executor_commits_first_and_loses_one_job_to_a_refusal(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    async with memory_market() as m:
+        worker = DoublingWorker()
+        execu = await m.executor(2, 100, worker=worker)
+        raw = RawRequester(m, execu)
+        fs, award = await raw.award(None)
+        await fs.send(JobInput(award.job_id, 0, wire(1)))
+        await raw.read_until_quiet(fs)
+        await fs.reset()
+        with trio.fail_after(30):
+            await raw.refused.wait()
+    kinds = [
+        type(f.message).__name__ if isinstance(f, Signed) else type(f).__name__ for f in raw.frames
+    ]
+    assert kinds == ["ResultCommitment", "JobResult"]  # the claim is fixed before delivery
+    assert worker.ran == 1 and execu.refusals[0][1].message.count == 1

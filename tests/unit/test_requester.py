@@ -25,6 +25,7 @@ from protocols.requester import (
     ExecutorsFailed,
     Fail,
     InputSent,
+    InterimReceived,
     NoExecutors,
     Phase,
     Publish,
@@ -32,6 +33,7 @@ from protocols.requester import (
     RequesterPolicy,
     ResultArrived,
     ResultReceived,
+    SendAcceptance,
     SendAward,
     StartTimer,
     TimerFired,
@@ -535,3 +537,54 @@ def test_events_carry_valid_digests_and_seqs() -> None:
         InputSent(E1, -1, INPUT_DIGEST, T0)
     with pytest.raises(LocalProtocolError):
         ResultArrived(E1, 0, b"short", T0)
+
+
+# --- fair exchange: cumulative acceptances on a lease ---------------------------------
+
+
+def test_an_interim_commitment_matching_what_arrived_is_accepted() -> None:
+    job, send = leased()
+    send_and_receive(job, 2)
+    interim = lease_commitment(2)
+    assert job.handle(InterimReceived(interim, T0 + 1)) == [SendAcceptance(interim)]
+    assert job.phase is Phase.AWARDED  # the lease goes on
+    # The final commitment still covers everything.
+    for i in (2, 3):
+        job.handle(InputSent(E1, i, INS[i], T0 + 1))
+        job.handle(ResultArrived(E1, i, OUT[i], T0 + 1))
+    final = lease_commitment(4)
+    assert job.handle(ResultReceived(final, outputs_ok=True, now=T0 + 2)) == [
+        Complete(commitment=final, award=send.award)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("over", "why"),
+    [
+        ({"count": 1, "price": 30, "input_digest": batch_digest(INS[:1])}, "1 jobs, 2 results"),
+        ({"output_digest": batch_digest(OUT[2:4])}, "output digest"),
+        ({"price": 999}, "asks 999"),
+    ],
+)
+def test_a_lying_interim_commitment_revokes_the_award(over: dict[str, Any], why: str) -> None:
+    job, _ = leased()
+    send_and_receive(job, 2)
+    actions = job.handle(InterimReceived(lease_commitment(2, **over), T0 + 1))
+    assert isinstance(actions[0], CancelAward) and why in actions[0].reason
+    assert not any(isinstance(a, SendAcceptance) for a in actions)
+
+
+def test_an_interim_is_never_accepted_twice_nor_on_a_single_job() -> None:
+    job, _ = leased()
+    send_and_receive(job, 2)
+    interim = lease_commitment(2)
+    job.handle(InterimReceived(interim, T0 + 1))
+    again = job.handle(InterimReceived(interim, T0 + 1))
+    assert isinstance(again[0], CancelAward) and "already accepted" in again[0].reason
+    single, _ = started()
+    awarded(single, bid(E1))
+    single.handle(InputSent(E1, 0, INPUT_DIGEST, T0 + 0.6))
+    single.handle(ResultArrived(E1, 0, OUT[0], T0 + 0.6))
+    c = commitment(E1, output_digest=OUT[0])
+    actions = single.handle(InterimReceived(c, T0 + 1))
+    assert isinstance(actions[0], CancelAward) and "single job" in actions[0].reason
