@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WATCH_INTERVAL = 5.0  # seconds between looks at the ads
+WATCH_INTERVAL = 5.0  # seconds between the first looks at the ads
+WATCH_MAX = 60.0
 MAX_CANDIDATES = 8  # models we offer to fetch at once
 ASSUMED_MBPS = 20.0  # until a fetch here measured better: MB/s for the eta
 LOAD_MBPS = 50.0  # admission + session load, MB/s of model
@@ -54,9 +55,13 @@ class OnDemand:
         executor.prepare = self.prepare
         task_status.started()
         try:
+            delay = WATCH_INTERVAL
             while True:
                 await self.look()
-                await trio.sleep(WATCH_INTERVAL)  # the ads change slowly; poll them
+                # The ads change slowly: look often at first, then every WATCH_MAX seconds
+                # (each look fetches the ads of the peers we know).
+                await trio.sleep(delay)
+                delay = min(delay * 2, WATCH_MAX)
         finally:
             executor.prepare = None
 
@@ -113,7 +118,14 @@ class OnDemand:
         try:
             if cid in self.market.served:
                 return
-            result = await self.transfer.fetch(cid)
+            try:
+                result = await self.transfer.fetch(cid)
+            except Exception:
+                # Stop bidding with this estimate; a later look offers it again if the
+                # ads still list it.
+                self.market.executor.offers.pop(cid, None)
+                self.offered.pop(cid, None)
+                raise
             if result.seconds > 0 and not result.already:
                 self.measured_mbps = result.entry.size / result.seconds / 1e6
             self.offered.pop(cid, None)
