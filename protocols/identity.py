@@ -8,6 +8,8 @@ errors while only peer/ imports libp2p; a test checks both agree.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from protocols.errors import ValidationError
 
 _B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
@@ -39,10 +41,14 @@ def b58decode(text: str) -> bytes:
     return b"\0" * pad + body
 
 
+# Every signature check names its signer by peer id, and the same few accounts sign most
+# messages: base58 in pure Python cost a third of a receipt's verification. Bounded caches.
+@lru_cache(maxsize=4096)
 def peer_id_from_public_key(public_key: bytes) -> str:
     return b58encode(_MH_PREFIX + _PB_PREFIX + public_key)
 
 
+@lru_cache(maxsize=4096)
 def public_key_from_peer_id(peer_id: str) -> bytes:
     """Inverse of ``peer_id_from_public_key`` for Ed25519 peer ids."""
     if len(peer_id) > 64:
