@@ -8,9 +8,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import pytest
 from settlement_fixtures import WITNESS_KEYS, pid, signed_commitment
 from test_proofs import EXE, OTHER, REQ, _panel_keys, _verdicts
 
+from protocols.errors import LocalProtocolError
 from protocols.proofs import ArbitratedReceipt, FraudProof, sign_referee_result
 from protocols.signed import Signed
 from protocols.signing import seal
@@ -145,3 +147,12 @@ def test_a_difference_equal_to_the_bound_agrees_and_the_reason_says_by_how_much(
 def test_different_output_names_say_so() -> None:
     got = compare_outputs({"y": np.zeros(1)}, {"z": np.zeros(1)})
     assert not got.agree and "names differ" in got.reason
+
+
+def test_every_tolerance_mode_can_be_made_and_limits_are_finite_and_non_negative() -> None:
+    for mode in ("close", "exact", "argmax"):
+        assert Tolerance(mode).mode == mode  # type: ignore[arg-type]
+    for bad in ({"mode": "loose"}, {"rtol": float("inf")}, {"atol": float("nan")}, {"rtol": -1}):
+        with pytest.raises(LocalProtocolError):
+            Tolerance(**bad)  # type: ignore[arg-type]
+    assert Tolerance(rtol=0.0, atol=0.0).rtol == 0.0
