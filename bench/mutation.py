@@ -253,19 +253,26 @@ def select(paths: list[str]) -> list[Group]:
 # --- running ----------------------------------------------------------------------
 
 
-def prepare(group: Group, cfg: dict[str, Any], examples: int, fresh: bool) -> None:
-    """A fresh work dir (a copy of the tree), or, for survivor reruns, only the new tests."""
+def prepare(
+    group: Group, cfg: dict[str, Any], examples: int, fresh: bool, add_tests: list[str]
+) -> None:
+    """A fresh work dir (a copy of the tree); for survivor reruns, the old copy plus the test
+    files ``add_tests`` (new tests that kill survivors; the rest of tests/ stays as measured,
+    since tests written for newer sources may not import against the mutated ones)."""
     work = group.work
     if fresh and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     ignore = shutil.ignore_patterns("__pycache__", ".hypothesis", "*.pyc")
-    for name in COPY if fresh else ["tests"]:
+    for name in COPY if fresh else []:
         src, dst = ROOT / name, work / name
         if dst.is_dir():
             shutil.rmtree(dst)
         if src.is_dir():
             shutil.copytree(src, dst, ignore=ignore)
+    for rel in [] if fresh else add_tests:
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, work / rel)
     (work / f"{PLUGIN}.py").write_text(plugin_source(examples))
     write_work_pyproject(work, cfg)  # mutmut copies tests/, pyproject and the plugin on
     if fresh:  # what was mutated: --report and survivor reruns keep saying so
@@ -669,6 +676,12 @@ def main(argv: list[str] | None = None) -> int:
         help="rerun only the last run's survivors against the current tests",
     )
     ap.add_argument("--priority", action="store_true", help="only the money/signature modules")
+    ap.add_argument(
+        "--tests",
+        nargs="*",
+        default=["tests/unit/test_rules_*.py", "tests/integration/test_output_mismatch.py"],
+        help="with --survivors: test files (globs) to add to the measured copy",
+    )
     args = ap.parse_args(argv)
 
     paths = list(args.paths) or (PRIORITY if args.priority else [])
@@ -686,23 +699,27 @@ def main(argv: list[str] | None = None) -> int:
         "load_before": os.getloadavg()[0],
     }
     durations: dict[str, float] = {}
+    mcfg = py.get("tool", {}).get("edgeswarm", {}).get("mutation", {})
+    text_rule = bool(mcfg.get("error_text_is_equivalent"))
     if not args.report:
         for group in groups:
             cfg = group.mutmut_config(base, args.hypothesis_examples)
             names = group.globs()
-            if args.survivors:
-                left = read_results(group)
-                names = [n for n, r in left.items() if r["status"] in MISSED]
+            if args.survivors:  # not the equivalent ones: they survive by definition
+                last = summarize([group], equivalents(py), meta, text_rule)
+                names = [x["mutant"] for x in last["survivors"] if _in(x["module"], [group])]
                 if not names:
                     print(f"[{group.name}] no survivors to rerun")
                     continue
-            prepare(group, cfg, args.hypothesis_examples, fresh=not args.survivors)
+            add = sorted(
+                str(p.relative_to(ROOT)) for g in args.tests for p in ROOT.glob(g) if p.is_file()
+            )
+            prepare(group, cfg, args.hypothesis_examples, not args.survivors, add)
             durations[group.name] = round(run_mutmut(group, args.workers, names, args.nice), 1)
     meta["seconds"] = round(time.monotonic() - t0, 1)
     meta["group_seconds"] = durations
     meta["load_after"] = os.getloadavg()[0]
-    mcfg = py.get("tool", {}).get("edgeswarm", {}).get("mutation", {})
-    summary = summarize(groups, equivalents(py), meta, bool(mcfg.get("error_text_is_equivalent")))
+    summary = summarize(groups, equivalents(py), meta, text_rule)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
