@@ -192,6 +192,24 @@ async def test_a_transfer_resumes_after_its_provider_dies_mid_way(tmp_path: Path
         assert c.registry.path_of(cid).read_bytes() == path.read_bytes()
 
 
+async def test_chunks_come_from_several_providers_in_parallel(tmp_path: Path) -> None:
+    path, cid = big_model(tmp_path)
+    async with net(tmp_path) as n:
+        a = await n.start("a", (path,))
+        b = await n.start("b", (path,))
+        c = await n.start("c")
+        await wait_providers(c, cid, 2)
+        assert c.peer.models is not None
+        with trio.fail_after(60):
+            result = await c.peer.models.fetcher.fetch(cid)
+        # 32 chunks, 16 per request: each provider's stream took a share at once.
+        sent = {p: result.bytes_from.get(p, 0) for p in (a.peer.peer_id, b.peer.peer_id)}
+        assert all(v > 0 for v in sent.values()), sent
+        assert sum(sent.values()) == result.entry.size
+        assert a.server.served_bytes + b.server.served_bytes == result.entry.size
+        assert result.entry.source == "peers:" + ",".join(sorted(sent))
+
+
 def corrupt(server: ModelServer) -> None:
     honest = server.read_chunk
 
