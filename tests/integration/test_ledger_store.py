@@ -282,3 +282,28 @@ async def test_facts_are_read_back_from_disk_and_indexed_per_account(tmp_path: P
         assert store.ledger.earned_from(pid(PAYEE), 10**13) == {pid(PAYER): 6000}
     snap = read_snapshot(tmp_path)
     assert snap.state_hash == hash_before and verify_snapshot(snap).ok
+
+
+async def test_concurrent_witness_locks_share_fsyncs(tmp_path: Path) -> None:
+    """Group commit: 40 locks asked for at once (40 payers' votes) take a few fsync'd
+    transactions, not 40, and each caller returns only once its lock is committed."""
+    payers = [key(3000 + i) for i in range(40)]
+    records = [
+        LockRecord(make_transfer(p, make_receipt(p, PAYEE, 5, 900 + i), 1))
+        for i, p in enumerate(payers)
+    ]
+    async with open_ledger_store(tmp_path, RULE, POLICY) as store:
+        before = store.commits
+        done: list[int] = []
+
+        async def lock(i: int) -> None:
+            await store.put_lock(records[i])
+            done.append(store.commits)  # the commit that holds it had already happened
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(records)):
+                nursery.start_soon(lock, i)
+        assert len(done) == 40 and min(done) > before
+        assert store.commits - before <= 3, store.commits - before
+    stored = {(a, s) for a, s, _, _ in read_snapshot(tmp_path).locks}
+    assert stored == {(r.account, r.seq) for r in records}
