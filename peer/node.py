@@ -292,7 +292,10 @@ class Peer:
         return self.market
 
     async def infer(self, model: str, inputs: Any, **kw: Any) -> InferResult:
-        """One job through the market; see ``MarketService.infer`` (max_price, deadline, ...)."""
+        """One job through the market; see ``MarketService.infer`` (max_price, deadline, ...).
+
+        ``spot_check`` defaults to the ``spot_check`` setting (0.05)."""
+        kw.setdefault("spot_check", self.config.spot_check)
         from peer import metrics
 
         metrics.JOBS_REQUESTED.labels("infer").inc()

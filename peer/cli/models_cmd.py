@@ -381,9 +381,21 @@ def infer(
     ] = None,
     data_dir: DataDirOpt = None,
     json_out: JsonOpt = False,
+    spot_check: Annotated[
+        float | None,
+        typer.Option(
+            "--spot-check",
+            metavar="P",
+            min=0.0,
+            max=1.0,
+            help="Probability of also running the job on a second executor and comparing "
+            "(never announced to executors; default 0.05, setting spot_check).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run a model on inputs (through the network, or --local) and write OUTPUT_DIR/<name>.npy."""
-    cfg = config_from_cli(data_dir=data_dir, bootstrap=bootstrap or None)
+    cfg = config_from_cli(data_dir=data_dir, bootstrap=bootstrap or None, spot_check=spot_check)
     if local:
         _infer_local(cfg, model, inputs or [], texts or [], output_dir, json_out)
         return
@@ -399,5 +411,12 @@ def infer(
         return
 
     infer_network(
-        cfg, model, inputs or [], output_dir, json_out, max_price=max_price, deadline=deadline
+        cfg,
+        model,
+        inputs or [],
+        output_dir,
+        json_out,
+        max_price=max_price,
+        deadline=deadline,
+        spot_check=cfg.spot_check,
     )

@@ -229,7 +229,7 @@ class Auctions:
             max_price=spec.max_price,
             deadline=spec.until,
             bid_window=spec.bid_window,
-            spot_check=spec.spot_check,
+            spot_check=0.0,  # never announced: an executor must not know when nobody checks
         )
         run = self.new_run(spec, request, single_input=wire, banned=banned)
         try:
