@@ -8,6 +8,7 @@ is the peer's libp2p identity and its ledger account.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,18 +36,33 @@ def sign(key: nacl.signing.SigningKey, domain: str, body_bytes: bytes) -> bytes:
     return bytes(key.sign(signing_bytes(domain, body_bytes)).signature)
 
 
+# Signatures that verified, by sha256(key || signature || signed bytes): one message is
+# checked several times on its way (a witness checks a transfer, then stores its lock; a
+# payer checks each vote, then stores the certificate), and a repeat is a lookup. Only
+# successes are kept, and the key covers every verified byte. Bounded (oldest dropped).
+VERIFIED_CACHE_SIZE = 16_384
+_verified: dict[bytes, None] = {}
+
+
 def verify(public_key: bytes, domain: str, body_bytes: bytes, signature: bytes) -> None:
     """Raise ``SignatureError`` unless ``signature`` is ``public_key``'s over (domain, body)."""
     if len(public_key) != PUBLIC_KEY_SIZE:
         raise SignatureError(f"public key must be {PUBLIC_KEY_SIZE} bytes, got {len(public_key)}")
     if len(signature) != SIGNATURE_SIZE:
         raise SignatureError(f"signature must be {SIGNATURE_SIZE} bytes, got {len(signature)}")
+    signed = signing_bytes(domain, body_bytes)
+    seen = hashlib.sha256(public_key + signature + signed).digest()
+    if seen in _verified:
+        return
     try:
-        nacl.signing.VerifyKey(public_key).verify(signing_bytes(domain, body_bytes), signature)
+        nacl.signing.VerifyKey(public_key).verify(signed, signature)
     except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, ValueError) as exc:
         raise SignatureError(
             f"bad {domain} signature from {peer_id_from_public_key(public_key)}"
         ) from exc
+    _verified[seen] = None
+    if len(_verified) > VERIFIED_CACHE_SIZE:
+        del _verified[next(iter(_verified))]
 
 
 @dataclass(frozen=True)
