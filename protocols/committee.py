@@ -216,12 +216,28 @@ class CommitteeRule:
         )
 
 
+def describe_committee(committee: Committee, rule: CommitteeRule) -> dict[str, object]:
+    """A plain view of one account's committee (``edgeswarm ledger status --json``)."""
+    from_pool = [m for m in committee.members if m in rule.pool]
+    return {
+        "members": list(committee.members),
+        "size": committee.size,
+        "target_size": committee.target_size,
+        "f": committee.f,
+        "quorum": committee.quorum,
+        "degraded": committee.degraded,
+        "from_pool": len(from_pool),
+        "from_fallback": committee.size - len(from_pool),
+    }
+
+
 __all__ = [
     "Committee",
     "CommitteeRule",
     "EligibilityPolicy",
     "RefereePanel",
     "closest",
+    "describe_committee",
     "fault_tolerance",
     "quorum_size",
     "select_committee",

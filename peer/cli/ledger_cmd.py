@@ -1,4 +1,4 @@
-"""`edgeswarm ledger balances|receipts|verify|state-hash`: read this peer's settlement ledger.
+"""`edgeswarm ledger balances|receipts|verify|state-hash|status`: read this peer's ledger.
 
 Every command opens the ledger database read-only (a WAL reader), so it works
 while the peer is running and never blocks or changes it. Amounts are integer
@@ -22,6 +22,8 @@ from peer.ledger_store import (
     verify_snapshot,
 )
 from peer.settlement_paths import NetworkError, ledger_dir
+from protocols.committee import describe_committee
+from protocols.errors import ProtocolError
 from protocols.ledger_state import LedgerState
 
 if TYPE_CHECKING:
@@ -177,3 +179,77 @@ def state_hash(
         print_json({"state_hash": value})
     else:
         typer.echo(value)
+
+
+@ledger_app.command("status")
+def status(
+    data_dir: DataDirOpt = None, json_out: JsonOpt = False, network: NetworkOpt = None
+) -> None:
+    """The network this ledger belongs to and this identity's witness committee.
+
+    A committee smaller than 3f+1 (f = 0 with one witness) is degraded: one
+    operator then certifies every payment; it is shown here and logged as a warning."""
+    import time as _time
+
+    from peer.identity import load_or_create_identity, peer_id_of
+    from peer.settlement_paths import GENESIS_FILE, read_genesis_file
+
+    cfg = config_from_cli(data_dir=data_dir)
+    try:
+        where = ledger_dir(cfg.data_dir, network)
+    except NetworkError as exc:
+        fail(str(exc))
+    snap = _snapshot(data_dir, network)
+    report = verify_snapshot(snap)
+    ledger = report.ledger
+    genesis = None
+    if (where / GENESIS_FILE).exists():
+        try:
+            genesis = read_genesis_file(where / GENESIS_FILE)
+        except NetworkError as exc:
+            fail(str(exc))
+    account = peer_id_of(load_or_create_identity(cfg.key_path)) if cfg.key_path.exists() else None
+    out: dict[str, Any] = {
+        "network_id": genesis.network_id if genesis else None,
+        "network_name": genesis.name if genesis else None,
+        "genesis": genesis.describe() if genesis else None,
+        "ledger": str(snap.path),
+        "facts": report.facts,
+        "ok": report.ok,
+        "state_hash": ledger.state_hash().hex() if ledger is not None else None,
+        "account": account,
+        "committee": None,
+        "eligible_pool": None,
+    }
+    if ledger is not None and account is not None:
+        try:
+            committee = ledger.rule.committee_for(account)
+            out["committee"] = describe_committee(committee, ledger.rule)
+        except ProtocolError as exc:  # this account is the only witness there is
+            out["committee"] = {"members": [], "size": 0, "degraded": True, "error": str(exc)}
+    if ledger is not None and genesis is not None:
+        pool = ledger.eligible_pool(int(_time.time() * 1000), genesis.eligible_earned)
+        out["eligible_pool"] = {
+            "members": sorted(pool),
+            "size": len(pool),
+            "needed": 3 * genesis.f + 1,
+            "used_for_committees": False,
+        }
+    if json_out:
+        print_json(out)
+        return
+    typer.echo(f"network   {out['network_id'] or '?'} ({out['network_name'] or '?'})")
+    typer.echo(f"ledger    {out['ledger']} ({out['facts']} facts)")
+    typer.echo(f"account   {account or '-'}")
+    c = out["committee"]
+    if c is not None and "error" in c:
+        typer.echo(f"committee DEGRADED: {c['error']}")
+    elif c is not None:
+        state = "DEGRADED" if c["degraded"] else "ok"
+        typer.echo(
+            f"committee {c['size']} of {c['target_size']} witnesses, f = {c['f']}, "
+            f"quorum {c['quorum']} ({state}): {', '.join(m[-8:] for m in c['members'])}"
+        )
+    p = out["eligible_pool"]
+    if p is not None:
+        typer.echo(f"eligible pool {p['size']} (needs {p['needed']} to replace the fallback)")

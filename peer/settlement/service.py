@@ -319,6 +319,30 @@ def credit_policy_from_config(config: Any) -> CreditPolicy:
     return CreditPolicy(base_limit=round(config.ledger_base_limit * 1_000_000))
 
 
+def warn_if_degraded(service: SettlementService) -> bool:
+    """Log a warning when this identity's committee is smaller than 3f+1 (True if so)."""
+    try:
+        committee = service.ledger.rule.committee_for(service.peer_id)
+    except ProtocolError:
+        log.warning(
+            "degraded witness committee: this peer is the network's only witness "
+            "(f = 0): it certifies every payment, and its own cannot be certified"
+        )
+        return True
+    if not committee.degraded:
+        return False
+    log.warning(
+        "degraded witness committee: %d of %d witnesses (tolerates f = %d; %s), so %s "
+        "certify every payment of this peer; `edgeswarm ledger status` shows it",
+        committee.size,
+        committee.target_size,
+        committee.f,
+        ", ".join(m[-8:] for m in committee.members),
+        "one operator can" if committee.size == 1 else "fewer than 3f+1 witnesses",
+    )
+    return True
+
+
 @asynccontextmanager
 async def open_peer_settlement(
     peer: SettlementPeer,
@@ -378,6 +402,7 @@ async def open_peer_settlement(
             open_settlement(peer, store, settings) as service,
         ):
             service.genesis = genesis
+            warn_if_degraded(service)
             yield service
     finally:
         with contextlib.suppress(Exception):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -101,3 +102,21 @@ async def test_one_data_dir_two_networks_and_a_pin(tmp_path: Path) -> None:
 def test_unknown_edgeswarm_variables_do_not_break_the_cli(tmp_path: Path) -> None:
     r = cli("id", "--data-dir", str(tmp_path), env={"EDGESWARM_TEST_MDNS": "1", "EDGESWARM_X": "y"})
     assert r.returncode == 0 and r.stdout.startswith("12D3KooW"), r.stderr
+
+
+async def test_a_degraded_committee_is_visible_and_logged(tmp_path: Path) -> None:
+    async with local_swarm(tmp_path) as swarm:
+        boot = await swarm.start("boot", "bootstrap", "--listen", LOCAL)
+        p = await swarm.start("p", *peer_args([boot.address]))
+        r = await trio.to_thread.run_sync(
+            lambda: cli("ledger", "status", "--json", "--data-dir", str(p.data_dir))
+        )
+        assert r.returncode == 0, r.stderr
+        status = json.loads(r.stdout)
+        genesis = read_genesis_file(tmp_path / "boot" / "genesis.json")
+        assert status["network_id"] == genesis.network_id and status["account"] == p.peer_id
+        c = status["committee"]
+        assert (c["members"], c["size"], c["f"], c["degraded"]) == ([boot.peer_id], 1, 0, True)
+        assert c["target_size"] == 4 and status["eligible_pool"]["needed"] == 4
+        assert p.log_path is not None
+        assert "degraded witness committee: 1 of 4" in p.log_path.read_text()

@@ -132,3 +132,15 @@ def test_a_data_dir_keeps_one_ledger_dir_per_network(tmp_path: Path) -> None:
         read_genesis_file(tmp_path / "bad.json")
     with pytest.raises(NetworkError, match="cannot read"):
         read_genesis_file(tmp_path / "missing.json")
+
+
+def test_describe_committee_says_when_it_is_degraded() -> None:
+    from protocols.committee import describe_committee
+
+    four = tuple(sorted(pid(key(i)) for i in range(10, 14)))
+    g = Genesis.create("testnet", b"\x01" * 32, four, pow_bits=8)
+    full = describe_committee(g.rule().committee_for(pid(key(1))), g.rule())
+    assert (full["size"], full["f"], full["quorum"], full["degraded"]) == (4, 1, 3, False)
+    one = Genesis.create("testnet", b"\x01" * 32, four[:1], pow_bits=8)
+    d = describe_committee(one.rule().committee_for(pid(key(1))), one.rule())
+    assert (d["size"], d["f"], d["quorum"], d["degraded"]) == (1, 0, 1, True)
