@@ -307,3 +307,26 @@ async def test_concurrent_witness_locks_share_fsyncs(tmp_path: Path) -> None:
         assert store.commits - before <= 3, store.commits - before
     stored = {(a, s) for a, s, _, _ in read_snapshot(tmp_path).locks}
     assert stored == {(r.account, r.seq) for r in records}
+
+
+async def test_a_ledger_from_before_the_set_digest_verifies_and_is_upgraded(tmp_path: Path) -> None:
+    """A v1 state hash (sha256 over the sorted ids) still verifies; reopening rewrites it."""
+    import hashlib
+
+    from protocols.signing import signing_bytes
+
+    receipts, certs = _certificates(2)
+    async with open_ledger_store(tmp_path, RULE, POLICY) as store:
+        await store.add_facts([(FactKind.RECEIPT, r.to_bytes()) for r in receipts])
+        await store.add_facts([(FactKind.CERTIFICATE, c.to_bytes()) for c in certs])
+        new_hash = store.ledger.state_hash()
+    ids = sorted(f[0] for f in read_snapshot(tmp_path).facts)
+    h = hashlib.sha256(signing_bytes("edgeswarm/ledger-state/v1", len(ids).to_bytes(8, "big")))
+    for fid in ids:
+        h.update(fid)
+    with sqlite3.connect(tmp_path / DB_NAME) as conn:
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'state_hash'", (h.digest(),))
+    assert verify_snapshot(read_snapshot(tmp_path)).ok
+    async with open_ledger_store(tmp_path, RULE, POLICY):
+        pass
+    assert read_snapshot(tmp_path).state_hash == new_hash
