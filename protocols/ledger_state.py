@@ -613,9 +613,22 @@ class LedgerState:
     def is_banned(self, account: str) -> bool:
         return account in self._banned
 
+    def net_earned(self, account: str, now_ms: int) -> int:
+        """What grows the credit limit: out of escrow, earned from *other proven identities*
+        (not banned), minus everything ``account`` paid out. A ring of Sybils paying each
+        other round nets zero, so its limits stay at the base (docs/settlement.md)."""
+        from_others = sum(
+            amount
+            for payer, amount in self.earned_from(account, now_ms).items()
+            if payer != account and self.has_identity(payer) and not self.is_banned(payer)
+        )
+        received = self.earned(account, now_ms) + self.escrowed(account, now_ms)
+        paid_out = received - self.balance(account)
+        return max(0, from_others - paid_out)
+
     def credit_limit(self, account: str, now_ms: int) -> int:
         return self.policy.limit(
-            earned=self.earned(account, now_ms),
+            earned=self.net_earned(account, now_ms),
             has_identity=self.has_identity(account),
             banned=self.is_banned(account),
         )
