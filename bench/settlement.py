@@ -606,11 +606,19 @@ async def bench_growth(total: int, tmp: Path) -> dict[str, Any]:
             bad = [r for r in results if r is not True]
             assert not bad, bad[:3]
             done += len(items)
-            if done >= next_report:
-                print(
-                    f"  growth: {done} facts, rss {proc.memory_info().rss / 2**20:.0f} MB",
-                    flush=True,
-                )
+            if done >= next_report:  # one line per tenth: a cut-short run still says much
+                recent = times[-max(1, (total // 10) // 256) :]
+                n_recent = sum(r[0] for r in recent)
+                progress = {
+                    "growth_facts": done,
+                    "rss_mb": round(proc.memory_info().rss / 2**20, 1),
+                    "write_us_this_tenth": round(1e6 * sum(r[1] for r in recent) / n_recent, 1),
+                    "write_wall_us_this_tenth": round(
+                        1e6 * sum(r[2] for r in recent) / n_recent, 1
+                    ),
+                    "loadavg_1m": round(os.getloadavg()[0], 2),
+                }
+                print(json.dumps(progress), flush=True)
                 next_report += total // 10
         gc.collect()
         rss1 = proc.memory_info().rss
