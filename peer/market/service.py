@@ -45,7 +45,7 @@ from peer.market.receipts import ReceiptBook, ReceiptHook
 from peer.market.referee import REFEREE_PROTOCOL, RefereeService, SpotChecks
 from peer.market.requester import to_arrays
 from peer.market.spot_check import SpotChecker
-from peer.worker import Worker
+from peer.worker import INLINE_P50_MS, Worker
 from protocols import executor as ex
 from protocols import requester as rq
 from protocols.committee import CommitteeRule, RefereePanel
@@ -91,6 +91,8 @@ class MarketSettings:
     max_queue: int = 4
     limits: TensorLimits = DEFAULT_LIMITS
     policy: rq.RequesterPolicy = field(default_factory=rq.RequesterPolicy)
+    # Served models whose measured p50 is under this run on the loop thread (0: never).
+    inline_p50_ms: float = INLINE_P50_MS
 
     @classmethod
     def from_config(cls, config: Any) -> MarketSettings:
@@ -279,6 +281,9 @@ class MarketService:
                 continue
             p50 = float(loaded.p50_ms or 1.0)
             self.served[entry.cid] = (entry.name, p50)
+            inline = self.settings.inline_p50_ms
+            if loaded.p50_ms is not None and loaded.p50_ms < inline:
+                self.worker.inline.add(entry.cid)  # no thread hop for sub-millisecond models
             self.executor.offers[entry.cid] = ex.ModelOffer(price=micro, p50_ms=max(1, round(p50)))
             await self.gossip.join(entry.cid, serve=True)
             done.append(entry.cid)

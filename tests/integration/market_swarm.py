@@ -100,6 +100,9 @@ class Swarm:
             max_concurrent=base.max_concurrent,
             limits=base.limits,
             policy=base.policy,
+            # A wrapped runtime may block in run() (slow or gated test doubles): keep every
+            # run in a worker thread then, as for a model over 1 ms.
+            inline_p50_ms=0.0 if wrap_runtime else base.inline_p50_ms,
         )
         ready: list[Node] = []
         started = trio.Event()
