@@ -8,6 +8,7 @@ import stat
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -202,11 +203,33 @@ async def test_v2_by_cid_with_httpx_and_error_statuses(tmp_path: Path) -> None:
         assert r.status_code == 200
 
 
-async def test_v2_answers_504_when_the_executor_misses_the_deadline(tmp_path: Path) -> None:
-    stuck: list[BlockingRuntime] = []
+class SlowBidder(BlockingRuntime):
+    """Never answers, and bids with an ETA of 0.6 x the job's deadline (its p50 says so).
 
-    def wrap(rt: ModelRuntime) -> BlockingRuntime:
-        stuck.append(BlockingRuntime(rt))
+    The requester waits 2 x ETA + 1 s for a result before it tries someone else, so
+    the deadline comes first, however slow the auction was (it only has to award
+    before 0.4 x the deadline, or the executor would not bid at all).
+    """
+
+    P50_MS = 6000.0
+
+    def load(self, ref: str, **kw: Any) -> Any:
+        return _WithP50(super().load(ref, **kw), self.P50_MS)
+
+
+class _WithP50:
+    def __init__(self, loaded: Any, p50_ms: float) -> None:
+        self._loaded, self.p50_ms = loaded, p50_ms
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loaded, name)
+
+
+async def test_v2_answers_504_when_the_executor_misses_the_deadline(tmp_path: Path) -> None:
+    stuck: list[SlowBidder] = []
+
+    def wrap(rt: ModelRuntime) -> SlowBidder:
+        stuck.append(SlowBidder(rt))
         return stuck[-1]
 
     async with (
@@ -214,20 +237,12 @@ async def test_v2_answers_504_when_the_executor_misses_the_deadline(tmp_path: Pa
         door.client() as client,
     ):
         x = np.arange(3, dtype=np.float32)
-        infer = f"/v2/models/{door.cid}/infer"
-
-        async def ask(deadline: float) -> httpx.Response:
-            body, headers = v2.encode_request(
-                {"x": x, "y": x}, binary=False, parameters={"deadline": deadline}
-            )
-            return await client.post(infer, content=body, headers={**headers, **door.auth})
-
-        # The only executor takes the award and never answers: it is dropped after its
-        # ETA and nobody else bids: 503 (every executor failed).
-        r = await ask(3.0)
-        assert stuck[0].started.is_set()
-        assert r.status_code == 503 and "failed" in r.json()["error"], r.text
-        # Now the topic is warm: a deadline that ends before the executor's ETA: 504.
-        r = await ask(1.0)
+        body, headers = v2.encode_request(
+            {"x": x, "y": x}, binary=False, parameters={"deadline": SlowBidder.P50_MS / 600}
+        )
+        r = await client.post(
+            f"/v2/models/{door.cid}/infer", content=body, headers={**headers, **door.auth}
+        )
+        assert stuck[0].started.is_set()  # it was awarded the job
         assert r.status_code == 504, r.text
         assert "deadline" in r.json()["error"]
