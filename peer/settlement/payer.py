@@ -37,7 +37,7 @@ from protocols.ledger import Transfer
 from protocols.ledger_rpc import Certify, CertifyReply
 from protocols.ledger_state import FactKind
 from protocols.payment import Certified, Failed, PaymentSession, SendRequest
-from protocols.proofs import PayableReceipt
+from protocols.proofs import ArbitratedReceipt, PayableReceipt
 from protocols.signed import Signed
 from protocols.witness import Refusal, TransferRequest
 
@@ -86,10 +86,12 @@ class Payer:
         self._wake.set()
 
     def unpaid(self) -> list[PayableReceipt]:
-        """Receipts this peer owes that no certificate pays yet (arrival order)."""
+        """Receipts this peer owes that no certificate pays yet: arbitrated debts first
+        (witnesses certify nothing else of ours while one is unpaid), then arrival order."""
         pending = {r.receipt_id for _, r in self.store.outgoing()}
         # The ledger's per-payer index: cost grows with what we owe, not with history.
-        return [r for r in self.store.unpaid_for(self.peer_id) if r.receipt_id not in pending]
+        owed = [r for r in self.store.unpaid_for(self.peer_id) if r.receipt_id not in pending]
+        return sorted(owed, key=lambda r: not isinstance(r, ArbitratedReceipt))
 
     def _paying_certificate(self, receipt: PayableReceipt) -> Certificate | None:
         if not self.facts.ledger.is_paid(receipt):

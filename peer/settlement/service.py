@@ -55,7 +55,7 @@ from protocols.identity import peer_id_from_public_key
 from protocols.ledger import CreditPolicy, IdentityProof, solve_pow
 from protocols.ledger_state import FactKind, LedgerState
 from protocols.market_fields import want_peer_id
-from protocols.proofs import FraudProof, PayableReceipt
+from protocols.proofs import ArbitratedReceipt, FraudProof, PayableReceipt
 from protocols.witness import Witness
 
 log = logging.getLogger(__name__)
@@ -174,6 +174,34 @@ class SettlementService:
             metrics.FRAUD_PROOFS.inc()
             self.fact_sync.spread([fact_bytes(proof)])
         return new
+
+    async def settle_arbitrated(self, receipt: ArbitratedReceipt) -> int:
+        """The executor's side of arbitration: a referee panel found our committed result
+        right, but the requester never signed (it vanished, or refused). Verify and store
+        the ``ArbitratedReceipt`` (from ``protocols.verification.decide``), then hand it to
+        the requester's witnesses and the requester: until it is paid the witnesses certify
+        no other payment of the requester, and the requester's payer pays it as soon as it
+        holds it. Returns how many of them took it (the rest get it by anti-entropy)."""
+        if receipt.executor != self.peer_id:
+            raise SettlementError("only the executor settles its arbitrated receipt")
+        await self.facts.add(receipt)  # verified against the job's referee panel
+        targets = [*self.ledger.rule.committee_for(receipt.requester).members, receipt.requester]
+        items = [fact_bytes(receipt)]
+        delivered = 0
+
+        async def deliver(peer_id: str) -> None:
+            nonlocal delivered
+            try:
+                await self.client.push(peer_id, items)
+                delivered += 1
+            except SettlementError as exc:
+                log.info("arbitrated receipt not delivered to %s yet: %s", peer_id[-8:], exc)
+
+        async with trio.open_nursery() as nursery:
+            for peer_id in dict.fromkeys(targets):
+                if peer_id != self.peer_id:
+                    nursery.start_soon(deliver, peer_id)
+        return delivered
 
     # --- the roles' entry points ----------------------------------------------------------
 
