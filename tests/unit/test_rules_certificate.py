@@ -9,7 +9,7 @@ import pytest
 from settlement_fixtures import WITNESS_KEYS, World, key, pid, policy, receipt, transfer
 from test_proofs import EXE, REQ
 
-from protocols.certificate import Certificate, make_certificate, sign_vote
+from protocols.certificate import Certificate, WitnessVote, make_certificate, sign_vote
 from protocols.committee import MAX_COMMITTEE
 from protocols.errors import RemoteProtocolError
 from protocols.signed import Signed
@@ -47,3 +47,10 @@ def test_a_certificate_parses_its_shape_only_and_verify_checks_the_signatures() 
 
 def _resealed(s: Signed) -> Signed:  # type: ignore[type-arg]
     return Signed(message=s.message, envelope=seal(key(9), s.envelope.domain, s.message.to_body()))
+
+
+def test_a_vote_is_for_a_seq_of_at_least_one() -> None:
+    t = _transfer()
+    vote = sign_vote(WITNESS_KEYS[0], t).message
+    with pytest.raises(RemoteProtocolError):
+        WitnessVote(vote.account, 0, vote.transfer, vote.witness)

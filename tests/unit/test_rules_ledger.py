@@ -149,3 +149,9 @@ def test_a_payment_made_exactly_one_window_before_the_fraud_is_reversed() -> Non
     assert view.is_reversed(t_edge.message)
     assert not view.is_reversed(t_before.message)
     assert view.balance(pid(EXE)) == 30
+
+
+def test_an_account_never_seen_has_balance_zero() -> None:
+    view = World(policy()).view
+    assert view is not None
+    assert view.balance(pid(A)) == 0

@@ -31,3 +31,19 @@ def test_decode_tensors_caps_are_inclusive() -> None:
     for bad in (_wire(["a", "b", "c", "d"]), _wire(["a"], rank=5), _wire(["n" * 257])):
         with pytest.raises(RemoteProtocolError):
             decode_tensors(bad, limits=limits)
+
+
+def test_the_element_cap_is_inclusive_and_counts_real_elements() -> None:
+    limits = TensorLimits(max_elements=4)
+    assert decode_tensors(encode_tensors({"x": np.zeros(4, np.float32)}), limits=limits)
+    assert decode_tensors(encode_tensors({"x": np.zeros((1, 1, 1), np.float32)}), limits=limits)
+    with pytest.raises(RemoteProtocolError):
+        decode_tensors(encode_tensors({"x": np.zeros(5, np.float32)}), limits=limits)
+
+
+def test_a_bool_tensor_holds_only_bytes_0_and_1() -> None:
+    wire = encode_tensors({"b": np.array([True, False])})
+    for byte in (b"\x02", b"X"):
+        bad = {"b": {**wire["b"], "data": b"\x01" + byte}}
+        with pytest.raises(RemoteProtocolError):
+            decode_tensors(bad)

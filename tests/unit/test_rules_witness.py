@@ -113,3 +113,17 @@ def test_a_late_persist_failure_never_drops_a_durable_lock() -> None:
     w.lock_failed(first.record)
     assert w.lock_for(pid(P), 1) == first.record
     assert not isinstance(w.handle_transfer(transfer(P, rb, 1), rb, led, NOW_MS), PersistLock)
+
+
+def test_a_transfer_exactly_max_clock_skew_away_is_accepted_and_one_ms_more_is_not() -> None:
+    world = _world()
+    w, led = world.witnesses[0], world.ledgers[0]
+    skew = led.policy.max_clock_skew_ms
+    r1 = receipt(P, X, 10, 1)
+    led.ingest_payable(r1)
+    edge = w.handle_transfer(transfer(P, r1, 1, time_ms=NOW_MS + skew), r1, led, NOW_MS)
+    assert isinstance(edge, PersistLock)
+    w2, led2 = world.witnesses[1], world.ledgers[1]  # a witness that saw nothing yet
+    led2.ingest_payable(r1)
+    far = w2.handle_transfer(transfer(P, r1, 1, time_ms=NOW_MS - skew - 1), r1, led2, NOW_MS)
+    assert isinstance(far, Refuse) and far.reason is Refusal.CLOCK_SKEW
