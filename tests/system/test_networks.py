@@ -120,3 +120,41 @@ async def test_a_degraded_committee_is_visible_and_logged(tmp_path: Path) -> Non
         assert c["target_size"] == 4 and status["eligible_pool"]["needed"] == 4
         assert p.log_path is not None
         assert "degraded witness committee: 1 of 4" in p.log_path.read_text()
+
+
+async def test_different_bootstrap_lists_one_network_one_state_hash(tmp_path: Path) -> None:
+    """Peers that know different bootstrap nodes (or only another peer) are one network:
+    one genesis, and their ledgers converge on one state hash."""
+    fast = {"EDGESWARM_LEDGER_SYNC_INTERVAL": "0.5"}
+    async with local_swarm(tmp_path) as swarm:
+        b1 = await swarm.start("b1", "bootstrap", "--listen", LOCAL, env=fast)
+        b2 = await swarm.start(
+            "b2", "bootstrap", "--listen", LOCAL, "--bootstrap", b1.address, env=fast
+        )
+        p1 = await swarm.start("p1", *peer_args([b1.address]), env=fast)
+        p2 = await swarm.start("p2", *peer_args([b2.address]), env=fast)
+        # Not a bootstrap node at all: a running peer's address is enough to join.
+        p3 = await swarm.start("p3", *peer_args([p1.address]), env=fast)
+        nodes = [b1, b2, p1, p2, p3]
+        genesis = read_genesis_file(tmp_path / "b1" / "genesis.json")
+        assert not (tmp_path / "b2" / "genesis.json").exists()  # b2 joined, founded nothing
+        for n in nodes:
+            assert (n.data_dir / "networks" / genesis.network_id / "ledger.sqlite3").exists()
+        hashes: dict[str, str] = {}
+        with trio.fail_after(90):
+            for _ in range(200):  # bounded; each pass reads every ledger once
+                for n in nodes:
+                    r = await trio.to_thread.run_sync(
+                        lambda n=n: cli("ledger", "state-hash", "--data-dir", str(n.data_dir))
+                    )
+                    assert r.returncode == 0, r.stderr
+                    hashes[n.name] = r.stdout.strip()
+                if len(set(hashes.values())) == 1:
+                    break
+                await trio.sleep(1.0)  # anti-entropy runs every 0.5 s; poll the files
+        assert len(set(hashes.values())) == 1, hashes
+        # Every identity proof reached everyone: 5 facts (the founder needs none).
+        r = await trio.to_thread.run_sync(
+            lambda: cli("ledger", "verify", "--json", "--data-dir", str(p3.data_dir))
+        )
+        assert json.loads(r.stdout)["facts"] == 4
