@@ -12,6 +12,7 @@ from test_proofs import EXE, REQ
 from protocols.certificate import Certificate, WitnessVote, make_certificate, sign_vote
 from protocols.committee import MAX_COMMITTEE
 from protocols.errors import RemoteProtocolError
+from protocols.ledger import MAX_SEQ
 from protocols.signed import Signed
 from protocols.signing import seal
 
@@ -49,8 +50,10 @@ def _resealed(s: Signed) -> Signed:  # type: ignore[type-arg]
     return Signed(message=s.message, envelope=seal(key(9), s.envelope.domain, s.message.to_body()))
 
 
-def test_a_vote_is_for_a_seq_of_at_least_one() -> None:
+def test_a_vote_is_for_a_seq_from_1_to_max_seq() -> None:
     t = _transfer()
     vote = sign_vote(WITNESS_KEYS[0], t).message
-    with pytest.raises(RemoteProtocolError):
-        WitnessVote(vote.account, 0, vote.transfer, vote.witness)
+    assert WitnessVote(vote.account, MAX_SEQ, vote.transfer, vote.witness).seq == MAX_SEQ
+    for seq in (0, MAX_SEQ + 1):
+        with pytest.raises(RemoteProtocolError):
+            WitnessVote(vote.account, seq, vote.transfer, vote.witness)

@@ -43,10 +43,30 @@ def test_two_certificates_for_one_seq_are_a_conflict() -> None:
     r1, r2 = receipt(REQ, EXE, 5, 1), receipt(REQ, EXE, 5, 2)
     t1, t2 = transfer(REQ, r1, 1), transfer(REQ, r2, 1)
     assert view.conflicts() == []
-    for r, t in ((r1, t1), (r2, t2)):
+    certs = [make_certificate(t, [sign_vote(k, t) for k in WITNESS_KEYS]) for t in (t1, t2)]
+    for r, cert in zip((r1, r2), certs, strict=True):
         view.ingest_payable(r)
-        view.ingest_certificate(make_certificate(t, [sign_vote(k, t) for k in WITNESS_KEYS]))
+        view.ingest_certificate(cert)
+        view.balances()  # a reader between the two must not make the conflict count twice
     assert view.conflicts() == [(pid(REQ), 1)]
+    fresh = World(policy(genesis=frozenset({pid(REQ)}))).view
+    assert fresh is not None
+    for r, cert in zip((r2, r1), reversed(certs), strict=True):
+        fresh.ingest_payable(r)
+        fresh.ingest_certificate(cert)
+    assert view.balances() == fresh.balances()
+    assert sum(view.balances().values()) == 0 and view.balance(pid(EXE)) == 5
+
+
+def test_next_seq_stays_at_the_first_gap() -> None:
+    """A certificate for seq 2 arriving before seq 1 does not move the payer's next seq."""
+    view = World(policy(genesis=frozenset({pid(REQ)}))).view
+    assert view is not None
+    r = receipt(REQ, EXE, 5, 2)
+    t = transfer(REQ, r, 2)
+    view.ingest_payable(r)
+    assert view.ingest_certificate(make_certificate(t, [sign_vote(k, t) for k in WITNESS_KEYS]))
+    assert view.next_seq(pid(REQ)) == 1
 
 
 def test_an_equivocation_proof_is_new_once() -> None:
