@@ -197,12 +197,16 @@ def plugin_source(examples: int) -> str:
 class Group:
     name: str
     targets: list[Target] = field(default_factory=list)
+    only_tests: list[str] = field(default_factory=list)  # --only-tests: a narrower selection
+    suffix: str = ""
 
     @property
     def work(self) -> Path:
-        return WORK / self.name
+        return WORK / (self.name + self.suffix)
 
     def tests(self) -> list[str]:
+        if self.only_tests:
+            return list(self.only_tests)
         seen: dict[str, None] = {}
         for t in self.targets:
             for x in t.tests:
@@ -598,6 +602,7 @@ def summarize(
                 ),
                 "commit": source["commit"],
                 "measured": source["date"],
+                "tests": group.tests(),
             }
     stale = [
         e
@@ -682,6 +687,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--priority", action="store_true", help="only the money/signature modules")
     ap.add_argument(
+        "--only-tests",
+        nargs="*",
+        default=[],
+        help="run against just these test files (faster, may under-count kills; own work dir)",
+    )
+    ap.add_argument(
         "--tests",
         nargs="*",
         default=["tests/unit/test_rules_*.py", "tests/integration/test_output_mismatch.py"],
@@ -691,6 +702,10 @@ def main(argv: list[str] | None = None) -> int:
 
     paths = list(args.paths) or (PRIORITY if args.priority else [])
     groups = select(paths)
+    if args.only_tests:
+        for g in groups:
+            g.only_tests = list(args.only_tests)
+            g.suffix = "-only"
     py = load_pyproject()
     base = base_config(py)
     t0 = time.monotonic()
