@@ -17,7 +17,7 @@ token (one of the runtime's slots) before it starts.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import numpy.typing as npt
@@ -45,12 +45,20 @@ class Backend(Protocol):
 
 
 class Worker:
-    def __init__(self, runtime: Backend, *, max_concurrent: int = 1, job_timeout: float = 30.0):
+    def __init__(
+        self,
+        runtime: Backend,
+        *,
+        max_concurrent: int = 1,
+        job_timeout: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ):
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be at least 1, got {max_concurrent}")
         self.runtime = runtime
         self.limiter = trio.CapacityLimiter(max_concurrent)
         self.job_timeout = job_timeout
+        self.clock = clock  # POSIX seconds (deadlines are absolute), injected for tests
         self.running = 0
         self.inline: set[str] = set()  # cids run on the loop thread (sub-millisecond models)
         self.inline_runs = 0
@@ -68,13 +76,13 @@ class Worker:
 
     async def run(self, cid: str, inputs: Arrays, *, deadline: float) -> tuple[Arrays, int]:
         """Outputs and compute ms; ``deadline`` is absolute POSIX time (never run past it)."""
-        budget = min(self.job_timeout, deadline - time.time())
+        budget = min(self.job_timeout, deadline - self.clock())
         if budget <= 0:
             raise ExecutionTimeout(f"model {cid[:12]}: no time left before the job's deadline")
 
         def call() -> Arrays:
             # Computed in the thread: time spent queued for a slot counts against the job.
-            left = min(self.job_timeout, deadline - time.time())
+            left = min(self.job_timeout, deadline - self.clock())
             if left <= 0:
                 raise ExecutionTimeout(f"model {cid[:12]}: the deadline passed in the queue")
             return self.runtime.run(cid, inputs, timeout=left)

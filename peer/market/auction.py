@@ -139,7 +139,7 @@ class Auctions:
         self.limits = limits
         self.policy = policy
         self.clock = clock
-        self._discovered: dict[str, float] = {}  # cid -> monotonic time of the last lookup
+        self._discovered: dict[str, float] = {}  # cid -> clock time of the last lookup
         self._servers: dict[str, set[str]] = {}  # cid -> servers found (providers, ads)
 
     async def prepare(self, cid: str, until: float) -> None:
@@ -149,7 +149,7 @@ class Auctions:
         then at most once a minute; a warm topic costs nothing here.
         """
         await self.gossip.join(cid)
-        fresh = time.monotonic() - self._discovered.get(cid, -1e9) < REDISCOVER_S
+        fresh = self.clock() - self._discovered.get(cid, -1e18) < REDISCOVER_S
         if fresh and self.gossip.mesh_peers(cid):
             return
         budget = max(0.1, min(PREPARE_TIMEOUT, (until - self.clock()) / 2))
@@ -163,7 +163,7 @@ class Auctions:
                 # peer that is gone would hold every auction to its full window).
                 self._servers[cid] = connected | (set(found) & candidates)
                 candidates |= connected
-                self._discovered[cid] = time.monotonic()
+                self._discovered[cid] = self.clock()
             ids = [ID.from_base58(c) for c in candidates]
             await self.gossip.wait_for_mesh(cid, ids, limit=budget)
             # Give the other servers just dialed a moment to graft too (event-driven).

@@ -157,7 +157,10 @@ class MarketService:
         self.referee: RefereeService | None = None
         if runtime is not None:
             self.worker = Worker(
-                runtime, max_concurrent=settings.max_concurrent, job_timeout=settings.job_timeout
+                runtime,
+                max_concurrent=settings.max_concurrent,
+                job_timeout=settings.job_timeout,
+                clock=clock,
             )
             self.executor = ExecutorService(
                 key=self.key,
