@@ -23,6 +23,10 @@ class NetworkError(Exception):
     """This peer cannot tell which network it is in, or it is not the one it must join."""
 
 
+class NoNetwork(NetworkError):
+    """No network to join was found (no bootstrap reachable, none configured)."""
+
+
 # --- genesis files -------------------------------------------------------------------------
 
 

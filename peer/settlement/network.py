@@ -38,6 +38,7 @@ from peer.config import Config
 from peer.settlement_paths import (
     GENESIS_FILE,
     NetworkError,
+    NoNetwork,
     read_genesis_file,
     write_genesis_file,
 )
@@ -214,7 +215,7 @@ async def resolve_genesis(host: IHost, config: Config, *, role: str) -> tuple[Ge
 
 async def _ask_network(host: IHost, config: Config, bootstrap: list[str]) -> tuple[Genesis, str]:
     if not bootstrap and not host.get_connected_peers():
-        raise NetworkError(
+        raise NoNetwork(
             "no network to join: give --bootstrap MULTIADDR (any running peer's address works), "
             "a genesis file (EDGESWARM_GENESIS) or ledger_witnesses"
         )
@@ -231,4 +232,4 @@ async def _ask_network(host: IHost, config: Config, bootstrap: list[str]) -> tup
                     errors.append(str(exc))
             await trio.sleep(min(0.25 * 2**attempt, 4.0))
     why = errors[-1] if errors else "no bootstrap node or other peer is reachable"
-    raise NetworkError(f"cannot learn the network's genesis: {why}")
+    raise NoNetwork(f"cannot learn the network's genesis: {why}")

@@ -46,7 +46,7 @@ from peer.settlement.network import GENESIS_PROTOCOL, resolve_genesis, serve_gen
 from peer.settlement.payer import Payer
 from peer.settlement.server import LedgerServer, StreamState
 from peer.settlement.witness_server import WitnessServer
-from peer.settlement_paths import NetworkError, remember_network
+from peer.settlement_paths import NoNetwork, remember_network
 from protocols.certificate import Certificate
 from protocols.committee import CommitteeRule
 from protocols.errors import ProtocolError
@@ -408,8 +408,8 @@ async def open_peer_settlement(
     if genesis is None:
         try:
             genesis, source = await resolve_genesis(peer.host, config, role=role)
-        except NetworkError as exc:
-            if not optional or config.network or config.genesis or "must join" in str(exc):
+        except NoNetwork as exc:  # (a bad genesis or a broken pin is always an error)
+            if not optional or config.network or config.genesis:
                 raise
             log.warning("settlement is off: %s", exc)
             yield None

@@ -158,3 +158,15 @@ async def test_different_bootstrap_lists_one_network_one_state_hash(tmp_path: Pa
             lambda: cli("ledger", "verify", "--json", "--data-dir", str(p3.data_dir))
         )
         assert json.loads(r.stdout)["facts"] == 4
+
+
+def test_settings_that_make_no_valid_genesis_are_one_line(tmp_path: Path) -> None:
+    r = cli(
+        "bootstrap",
+        "--listen",
+        LOCAL,
+        "--data-dir",
+        str(tmp_path),
+        env={"EDGESWARM_LEDGER_POW_BITS": "99"},
+    )
+    one_error_line(r, code=1, says="do not make a valid genesis")
