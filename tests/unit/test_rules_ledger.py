@@ -49,13 +49,20 @@ def test_two_certificates_for_one_seq_are_a_conflict() -> None:
         view.ingest_certificate(cert)
         view.balances()  # a reader between the two must not make the conflict count twice
     assert view.conflicts() == [(pid(REQ), 1)]
+    r3 = receipt(REQ, EXE, 5, 3)
+    t3 = transfer(REQ, r3, 2)
+    view.ingest_payable(r3)
+    view.ingest_certificate(make_certificate(t3, [sign_vote(k, t3) for k in WITNESS_KEYS]))
+    assert view.conflicts() == [(pid(REQ), 1)]  # seq 2 has one certificate: no conflict
     fresh = World(policy(genesis=frozenset({pid(REQ)}))).view
     assert fresh is not None
     for r, cert in zip((r2, r1), reversed(certs), strict=True):
         fresh.ingest_payable(r)
         fresh.ingest_certificate(cert)
+    fresh.ingest_payable(r3)
+    fresh.ingest_certificate(make_certificate(t3, [sign_vote(k, t3) for k in WITNESS_KEYS]))
     assert view.balances() == fresh.balances()
-    assert sum(view.balances().values()) == 0 and view.balance(pid(EXE)) == 5
+    assert sum(view.balances().values()) == 0 and view.balance(pid(EXE)) == 10
 
 
 def test_next_seq_stays_at_the_first_gap() -> None:
@@ -93,9 +100,11 @@ def test_a_later_fraud_proof_never_reverses_a_payment_twice() -> None:
     )
     after_first = view.balances()
     assert view.balance(pid(EXE)) == 0 and view.forfeited() == {pid(EXE): 250}
+    # Its cut (time - window) falls after the payment: were it to count, the payment would
+    # stand again.
     later = signed_commitment(REQ, EXE, 40, 4, output=b"wrong")
     assert view.ingest_fraud_proof(
-        FraudProof.of(later, _verdicts(later, "mismatch", time_ms=NOW_MS + 2_000))
+        FraudProof.of(later, _verdicts(later, "mismatch", time_ms=NOW_MS + 100_000))
     )
     assert view.balances() == after_first
     assert view.forfeited() == {pid(EXE): 250}

@@ -66,3 +66,30 @@ def test_a_resumed_session_still_sends_missing_history() -> None:
     # With one witness down the lagging one is needed for the quorum of 3.
     assert isinstance(_pay(session, sends, nodes, down), Certified)
     assert nodes[lagging].ledger.next_seq(pid(P)) == 2  # it caught up from the request
+
+
+def test_a_witness_that_refuses_after_getting_the_history_counts_as_a_final_refusal() -> None:
+    """A witness asked again with the missing history is no longer waited for once it answers:
+    its refusal counts, so a payment over the limit fails instead of hanging."""
+    ledger, nodes = _setup(base_limit=50)
+    lagging = pid(WITNESS_KEYS[0])
+    first, _ = PaymentSession.start(P, receipt(P, X, 10, 1), ledger, NOW_MS)
+    done = _pay(first, first.persisted(), nodes)
+    assert isinstance(done, Certified)
+    certs: dict[int, Certificate] = {1: done.certificate}
+    ledger.ingest_certificate(done.certificate)
+    for w, node in nodes.items():
+        if w != lagging:
+            node.ledger.ingest_certificate(done.certificate)
+    # Only the lagging witness and one other answer; both refuse (over the limit).
+    down = frozenset(pid(k) for k in WITNESS_KEYS[2:])
+    session, _ = PaymentSession.start(
+        P,
+        receipt(P, X, 100, 2),
+        ledger,
+        NOW_MS,
+        history_for=lambda a, s: [certs[s]] if s in certs else [],
+    )
+    failed = _pay(session, session.persisted(), nodes, down)
+    assert isinstance(failed, Failed)
+    assert set(failed.refusals) == {lagging, pid(WITNESS_KEYS[1])}

@@ -103,8 +103,10 @@ def test_argmax_mode_compares_scalars_and_empty_tensors_exactly() -> None:
     one, other = np.array(0.5, np.float32), np.array(0.6, np.float32)
     assert _cmp(one, one.copy(), ARGMAX).agree
     assert not _cmp(one, other, ARGMAX).agree
-    empty = np.zeros((0, 3), np.float32)
-    assert _cmp(empty, empty.copy(), ARGMAX).agree
+    for empty in (np.zeros((0, 3), np.float32), np.zeros(0, np.float32)):
+        assert _cmp(empty, empty.copy(), ARGMAX).agree
+    # One element: its argmax is 0 whatever the value.
+    assert _cmp(np.array([0.5], "f4"), np.array([0.6], "f4"), ARGMAX).agree
     vec = np.array([0.1, 0.9], np.float32)
     assert _cmp(vec, np.array([0.2, 0.8], np.float32), ARGMAX).agree  # a 1-d vector: argmax
 

@@ -74,18 +74,20 @@ def test_a_transfer_request_carries_at_most_max_history_certificates() -> None:
 def test_a_badly_signed_receipt_reaches_the_witness_and_is_refused_as_bad_receipt() -> None:
     """Parsing a request checks its shape, not the receipt: the witness answers the payer
     with a BAD_RECEIPT refusal it can read instead of an undecodable request."""
-    world = _world()
     r = receipt(P, X, 10, 1)
-    a = r.acceptance
-    forged = Receipt(
-        commitment=r.commitment,
-        acceptance=Signed(
-            message=a.message, envelope=seal(OTHER, a.envelope.domain, a.message.to_body())
-        ),
-    )
-    req = TransferRequest.from_bytes(TransferRequest(transfer(P, forged, 1), forged, ()).to_bytes())
-    answer = world.witnesses[0].handle_transfer(req.transfer, req.receipt, world.ledgers[0], NOW_MS)
-    assert isinstance(answer, Refuse) and answer.reason is Refusal.BAD_RECEIPT
+    forged_acceptance = Receipt(commitment=r.commitment, acceptance=_resealed(r.acceptance))
+    forged_commitment = Receipt(commitment=_resealed(r.commitment), acceptance=r.acceptance)
+    for forged in (forged_acceptance, forged_commitment):
+        world = _world()
+        req = TransferRequest(transfer(P, forged, 1), forged, ())
+        back = TransferRequest.from_bytes(req.to_bytes())
+        w, led = world.witnesses[0], world.ledgers[0]
+        answer = w.handle_transfer(back.transfer, back.receipt, led, NOW_MS)
+        assert isinstance(answer, Refuse) and answer.reason is Refusal.BAD_RECEIPT
+
+
+def _resealed(s: Signed) -> Signed:  # type: ignore[type-arg]
+    return Signed(message=s.message, envelope=seal(OTHER, s.envelope.domain, s.message.to_body()))
 
 
 def test_a_witness_finds_its_durable_lock_by_account_and_seq() -> None:
