@@ -136,6 +136,7 @@ class LedgerClient:
         # Our identity proof, sent once to each peer before the first request (set at start).
         self.identity: IdentityProof | None = None
         self._pool: dict[str, Channel] = {}
+        self._opening: dict[str, trio.Lock] = {}
         self._introduced: set[str] = set()
         self._lookups: dict[str, float] = {}  # peer id -> when we last asked the DHT
 
@@ -176,12 +177,16 @@ class LedgerClient:
         return True
 
     async def _pooled(self, peer_id: str) -> Channel:
-        ch = self._pool.get(peer_id)
-        if ch is None or ch.broken:
-            if ch is not None:
-                await ch.close()
-            ch = await self.open(peer_id)
-            self._pool[peer_id] = ch
+        # One opener per peer: concurrent callers share the stream it opens (a stream each
+        # would run into the peer's per-peer stream cap and be reset).
+        lock = self._opening.setdefault(peer_id, trio.Lock())
+        async with lock:
+            ch = self._pool.get(peer_id)
+            if ch is None or ch.broken:
+                if ch is not None:
+                    await ch.close()
+                ch = await self.open(peer_id)
+                self._pool[peer_id] = ch
         return ch
 
     async def call(self, peer_id: str, request: Request, expected: type[R]) -> R:
