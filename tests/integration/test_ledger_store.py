@@ -330,3 +330,26 @@ async def test_a_ledger_from_before_the_set_digest_verifies_and_is_upgraded(tmp_
     async with open_ledger_store(tmp_path, RULE, POLICY):
         pass
     assert read_snapshot(tmp_path).state_hash == new_hash
+
+
+async def test_a_v2_ledger_keeps_its_facts_through_the_v3_migration(tmp_path: Path) -> None:
+    receipts = [make_receipt(PAYER, PAYEE, 1, 1000 + n) for n in range(3)]
+    with sqlite3.connect(tmp_path / DB_NAME) as conn:  # v2: facts keyed by id (WITHOUT ROWID)
+        conn.executescript(MIGRATIONS[0])
+        conn.executescript(MIGRATIONS[1])
+        conn.execute("PRAGMA user_version = 2")
+        conn.executemany(
+            "INSERT INTO facts (id, kind, data) VALUES (?, ?, ?)",
+            [(r.receipt_id, int(FactKind.RECEIPT), r.to_bytes()) for r in receipts],
+        )
+    async with open_ledger_store(tmp_path, RULE, POLICY) as store:
+        assert all(store.ledger.has(r.receipt_id) for r in receipts)
+        assert store.ledger.item(receipts[0].receipt_id) == (
+            FactKind.RECEIPT,
+            receipts[0].to_bytes(),
+        )
+        assert await store.add(make_receipt(PAYER, PAYEE, 1, 2000))
+        assert not await store.add(receipts[1])  # the unique id still holds
+    snap = read_snapshot(tmp_path)
+    assert snap.schema_version == SCHEMA_VERSION == 3
+    assert len(snap.facts) == 4 and verify_snapshot(snap).ok
