@@ -190,6 +190,19 @@ def plugin_source(examples: int) -> str:
         "    deadline=None, suppress_health_check=list(HealthCheck),\n"
         ")\n"
         'settings.load_profile("mutation")\n'
+        "\n\n"
+        "def pytest_sessionstart(session):\n"
+        "    # Every mutant runs in a process forked after the traced run: caches that run\n"
+        "    # filled (verified signatures, peer ids) would skip the mutated code. Empty them.\n"
+        "    import sys\n"
+        "    for name, mod in list(sys.modules.items()):\n"
+        '        if not name.startswith(("protocols.", "peer.")):\n'
+        "            continue\n"
+        "        for value in list(vars(mod).values()):\n"
+        '            if callable(getattr(value, "cache_clear", None)):\n'
+        "                value.cache_clear()\n"
+        '        if isinstance(getattr(mod, "_verified", None), dict):\n'
+        "            mod._verified.clear()\n"
     )
 
 
