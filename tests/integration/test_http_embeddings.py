@@ -22,6 +22,7 @@ from peer.node import open_peer
 TEXTS = ["Edge devices can run neural networks locally.", "The cat sat on the mat."]
 
 
+@pytest.mark.timeout(300)
 async def test_openai_sdk_embeddings_float_and_base64(tmp_path: Path) -> None:
     registry = Registry(tmp_path / "ex" / "models")
     entry = registry.add_packaged("minilm")

@@ -19,6 +19,7 @@ BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser")
 BROWSER = next((b for b in map(shutil.which, BROWSERS) if b), None)
 
 
+@pytest.mark.timeout(300)
 @pytest.mark.skipif(
     BROWSER is None,
     reason="no headless Chromium on this machine (apt-get install chromium-headless-shell)",

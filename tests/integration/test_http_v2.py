@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 import trio
 from http_swarm import http_swarm
 from prometheus_client.parser import text_string_to_metric_families
@@ -26,7 +27,7 @@ TRITON_SCRIPT = Path(__file__).with_name("triton_client.py")
 
 async def _triton(url: str, model: str, mode: str, token: str) -> dict:
     host_port = url.removeprefix("http://")
-    with trio.fail_after(90):
+    with trio.fail_after(240):  # six jobs and a client process on a loaded 2-core box
         done = await trio.run_process(
             [sys.executable, str(TRITON_SCRIPT), host_port, model, mode, token],
             capture_stdout=True,
@@ -55,6 +56,7 @@ def delta(after: Sample, before: Sample, name: str, **labels: str) -> float:
     return after.get(key, 0.0) - before.get(key, 0.0)
 
 
+@pytest.mark.timeout(400)
 async def test_stock_tritonclient_runs_jobs_through_the_market_json_and_binary(
     tmp_path: Path,
 ) -> None:

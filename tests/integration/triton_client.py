@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 def main(url: str, model: str, mode: str, token: str) -> None:
     binary = mode == "binary"
-    client = httpclient.InferenceServerClient(url=url, connection_timeout=30, network_timeout=60)
+    client = httpclient.InferenceServerClient(url=url, connection_timeout=60, network_timeout=120)
     out: dict = {
         "live": client.is_server_live(),
         "ready": client.is_server_ready(),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 import trio
 
 from edge_models.registry import Registry
@@ -45,6 +46,7 @@ async def jobs_requested(http: httpx.AsyncClient) -> float:
     return 0.0
 
 
+@pytest.mark.timeout(600)
 async def test_the_cli_uses_the_running_peer_through_its_control_api(tmp_path: Path) -> None:
     x = np.arange(6, dtype=np.float32)
     np.save(tmp_path / "x.npy", x)
