@@ -223,6 +223,12 @@ async def find_all_ads(client: Any, ids: list[str], t0: float, limit: float) -> 
                 for pid in list(missing):
                     nursery.start_soon(one, pid)
             if missing:
+                print(
+                    f"[{time.monotonic() - t0:7.1f} s] {len(missing)} ads not found yet, e.g. "
+                    f"{sorted(missing)[:3]}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 await trio.sleep(1.0)  # a bounded poll of the real DHT: no event exists
     return time.monotonic() - t0
 

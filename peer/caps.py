@@ -245,6 +245,7 @@ class PubsubIntake:
         self.clock = clock
         self.stats = IntakeStats()
         self._push: Callable[[Any, Any], Awaitable[None]] = pubsub.push_msg
+        self._me = getattr(pubsub, "my_id", None)  # our own publishes are never queued or shed
         self._send, self._receive = trio.open_memory_channel[tuple[Any, Any]](total)
         self._queued: dict[Any, int] = {}
         self._running = False
@@ -260,7 +261,7 @@ class PubsubIntake:
 
     async def offer(self, forwarder: Any, msg: Any) -> None:
         """Called by pubsub for each received message (one task each): queue it or shed it."""
-        if not self._running:
+        if not self._running or (self._me is not None and forwarder == self._me):
             await self._push(forwarder, msg)
             return
         held = self._queued.get(forwarder, 0)
