@@ -32,11 +32,12 @@ from test_market import WINNER_WINDOW, wait_providers
 from peer.job_stream import JOB_PROTOCOL
 from protocols.codec import FrameDecoder, frame
 from protocols.market import MAX_PAYLOAD_FRAME, JobFrame, JobResult, decode_frame, encode_frame
-from protocols.receipt import Acceptance, ResultCommitment, commit
+from protocols.receipt import Acceptance, ResultCommitment, commit, content_digest
 from protocols.signed import Signed
 from protocols.tensor import decode_tensors, encode_tensors
 
-Tamper = Callable[[Node, JobFrame], JobFrame | None]  # None: send the frame as it is
+# None: send the frame as it is; a list: send these instead (possibly none, to hold it back).
+Tamper = Callable[[Node, JobFrame], JobFrame | list[JobFrame] | None]
 
 
 @dataclass
@@ -67,6 +68,26 @@ def other_inputs(node: Node, item: JobFrame) -> JobFrame | None:
     return commit(node.peer.key, replace(item.message, input_digest=b"\x42" * 32))
 
 
+def undecodable_outputs() -> Tamper:
+    """Outputs that do not decode (the data is a byte short), under a commitment re-signed
+    to their digest (held back until the result is known): only the requester's decoding of
+    untrusted outputs can catch it."""
+    held: list[Signed[ResultCommitment]] = []
+
+    def tamper(node: Node, item: JobFrame) -> JobFrame | list[JobFrame] | None:
+        if isinstance(item, Signed) and isinstance(item.message, ResultCommitment):
+            held.append(item)  # type: ignore[arg-type]
+            return []
+        if isinstance(item, JobResult) and held:
+            broken = {n: {**t, "data": t["data"][:-1]} for n, t in item.outputs.items()}
+            c = held.pop().message
+            lie = commit(node.peer.key, replace(c, output_digest=content_digest(broken)))
+            return [lie, JobResult(item.job_id, item.seq, broken, item.compute_ms)]
+        return None
+
+    return tamper
+
+
 class TamperingStream:
     """Wraps the executor's side of a job stream: frames it writes pass through ``tamper``."""
 
@@ -86,11 +107,14 @@ class TamperingStream:
         out = b""
         for raw in self._out.frames():
             lie = self._tamper(self._node, decode_frame(raw))
-            if lie is not None:
-                self._log.tampered += 1
-                raw = encode_frame(lie)
-            out += frame(raw, max_size=MAX_PAYLOAD_FRAME)
-        await self._stream.write(out)
+            if lie is None:
+                out += frame(raw, max_size=MAX_PAYLOAD_FRAME)
+                continue
+            self._log.tampered += 1
+            for item in lie if isinstance(lie, list) else [lie]:
+                out += frame(encode_frame(item), max_size=MAX_PAYLOAD_FRAME)
+        if out:
+            await self._stream.write(out)
 
     async def read(self, n: int | None = None) -> bytes:
         chunk: bytes = await self._stream.read(n)
@@ -149,6 +173,33 @@ async def test_result_not_matching_the_commitment_is_refused_and_retried_elsewhe
         assert wire.acceptances() == []
         assert list(req.market.receipts.receipts) == [result.receipt]
         assert list(honest.market.receipts.receipts) == [result.receipt]
+        assert list(cheater.market.receipts.receipts) == []
+
+
+async def test_outputs_that_do_not_decode_are_refused_even_when_committed_to(
+    tmp_path: Path,
+) -> None:
+    """Rule: outputs are decoded under the tensor limits before anything is signed; outputs
+    that do not decode are refused (and retried elsewhere) even when the commitment names
+    exactly them."""
+    async with market_swarm(tmp_path) as swarm:
+        cheater = await swarm.start("cheater", price=0.5)
+        honest = await swarm.start("honest", price=2.0)
+        req = await swarm.start("req", serve=False)
+        wire = make_byzantine(cheater, undecodable_outputs())
+        cid = next(iter(honest.market.served))
+        await wait_providers(req, cid, 2)
+        x = np.arange(4, dtype=np.float32)
+        with trio.fail_after(60):
+            result = await req.market.infer(
+                cid, {"x": x, "y": x}, deadline=30, bid_window=WINNER_WINDOW
+            )
+        assert wire.tampered >= 1  # the result (and the commitment, if it got that far)
+        assert [e for e, _ in result.attempts] == [cheater.peer_id]
+        assert "do not decode" in result.attempts[0][1]
+        assert result.executor == honest.peer_id
+        np.testing.assert_array_equal(result.outputs["z"], 2 * x)
+        assert wire.acceptances() == []
         assert list(cheater.market.receipts.receipts) == []
 
 
