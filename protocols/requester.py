@@ -357,6 +357,11 @@ class RequesterJob:
     _current: _Current | None = field(default=None, init=False)
 
     @property
+    def bidders(self) -> frozenset[str]:
+        """Every executor whose bid this job saw (kept or tried)."""
+        return frozenset(self._bids) | frozenset(self._tried)
+
+    @property
     def next_seq(self) -> int:
         """The seq the next input sent to the awarded executor must carry."""
         return 0 if self._current is None else len(self._current.sent)

@@ -41,6 +41,7 @@ PREPARE_TIMEOUT = 5.0
 REDISCOVER_S = 60.0
 MESH_TARGET = 4  # GossipSub's degree_low: more are grafted by heartbeats
 MESH_SETTLE_S = 0.5
+MAX_MISSES = 2  # auctions in a row without a bid before a server is no longer waited for
 
 Arrays = dict[str, npt.NDArray[Any]]
 
@@ -141,6 +142,7 @@ class Auctions:
         self.clock = clock
         self._discovered: dict[str, float] = {}  # cid -> clock time of the last lookup
         self._servers: dict[str, set[str]] = {}  # cid -> servers found (providers, ads)
+        self._misses: dict[str, dict[str, int]] = {}  # cid -> server -> auctions without a bid
 
     async def prepare(self, cid: str, until: float) -> None:
         """Join the cid's topic and get executors of it into our gossip mesh.
@@ -159,9 +161,9 @@ class Auctions:
                 found = await self.dialer.servers(cid)
                 found.pop(self.peer_id, None)
                 connected = await self.dialer.connect(found)
-                # Who is expected to bid: the servers we reach (a stale provider record of a
-                # peer that is gone would hold every auction to its full window).
-                self._servers[cid] = connected | (set(found) & candidates)
+                # Who is expected to bid: every server found (kept across lookups, which can
+                # miss records); one that stops bidding is dropped by ``record``.
+                self._servers.setdefault(cid, set()).update(found)
                 candidates |= connected
                 self._discovered[cid] = self.clock()
             ids = [ID.from_base58(c) for c in candidates]
@@ -178,12 +180,27 @@ class Auctions:
         """Look the cid's servers up again at the next ``prepare`` (e.g. a new one joined)."""
         self._discovered.pop(cid, None)
 
+    def record(self, cid: str, expected: frozenset[str], bidders: frozenset[str]) -> None:
+        """After an auction: servers that bid are expected again; one that missed
+        ``MAX_MISSES`` auctions in a row (gone, busy, over our price) no longer holds
+        auctions open. Every bidder is a server: it is expected from now on."""
+        misses = self._misses.setdefault(cid, {})
+        servers = self._servers.setdefault(cid, set())
+        servers.update(bidders)
+        for pid in bidders:
+            misses.pop(pid, None)
+        for pid in expected - bidders:
+            misses[pid] = misses.get(pid, 0) + 1
+            if misses[pid] >= MAX_MISSES:
+                servers.discard(pid)
+                del misses[pid]
+
     def expected_bidders(self, cid: str) -> frozenset[str]:
         """Who should bid on a job for ``cid``: the servers found in provider records and
-        ads at the last discovery that we could reach (the auction closes once they all
-        bid). One not yet on the topic in our view still hears the request through the
-        mesh, so it is waited for too: an auction never closes before a reachable server
-        had its say, unless a bid is good enough (``RequesterPolicy.good_enough_price``)."""
+        ads (accumulated over lookups) and every executor that bid before, less those that
+        missed ``MAX_MISSES`` auctions in a row. The auction closes once they all bid: it
+        never closes before a known server had its say, unless a bid is good enough
+        (``RequesterPolicy.good_enough_price``)."""
         return frozenset(self._servers.get(cid, ()))
 
     async def open_job_stream(self, executor: str, until: float) -> FrameStream:
@@ -237,6 +254,8 @@ class Auctions:
         except rq.NoExecutors as exc:
             self._explain(exc, spec.cid, request.max_price)
             raise
+        finally:
+            self.record(spec.cid, run.job.expected, run.job.bidders)
         self.receipts.add(outcome.receipt, "requester")
         return InferResult(
             wire=outcome.wires.get(0),

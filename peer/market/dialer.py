@@ -42,17 +42,22 @@ class Dialer:
         self.clock = clock
 
     async def servers(self, cid: str) -> dict[str, tuple[str, ...]]:
-        """Peers serving ``cid`` and their addresses: DHT provider records, else ads."""
+        """Peers serving ``cid`` and their addresses: DHT provider records and ads (a lookup
+        can miss some records; the auction waits for every server found)."""
         found: dict[str, tuple[str, ...]] = {}
         try:
             for p in await self.directory.find_providers(cid):
                 found.setdefault(p.peer_id, tuple(p.addrs))
-        except Exception as exc:  # DHT errors: fall back to ads
+        except Exception as exc:  # DHT errors: the ads still tell
             log.debug("find_providers failed: %s", exc)
-        if not found:
+        try:
             for ad in await self.directory.find_ads():
                 if any(m.cid == cid for m in ad.models):
                     found.setdefault(ad.peer_id, tuple(ad.addrs))
+        except Exception as exc:
+            if not found:
+                raise
+            log.debug("find_ads failed: %s", exc)
         return found
 
     async def connect(self, found: dict[str, tuple[str, ...]]) -> set[str]:

@@ -144,9 +144,11 @@ class Lease:
         try:
             outcome = await run.run(task_status=task_status)
         except rq.MarketFailure as exc:
+            self.auctions.record(self.cid, run.job.expected, run.job.bidders)
             if not self._closed:
                 self.errors.append(exc)
             return
+        self.auctions.record(self.cid, run.job.expected, run.job.bidders)
         self.receipts.append(outcome.receipt)
         self.book.add(outcome.receipt, "requester")
 

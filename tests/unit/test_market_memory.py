@@ -368,3 +368,19 @@ async def test_a_single_jobs_executor_commits_first_and_loses_one_job_to_a_refus
     ]
     assert kinds == ["ResultCommitment", "JobResult"]  # the claim is fixed before delivery
     assert worker.ran == 1 and execu.refusals[0][1].message.count == 1
+
+
+async def test_a_server_that_stops_bidding_stops_holding_auctions_open(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    async with memory_market() as m:
+        await m.executor(2, 100)
+        silent = await m.executor(3, 50_000)  # over the max price: it never bids
+        took = []
+        for i in range(3):
+            t0 = trio.current_time()
+            await m.auctions.one_job(m.spec(bid_window=2.0), wire(i))
+            took.append(trio.current_time() - t0)
+        assert silent.peer_id not in m.auctions.expected_bidders(CID)
+    # Waited out the window twice for the silent server, then closed on the bid that came.
+    assert took[0] >= 2.0 and took[1] >= 2.0 and took[2] < 0.1
