@@ -532,7 +532,9 @@ class ModelFetcher:
         """Admit the complete file; None (and the group banned) if it does not hash to cid."""
         from edge_models.errors import InvalidModel
 
-        senders = sorted(p for p, n in result.bytes_from.items() if n > 0)
+        senders = sorted(
+            p for p, n in result.bytes_from.items() if n > 0 and p not in result.banned
+        )
         default = "model"
         if name is None and self.name_of is not None:
             with trio.move_on_after(NAME_TIMEOUT):
