@@ -77,8 +77,11 @@ REPLY_MAX = 8192
 MAX_CLAIMS = 2
 MAX_ACTIVE = 4
 MAX_ACTIVE_PER_PEER = 1
-RUNS_BURST = 4.0  # referee requests one peer may make at once ...
-RUNS_PER_S = 0.1  # ... and then one every 10 s (a dispute needs one per referee)
+# Referee requests one requester may make at once, then one every 2 s. A dispute asks
+# each panel referee once; spot checks (p = 0.05) on a busy requester with cheaters
+# about dispute a few jobs a minute, well inside this.
+RUNS_BURST = 8.0
+RUNS_PER_S = 0.5
 READ_WAIT_S = 10.0  # each frame of a request must arrive within this
 RUN_BUDGET_S = 30.0  # one referee model run
 READ_CHUNK = 256 * 1024
