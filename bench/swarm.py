@@ -68,6 +68,9 @@ GOSSIP_MESSAGES = 20
 LOOKUP_PARALLEL = 8
 REQUESTERS = 4
 START_BATCH = 8
+# Ads are re-published at half their TTL: a first publish lost on a loaded box is retried
+# after 30 s (a 600 s TTL left ads unfindable for 5 minutes).
+AD_TTL = 60.0
 IN_FLIGHT = 8
 JOB_DEADLINE_S = 20.0
 FINDABLE_LIMIT_S = 600.0
@@ -109,7 +112,7 @@ async def worker(args: argparse.Namespace) -> None:
     out = sys.stdout
 
     async def one(i: int, started: list[Any], task_status: Any) -> None:
-        c = cfg(root, f"w{args.index}-{i}", args.bootstrap, ad_ttl=600.0)
+        c = cfg(root, f"w{args.index}-{i}", args.bootstrap, ad_ttl=AD_TTL)
         async with open_peer(
             c, hardware=Hardware(), models=[], market=False, settlement=False
         ) as p:
@@ -312,7 +315,7 @@ async def coordinator(args: argparse.Namespace) -> dict[str, Any]:
             "EDGESWARM_BID_WINDOW": "0.3",
             "EDGESWARM_JOB_TIMEOUT": "20",
             "EDGESWARM_LOG_LEVEL": "WARNING",
-            "EDGESWARM_AD_TTL": "600",
+            "EDGESWARM_AD_TTL": str(AD_TTL),
         }
         executors: list[Any] = []
 
@@ -339,7 +342,7 @@ async def coordinator(args: argparse.Namespace) -> dict[str, Any]:
             requesters.append(
                 await stack.enter_async_context(
                     open_peer(
-                        cfg(root, f"req{i}", boot.address, ad_ttl=600.0, bid_window=1.0),
+                        cfg(root, f"req{i}", boot.address, ad_ttl=AD_TTL, bid_window=1.0),
                         hardware=Hardware(),
                         models=[],
                     )
