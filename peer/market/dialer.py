@@ -31,7 +31,7 @@ class Directory(Protocol):
     """Where servers and addresses are looked up (``peer.node.Peer``)."""
 
     async def find_providers(self, cid: str) -> list[Any]: ...
-    async def find_ads(self) -> list[Any]: ...
+    async def find_ads(self, *, refresh: bool = True) -> list[Any]: ...
     async def find_ad(self, peer_id: str) -> Any: ...
 
 
@@ -51,7 +51,9 @@ class Dialer:
         except Exception as exc:  # DHT errors: the ads still tell
             log.debug("find_providers failed: %s", exc)
         try:
-            for ad in await self.directory.find_ads():
+            # Ads of the peers we already know: no crawl per job (issue 15); the crawl
+            # stays for listing (`edgeswarm peers`) and resolving model names.
+            for ad in await self.directory.find_ads(refresh=False):
                 if any(m.cid == cid for m in ad.models):
                     found.setdefault(ad.peer_id, tuple(ad.addrs))
         except Exception as exc:
