@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_market import BlockingRuntime
 
 from edge_models.runtime import ModelRuntime
+from peer import metrics
 from peer.http import v2
 from protocols.tensor import TensorLimits
 
@@ -98,10 +99,16 @@ async def test_stock_tritonclient_runs_jobs_through_the_market_json_and_binary(
         route = "/v2/models/{model}/infer"
         assert delta(after, before, "edgeswarm_http_requests_total", route=route, status="200") == 4
         assert delta(after, before, "edgeswarm_http_requests_total", route=route, status="401") == 2
-        assert after[("edgeswarm_connections", frozenset())] >= 2
-        assert after[("edgeswarm_peers_known", frozenset())] >= 2
+        for gauge in ("connections", "peers_known", "receipts_held", "ledger_facts"):
+            assert (f"edgeswarm_{gauge}", frozenset()) in after
         assert after[("edgeswarm_receipts_held", frozenset())] >= 4
-        assert ("edgeswarm_ledger_facts", frozenset()) in after
+        # The gauges are the peer's live state, read in the same tick (links come and go).
+        live = {m.name: m.samples[0].value for m in metrics.PeerCollector(door.peer).collect()}
+        assert live["edgeswarm_connections"] == len(door.peer.host.get_connected_peers())
+        assert live["edgeswarm_peers_known"] == len(door.peer.discovery.known_peer_ids())
+        assert live["edgeswarm_receipts_held"] == len(door.peer.receipts.receipts)
+        assert door.peer.settlement is not None
+        assert live["edgeswarm_ledger_facts"] == len(door.peer.settlement.ledger)
 
 
 async def test_v2_by_cid_with_httpx_and_error_statuses(tmp_path: Path) -> None:
