@@ -38,6 +38,7 @@ import nacl.signing
 import trio
 from libp2p import new_host
 from libp2p.abc import IHost
+from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
@@ -154,6 +155,21 @@ def check_port_free(addr: multiaddr.Multiaddr) -> None:
                 else (exc.strerror or str(exc))
             )
             raise ListenError(f"cannot listen on {addr}: {reason}") from None
+
+
+async def _refuse(stream: Any) -> None:
+    with contextlib.suppress(Exception):
+        await stream.reset()
+
+
+def retire_stream_handler(host: IHost, protocol: str) -> None:
+    """Stop serving ``protocol``: later streams for it are reset.
+
+    Never ``remove_stream_handler`` while the host runs: py-libp2p 0.8.1's multiselect
+    checks ``protocol in handlers``, awaits a write, then indexes ``handlers[protocol]``,
+    so a removal in between raises KeyError inside the swarm and tears the host down.
+    """
+    host.set_stream_handler(TProtocol(protocol), _refuse)
 
 
 def concrete_addrs(host: IHost) -> list[str]:

@@ -51,6 +51,7 @@ from multiaddr import Multiaddr
 
 from peer import metrics
 from peer.discovery import Provider
+from peer.host import retire_stream_handler
 from protocols.codec import FrameDecoder, frame
 from protocols.errors import ProtocolError
 from protocols.model_wire import (
@@ -215,7 +216,7 @@ class ModelServer:
             finally:
                 self._nursery = None
                 with contextlib.suppress(Exception):
-                    self.host.remove_stream_handler(MODEL_PROTOCOL)
+                    retire_stream_handler(self.host, MODEL_PROTOCOL)
                 nursery.cancel_scope.cancel()
 
     async def _on_stream(self, stream: Any) -> None:

@@ -51,6 +51,7 @@ from libp2p.custom_types import TProtocol
 
 from edge_models.errors import EdgeModelError
 from peer.caps import RateBudget, StreamSlot, caps_for
+from peer.host import retire_stream_handler
 from peer.worker import Worker
 from protocols.codec import FrameDecoder, decode, encode, frame
 from protocols.committee import RefereePanel
@@ -317,7 +318,7 @@ class RefereeService:
                 await trio.sleep_forever()
             finally:
                 self._nursery = None
-                self.host.remove_stream_handler(REFEREE_PROTOCOL)
+                retire_stream_handler(self.host, REFEREE_PROTOCOL)
                 nursery.cancel_scope.cancel()
 
     async def _on_stream(self, stream: Any) -> None:

@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-from libp2p.custom_types import TProtocol
 
 from edge_models.errors import EdgeModelError, ModelNotFound
 from edge_models.runtime import validate_inputs
 from edge_models.spec import ModelEntry
+from peer.host import retire_stream_handler
 from peer.job_stream import JOB_PROTOCOL
 from peer.market.auction import MICRO, Arrays, Auctions, Bans, InferResult
 from peer.market.clock import Clock, system_clock
@@ -257,7 +257,7 @@ class MarketService:
                 self.receipts.attach(None)
                 self._nursery = None
                 if self.executor is not None:
-                    self.host.remove_stream_handler(TProtocol(JOB_PROTOCOL))
+                    retire_stream_handler(self.host, JOB_PROTOCOL)
                 nursery.cancel_scope.cancel()
 
     # --- executor side -----------------------------------------------------------------

@@ -17,6 +17,7 @@ import trio
 from libp2p.abc import IHost, INetStream
 
 from peer.caps import guarded
+from peer.host import retire_stream_handler
 from peer.ledger_store import StoreError
 from peer.settlement.base import SettlementConfig, SettlementError, Stats
 from peer.settlement.fact_sync import FactSync, SyncSession
@@ -134,7 +135,7 @@ class LedgerServer:
         finally:
             self._closed = True
             try:
-                self.host.remove_stream_handler(PROTOCOL_ID)
+                retire_stream_handler(self.host, PROTOCOL_ID)
             except Exception:
                 log.debug("removing the ledger handler failed", exc_info=True)
             for scope in list(self._handlers):

@@ -32,6 +32,7 @@ from libp2p.pubsub.pubsub import Pubsub
 
 from peer import metrics
 from peer.config import Config
+from peer.host import retire_stream_handler
 from peer.ledger_store import LedgerStore, fact_bytes, open_ledger_store
 from peer.settlement.base import (
     LedgerFacts,
@@ -434,4 +435,4 @@ async def open_peer_settlement(
             yield service
     finally:
         with contextlib.suppress(Exception):
-            peer.host.remove_stream_handler(GENESIS_PROTOCOL)
+            retire_stream_handler(peer.host, GENESIS_PROTOCOL)
