@@ -28,6 +28,7 @@ import typer
 from peer.cli import app
 from peer.cli.common import fail
 from peer.config import Config
+from peer.logging_setup import exception_leaves
 
 log = logging.getLogger("edgeswarm.demo")
 
@@ -106,7 +107,10 @@ def demo_command(
     try:
         codes = trio.run(_demo, console, root, peers, jobs, lease_jobs, env, witnesses, who)
     except Exception as exc:
-        fail(f"demo failed: {exc} (logs in {root})")
+        # One line naming the real cause, not trio's "Exceptions from Trio nursery".
+        leaves = list(exception_leaves(exc)) or [exc]
+        what = "; ".join(f"{type(e).__name__}: {e}" for e in leaves[:3])
+        fail(f"demo failed: {what} (logs in {root})")
     console.print(
         "stopped: " + ", ".join(f"{name} exit {code}" for name, code in sorted(codes.items()))
     )
