@@ -188,6 +188,26 @@ def concrete_addrs(host: IHost) -> list[str]:
     return out
 
 
+async def _close_listeners(host: IHost) -> None:
+    """Stop accepting connections (``host.close`` closes the listeners again: a no-op).
+
+    py-libp2p's ``Swarm.close`` closes the connections *before* the listeners:
+    a peer that sees its connection drop and re-dials at once (a bootstrap
+    link) is accepted again by the closing node, and that late connection is
+    then left to task cancellation, so the peer goes on listing us as
+    connected for a while after we are gone.
+    """
+
+    async def close_one(listener: Any) -> None:
+        with contextlib.suppress(Exception):
+            await listener.close()
+
+    listeners = getattr(host.get_network(), "listeners", {})
+    async with trio.open_nursery() as nursery:
+        for listener in list(listeners.values()):
+            nursery.start_soon(close_one, listener)
+
+
 async def _close_connections(host: IHost) -> None:
     """Close every connection at once: the swarm closes them one by one, ~0.2 s each."""
 
@@ -223,8 +243,10 @@ async def running_host(host: IHost, listen: Sequence[str]) -> AsyncIterator[list
         finally:
             # Stopping the service alone leaves the TCP listeners' system tasks
             # running; close() shuts connections, listeners and mDNS first.
+            # Listeners before connections: nobody gets back in while we close.
             # Shielded (and bounded) so it also runs when we are being cancelled.
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                await _close_listeners(host)
                 await _close_connections(host)
                 await host.close()
 

@@ -308,8 +308,14 @@ async def test_lost_bootstrap_is_rejoined_when_it_returns(tmp_path: Path) -> Non
         async with open_peer(p_cfg, hardware=FakeHardware()) as p:
             assert boot_id in p.connected_peers()
             stop.set()  # the bootstrap goes down; p keeps running
+            (link,) = p.bootstrap_links
             with trio.fail_after(10):
                 await done.wait()
+                # p notices the drop when it reads the close: wait for that, not for time.
+                while boot_id in p.connected_peers():
+                    await link.watcher.lost[link.info.peer_id].wait()
+            # ...and did not get back in while the bootstrap was closing.
+            assert link.joined == 1
             assert boot_id not in p.connected_peers()
             again = await nursery.start(run_bootstrap, trio.Event(), trio.Event())
             assert again.listen_addrs[0] == address
