@@ -638,10 +638,13 @@ class RequesterJob:
 
     def _reauction_or_fail(self) -> list[Action]:
         window = self.request.bid_window
+        # Servers we expect to bid exist but none has bid yet (a cold gossip mesh right
+        # after start): keep auctioning while the deadline allows instead of failing
+        # after ``max_rounds``; the deadline bounds the rounds.
+        cold = bool(self.expected) and self._bids_seen == 0 and not self.attempts
         if (
-            self.request.round + 1 < self.policy.max_rounds
-            and self.now + window < self.request.deadline
-        ):
+            self.request.round + 1 < self.policy.max_rounds or cold
+        ) and self.now + window < self.request.deadline:
             nonce = hashlib.sha256(self.request.nonce + bytes([self.request.round + 1])).digest()[
                 :16
             ]

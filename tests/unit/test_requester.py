@@ -588,3 +588,26 @@ def test_an_interim_is_never_accepted_twice_nor_on_a_single_job() -> None:
     c = commitment(E1, output_digest=OUT[0])
     actions = single.handle(InterimReceived(c, T0 + 1))
     assert isinstance(actions[0], CancelAward) and "single job" in actions[0].reason
+
+
+def test_a_cold_mesh_with_expected_servers_keeps_auctioning_until_the_deadline() -> None:
+    """Servers are known but none has bid yet (gossip mesh still forming after start):
+    the job keeps auctioning past ``max_rounds`` while the deadline allows, then fails
+    at the deadline, never after 3 rounds of 0.5 s with 10 s left."""
+    job = RequesterJob(request(), now=T0, input_digest=INPUT_DIGEST, expected=frozenset({E1}))
+    job.start()
+    now = T0
+    for round_ in range(1, 19):  # 18 more windows of 0.5 s fit before T0 + 10
+        now += 0.5
+        actions = job.handle(TimerFired(now=now))
+        assert isinstance(actions[0], Publish) and actions[0].request.round == round_
+    actions = job.handle(TimerFired(now=now + 0.5))
+    assert isinstance(actions[0], Fail) and isinstance(actions[0].error, NoExecutors)
+    # A bid that finally arrives in a later round wins as usual.
+    job = RequesterJob(request(), now=T0, input_digest=INPUT_DIGEST, expected=frozenset({E1}))
+    job.start()
+    for i in range(1, 5):
+        job.handle(TimerFired(now=T0 + 0.5 * i))
+    # Every expected server has bid: the adaptive window closes on that bid.
+    actions = job.handle(BidReceived(bid(E1, 100), now=T0 + 2.1))
+    assert isinstance(actions[0], SendAward) and actions[0].executor == E1
