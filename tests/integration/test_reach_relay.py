@@ -76,6 +76,14 @@ async def test_an_executor_that_accepts_no_connection_serves_through_a_relay(
                 hardware=FakeHardware(),
             )
         )
+        # The requester finds the executor (provider record, ad with the circuit) before
+        # the job: the auction then waits for its bid instead of racing its discovery.
+        with trio.fail_after(30):
+            while True:
+                found = {p.peer_id: p for p in await req.find_providers(cid)}
+                if ex.peer_id in found and any("p2p-circuit" in a for a in found[ex.peer_id].addrs):
+                    break
+                await trio.sleep(0.1)
 
         x = np.arange(4, dtype=np.float32)
         with trio.fail_after(60):
