@@ -90,7 +90,9 @@ class MarketSettings:
     max_concurrent: int = 2
     max_queue: int = 4
     limits: TensorLimits = DEFAULT_LIMITS
-    policy: rq.RequesterPolicy = field(default_factory=rq.RequesterPolicy)
+    # 2 s of grace past eta x 2 before falling back to the next bidder: a result that
+    # comes back through a circuit relay needs more than the pure default's 1 s.
+    policy: rq.RequesterPolicy = field(default_factory=lambda: rq.RequesterPolicy(grace_s=2.0))
     # Served models whose measured p50 is under this run on the loop thread (0: never).
     inline_p50_ms: float = INLINE_P50_MS
 
