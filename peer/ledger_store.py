@@ -46,11 +46,18 @@ import trio_asyncio
 from peer.dirlock import exclusive_lock
 from peer.logging_setup import reraise_lone_error
 from protocols.certificate import Certificate
+from protocols.checkpoint import (
+    AccountSummary,
+    Checkpoint,
+    decode_accounts,
+    encode_accounts,
+    verify_chain,
+)
 from protocols.codec import decode, encode
 from protocols.committee import CommitteeRule
 from protocols.errors import DecodeError, ProtocolError
 from protocols.ledger import CreditPolicy, IdentityProof, Transfer, open_transfer
-from protocols.ledger_state import FactKind, LedgerState
+from protocols.ledger_state import Adoption, FactKind, LedgerState
 from protocols.proofs import ArbitratedReceipt, EquivocationProof, FraudProof, PayableReceipt
 from protocols.receipt import Receipt
 from protocols.signed import Signed
@@ -95,6 +102,15 @@ MIGRATIONS: tuple[str, ...] = (
     DROP TABLE facts;
     ALTER TABLE facts_v3 RENAME TO facts;
     CREATE INDEX facts_by_kind ON facts (kind);
+    """,
+    # v4: checkpoints (issue 11). The adopted checkpoints' account rows (the checkpoint
+    # itself is a fact), and the receipt ids / commitment digests paid by certificates a
+    # checkpoint covers (their rows are deleted; a receipt paid there must not be paid again).
+    """
+    CREATE TABLE checkpoints (
+        epoch INTEGER PRIMARY KEY, id BLOB NOT NULL, accounts BLOB NOT NULL
+    );
+    CREATE TABLE paid (key BLOB PRIMARY KEY) WITHOUT ROWID;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -198,6 +214,9 @@ def parse_fact(kind: FactKind, data: bytes) -> tuple[Any, bytes]:
     if kind is FactKind.EQUIVOCATION_PROOF:
         e = EquivocationProof.from_bytes(data)
         return e, e.fact_id
+    if kind is FactKind.CHECKPOINT:
+        cp = Checkpoint.from_bytes(data)
+        return cp, cp.fact_id
     p = IdentityProof.from_bytes(data)
     return p, p.fact_id
 
@@ -224,6 +243,8 @@ def ingest_parsed(ledger: LedgerState, obj: Any) -> bool:
         return ledger.ingest_equivocation_proof(obj)
     if isinstance(obj, IdentityProof):
         return ledger.ingest_identity_proof(obj)
+    if isinstance(obj, Checkpoint):
+        return ledger.ingest_checkpoint(obj)
     raise TypeError(f"not a ledger fact: {type(obj).__name__}")
 
 
@@ -244,6 +265,7 @@ def fact_bytes(obj: Any) -> tuple[FactKind, bytes]:
         (FraudProof, FactKind.FRAUD_PROOF),
         (EquivocationProof, FactKind.EQUIVOCATION_PROOF),
         (IdentityProof, FactKind.IDENTITY_PROOF),
+        (Checkpoint, FactKind.CHECKPOINT),
     )
     for cls, kind in kinds:
         if isinstance(obj, cls):
@@ -272,6 +294,7 @@ class _DiskBlobs:
 
     def __init__(self, path: Path) -> None:
         self.pending: dict[bytes, tuple[FactKind, bytes]] = {}
+        self.pending_paid: set[bytes] = set()
         self.loading = False  # replaying rows that are already on disk
         self._conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
 
@@ -291,6 +314,19 @@ class _DiskBlobs:
     def committed(self, fact_ids: Iterable[bytes]) -> None:
         for fid in fact_ids:
             self.pending.pop(fid, None)
+        self.pending_paid.clear()
+
+    def forget(self, fact_ids: Iterable[bytes]) -> None:
+        for fid in fact_ids:  # the writer deletes the rows in the adopting transaction
+            self.pending.pop(fid, None)
+
+    def mark_paid(self, keys: Iterable[bytes]) -> None:
+        self.pending_paid.update(keys)  # written by the adopting transaction
+
+    def was_paid(self, key: bytes) -> bool:
+        if key in self.pending_paid:
+            return True
+        return bool(self._conn.execute("SELECT 1 FROM paid WHERE key = ?", (key,)).fetchall())
 
     def of_kinds(self, kinds: Sequence[FactKind]) -> list[tuple[FactKind, bytes]]:
         """Every stored fact of these kinds (O(history): for the CLI and tests)."""
@@ -324,6 +360,9 @@ class _Request:
     # Facts from another peer: refuse those this peer has no reason to hold (see
     # ``LedgerState.check_relevant``), before their signatures are checked.
     relevant_to: str | None = None
+    # Adopt this checkpoint (with its account rows, if given) after the facts above.
+    adopt: tuple[Checkpoint, list[AccountSummary] | None] | None = None
+    adoption: Adoption | None = None
     done: trio.Event = field(default_factory=trio.Event)
     results: list[bool | ProtocolError] = field(default_factory=list)
     error: BaseException | None = None
@@ -508,6 +547,28 @@ class LedgerStore:
         receipt_kind(receipt)
         await self._submit(_Request(outgoing=(transfer, receipt)))
 
+    async def adopt_checkpoint(
+        self, cp: Checkpoint, accounts: list[AccountSummary] | None = None
+    ) -> Adoption:
+        """Store ``cp`` (if new), make it this ledger's base and delete the facts it covers,
+        in one fsync'd transaction. Raises the ``ProtocolError`` that refused it (e.g.
+        ``NeedAccounts``: this ledger lacks facts, pass the checkpoint's account rows)."""
+        req = await self._submit(_Request(adopt=(cp, accounts)))
+        if req.results and isinstance(req.results[-1], ProtocolError):
+            raise req.results[-1]
+        assert req.adoption is not None
+        return req.adoption
+
+    def checkpoint_accounts(self, page: int, size: int) -> tuple[list[AccountSummary], int]:
+        """One page of the adopted checkpoint's account rows and the number of pages."""
+        rows = self.ledger.checkpoint_accounts()
+        pages = max(1, -(-len(rows) // size))
+        return rows[page * size : (page + 1) * size], pages
+
+    def fact_count(self) -> int:
+        """Rows in the facts table (what pruning bounds; for tests and benchmarks)."""
+        return int(self._blobs._conn.execute("SELECT count(*) FROM facts").fetchone()[0])
+
     async def drop_outgoing(self, seq: int) -> None:
         """The transfer for ``seq`` is certified (its certificate is stored): forget it."""
         if seq in self._outgoing:
@@ -522,8 +583,11 @@ class LedgerStore:
         if rows:
             await trio_asyncio.aio_as_trio(self._db.executemany)(sql, rows)
 
-    def _apply(self, batch: list[_Request]) -> tuple[list[tuple[Any, ...]], ...]:
-        """Verify each request against the rules (in memory); return the rows to write."""
+    def _apply(
+        self, batch: list[_Request], adoptions: list[Adoption]
+    ) -> tuple[list[tuple[Any, ...]], ...]:
+        """Verify each request against the rules (in memory); return the rows to write
+        (and append the checkpoints adopted to ``adoptions``)."""
         fact_rows: list[tuple[Any, ...]] = []
         lock_rows: list[tuple[Any, ...]] = []
         out_rows: list[tuple[Any, ...]] = []
@@ -565,15 +629,33 @@ class LedgerStore:
             if seq_done is not None and seq_done in self._outgoing:
                 del self._outgoing[seq_done]
                 drop_rows.append((seq_done,))
+            if req.adopt is not None:
+                cp, accounts = req.adopt
+                try:
+                    if not self.ledger.has(cp.digest) and self.ledger.ingest_checkpoint(cp):
+                        fact_rows.append((cp.digest, int(FactKind.CHECKPOINT), cp.to_bytes()))
+                    req.adoption = self.ledger.adopt_checkpoint(cp, accounts)
+                except ProtocolError as exc:
+                    req.results.append(exc)
+                else:
+                    adoptions.append(req.adoption)
+                    # Covered seqs need no lock any more (one pass over the locks).
+                    upto = {a.account: a.next_seq for a in req.adoption.accounts}
+                    for k in [k for k in self._locks if k[1] < upto.get(k[0], 1)]:
+                        del self._locks[k]
         return fact_rows, lock_rows, out_rows, drop_rows
 
     async def _commit(self, batch: list[_Request]) -> None:
-        fact_rows, lock_rows, out_rows, drop_rows = self._apply(batch)
+        adoptions: list[Adoption] = []
+        fact_rows, lock_rows, out_rows, drop_rows = self._apply(batch, adoptions)
         # Only the accounts these facts moved (O(facts in the batch), not O(accounts)).
         changes = self.ledger.take_changes()
         balance_rows = [(a, b) for a, b in changes.items() if b]
         gone = [(a,) for a, b in changes.items() if not b]
-        if not (fact_rows or lock_rows or out_rows or drop_rows):
+        if adoptions:  # a checkpoint rebuilt the fold: write every balance again
+            gone = [("",)]
+            balance_rows = list(self.ledger.balances().items())
+        if not (fact_rows or lock_rows or out_rows or drop_rows or adoptions):
             return
         statements: list[tuple[str, list[tuple[Any, ...]]]] = [
             ("INSERT OR IGNORE INTO facts (id, kind, data) VALUES (?, ?, ?)", fact_rows),
@@ -587,10 +669,16 @@ class LedgerStore:
                 out_rows,
             ),
             ("DELETE FROM outgoing WHERE seq = ?", drop_rows),
-            ("DELETE FROM balances WHERE account = ?", gone),
+            *self._adoption_statements(adoptions),
+            (
+                "DELETE FROM balances WHERE account = ?"
+                if not adoptions
+                else "DELETE FROM balances WHERE account != ?",
+                gone,
+            ),
             ("INSERT OR REPLACE INTO balances (account, balance) VALUES (?, ?)", balance_rows),
         ]
-        if fact_rows:
+        if fact_rows or adoptions:
             statements.append(
                 (
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('state_hash', ?)",
@@ -615,6 +703,31 @@ class LedgerStore:
                 raise
         self._blobs.committed(row[0] for row in fact_rows)
         self.commits += 1
+
+    @staticmethod
+    def _adoption_statements(
+        adoptions: list[Adoption],
+    ) -> list[tuple[str, list[tuple[Any, ...]]]]:
+        """Rows an adopted checkpoint changes, all in the transaction that stores it (so a
+        crash keeps either the old facts or the checkpoint that covers them, never neither)."""
+        if not adoptions:
+            return []
+        last = adoptions[-1]
+        cp = last.checkpoint
+        pruned = [(fid,) for a in adoptions for fid in a.pruned]
+        paid = [(k,) for a in adoptions for k in a.tombstones]
+        locks = [(r.account, r.next_seq) for r in last.accounts if r.next_seq > 1]
+        accounts = encode(encode_accounts(last.accounts))
+        return [
+            ("DELETE FROM facts WHERE id = ?", pruned),
+            ("INSERT OR IGNORE INTO paid (key) VALUES (?)", paid),
+            ("DELETE FROM locks WHERE account = ? AND seq < ?", locks),
+            ("DELETE FROM checkpoints WHERE epoch < ?", [(cp.epoch,)]),
+            (
+                "INSERT OR REPLACE INTO checkpoints (epoch, id, accounts) VALUES (?, ?, ?)",
+                [(cp.epoch, cp.digest, accounts)],
+            ),
+        ]
 
     async def _writer(
         self, recv: trio.MemoryReceiveChannel[_Request], task_status: Any = trio.TASK_STATUS_IGNORED
@@ -764,6 +877,10 @@ async def _open(
                 store = LedgerStore(path, db, ledger, send, blobs)
                 _load(
                     store,
+                    await _fetchall(
+                        db,
+                        "SELECT epoch, id, accounts FROM checkpoints ORDER BY epoch DESC LIMIT 1",
+                    ),
                     await _fetchall(db, "SELECT account, seq, digest, transfer FROM locks"),
                     await _fetchall(
                         db, "SELECT seq, transfer, receipt_kind, receipt FROM outgoing"
@@ -807,13 +924,23 @@ async def _rewrite_balances(db: aiosqlite.Connection, ledger: LedgerState) -> No
     await aw(db.execute)("COMMIT")
 
 
-def _load(store: LedgerStore, locks: list[Any], outgoing: list[Any]) -> None:
+def _load(store: LedgerStore, checkpoint: list[Any], locks: list[Any], outgoing: list[Any]) -> None:
     """Replay stored rows through the pure rules (a row that fails is a corrupt database).
 
-    Facts are streamed from disk and not copied into memory (they are there already)."""
+    The adopted checkpoint comes first (the facts it covers are gone; the rest fold onto
+    it). Facts are streamed from disk and not copied into memory (they are there already)."""
     blobs = store._blobs
     blobs.loading = True
     try:
+        for _epoch, cp_id, accounts in checkpoint:
+            item = blobs.get(bytes(cp_id))
+            try:
+                if item is None:
+                    raise StoreError("its checkpoint fact is missing")
+                rows = decode_accounts(decode(bytes(accounts), max_size=1 << 30), limit=1 << 24)
+                store.ledger.restore_checkpoint(Checkpoint.from_bytes(item[1]), rows)
+            except (ProtocolError, StoreError) as exc:
+                raise StoreError(f"{store.path}: the adopted checkpoint is invalid: {exc}") from exc
         for fid, kind, data in blobs.rows():
             try:
                 obj, computed = parse_fact(FactKind(kind), data)
@@ -854,6 +981,8 @@ class LedgerSnapshot:
     outgoing: list[tuple[int, bytes, int, bytes]]
     balances: dict[str, int]
     state_hash: bytes | None
+    # The adopted checkpoint: (epoch, its fact id, its encoded account rows), if any.
+    checkpoint: tuple[int, bytes, bytes] | None = None
 
 
 def db_path(data_dir: Path) -> Path:
@@ -896,6 +1025,12 @@ def read_snapshot(path: Path) -> LedgerSnapshot:
             )
         ]
         balances = {a: int(b) for a, b in conn.execute("SELECT account, balance FROM balances")}
+        checkpoint = None
+        if version >= 4:
+            for e, i, acc in conn.execute(
+                "SELECT epoch, id, accounts FROM checkpoints ORDER BY epoch DESC LIMIT 1"
+            ):
+                checkpoint = (int(e), bytes(i), bytes(acc))
         conn.execute("COMMIT")
     except sqlite3.Error as exc:
         raise StoreError(f"cannot read {path}: {exc}") from exc
@@ -904,7 +1039,16 @@ def read_snapshot(path: Path) -> LedgerSnapshot:
     rule = decode_rule(meta["rule"]) if "rule" in meta else None
     policy = decode_policy(meta["policy"]) if "policy" in meta else None
     return LedgerSnapshot(
-        path, version, rule, policy, facts, locks, outgoing, balances, meta.get("state_hash")
+        path,
+        version,
+        rule,
+        policy,
+        facts,
+        locks,
+        outgoing,
+        balances,
+        meta.get("state_hash"),
+        checkpoint,
     )
 
 
@@ -932,6 +1076,8 @@ def verify_snapshot(snap: LedgerSnapshot) -> VerifyReport:
         return report
     ledger = LedgerState(snap.rule, snap.policy)
     report.ledger = ledger
+    if not _verify_checkpoints(snap, ledger, p):
+        return report
     for fid, kind, data in snap.facts:
         short = fid.hex()[:16]
         try:
@@ -975,6 +1121,41 @@ def verify_snapshot(snap: LedgerSnapshot) -> VerifyReport:
     for account, seq in ledger.conflicts():
         p.append(f"{account} seq {seq} has two certificates (more than f byzantine witnesses)")
     return report
+
+
+def _verify_checkpoints(snap: LedgerSnapshot, ledger: LedgerState, p: list[str]) -> bool:
+    """Walk the checkpoint chain back to the first (each signed by a quorum of its epoch's
+    committee, each naming the one before) and start ``ledger`` from the adopted one.
+    False when the facts cannot be checked on top of it."""
+    assert snap.rule is not None
+    chain: list[Checkpoint] = []
+    for fid, kind, data in snap.facts:
+        if kind == FactKind.CHECKPOINT:
+            try:
+                chain.append(Checkpoint.from_bytes(data))
+            except ProtocolError as exc:
+                p.append(f"checkpoint {fid.hex()[:16]} does not parse: {exc}")
+                return False
+    chain.sort(key=lambda c: c.epoch)
+    try:
+        verify_chain(chain, snap.rule)
+    except ProtocolError as exc:
+        p.append(f"checkpoint chain does not verify: {exc}")
+        return False
+    if snap.checkpoint is None:
+        return True
+    epoch, cp_id, accounts = snap.checkpoint
+    held = {c.digest: c for c in chain}
+    if cp_id not in held or held[cp_id].epoch != epoch:
+        p.append(f"the adopted checkpoint {epoch} is not in the chain held")
+        return False
+    try:
+        rows = decode_accounts(decode(accounts, max_size=1 << 30), limit=1 << 24)
+        ledger.restore_checkpoint(held[cp_id], rows)
+    except ProtocolError as exc:
+        p.append(f"the adopted checkpoint {epoch} does not verify: {exc}")
+        return False
+    return True
 
 
 def _v1_state_hash(facts: list[tuple[bytes, int, bytes]]) -> bytes:

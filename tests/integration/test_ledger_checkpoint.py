@@ -1,0 +1,132 @@
+"""Checkpoints in the SQLite store: pruning bounds the rows, reopen and verify after pruning."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import nacl.signing
+from settlement_helpers import key, make_receipt, make_transfer, pid, policy, rule_for
+
+from peer.ledger_store import open_ledger_store, read_snapshot, verify_snapshot
+from protocols.certificate import Certificate, make_certificate, sign_vote
+from protocols.checkpoint import (
+    Checkpoint,
+    CheckpointHeader,
+    checkpoint_committee,
+    make_checkpoint,
+    rule_id,
+    sign_checkpoint,
+)
+from protocols.committee import CommitteeRule
+from protocols.ledger_state import FactKind
+from protocols.receipt import Receipt
+from protocols.witness import LockRecord
+
+WITNESSES = [key(100 + i) for i in range(4)]
+RULE = rule_for(WITNESSES)
+POLICY = policy()
+PAYERS = [key(1), key(3)]
+PAYEE = key(2)
+T0 = 1_700_000_000_000
+
+
+def certified(
+    payer: nacl.signing.SigningKey, seq: int, job: int, time_ms: int, rule: CommitteeRule = RULE
+) -> tuple[Receipt, Certificate]:
+    r = make_receipt(payer, PAYEE, 10 + job % 7, job)
+    t = make_transfer(payer, r, seq, time_ms=time_ms)
+    committee = rule.committee_for(pid(payer))
+    votes = [sign_vote(k, t) for k in WITNESSES if pid(k) in committee][: committee.quorum]
+    return r, make_certificate(t, votes)
+
+
+def signed(header: CheckpointHeader, rule: CommitteeRule = RULE) -> Checkpoint:
+    committee = checkpoint_committee(rule, header.epoch)
+    votes = [sign_checkpoint(k, header) for k in WITNESSES if pid(k) in committee]
+    return make_checkpoint(header, votes[: committee.quorum])
+
+
+def facts_rows(path: Path) -> dict[str, int]:
+    conn = sqlite3.connect(path / "ledger.sqlite3")
+    try:
+        return {
+            t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+            for t in ("facts", "locks", "checkpoints", "balances")
+        }
+    finally:
+        conn.close()
+
+
+async def test_rows_stay_bounded_as_checkpoints_prune_and_the_ledger_reopens(
+    tmp_path: Path,
+) -> None:
+    """Ten rounds of 60 payments with a checkpoint after each: the facts table holds the
+    last round's facts plus one checkpoint per round, never the history."""
+    job = 0
+    seqs = dict.fromkeys(PAYERS, 1)
+    rows_after: list[int] = []
+    async with open_ledger_store(tmp_path, RULE, POLICY) as store:
+        for rnd in range(10):
+            items = []
+            for i in range(30):
+                for p in PAYERS:
+                    job += 1
+                    r, c = certified(p, seqs[p], job, T0 + rnd * 10_000 + i)
+                    seqs[p] += 1
+                    items += [
+                        (FactKind.CERTIFICATE, c.to_bytes()),
+                        (FactKind.RECEIPT, r.to_bytes()),
+                    ]
+                    if i == 0:  # a witness lock for that seq (pruned with it)
+                        await store.put_lock(LockRecord(c.transfer))
+            assert all(x is True for x in await store.add_facts(items))
+            balances = store.ledger.balances()
+            header, _ = store.ledger.checkpoint_draft(T0 + rnd * 10_000 + 10_000, rule_id(RULE))
+            adoption = await store.adopt_checkpoint(signed(header))
+            assert len(adoption.pruned) == 120
+            assert store.ledger.balances() == balances
+            assert store.ledger.next_seq(pid(PAYERS[0])) == seqs[PAYERS[0]]
+            rows_after.append(store.fact_count())
+        state = store.ledger.state_hash()
+        balances = store.ledger.balances()
+        # A receipt paid before a checkpoint, delivered again, is not held (nor owed) again.
+        old_r, old_c = certified(PAYERS[0], 1, 1, T0)
+        assert await store.add_facts(
+            [(FactKind.RECEIPT, old_r.to_bytes()), (FactKind.CERTIFICATE, old_c.to_bytes())]
+        ) == [False, False]
+        assert store.ledger.unpaid_for(pid(PAYERS[0])) == []
+    # Only the checkpoints remain as facts (one per round); locks of covered seqs are gone.
+    assert rows_after == list(range(1, 11))
+    rows = facts_rows(tmp_path)
+    assert rows["facts"] == 10 and rows["locks"] == 0 and rows["checkpoints"] == 1
+    # Reopen: the adopted checkpoint is restored and the state is the same.
+    async with open_ledger_store(tmp_path, RULE, POLICY) as store:
+        assert store.ledger.state_hash() == state
+        assert store.ledger.balances() == balances
+        assert store.ledger.checkpoint is not None and store.ledger.checkpoint.epoch == 10
+        r, c = certified(PAYERS[0], seqs[PAYERS[0]], 10**6, T0 + 200_000)
+        assert await store.add_facts(
+            [(FactKind.CERTIFICATE, c.to_bytes()), (FactKind.RECEIPT, r.to_bytes())]
+        ) == [True, True]
+    report = verify_snapshot(read_snapshot(tmp_path))
+    assert report.ok, report.problems
+
+
+async def test_verify_reports_a_broken_checkpoint_chain(tmp_path: Path) -> None:
+    async with open_ledger_store(tmp_path, RULE, POLICY) as store:
+        _r, c = certified(PAYERS[0], 1, 1, T0)
+        await store.add_facts([(FactKind.CERTIFICATE, c.to_bytes())])
+        header, _ = store.ledger.checkpoint_draft(T0 + 1, rule_id(RULE))
+        await store.adopt_checkpoint(signed(header))
+    assert verify_snapshot(read_snapshot(tmp_path)).ok
+    # Drop the checkpoint's votes to one (below quorum) behind the store's back.
+    conn = sqlite3.connect(tmp_path / "ledger.sqlite3")
+    cp = signed(header)
+    weak = make_checkpoint(cp.header, cp.votes[:1])
+    conn.execute("UPDATE facts SET data = ? WHERE kind = ?", (weak.to_bytes(), 7))
+    conn.commit()
+    conn.close()
+    report = verify_snapshot(read_snapshot(tmp_path))
+    assert not report.ok
+    assert "checkpoint chain does not verify" in report.problems[0]
