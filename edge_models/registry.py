@@ -36,6 +36,7 @@ import onnx
 from edge_models import packaged
 from edge_models.errors import AmbiguousModelRef, InvalidModel, ModelNotFound
 from edge_models.limits import DEFAULT_MODEL_LIMITS, ModelLimits
+from edge_models.pipelines import PipelineStore
 from edge_models.spec import ModelEntry, check_model_file, inspect_model
 from protocols.model_wire import CHUNK_SIZE, ipfs_cid_of
 
@@ -80,6 +81,8 @@ class Registry:
         self._entries: dict[str, ModelEntry] = {}
         self._by_name: dict[str, ModelEntry] = {}
         self._seen: tuple[int, float] = (-1, 0.0)
+        # Pipelines (manifests over stage models) live beside the models: <root>/pipelines.
+        self.pipelines = PipelineStore(self.root / "pipelines")
         self._clean_stale_tmp()
         self.refresh()
 

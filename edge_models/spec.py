@@ -237,3 +237,13 @@ def _all_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
+
+
+def tensor_spec(value: onnx.ValueInfoProto, role: str) -> TensorSpec:
+    """A value info's name, dtype and shape (``InvalidModel`` if it is no supported tensor)."""
+    return _spec(value, role)
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The graphs a node's attributes hold (If/Loop/Scan bodies)."""
+    return _subgraphs(node)

