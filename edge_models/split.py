@@ -189,7 +189,8 @@ class _Graph:
         self.outputs = [v.name for v in g.output]
         # Weight bytes behind each constant tensor (initializers, and what constant nodes make).
         self.const_bytes: dict[str, int] = {
-            name: _elems(list(t.dims)) * _ITEMSIZE.get(int(t.data_type), 4) for name, t in inits.items()
+            name: _elems(list(t.dims)) * _ITEMSIZE.get(int(t.data_type), 4)
+            for name, t in inits.items()
         }
         self.const_bytes[""] = 0
         self.seq: list[onnx.NodeProto] = []
