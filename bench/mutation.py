@@ -719,6 +719,9 @@ def main(argv: list[str] | None = None) -> int:
         for g in groups:
             g.only_tests = list(args.only_tests)
             g.suffix = "-only"
+    if args.paths:  # its own work dir per selection: --survivors reruns it after other runs
+        for g in groups:
+            g.suffix += "-" + "+".join(Path(t.path).stem for t in g.targets)[:80]
     py = load_pyproject()
     base = base_config(py)
     t0 = time.monotonic()
