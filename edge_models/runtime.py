@@ -32,7 +32,7 @@ from edge_models.errors import ExecutionFailed, ExecutionTimeout, InvalidInput
 from edge_models.limits import DEFAULT_INPUT_LIMITS, InputLimits
 from edge_models.registry import Registry
 from edge_models.spec import ModelEntry, TensorSpec
-from protocols.tensor import DTYPES
+from protocols.tensor import STRING, numpy_dtype
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def _check_one(
     bound: dict[str, tuple[int, str]],
     limits: InputLimits,
 ) -> None:
-    want = DTYPES.get(spec.dtype)
+    want = numpy_dtype(spec.dtype)
     if want is None or array.dtype != want:
         raise InvalidInput(
             f"{where}: input {spec.name!r} must be {spec.dtype}, got {array.dtype.str} "
@@ -176,7 +176,10 @@ def synthetic_inputs(entry: ModelEntry, dim: int = 1) -> Arrays:
     out: Arrays = {}
     for spec in entry.inputs:
         shape = tuple(d if isinstance(d, int) else dim for d in (spec.shape or ()))
-        out[spec.name] = np.zeros(shape, dtype=DTYPES[spec.dtype])
+        if spec.dtype == STRING:
+            out[spec.name] = np.full(shape, "", dtype=object)
+        else:
+            out[spec.name] = np.zeros(shape, dtype=numpy_dtype(spec.dtype))
     return out
 
 

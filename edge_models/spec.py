@@ -31,6 +31,7 @@ _ONNX_DTYPES: dict[int, str] = {
     TensorProto.FLOAT16: "float16",
     TensorProto.FLOAT: "float32",
     TensorProto.DOUBLE: "float64",
+    TensorProto.STRING: "string",  # object arrays of str (protocols.tensor.STRING)
 }
 
 

@@ -43,8 +43,9 @@ JOBS_REQUESTED = Counter(
 )
 JOBS_RUN = Counter(
     "edgeswarm_jobs_run",
-    "Jobs that ended with a signed receipt, by this peer's role in them "
-    "(requester or executor); a lease batch receipt counts its jobs.",
+    "Jobs that ended with a result, by this peer's role in them: requester or executor "
+    "(a signed receipt; a lease batch receipt counts its jobs), or local (a job of ours "
+    "that our own executor won and ran: no receipt, nothing paid).",
     ["role"],
     registry=REGISTRY,
 )

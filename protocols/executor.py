@@ -408,27 +408,37 @@ class ExecutorState:
 
     # --- bidding --------------------------------------------------------------------
 
+    def quote(self, request: JobRequest, now: float) -> tuple[int, int] | str:
+        """(price, eta_ms) this executor would bid for ``request`` now, or why it would not
+        bid. Records nothing: ``RequestSeen`` bids; a requester that serves the model
+        itself uses this as its own quote (``protocols.requester.LocalBid``)."""
+        offer = self.config.models.get(request.model_cid)
+        if offer is None:
+            return "model not served"
+        if offer.price > request.max_price:
+            return f"price {offer.price} is over the max price {request.max_price}"
+        if request.input_bytes > self.config.max_input_bytes:
+            return f"inputs of {request.input_bytes} bytes are over the limit"
+        if self.active >= self.config.slots:
+            return "no capacity"
+        queue_position = self.active // self.config.max_concurrent
+        eta_ms = min(offer.p50_ms * (1 + queue_position) + self.config.eta_margin_ms, MAX_ETA_MS)
+        if now + eta_ms / 1000.0 > request.deadline + self.config.clock_skew_s:
+            return f"eta {eta_ms} ms misses the deadline"
+        return offer.price, eta_ms
+
     def _on_request(self, request: JobRequest, now: float) -> list[Action]:
         def no(reason: str) -> list[Action]:
             return [Declined(request.job_id, reason)]
 
-        offer = self.config.models.get(request.model_cid)
-        if offer is None:
-            return no("model not served")
         if request.requester == self.config.peer_id:
-            return no("own request")
+            return no("own request")  # the requester quotes for itself with ``quote``
         if request.job_id in self._jobs or request.job_id in self._finished:
             return no("job already awarded here")
-        if offer.price > request.max_price:
-            return no(f"price {offer.price} is over the max price {request.max_price}")
-        if request.input_bytes > self.config.max_input_bytes:
-            return no(f"inputs of {request.input_bytes} bytes are over the limit")
-        if self.active >= self.config.slots:
-            return no("no capacity")
-        queue_position = self.active // self.config.max_concurrent
-        eta_ms = min(offer.p50_ms * (1 + queue_position) + self.config.eta_margin_ms, MAX_ETA_MS)
-        if now + eta_ms / 1000.0 > request.deadline + self.config.clock_skew_s:
-            return no(f"eta {eta_ms} ms misses the deadline")
+        quote = self.quote(request, now)
+        if isinstance(quote, str):
+            return no(quote)
+        offer_price, eta_ms = quote
         if request.job_id not in self._bids and len(self._bids) >= self.config.max_open_bids:
             self._prune_bids(now)
             if len(self._bids) >= self.config.max_open_bids:
@@ -436,7 +446,7 @@ class ExecutorState:
         bid = Bid(
             job_id=request.job_id,
             executor=self.config.peer_id,
-            price=offer.price,
+            price=offer_price,
             eta_ms=eta_ms,
             expires_at=min(now + self.config.bid_validity_s, request.deadline)
             + self.config.clock_skew_s,

@@ -42,7 +42,7 @@ from protocols.market_fields import (
 )
 from protocols.receipt import MAX_BATCH, Acceptance, ResultCommitment
 from protocols.signed import Signed, open_message
-from protocols.tensor import DTYPES as TENSOR_DTYPES
+from protocols.tensor import WIRE_DTYPE_NAMES
 
 JOB_REQUEST_DOMAIN = "edgeswarm/job-request/v1"
 BID_DOMAIN = "edgeswarm/bid/v1"
@@ -67,7 +67,7 @@ MAX_DIM = 2**31 - 1
 # this is the hard ceiling any frame decoder must enforce.
 MAX_PAYLOAD_FRAME = 64 * 1024 * 1024 + 64 * 1024
 # The element types a tensor may have on the wire (protocols.tensor decodes them).
-DTYPES = frozenset(TENSOR_DTYPES)
+DTYPES = WIRE_DTYPE_NAMES
 
 
 def _check_expires(kind: str, what: str, at: float, now: float) -> None:

@@ -7,7 +7,7 @@ carries ``now``) and never signs: ``Publish``/``SendAward``/``Complete`` hand
 the I/O layer the message to sign with its key.
 
 Guarantees (checked by the stateful tests):
-- exactly one terminal action per job, ``Complete`` or ``Fail``; after it
+- exactly one terminal action per job, ``Complete``, ``CompleteLocally`` or ``Fail``; after it
   every event is ignored, so a job is never paid twice;
 - at most one award outstanding: a new ``SendAward`` only after the previous
   one failed (``AwardFailed``/``ExecutorGone``) or was revoked (``CancelAward``);
@@ -19,6 +19,17 @@ the winner's result, timer at ``min(deadline, now + eta * slack + grace)``) ->
 DONE. A failed award falls back to the next ranked bid; with none left a new
 auction (round + 1) is published while one more bid window fits before the
 deadline and ``max_rounds`` allows, else the job fails.
+
+Self-award: a requester that serves the model itself reports its own quote
+with ``LocalBid`` (price and eta from its executor's offer). It is ranked with
+the remote bids by the same rules, so it wins only when it is the best bid
+(and always when it is the only one). The winning local bid gives
+``RunLocally`` instead of ``SendAward`` (no Award is signed: an Award and a
+commitment between a peer and itself are invalid), and the job ends with
+``CompleteLocally``: no commitment, no receipt, nothing paid. A local run that
+fails or is too slow falls back to the next bid like any award. Bids from the
+wire that name the requester as executor are dropped (only ``LocalBid`` makes
+one), and leases never run locally (their ``LocalBid`` is ignored).
 """
 
 from __future__ import annotations
@@ -191,6 +202,27 @@ class ResultArrived:
 
 
 @dataclass(frozen=True)
+class LocalBid:
+    """The requester's own executor serves the model and quotes ``price`` (micro-credits,
+    its offer to others) and ``eta_ms`` for this job (single jobs only)."""
+
+    price: int
+    eta_ms: int
+    now: float
+
+
+@dataclass(frozen=True)
+class LocalFinished:
+    """The local run (after ``RunLocally``) ended with outputs; ``outputs_ok`` is the I/O
+    layer's verdict that they decode and match the model's declared outputs. A local run
+    that raised is reported as ``AwardFailed`` with the requester as executor."""
+
+    outputs_ok: bool
+    now: float
+    problem: str = ""
+
+
+@dataclass(frozen=True)
 class InterimReceived:
     """A lease executor's signed cumulative commitment to the results delivered so far
     (fair exchange: it starts no job past its window until we accept)."""
@@ -209,6 +241,8 @@ Event = (
     | InputSent
     | ResultArrived
     | InterimReceived
+    | LocalBid
+    | LocalFinished
 )
 
 # --- actions ------------------------------------------------------------------
@@ -234,6 +268,22 @@ class SendAward:
 
     executor: str
     award: Award
+    bid: Bid
+
+
+@dataclass(frozen=True)
+class RunLocally:
+    """Run the job on this peer's own executor: its bid won the auction. No Award is
+    signed and no stream opened; report ``LocalFinished`` or ``AwardFailed``."""
+
+    bid: Bid
+
+
+@dataclass(frozen=True)
+class CompleteLocally:
+    """Terminal: the requester's own executor ran the job. Nothing is signed or paid and
+    no receipt exists (a receipt between a peer and itself would mint credit)."""
+
     bid: Bid
 
 
@@ -268,7 +318,18 @@ class SendAcceptance:
     commitment: Signed[ResultCommitment]
 
 
-Action = Publish | StartTimer | SendAward | CancelAward | Complete | Fail | SendAcceptance
+Action = (
+    Publish
+    | StartTimer
+    | SendAward
+    | RunLocally
+    | CancelAward
+    | Complete
+    | CompleteLocally
+    | Fail
+    | SendAcceptance
+)
+Outcome = Complete | CompleteLocally | Fail
 
 
 class Phase(enum.Enum):
@@ -314,7 +375,7 @@ _BIDS_PER_EXECUTOR = 4
 @dataclass
 class _Current:
     bid: Bid
-    award: Award
+    award: Award | None  # None: the requester's own executor runs it (RunLocally)
     awarded_at: float
     result_by: float
     sent: dict[int, bytes] = field(default_factory=dict)  # seq -> input digest
@@ -345,7 +406,7 @@ class RequesterJob:
     expected: frozenset[str] = frozenset()
 
     phase: Phase = field(default=Phase.NEW, init=False)
-    outcome: Complete | Fail | None = field(default=None, init=False)
+    outcome: Outcome | None = field(default=None, init=False)
     attempts: list[tuple[str, str]] = field(default_factory=list, init=False)
     _started: float = field(default=0.0, init=False)
     _window_end: float = field(default=0.0, init=False)
@@ -424,12 +485,21 @@ class RequesterJob:
                 return self._on_result_arrived(event)
             case InterimReceived():
                 return self._on_interim(event)
+            case LocalBid():
+                return self._on_local_bid(event)
+            case LocalFinished():
+                return self._on_local_finished(event)
             case _:
                 assert_never(event)
 
     def _check_input_sent(self, event: InputSent) -> None:
         cur = self._current
-        if self.phase is not Phase.AWARDED or cur is None or cur.bid.executor != event.executor:
+        if (
+            self.phase is not Phase.AWARDED
+            or cur is None
+            or cur.award is None
+            or cur.bid.executor != event.executor
+        ):
             raise LocalProtocolError(
                 f"InputSent in phase {self.phase.value} without a live award to {event.executor}"
             )
@@ -458,6 +528,39 @@ class RequesterJob:
     # --- transitions ----------------------------------------------------------
 
     def _on_bid(self, bid: Bid) -> list[Action]:
+        if bid.executor == self.request.requester:
+            return []  # self-dealing on the wire: only LocalBid quotes for ourselves
+        return self._take_bid(bid)
+
+    def _on_local_bid(self, event: LocalBid) -> list[Action]:
+        me = self.request.requester
+        if self.request.lease is not None or me in self.banned:
+            return []  # leases never run locally; a spot check's second run is not ours
+        try:
+            bid = Bid(
+                job_id=self.request.job_id,
+                executor=me,
+                price=event.price,
+                eta_ms=event.eta_ms,
+                expires_at=self.request.deadline,
+            )
+        except ProtocolError as exc:
+            raise LocalProtocolError(f"LocalBid: {exc}") from None
+        return self._take_bid(bid)
+
+    def _on_local_finished(self, event: LocalFinished) -> list[Action]:
+        cur = self._current
+        me = self.request.requester
+        if self.phase is not Phase.AWARDED or cur is None or cur.award is not None:
+            return []  # a local run that was revoked (too slow) or never awarded
+        if not event.outputs_ok:
+            problem = event.problem or "bad outputs"
+            return [CancelAward(me, problem), *self._after_failure(me, problem)]
+        done = CompleteLocally(cur.bid)
+        self._finish(done)
+        return [done]
+
+    def _take_bid(self, bid: Bid) -> list[Action]:
         if bid.job_id != self.request.job_id or bid.executor in self._tried:
             return []
         if bid.executor not in self._bids and len(self._bids) >= self.policy.max_bidders:
@@ -507,6 +610,7 @@ class RequesterJob:
         if (
             self.phase is not Phase.AWARDED
             or self._current is None
+            or self._current.award is None
             or c.executor != self.awarded_to
         ):
             return []  # a revoked or unknown executor's result: never paid
@@ -530,7 +634,12 @@ class RequesterJob:
     def _on_interim(self, event: InterimReceived) -> list[Action]:
         c = event.commitment.message
         cur = self._current
-        if self.phase is not Phase.AWARDED or cur is None or c.executor != cur.bid.executor:
+        if (
+            self.phase is not Phase.AWARDED
+            or cur is None
+            or cur.award is None
+            or c.executor != cur.bid.executor
+        ):
             return []  # from a revoked executor: never accepted
         problem = ""
         try:
@@ -548,7 +657,7 @@ class RequesterJob:
         return [SendAcceptance(event.commitment)]
 
     def _check_commitment(self, c: ResultCommitment) -> str:
-        assert self._current is not None
+        assert self._current is not None and self._current.award is not None
         award = self._current.award
         if c.job_id != award.job_id or c.requester != award.requester:
             return "commitment is for another job or requester"
@@ -606,11 +715,22 @@ class RequesterJob:
             reputation=self.reputation,
             banned=self.banned,
             weights=self.policy.weights,
+            local_ok=True,  # only LocalBid puts a bid of the requester in ``_bids``
         )
         if not ranked:
             return [] if early else self._reauction_or_fail()
         bid = ranked[0]
         self._tried.add(bid.executor)
+        # A lease commits after its last job, sent by lease.until at the latest.
+        start = self.now if self.request.lease is None else max(self.now, self.request.lease.until)
+        result_by = min(
+            self.request.deadline,
+            start + bid.eta_ms / 1000.0 * self.policy.eta_slack + self.policy.grace_s,
+        )
+        self.phase = Phase.AWARDED
+        if bid.executor == self.request.requester:  # our own bid won: no Award to sign
+            self._current = _Current(bid=bid, award=None, awarded_at=self.now, result_by=result_by)
+            return [RunLocally(bid), StartTimer(result_by)]
         award = Award(
             job_id=self.request.job_id,
             requester=self.request.requester,
@@ -620,14 +740,7 @@ class RequesterJob:
             deadline=self.request.deadline,
             lease=self.request.lease,
         )
-        # A lease commits after its last job, sent by lease.until at the latest.
-        start = self.now if self.request.lease is None else max(self.now, self.request.lease.until)
-        result_by = min(
-            self.request.deadline,
-            start + bid.eta_ms / 1000.0 * self.policy.eta_slack + self.policy.grace_s,
-        )
         self._current = _Current(bid=bid, award=award, awarded_at=self.now, result_by=result_by)
-        self.phase = Phase.AWARDED
         return [SendAward(bid.executor, award, bid), StartTimer(result_by)]
 
     def _after_failure(self, executor: str, reason: str) -> list[Action]:
@@ -693,7 +806,7 @@ class RequesterJob:
         self._finish(fail)
         return [fail]
 
-    def _finish(self, outcome: Complete | Fail) -> None:
+    def _finish(self, outcome: Outcome) -> None:
         self.outcome = outcome
         self.phase = Phase.DONE
         self._current = None

@@ -44,12 +44,19 @@ def tie_break(job_id: bytes, executor: str) -> bytes:
 
 
 def bid_fits(
-    request: JobRequest, bid: Bid, *, now: float, banned: Container[str] = frozenset()
+    request: JobRequest,
+    bid: Bid,
+    *,
+    now: float,
+    banned: Container[str] = frozenset(),
+    local_ok: bool = False,
 ) -> bool:
-    """Whether ``bid`` may be awarded for ``request`` at ``now``."""
+    """Whether ``bid`` may be awarded for ``request`` at ``now``. A bid by the requester
+    itself fits only with ``local_ok``: the requester's own executor quoting for a job it
+    runs locally (never paid, no receipt), which only ``RequesterJob`` may ask for."""
     return (
         bid.job_id == request.job_id
-        and bid.executor != request.requester
+        and (local_ok or bid.executor != request.requester)
         and bid.executor not in banned
         and now <= bid.expires_at
         and bid.price <= request.max_price
@@ -82,12 +89,14 @@ def rank_bids(
     reputation: Mapping[str, float] | None = None,
     banned: Container[str] = frozenset(),
     weights: Weights = DEFAULT_WEIGHTS,
+    local_ok: bool = False,
 ) -> list[Bid]:
-    """Fitting bids, best first, at most one per executor (its best). Winner is ``[0]``."""
+    """Fitting bids, best first, at most one per executor (its best). Winner is ``[0]``.
+    ``local_ok``: the requester's own bid competes too (see ``bid_fits``)."""
     rep = reputation or {}
     best: dict[str, tuple[tuple[float, bytes, int, int, float], Bid]] = {}
     for bid in bids:
-        if not bid_fits(request, bid, now=now, banned=banned):
+        if not bid_fits(request, bid, now=now, banned=banned, local_ok=local_ok):
             continue
         # A total order on distinct bids: score, then the hash, then the raw
         # fields (cheaper, faster, longer-lived first) for one executor's re-bids.

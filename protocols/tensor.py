@@ -5,11 +5,19 @@ Wire form: ``{name: {"dtype": str, "shape": [int, ...], "data": bytes}}`` with
 the count of tensors, names, dtype, rank, element count and byte totals are
 checked against ``TensorLimits`` *before* any array is built, and the array is
 a zero-copy view of the received bytes.
+
+String tensors (ONNX ``tensor(string)``, KServe v2 ``BYTES``) have dtype
+``"string"``: in memory a numpy object array of Python ``str`` (what ONNX
+Runtime takes and gives), on the wire each element in row-major order as a
+4-byte little-endian length and its UTF-8 bytes (the v2 binary form). Caps:
+``max_string_elements`` elements, ``max_string_bytes`` per element, and the
+data bytes count against ``max_total_bytes``; a non-UTF-8 element is refused.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,6 +47,11 @@ DTYPES: dict[str, np.dtype[Any]] = {
         "float64",
     )
 }
+STRING = "string"  # string tensors: object arrays of str (see the module docstring)
+# Every dtype name the wire carries.
+WIRE_DTYPE_NAMES = frozenset({*DTYPES, STRING})
+_OBJECT = np.dtype(object)
+_LEN = struct.Struct("<I")
 # Same types, explicitly little-endian, to read wire bytes on any host.
 _WIRE_DTYPES: dict[str, np.dtype[Any]] = {k: v.newbyteorder("<") for k, v in DTYPES.items()}
 _NATIVE_LITTLE = sys.byteorder == "little"
@@ -54,9 +67,20 @@ class TensorLimits:
     max_rank: int = 8
     max_elements: int = 16 * 1024 * 1024
     max_total_bytes: int = 64 * 1024 * 1024
+    # String tensors: elements in one message (each becomes a Python object), and the
+    # UTF-8 bytes of one element.
+    max_string_elements: int = 1024 * 1024
+    max_string_bytes: int = 1024 * 1024
 
     def __post_init__(self) -> None:
-        for name in ("max_tensors", "max_rank", "max_elements", "max_total_bytes"):
+        for name in (
+            "max_tensors",
+            "max_rank",
+            "max_elements",
+            "max_total_bytes",
+            "max_string_elements",
+            "max_string_bytes",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise LocalProtocolError(
@@ -68,9 +92,80 @@ DEFAULT_LIMITS = TensorLimits()
 
 
 def dtype_name(dtype: np.dtype[Any]) -> str | None:
-    """Our wire name for a numpy dtype (any byte order), or None if unsupported."""
+    """Our wire name for a numpy dtype (any byte order), or None if unsupported. Object,
+    str and bytes arrays are ``"string"`` (``as_strings`` checks their elements)."""
+    if dtype.kind in "OSU":
+        return STRING
     name = dtype.name
     return name if name in DTYPES and dtype.kind in "biuf" else None
+
+
+def numpy_dtype(name: str) -> np.dtype[Any] | None:
+    """The numpy dtype of arrays of wire dtype ``name`` (object for strings), or None."""
+    return _OBJECT if name == STRING else DTYPES.get(name)
+
+
+def as_strings(array: npt.NDArray[Any], what: str = "tensor") -> npt.NDArray[Any]:
+    """A string tensor as an object array of ``str``: ``str``/``bytes`` elements (bytes
+    must be UTF-8), numpy ``U``/``S`` arrays. Raises ``LocalProtocolError`` otherwise."""
+    out = np.empty(array.shape, dtype=object)
+    flat = out.reshape(-1)
+    for i, v in enumerate(array.flat):
+        if isinstance(v, bytes):
+            try:
+                v = v.decode("utf-8")
+            except UnicodeDecodeError:
+                raise LocalProtocolError(
+                    f"{what}: string element {i} is not UTF-8 (string tensors hold text)"
+                ) from None
+        elif not isinstance(v, str):
+            raise LocalProtocolError(
+                f"{what}: a string tensor holds str or bytes, element {i} is {type(v).__name__}"
+            )
+        flat[i] = str(v)
+    return out
+
+
+def _encode_strings(array: npt.NDArray[Any], what: str) -> bytes:
+    parts: list[bytes] = []
+    for v in as_strings(array, what).flat:
+        raw = v.encode("utf-8")
+        parts.append(_LEN.pack(len(raw)))
+        parts.append(raw)
+    return b"".join(parts)
+
+
+def _decode_strings(
+    data: bytes, shape: tuple[int, ...], name: str, limits: TensorLimits
+) -> npt.NDArray[Any]:
+    """Length-prefixed UTF-8 elements to an object array of str; every length is checked
+    against what is left and ``max_string_bytes`` before the element is read."""
+    count = math.prod(shape)
+    out = np.empty(count, dtype=object)
+    view = memoryview(data)
+    pos = 0
+    for i in range(count):
+        if pos + 4 > len(data):
+            raise DecodeError(f"tensor {name!r}: string data ends inside element {i}")
+        (n,) = _LEN.unpack_from(view, pos)
+        pos += 4
+        if n > limits.max_string_bytes:
+            raise ValidationError(
+                f"tensor {name!r}: string element {i} has {n} bytes, "
+                f"the limit is {limits.max_string_bytes}"
+            )
+        if pos + n > len(data):
+            raise DecodeError(f"tensor {name!r}: string element {i} runs past the data")
+        try:
+            out[i] = str(view[pos : pos + n], "utf-8")
+        except UnicodeDecodeError:
+            raise DecodeError(f"tensor {name!r}: string element {i} is not UTF-8") from None
+        pos += n
+    if pos != len(data):
+        raise DecodeError(
+            f"tensor {name!r}: {len(data) - pos} bytes left after {count} string elements"
+        )
+    return out.reshape(shape)
 
 
 def encode_tensors(tensors: Mapping[str, npt.NDArray[Any]]) -> dict[str, Any]:
@@ -86,8 +181,16 @@ def encode_tensors(tensors: Mapping[str, npt.NDArray[Any]]) -> dict[str, Any]:
         wire = dtype_name(array.dtype)
         if wire is None:
             raise LocalProtocolError(
-                f"tensor {name!r} has dtype {array.dtype}; supported: {', '.join(DTYPES)}"
+                f"tensor {name!r} has dtype {array.dtype}; supported: "
+                f"{', '.join(sorted(WIRE_DTYPE_NAMES))}"
             )
+        if wire == STRING:
+            out[name] = {
+                "dtype": STRING,
+                "shape": [int(d) for d in array.shape],
+                "data": _encode_strings(array, f"tensor {name!r}"),
+            }
+            continue
         if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and not _NATIVE_LITTLE):
             array = array.astype(_WIRE_DTYPES[wire])
         out[name] = {
@@ -111,9 +214,10 @@ def decode_tensors(
     if len(value) > limits.max_tensors:
         raise ValidationError(f"{len(value)} tensors, the limit is {limits.max_tensors}")
     # First pass: structure and caps only, so nothing is built for a rejected message.
-    parsed: list[tuple[str, np.dtype[Any], tuple[int, ...], bytes]] = []
+    parsed: list[tuple[str, np.dtype[Any] | None, tuple[int, ...], bytes]] = []
     total_elements = 0
     total_bytes = 0
+    strings = 0
     for name, item in value.items():
         if not isinstance(name, str) or not name or len(name) > _MAX_NAME_CHARS:
             raise DecodeError(
@@ -123,9 +227,10 @@ def decode_tensors(
             got = sorted(map(str, item)) if isinstance(item, dict) else type(item).__name__
             raise DecodeError(f"tensor {name!r} must be a map with dtype, shape, data; got {got}")
         dtype_s, shape_v, data = item["dtype"], item["shape"], item["data"]
-        if not isinstance(dtype_s, str) or dtype_s not in _WIRE_DTYPES:
+        if not isinstance(dtype_s, str) or dtype_s not in WIRE_DTYPE_NAMES:
             raise DecodeError(
-                f"tensor {name!r} has dtype {dtype_s!r:.40}; supported: {', '.join(DTYPES)}"
+                f"tensor {name!r} has dtype {dtype_s!r:.40}; supported: "
+                f"{', '.join(sorted(WIRE_DTYPE_NAMES))}"
             )
         if not isinstance(shape_v, list):
             raise DecodeError(f"tensor {name!r} shape must be a list, got {type(shape_v).__name__}")
@@ -151,6 +256,25 @@ def decode_tensors(
                 f"tensors hold more than {limits.max_elements} elements "
                 f"(tensor {name!r} has shape {shape_v})"
             )
+        if dtype_s == STRING:
+            strings += elements
+            if strings > limits.max_string_elements:
+                raise ValidationError(
+                    f"tensors hold more than {limits.max_string_elements} string elements "
+                    f"(tensor {name!r} has {elements})"
+                )
+            if len(data) < 4 * elements:  # each element has its 4-byte length
+                raise DecodeError(
+                    f"tensor {name!r}: {len(data)} bytes cannot hold {elements} strings"
+                )
+            total_bytes += len(data)
+            if total_bytes > limits.max_total_bytes:
+                raise ValidationError(
+                    f"tensors hold more than {limits.max_total_bytes} bytes "
+                    f"(tensor {name!r} has {len(data)})"
+                )
+            parsed.append((name, None, tuple(shape_v), data))
+            continue
         wire = _WIRE_DTYPES[dtype_s]
         expected = elements * wire.itemsize
         if len(data) != expected:
@@ -167,12 +291,15 @@ def decode_tensors(
         parsed.append((name, wire, tuple(shape_v), data))
 
     out: dict[str, npt.NDArray[Any]] = {}
-    for name, wire, shape, data in parsed:
-        if wire.kind == "b" and data.translate(None, b"\x00\x01"):
+    for name, dt, shape, data in parsed:
+        if dt is None:
+            out[name] = _decode_strings(data, shape, name, limits)
+            continue
+        if dt.kind == "b" and data.translate(None, b"\x00\x01"):
             raise DecodeError(f"tensor {name!r} is bool but holds bytes other than 0 and 1")
-        array: npt.NDArray[Any] = np.frombuffer(data, dtype=wire).reshape(shape)
-        if not _NATIVE_LITTLE and wire.itemsize > 1:
-            array = array.astype(DTYPES[wire.name])
+        array: npt.NDArray[Any] = np.frombuffer(data, dtype=dt).reshape(shape)
+        if not _NATIVE_LITTLE and dt.itemsize > 1:
+            array = array.astype(DTYPES[dt.name])
         out[name] = array
     return out
 
@@ -180,8 +307,12 @@ def decode_tensors(
 __all__ = [
     "DEFAULT_LIMITS",
     "DTYPES",
+    "STRING",
+    "WIRE_DTYPE_NAMES",
     "TensorLimits",
+    "as_strings",
     "decode_tensors",
     "dtype_name",
     "encode_tensors",
+    "numpy_dtype",
 ]

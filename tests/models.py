@@ -201,3 +201,35 @@ def broken_graph_model(path: Path) -> Path:
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
     graph = helper.make_graph([helper.make_node("Add", ["x", "ghost"], ["y"])], "broken", [x], [y])
     return _save(_model(graph), path)
+
+
+TEXT_LABELS = {"cat": 1, "dog": 2}  # tiny_text_model's LabelEncoder (others -> 0)
+
+
+def tiny_text_model(path: Path) -> Path:
+    """A string-tensor model: ``text`` (string [n]) -> ``shout`` = text + "!" (string [n],
+    StringConcat) and ``label`` (int64 [n], ai.onnx.ml LabelEncoder over TEXT_LABELS)."""
+    text = helper.make_tensor_value_info("text", TensorProto.STRING, ["n"])
+    shout = helper.make_tensor_value_info("shout", TensorProto.STRING, ["n"])
+    label = helper.make_tensor_value_info("label", TensorProto.INT64, ["n"])
+    bang = helper.make_tensor("bang", TensorProto.STRING, [], [b"!"])
+    nodes = [
+        helper.make_node("StringConcat", ["text", "bang"], ["shout"]),
+        helper.make_node(
+            "LabelEncoder",
+            ["text"],
+            ["label"],
+            domain="ai.onnx.ml",
+            keys_strings=list(TEXT_LABELS),
+            values_int64s=list(TEXT_LABELS.values()),
+            default_int64=0,
+        ),
+    ]
+    graph = helper.make_graph(nodes, "tiny_text", [text], [shout, label], initializer=[bang])
+    model = helper.make_model(
+        graph,
+        # StringConcat is ONNX opset 20 (IR 9, onnxruntime >= 1.17).
+        opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("ai.onnx.ml", 3)],
+        ir_version=9,
+    )
+    return _save(model, path)

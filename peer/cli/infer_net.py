@@ -27,8 +27,14 @@ DEFAULT_DEADLINE = 30.0
 PAY_WAIT_S = 20.0
 
 
+LOCAL_PAYMENT = "none: this peer's own executor ran it (a peer owes itself nothing)"
+
+
 async def _pay(peer: Any, receipt: Any) -> str:
     from peer.http.control import payment_status
+
+    if receipt is None:
+        return LOCAL_PAYMENT
 
     return await payment_status(peer, receipt, PAY_WAIT_S)
 
@@ -142,17 +148,21 @@ def infer_through(
     try:
         header, outputs = v2.decode_response(answer.content, answer.headers.get(v2.HEADER_LENGTH))
         p = header["parameters"]
-        receipt = Receipt.from_bytes(bytes.fromhex(p["receipt"]))  # signatures checked here
+        # Signatures are checked here; a local run (self-award) has no receipt.
+        receipt = None if p["local"] else Receipt.from_bytes(bytes.fromhex(p["receipt"]))
+        result = InferResult(
+            outputs=outputs,
+            receipt=receipt,
+            executor=str(p["executor"]) if receipt is None else receipt.executor,
+            price=0 if receipt is None else receipt.price,
+            latency_ms=float(p.get("latency_ms", 0.0)),
+            model_cid=str(p["model_cid"]) if receipt is None else receipt.model_cid,
+        )
     except (v2.V2Error, ProtocolError, KeyError, TypeError, ValueError) as exc:
         fail(f"the running peer sent a bad answer: {exc}")
-    result = InferResult(
-        outputs=outputs,
-        receipt=receipt,
-        executor=receipt.executor,
-        price=receipt.price,
-        latency_ms=float(p.get("latency_ms", 0.0)),
-        model_cid=receipt.model_cid,
-    )
+    if receipt is None:
+        _report(model, result, LOCAL_PAYMENT, out_dir, json_out, t0)
+        return
     pay = api.call(
         "POST",
         "/control/pay",
@@ -185,6 +195,9 @@ def _report(
     for w in written:
         typer.echo(f"  {w['name']}  {w['dtype']}{tuple(w['shape'])}  -> {w['path']}")
     typer.echo(f"payment  {payment}")
+    if r is None:
+        typer.echo("receipt none (a job run on this peer's own executor has no receipt)")
+        return
     typer.echo(f"receipt {r.receipt_id.hex()}")
     typer.echo(f"  job {r.job_id.hex()}  count {r.count}  model {r.model_cid[:16]}")
     typer.echo(f"  requester {r.requester}")

@@ -227,6 +227,19 @@ async def v2_server(request: Request) -> Response:
     )
 
 
+def job_parameters(result: Any) -> dict[str, Any]:
+    """Who ran a job and what it cost, for an answer's ``parameters``. ``local`` is true
+    when this peer's own executor won the auction (self-award): then ``price`` is 0 and
+    ``receipt_id`` is null, since a peer owes itself nothing and no receipt exists."""
+    return {
+        "receipt_id": None if result.receipt is None else result.receipt.receipt_id.hex(),
+        "executor": result.executor,
+        "local": result.receipt is None,
+        "price": result.price,
+        "model_cid": result.model_cid,
+    }
+
+
 def _tensor_meta(specs: Any) -> list[dict[str, Any]]:
     out = []
     for s in specs:
@@ -285,20 +298,14 @@ async def v2_infer(request: Request) -> Response:
     door = front(request)
     model = request.path_params["model"]
     body = await read_body(request, door.max_body)
+    # BYTES inputs are object arrays of bytes: the market carries them as UTF-8 string
+    # tensors (``protocols.tensor``), which ONNX Runtime takes as tensor(string).
     parsed = v2.decode_request(body, request.headers.get(v2.HEADER_LENGTH), door.limits)
-    if any(a.dtype == object for a in parsed.arrays.values()):
-        raise HttpError(
-            400, "BYTES inputs cannot travel through the market yet: it carries numeric tensors"
-        )
     result = await door.run_job(model, parsed.arrays, parsed.parameters)
-    params = {
-        "receipt_id": result.receipt.receipt_id.hex(),
-        "executor": result.executor,
-        "price": result.price,
-        "model_cid": result.model_cid,
-        "latency_ms": round(result.latency_ms, 3),
-        "receipt": result.receipt.to_bytes().hex(),  # signed: anyone can verify it offline
-    }
+    params = job_parameters(result)
+    params["latency_ms"] = round(result.latency_ms, 3)
+    # The signed receipt: anyone can verify it offline (None for a local run).
+    params["receipt"] = None if result.receipt is None else result.receipt.to_bytes().hex()
     out, headers = v2.encode_response(
         model_name=model, outputs=result.outputs, request=parsed, parameters=params
     )

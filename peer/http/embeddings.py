@@ -15,7 +15,7 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from peer.http.app import HttpError, front, read_json
+from peer.http.app import HttpError, front, job_parameters, read_json
 from peer.http.auth import requires_token
 
 MAX_INPUTS = 256
@@ -91,12 +91,7 @@ async def embeddings(request: Request) -> Response:
             "data": data,
             "model": model,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            "edgeswarm": {
-                "model_cid": cid,
-                "receipt_id": result.receipt.receipt_id.hex(),
-                "executor": result.executor,
-                "price": result.price,
-            },
+            "edgeswarm": job_parameters(result),
         }
     )
 

@@ -11,8 +11,11 @@ flat or nested list in row-major order) or, with the binary extension,
 its N raw little-endian bytes after the JSON header; the JSON header's length
 is in the ``Inference-Header-Content-Length`` HTTP header. BYTES elements are
 each a 4-byte little-endian length and the bytes, in binary form; strings in
-JSON. Every size is checked against ``TensorLimits`` before anything is
-allocated; any violation is a ``V2Error`` (HTTP 400) with a clear message.
+JSON; decoded, a BYTES tensor is an object array of ``bytes`` (JSON strings as
+UTF-8), at most ``max_string_elements`` elements of ``max_string_bytes`` each,
+and 4 + len bytes per element count against ``max_total_bytes``. Every size
+is checked against ``TensorLimits`` before anything is allocated; any violation
+is a ``V2Error`` (HTTP 400) with a clear message.
 """
 
 from __future__ import annotations
@@ -148,17 +151,42 @@ def _flatten(data: Any, limit: int, what: str) -> list[Any]:
 _END = object()
 
 
-def _from_json(data: Any, dtype_name: str, shape: tuple[int, ...], what: str) -> npt.NDArray[Any]:
+def _check_strings(count: int, what: str, limits: TensorLimits) -> None:
+    if count > limits.max_string_elements:
+        raise V2Error(
+            f"{what}: {count} BYTES elements, above the limit of {limits.max_string_elements}"
+        )
+
+
+def _check_element(i: int, n: int, what: str, limits: TensorLimits) -> None:
+    if n > limits.max_string_bytes:
+        raise V2Error(
+            f"{what}: BYTES element {i} has {n} bytes, above the limit of {limits.max_string_bytes}"
+        )
+
+
+def _from_json(
+    data: Any, dtype_name: str, shape: tuple[int, ...], what: str, limits: TensorLimits
+) -> npt.NDArray[Any]:
     count = math.prod(shape)
     if dtype_name == "BYTES":
+        _check_strings(count, what, limits)
         flat = _flatten(data, count, what)
         if len(flat) != count:
             raise V2Error(
                 f"{what}: data holds {len(flat)} elements, shape {list(shape)} needs {count}"
             )
-        if not all(isinstance(v, str) for v in flat):
-            raise V2Error(f"{what}: BYTES data must be strings in JSON")
-        return np.array(flat, dtype=object).reshape(shape)
+        out = np.empty(count, dtype=object)
+        for i, v in enumerate(flat):
+            if not isinstance(v, str):
+                raise V2Error(f"{what}: BYTES data must be strings in JSON")
+            try:
+                raw = v.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate from a JSON \ud800 escape
+                raise V2Error(f"{what}: BYTES element {i} is not valid text") from None
+            _check_element(i, len(raw), what, limits)
+            out[i] = raw
+        return out.reshape(shape)
     try:  # nested lists -> one array, at C speed (ragged or mixed data raise)
         array = np.array(data)
     except (ValueError, TypeError, OverflowError):
@@ -193,7 +221,12 @@ def _from_json(data: Any, dtype_name: str, shape: tuple[int, ...], what: str) ->
     return array.astype(target).reshape(shape)
 
 
-def _bytes_elements(raw: memoryview, count: int, what: str) -> npt.NDArray[Any]:
+def _bytes_elements(
+    raw: memoryview, count: int, what: str, limits: TensorLimits
+) -> npt.NDArray[Any]:
+    _check_strings(count, what, limits)
+    if len(raw) < 4 * count:  # each element has its 4-byte length
+        raise V2Error(f"{what}: {len(raw)} bytes cannot hold {count} BYTES elements")
     out = np.empty(count, dtype=object)
     pos = 0
     for i in range(count):
@@ -201,6 +234,7 @@ def _bytes_elements(raw: memoryview, count: int, what: str) -> npt.NDArray[Any]:
             raise V2Error(f"{what}: BYTES data ends inside element {i}")
         (n,) = struct.unpack_from("<I", raw, pos)
         pos += 4
+        _check_element(i, n, what, limits)
         if pos + n > len(raw):
             raise V2Error(f"{what}: BYTES element {i} runs past the tensor's data")
         out[i] = bytes(raw[pos : pos + n])
@@ -210,10 +244,12 @@ def _bytes_elements(raw: memoryview, count: int, what: str) -> npt.NDArray[Any]:
     return out
 
 
-def _from_binary(raw: memoryview, dtype_name: str, shape: tuple[int, ...], what: str) -> Any:
+def _from_binary(
+    raw: memoryview, dtype_name: str, shape: tuple[int, ...], what: str, limits: TensorLimits
+) -> Any:
     count = math.prod(shape)
     if dtype_name == "BYTES":
-        return _bytes_elements(raw, count, what).reshape(shape)
+        return _bytes_elements(raw, count, what, limits).reshape(shape)
     dtype = DATATYPES[dtype_name]
     if len(raw) != count * dtype.itemsize:
         raise V2Error(
@@ -262,13 +298,14 @@ def decode_tensor_list(
                 raise V2Error(
                     f"{label}: binary data ends after {len(blob) - offset} of {size} bytes"
                 )
-            array = _from_binary(blob[offset : offset + size], datatype, shape, label)
+            array = _from_binary(blob[offset : offset + size], datatype, shape, label, limits)
             offset += size
         elif "data" in item:
-            array = _from_json(item["data"], datatype, shape, label)
+            array = _from_json(item["data"], datatype, shape, label, limits)
         else:
             raise V2Error(f"{label} has neither data nor binary_data_size")
-        total += array.nbytes if array.dtype != object else sum(len(v) for v in array.flat)
+        # BYTES count as they travel: 4 bytes of length and the bytes, per element.
+        total += array.nbytes if array.dtype != object else sum(4 + len(v) for v in array.flat)
         if total > limits.max_total_bytes:
             raise V2Error(f"{what} take more than the limit of {limits.max_total_bytes} bytes")
         arrays[name] = array

@@ -27,7 +27,7 @@ from peer.market.dialer import Dialer
 from peer.market.gossip import MarketGossip
 from peer.market.jobspec import JobSpec
 from peer.market.receipts import ReceiptBook
-from peer.market.requester import JobRun, new_request
+from peer.market.requester import JobRun, LocalRunner, new_request
 from protocols import requester as rq
 from protocols.market import JobRequest
 from protocols.proofs import FraudProof
@@ -51,7 +51,7 @@ class InferResult:
     """One job's outputs and its receipt. ``price`` is in micro-credits (as in the receipt)."""
 
     outputs: Arrays
-    receipt: Receipt
+    receipt: Receipt | None  # None: our own executor ran it (self-award); nothing is owed
     executor: str
     price: int
     latency_ms: float
@@ -61,30 +61,40 @@ class InferResult:
     fraud_proofs: list[FraudProof] = field(default_factory=list)  # cheaters this job exposed
     wire: Any = field(default=None, repr=False)  # the outputs as received (for referees)
 
+    @property
+    def local(self) -> bool:
+        """The job ran on this peer's own executor: no receipt, no payment."""
+        return self.receipt is None
+
     def to_dict(self) -> dict[str, Any]:
-        c = self.receipt.commitment.message
         return {
             "model_cid": self.model_cid,
             "executor": self.executor,
+            "local": self.local,
             "price": self.price,
             "price_credits": self.price / MICRO,
             "latency_ms": round(self.latency_ms, 3),
-            "receipt": {
-                "id": self.receipt.receipt_id.hex(),
-                "job_id": c.job_id.hex(),
-                "requester": c.requester,
-                "executor": c.executor,
-                "model_cid": c.model_cid,
-                "price": c.price,
-                "count": c.count,
-                "compute_ms": c.compute_ms,
-                "input_digest": c.input_digest.hex(),
-                "output_digest": c.output_digest.hex(),
-                "bytes": self.receipt.to_bytes().hex(),
-            },
+            "receipt": None if self.receipt is None else self._receipt_dict(self.receipt),
             "attempts": [list(a) for a in self.attempts],
             "spot_check": self.spot_check,
             "fraud": [p.offender for p in self.fraud_proofs],
+        }
+
+    @staticmethod
+    def _receipt_dict(receipt: Receipt) -> dict[str, Any]:
+        c = receipt.commitment.message
+        return {
+            "id": receipt.receipt_id.hex(),
+            "job_id": c.job_id.hex(),
+            "requester": c.requester,
+            "executor": c.executor,
+            "model_cid": c.model_cid,
+            "price": c.price,
+            "count": c.count,
+            "compute_ms": c.compute_ms,
+            "input_digest": c.input_digest.hex(),
+            "output_digest": c.output_digest.hex(),
+            "bytes": receipt.to_bytes().hex(),
         }
 
 
@@ -143,6 +153,8 @@ class Auctions:
         self._discovered: dict[str, float] = {}  # cid -> clock time of the last lookup
         self._servers: dict[str, set[str]] = {}  # cid -> servers found (providers, ads)
         self._misses: dict[str, dict[str, int]] = {}  # cid -> server -> auctions without a bid
+        # Our own executor, a bidder in our own single-job auctions (set when we serve).
+        self.local: LocalRunner | None = None
 
     async def prepare(self, cid: str, until: float) -> None:
         """Join the cid's topic and get executors of it into our gossip mesh.
@@ -232,6 +244,7 @@ class Auctions:
             single_input=single_input,
             banned=self.bans.plus(banned),
             expected=self.expected_bidders(cid),
+            local=self.local,
             clock=self.clock,
         )
 
@@ -256,13 +269,14 @@ class Auctions:
             raise
         finally:
             self.record(spec.cid, run.job.expected, run.job.bidders)
-        self.receipts.add(outcome.receipt, "requester")
+        if outcome.receipt is not None:  # a local run (self-award) has none: nothing owed
+            self.receipts.add(outcome.receipt, "requester")
         return InferResult(
             wire=outcome.wires.get(0),
             outputs=outcome.outputs[0],
             receipt=outcome.receipt,
             executor=outcome.executor,
-            price=outcome.receipt.price,
+            price=0 if outcome.receipt is None else outcome.receipt.price,
             latency_ms=(time.perf_counter() - t0) * 1e3,
             model_cid=spec.cid,
             attempts=outcome.attempts,

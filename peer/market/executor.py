@@ -27,7 +27,7 @@ from typing import Any
 import nacl.signing
 import trio
 
-from edge_models.errors import EdgeModelError, ExecutionTimeout, InvalidInput
+from edge_models.errors import EdgeModelError, ExecutionFailed, ExecutionTimeout, InvalidInput
 from peer import metrics
 from peer.caps import StreamSlot, caps_for
 from peer.job_stream import CONTROL_FRAME_MAX, JOB_PROTOCOL, FrameStream, JobStreamClosed
@@ -180,6 +180,29 @@ class ExecutorService:
             await self.gossip.publish(cid, bid)
         except Exception as exc:  # a lost bid only loses this auction
             log.warning("could not publish bid: %s", exc)
+
+    # --- our own jobs (self-award) --------------------------------------------------
+
+    def local_quote(self, request: JobRequest) -> tuple[int, int] | None:
+        """(price, eta_ms) we would bid on our own ``request``, by the rules our bids to
+        others follow (``ExecutorState.quote``); None when we would not bid."""
+        quote = self.state.quote(request, self.clock())
+        if isinstance(quote, str):
+            log.debug("no local bid for job %s: %s", request.job_id.hex()[:12], quote)
+            return None
+        return quote
+
+    async def run_local(self, cid: str, inputs: Arrays, *, deadline: float) -> Arrays:
+        """A job our own auction awarded to us: run in the worker, no stream, no receipt."""
+        if self.prepare is not None:  # a model offered on demand: fetch it first
+            try:
+                await self.prepare(cid)
+            except Exception as exc:  # fetch errors have no common base; the job falls back
+                raise ExecutionFailed(f"cannot fetch model {cid[:12]}: {exc}") from exc
+        self.worker.check(cid, inputs)
+        outputs, _ms = await self.worker.run(cid, inputs, deadline=deadline)
+        metrics.JOBS_RUN.labels("local").inc()
+        return outputs
 
     # --- job streams ---------------------------------------------------------------
 

@@ -149,6 +149,7 @@ class Lease:
                 self.errors.append(exc)
             return
         self.auctions.record(self.cid, run.job.expected, run.job.bidders)
+        assert outcome.receipt is not None  # a lease never runs on our own executor
         self.receipts.append(outcome.receipt)
         self.book.add(outcome.receipt, "requester")
 
@@ -287,6 +288,8 @@ class Lease:
             self.spot_checks.append(f"{verdict.reason}; the executor did not commit")
             return check.outputs
         seqs = sorted(outcome.wires)
+        # Neither runs locally: leases never do, second opinions ban our own executor.
+        assert outcome.receipt is not None and check.receipt is not None
         claim = Claim(
             outcome.receipt.commitment,
             out_wire,

@@ -14,6 +14,12 @@ the award task of the current winner) and performs its actions:
 - ``Complete`` -> sign the Acceptance, send it, keep the Receipt;
 - ``Fail`` -> raise the ``MarketFailure``.
 
+Self-award: with a ``LocalRunner`` (this peer serves the model), every
+auction round also feeds the machine our own executor's quote (``LocalBid``);
+if it wins, ``RunLocally`` runs the job in our own worker (no stream, nothing
+signed) and ``CompleteLocally`` ends it with an ``Outcome`` whose ``receipt``
+and ``award`` are None: nothing is owed, nothing reaches the ledger.
+
 A lease is the same machine with ``LeaseTerms``: its award task keeps the
 stream open and ``Lease.infer`` sends JobInput frames on it; ``BatchClose``
 ends the batch and one commitment covers it.
@@ -26,13 +32,14 @@ import logging
 import os
 from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import nacl.signing
 import numpy as np
 import numpy.typing as npt
 import trio
 
+from edge_models.errors import EdgeModelError
 from edge_models.spec import ModelEntry
 from peer import metrics
 from peer.job_stream import FrameStream, JobStreamClosed
@@ -52,7 +59,15 @@ from protocols.market import (
 )
 from protocols.receipt import Receipt, ResultCommitment, content_digest
 from protocols.signed import Signed, sign_message
-from protocols.tensor import DTYPES, TensorLimits, decode_tensors, dtype_name
+from protocols.tensor import (
+    STRING,
+    TensorLimits,
+    as_strings,
+    decode_tensors,
+    dtype_name,
+    encode_tensors,
+    numpy_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +75,19 @@ EVENT_QUEUE = 4096
 
 Arrays = dict[str, npt.NDArray[Any]]
 OpenStream = Callable[[str, float], Any]  # (executor, until) -> awaitable FrameStream
+
+
+class LocalRunner(Protocol):
+    """This peer's own executor, as a bidder in its own auctions (``ExecutorService``)."""
+
+    def local_quote(self, request: JobRequest) -> tuple[int, int] | None:
+        """(price micro-credits, eta ms) it would bid for ``request``, or None (not served,
+        over the max price, no capacity, too slow)."""
+        ...
+
+    async def run_local(self, cid: str, inputs: Arrays, *, deadline: float) -> Arrays:
+        """Run the job in our own worker (raises ``EdgeModelError`` & co. on failure)."""
+        ...
 
 
 class JobFailed(ProtocolError):
@@ -106,7 +134,7 @@ def declared_problem(arrays: Arrays, entry: ModelEntry | None) -> str:
         return f"expected outputs {sorted(want)}, got {sorted(arrays)}"
     for name, arr in arrays.items():
         spec = want[name]
-        if DTYPES.get(spec.dtype) != arr.dtype:
+        if numpy_dtype(spec.dtype) != arr.dtype:
             return f"output {name!r} should be {spec.dtype}, got {arr.dtype}"
         if spec.shape is not None:
             if len(spec.shape) != arr.ndim:
@@ -172,9 +200,9 @@ class _Waiter:
 
 @dataclass
 class Outcome:
-    receipt: Receipt
+    receipt: Receipt | None  # None: run by our own executor (self-award), nothing owed
     executor: str
-    award: Award
+    award: Award | None  # None likewise: no Award between a peer and itself
     outputs: dict[int, Arrays]
     attempts: list[tuple[str, str]]
     wires: dict[int, Any] = field(default_factory=dict)  # seq -> outputs as received (referees)
@@ -198,9 +226,14 @@ class JobRun:
         banned: Container[str] = frozenset(),
         reputation: Mapping[str, float] | None = None,
         expected: frozenset[str] = frozenset(),
+        local: LocalRunner | None = None,
         clock: Clock = system_clock,
     ) -> None:
         self.key = key
+        # Our own executor bids only on single jobs (never on leases).
+        self.local = local if single_input is not None and request.lease is None else None
+        self._local_scope = trio.CancelScope()
+        self._local_result: tuple[Arrays, Any] | None = None  # decoded outputs, wire
         self.clock = clock
         self.publish = publish
         self.open_stream = open_stream
@@ -290,6 +323,11 @@ class JobRun:
             if isinstance(a, rq.Publish):
                 self._auction_t0 = self.clock()  # metrics: auction latency
                 await self.publish(sign_message(self.key, a.request))
+                self._quote_locally(a.request)
+            elif isinstance(a, rq.RunLocally):
+                metrics.AUCTION_SECONDS.observe(self.clock() - self._auction_t0)
+                self._local_scope = trio.CancelScope()
+                self._nursery.start_soon(self._local_task, self._local_scope)
             elif isinstance(a, rq.StartTimer):
                 self._timer.set(a.at)
             elif isinstance(a, rq.SendAward):
@@ -298,7 +336,10 @@ class JobRun:
                 self._set_attempt(attempt)
                 self._nursery.start_soon(self._award_task, attempt)
             elif isinstance(a, rq.CancelAward):
-                if self.attempt is not None and self.attempt.executor == a.executor:
+                if a.executor == self.request.requester:
+                    log.info("giving up on the local run: %s", a.reason)
+                    self._local_scope.cancel()
+                elif self.attempt is not None and self.attempt.executor == a.executor:
                     log.info("giving up on %s: %s", a.executor, a.reason)
                     self.attempt.failure = a.reason
                     self.attempt.scope.cancel()
@@ -322,6 +363,17 @@ class JobRun:
                     attempts=list(self.job.attempts),
                     wires=wires,
                 )
+            elif isinstance(a, rq.CompleteLocally):
+                assert self._local_result is not None  # LocalFinished follows it
+                decoded, wire = self._local_result
+                self.outcome = Outcome(
+                    receipt=None,
+                    executor=a.bid.executor,
+                    award=None,
+                    outputs={0: decoded},
+                    attempts=list(self.job.attempts),
+                    wires={0: wire},
+                )
             elif isinstance(a, rq.SendAcceptance):
                 att = self.attempt
                 fs = att.fs if att is not None else None
@@ -336,9 +388,38 @@ class JobRun:
                         await fs.send(att.interim.acceptance)
             elif isinstance(a, rq.Fail):
                 self.error = a.error
+                self._local_scope.cancel()
                 if self.attempt is not None:
                     self.attempt.scope.cancel()
                     self._fail_waiters(self.attempt)
+
+    def _quote_locally(self, request: JobRequest) -> None:
+        """Our own executor's bid for this auction round, if it would bid (self-award)."""
+        if self.local is None:
+            return
+        quote = self.local.local_quote(request)
+        if quote is not None:
+            self.post(rq.LocalBid(price=quote[0], eta_ms=quote[1], now=self.clock()))
+
+    async def _local_task(self, scope: trio.CancelScope) -> None:
+        """Run the job in our own worker and report it (``RunLocally``)."""
+        assert self.local is not None
+        me = self.request.requester
+        with scope:
+            try:
+                arrays = decode_tensors(self.single_input, limits=self.limits)
+                outputs = await self.local.run_local(
+                    self.request.model_cid, arrays, deadline=self.request.deadline
+                )
+                wire = encode_tensors(outputs)
+            except (EdgeModelError, ProtocolError, trio.TooSlowError) as exc:
+                why = f"local run failed: {exc or type(exc).__name__}"
+                await self._send.send(rq.AwardFailed(me, why, self.clock()))
+                return
+            ok, problem, decoded = check_outputs({0: wire}, self.entry, self.limits)
+            if ok:
+                self._local_result = (decoded[0], wire)
+            await self._send.send(rq.LocalFinished(ok, self.clock(), problem))
 
     @staticmethod
     def _fail_waiters(att: Attempt) -> None:
@@ -531,7 +612,13 @@ def to_arrays(inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for name, value in inputs.items():
         arr = value if isinstance(value, np.ndarray) else np.asarray(value)
-        if dtype_name(arr.dtype) is None:
+        kind = dtype_name(arr.dtype)
+        if kind is None:
             raise ValueError(f"input {name!r} has dtype {arr.dtype}, which the wire cannot carry")
+        if kind == STRING:  # str/bytes elements -> an object array of str, as ONNX wants
+            try:
+                arr = as_strings(arr, f"input {name!r}")
+            except ProtocolError as exc:
+                raise ValueError(str(exc)) from None
         out[name] = arr
     return out

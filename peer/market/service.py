@@ -183,6 +183,8 @@ class MarketService:
                 clock=clock,
             )
             self.executor.on_load = getattr(peer, "set_load", None)
+            # Self-award: our executor bids in our own auctions (no receipt if it wins).
+            self.auctions.local = self.executor
             self.referee = RefereeService(
                 key=self.key,
                 peer_id=self.peer_id,

@@ -67,6 +67,9 @@ class SpotChecker:
     async def check(self, result: InferResult, spec: JobSpec, wire: Any) -> InferResult:
         """Run the job again on another executor (not on the job's referee panel if another
         one bids); on disagreement the referees decide, and the honest result is returned."""
+        if result.receipt is None:
+            result.spot_check = "not checked: it ran on this peer's own executor"
+            return result
         c = result.receipt.commitment.message
         check = await self.second_opinion(spec, wire, c.job_id, result.executor)
         if isinstance(check, str):
@@ -79,7 +82,11 @@ class SpotChecker:
         log.warning(
             "spot check: %s and %s disagree: %s", result.executor, check.executor, verdict.reason
         )
-        claims = [Claim(r.receipt.commitment, r.wire) for r in (result, check)]
+        assert check.receipt is not None  # second opinions are never local
+        claims = [
+            Claim(result.receipt.commitment, result.wire),
+            Claim(check.receipt.commitment, check.wire),
+        ]
         proofs, why = await self.referee(claims, wire, verdict.reason, spec.until)
         cheaters = {p.offender for p in proofs}
         honest = check if result.executor in cheaters else result
@@ -90,17 +97,20 @@ class SpotChecker:
         self, spec: JobSpec, wire: Any, job_id: bytes, executor: str
     ) -> InferResult | str:
         """The same inputs as a fresh job on another executor: off the checked job's referee
-        panel if one of those bids, else (small swarms) any other; or why not."""
+        panel if one of those bids, else (small swarms) any other; or why not. Never our
+        own executor: a local run has no commitment a referee could judge."""
         spec = spec.unchecked()
         panel = self.referees_for(job_id, executor)
         if panel is not None:
             try:
-                return await self.auctions.one_job(spec, wire, banned={executor, *panel.members})
+                return await self.auctions.one_job(
+                    spec, wire, banned={executor, self.peer_id, *panel.members}
+                )
             except rq.MarketFailure as exc:
                 if self.clock() >= spec.until:
                     return f"not checked: {exc}"
         try:
-            return await self.auctions.one_job(spec, wire, banned={executor})
+            return await self.auctions.one_job(spec, wire, banned={executor, self.peer_id})
         except rq.MarketFailure as exc:
             return f"not checked: {exc}"
 

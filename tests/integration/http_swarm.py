@@ -45,12 +45,13 @@ async def http_swarm(
     tmp_path: Path,
     *,
     door_models: bool = True,
+    ex_model: str = "add",
     wrap_runtime: Callable[[ModelRuntime], Any] | None = None,
     **cfg: Any,
 ) -> AsyncIterator[Door]:
     settings = MarketSettings(bid_window=0.3, job_timeout=20.0)
     async with market_swarm(tmp_path, settings) as swarm, AsyncExitStack() as stack:
-        ex = await swarm.start("ex", price=0.5, wrap_runtime=wrap_runtime)
+        ex = await swarm.start("ex", price=0.5, model=ex_model, wrap_runtime=wrap_runtime)
         runtime = None
         if door_models:
             add_tiny_model(tmp_path / "door")

@@ -61,6 +61,8 @@ def add_tiny_model(data_dir: Path, kind: str = "add") -> str:
     src = data_dir / "src"
     if kind == "add":
         entry = registry.add_file(models.tiny_add_model(src / "add.onnx"), "tiny_add")
+    elif kind == "text":  # string tensors (KServe v2 BYTES)
+        entry = registry.add_file(models.tiny_text_model(src / "text.onnx"), "tiny_text")
     else:
         entry = registry.add_file(models.tiny_matmul_model(src / "mm.onnx"), "tiny_mm")
     return entry.cid

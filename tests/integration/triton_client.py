@@ -1,10 +1,12 @@
 """Run the stock tritonclient[http] against an edgeswarm peer (in its own process: gevent).
 
     python triton_client.py HOST:PORT MODEL json|binary TOKEN
+    python triton_client.py HOST:PORT MODEL bytes-json|bytes-binary TOKEN
 
 Prints one JSON line: liveness, readiness, metadata, the outputs of z = x + y
 for a few inputs, the response parameters, and what a request without the
-token gets.
+token gets. The ``bytes-*`` modes send a BYTES tensor ``text`` to a string model
+(tests.models.tiny_text_model) and print its ``shout`` (BYTES) and ``label``.
 """
 
 import json
@@ -14,10 +16,37 @@ import numpy as np
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+TEXTS = ["cat", "héllo wörld", "dog", ""]
+
+
+def text_job(
+    client: httpclient.InferenceServerClient, model: str, binary: bool, token: str
+) -> dict:
+    out: dict = {"metadata": client.get_model_metadata(model)}
+    text = np.array([t.encode() for t in TEXTS], dtype=np.object_)
+    inp = httpclient.InferInput("text", [len(TEXTS)], "BYTES")
+    inp.set_data_from_numpy(text, binary_data=binary)
+    outputs = [
+        httpclient.InferRequestedOutput("shout", binary_data=binary),
+        httpclient.InferRequestedOutput("label", binary_data=binary),
+    ]
+    result = client.infer(
+        model, [inp], outputs=outputs, headers={"Authorization": f"Bearer {token}"}
+    )
+    shout = result.as_numpy("shout")
+    out["shout"] = [v.decode() if isinstance(v, bytes) else str(v) for v in shout.reshape(-1)]
+    out["label"] = result.as_numpy("label").tolist()
+    out["parameters"] = result.get_response().get("parameters", {})
+    out["output_meta"] = result.get_response()["outputs"]
+    return out
+
 
 def main(url: str, model: str, mode: str, token: str) -> None:
-    binary = mode == "binary"
+    binary = mode.endswith("binary")
     client = httpclient.InferenceServerClient(url=url, connection_timeout=60, network_timeout=120)
+    if mode.startswith("bytes-"):
+        print(json.dumps(text_job(client, model, binary, token), default=str))
+        return
     out: dict = {
         "live": client.is_server_live(),
         "ready": client.is_server_ready(),
