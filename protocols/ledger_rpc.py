@@ -11,6 +11,10 @@ certify    ``req``: TransferRequest     ``r``: witness reply (vote/refusal/proof
 push       ``items``: [ledger item]     ``new``, ``bad``: counts
 sync       ``m``: reconcile message     ``m``: reply message or null
 get        ``ids``: [32-byte fact id]   ``items``: [ledger item]
+ckpt       ``p``: page number           ``cp``: adopted checkpoint or null,
+                                        ``acc``: its account rows (one page),
+                                        ``pages``: how many pages
+ckpt_sign  ``h``: checkpoint header     ``vote``: the member's signed vote
 =========  ===========================  ==================================
 
 An error reply is ``{"v": 1, "err": "what was expected and what came"}``.
@@ -25,6 +29,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from protocols.checkpoint import (
+    ACCOUNTS_PAGE,
+    AccountSummary,
+    Checkpoint,
+    CheckpointHeader,
+    CheckpointVote,
+    decode_accounts,
+    encode_accounts,
+)
 from protocols.errors import ValidationError
 from protocols.reconcile import ID_SIZE
 
@@ -34,7 +47,8 @@ MAX_FRAME = 1 << 20
 MAX_ITEMS = 512
 MAX_ITEM_PAYLOAD = MAX_FRAME - 64 * 1024
 MAX_ERROR = 400
-OPS = ("certify", "push", "sync", "get")
+OPS = ("certify", "push", "sync", "get", "ckpt", "ckpt_sign")
+MAX_PAGES = 1 << 12
 
 
 def _check_message(raw: object, what: str) -> dict[Any, Any]:
@@ -113,7 +127,32 @@ class Get:
         return {"v": VERSION, "op": "get", "ids": list(self.ids)}
 
 
-Request = Certify | Push | Sync | Get
+@dataclass(frozen=True)
+class GetCheckpoint:
+    """The peer's adopted checkpoint and one page of its account rows."""
+
+    page: int
+
+    def __post_init__(self) -> None:
+        if type(self.page) is not int or not 0 <= self.page < MAX_PAGES:
+            raise ValidationError(f"ckpt needs 'p': a page number of 0..{MAX_PAGES - 1}")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"v": VERSION, "op": "ckpt", "p": self.page}
+
+
+@dataclass(frozen=True)
+class SignCheckpoint:
+    """Ask a member of a checkpoint committee to vote for a header (it signs only a header
+    it computes itself from its own facts)."""
+
+    header: CheckpointHeader
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"v": VERSION, "op": "ckpt_sign", "h": self.header.to_body()}
+
+
+Request = Certify | Push | Sync | Get | GetCheckpoint | SignCheckpoint
 
 
 def decode_request(raw: object) -> Request:
@@ -134,6 +173,10 @@ def decode_request(raw: object) -> Request:
         return Sync(m)
     if op == "get":
         return Get(_bytes_list(req.get("ids"), "ids", "get", size=ID_SIZE))
+    if op == "ckpt":
+        return GetCheckpoint(req.get("p"))  # type: ignore[arg-type]
+    if op == "ckpt_sign":
+        return SignCheckpoint(CheckpointHeader.from_body(req.get("h")))
     raise ValidationError(f"unknown op {op!r}, expected one of {', '.join(OPS)}")
 
 
@@ -196,6 +239,47 @@ class GetReply:
 
 
 @dataclass(frozen=True)
+class CheckpointReply:
+    cp: Checkpoint | None  # None: the peer has adopted no checkpoint
+    accounts: tuple[AccountSummary, ...]
+    pages: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "v": VERSION,
+            "cp": None if self.cp is None else self.cp.to_bytes(),
+            "acc": encode_accounts(self.accounts),
+            "pages": self.pages,
+        }
+
+    @classmethod
+    def from_wire(cls, reply: dict[Any, Any]) -> CheckpointReply:
+        raw = reply.get("cp")
+        if raw is not None and type(raw) is not bytes:
+            raise ValidationError("ckpt reply 'cp' must be bytes or null")
+        pages = reply.get("pages")
+        if type(pages) is not int or not 1 <= pages <= MAX_PAGES:
+            raise ValidationError(f"ckpt reply 'pages' must be 1..{MAX_PAGES}")
+        cp = None if raw is None else Checkpoint.from_bytes(raw)
+        return cls(cp, tuple(decode_accounts(reply.get("acc"), limit=ACCOUNTS_PAGE)), pages)
+
+
+@dataclass(frozen=True)
+class VoteReply:
+    vote: bytes  # a signed CheckpointVote (checked by the proposer's assembler)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"v": VERSION, "vote": self.vote}
+
+    @classmethod
+    def from_wire(cls, reply: dict[Any, Any]) -> VoteReply:
+        vote = reply.get("vote")
+        if type(vote) is not bytes or len(vote) > CheckpointVote.MAX_BYTES:
+            raise ValidationError("ckpt_sign reply without 'vote' bytes")
+        return cls(vote)
+
+
+@dataclass(frozen=True)
 class ErrorReply:
     err: str
 
@@ -206,8 +290,8 @@ class ErrorReply:
         return {"v": VERSION, "err": self.err}
 
 
-Reply = CertifyReply | PushReply | SyncReply | GetReply | ErrorReply
-R = TypeVar("R", CertifyReply, PushReply, SyncReply, GetReply)
+Reply = CertifyReply | PushReply | SyncReply | GetReply | CheckpointReply | VoteReply | ErrorReply
+R = TypeVar("R", CertifyReply, PushReply, SyncReply, GetReply, CheckpointReply, VoteReply)
 
 
 def decode_reply(raw: object, expected: type[R]) -> R | ErrorReply:
@@ -219,7 +303,9 @@ def decode_reply(raw: object, expected: type[R]) -> R | ErrorReply:
     return expected.from_wire(reply)
 
 
-def reply_type(request: Request) -> type[CertifyReply | PushReply | SyncReply | GetReply]:
+def reply_type(
+    request: Request,
+) -> type[CertifyReply | PushReply | SyncReply | GetReply | CheckpointReply | VoteReply]:
     match request:
         case Certify():
             return CertifyReply
@@ -229,6 +315,10 @@ def reply_type(request: Request) -> type[CertifyReply | PushReply | SyncReply | 
             return SyncReply
         case Get():
             return GetReply
+        case GetCheckpoint():
+            return CheckpointReply
+        case SignCheckpoint():
+            return VoteReply
 
 
 __all__ = [
@@ -239,15 +329,19 @@ __all__ = [
     "VERSION",
     "Certify",
     "CertifyReply",
+    "CheckpointReply",
     "ErrorReply",
     "Get",
+    "GetCheckpoint",
     "GetReply",
     "Push",
     "PushReply",
     "Reply",
     "Request",
+    "SignCheckpoint",
     "Sync",
     "SyncReply",
+    "VoteReply",
     "decode_reply",
     "decode_request",
     "reply_type",

@@ -696,11 +696,14 @@ class LedgerState:
         return self._rebuild(cp, rows)
 
     def _check_chain(self, cp: Checkpoint) -> None:
-        if self._checkpoint is not None:
-            follows(cp, self._checkpoint)
-            return
-        prev: Checkpoint | None = None
-        for epoch in range(1, cp.epoch):
+        """``cp`` follows the adopted checkpoint (or the first), through the held ones between."""
+        prev = self._checkpoint
+        start = 1 if prev is None else prev.epoch + 1
+        if cp.epoch < start:
+            raise ValidationError(
+                f"checkpoint {cp.epoch} does not follow checkpoint {start - 1} held here"
+            )
+        for epoch in range(start, cp.epoch):
             held = self.held_checkpoint(epoch)
             if held is None:
                 raise ValidationError(

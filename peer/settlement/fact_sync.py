@@ -6,7 +6,11 @@
 * anti-entropy: every ``sync_interval`` seconds (jittered) range-based
   reconciliation (``protocols.reconcile``) with a random connected neighbour,
   fetching what we lack and pushing what it lacks;
-* the server side of ``push``, ``sync`` and ``get`` on ``/edgeswarm/ledger/1``.
+* checkpoints: after a sync, adopt the newest checkpoint held, fetching its account
+  rows from the peer when the facts here do not give them (a new peer, or one that was
+  offline: it then holds the checkpoint chain and only the facts after it);
+* the server side of ``push``, ``sync``, ``get``, ``ckpt`` and ``ckpt_sign`` on
+  ``/edgeswarm/ledger/1``.
 """
 
 from __future__ import annotations
@@ -20,25 +24,33 @@ import trio
 from libp2p.abc import IHost
 from libp2p.pubsub.pubsub import Pubsub
 
-from peer.ledger_store import parse_fact
+from peer.ledger_store import StoreError, parse_fact
 from peer.settlement.base import LedgerFacts, SettlementConfig, SettlementError, Stats, SyncResult
 from peer.settlement.budget import PeerBudget
-from peer.settlement.ledger_rpc import LedgerClient, pack
+from peer.settlement.checkpointer import Checkpointer
+from peer.settlement.ledger_rpc import Channel, LedgerClient, pack
+from protocols.checkpoint import ACCOUNTS_PAGE, AccountSummary
 from protocols.errors import ProtocolError, ValidationError
 from protocols.ledger_rpc import (
     MAX_ITEM_PAYLOAD,
     MAX_ITEMS,
+    MAX_PAGES,
+    CheckpointReply,
     Get,
+    GetCheckpoint,
     GetReply,
     Push,
     PushReply,
+    SignCheckpoint,
     Sync,
     SyncReply,
+    VoteReply,
 )
 from protocols.ledger_state import (
     NETWORK_WIDE,
     FactKind,
     IrrelevantFact,
+    NeedAccounts,
     decode_item,
     encode_item,
 )
@@ -96,6 +108,8 @@ class FactSync:
         self._nursery: trio.Nursery | None = None
         self._sync_sessions = 0  # sync sessions we are answering right now
         self.budget = PeerBudget(FACT_BUDGET_RATE, FACT_BUDGET_BURST)
+        # Answers ``ckpt_sign`` (set by the settlement service; None: this peer never votes).
+        self.checkpointer: Checkpointer | None = None
 
     # --- facts in -------------------------------------------------------------------------
 
@@ -158,6 +172,8 @@ class FactSync:
                 continue
             new, _bad = await self.ingest_items([data])
             self.stats.gossiped_in += new
+            if new:
+                await self._adopt_quietly()
 
     # --- facts out ------------------------------------------------------------------------
 
@@ -223,6 +239,7 @@ class FactSync:
                     got, bad, _ = await self._ingest(retry)
                     fetched += got
                     refused += bad - len(retry)  # they were counted as refused above
+                await self.catch_up(ch)  # before pushing: what it covers is not worth sending
                 pushed = 0
                 have = [x for x in (ledger.item(i) for i in rec.have) if x is not None]
                 for chunk in pack([encode_item(k, d) for k, d in have]):
@@ -234,6 +251,59 @@ class FactSync:
             await ch.close()
         self.stats.syncs += 1
         return SyncResult(peer_id, rounds, fetched, pushed, refused)
+
+    async def catch_up(self, ch: Channel | None = None) -> bool:
+        """Adopt the newest checkpoint held here, if newer than the adopted one: from the
+        facts held, or else with its account rows fetched over ``ch`` (the peer serves the
+        rows of the checkpoint it adopted). True if one was adopted."""
+        ledger = self.facts.ledger
+        latest = ledger.latest_checkpoint_epoch()
+        adopted = 0 if ledger.checkpoint is None else ledger.checkpoint.epoch
+        if latest <= adopted:
+            return False
+        cp = ledger.held_checkpoint(latest)
+        if cp is None:
+            return False
+        try:
+            await self.facts.store.adopt_checkpoint(cp)
+        except NeedAccounts:
+            if ch is None:
+                return False
+            accounts = await self._fetch_accounts(ch, cp.digest)
+            if accounts is None:
+                return False
+            try:
+                await self.facts.store.adopt_checkpoint(cp, accounts)
+            except ProtocolError as exc:
+                raise SettlementError(f"{ch.peer}: checkpoint {cp.epoch} refused: {exc}") from exc
+        except ProtocolError as exc:
+            log.info("checkpoint %d held but not adopted: %s", cp.epoch, exc)
+            return False
+        self.facts.notify()
+        log.info("adopted checkpoint %d (%d accounts)", cp.epoch, cp.header.n_accounts)
+        return True
+
+    async def _adopt_quietly(self) -> None:
+        """A checkpoint came by gossip or push: adopt it if the facts here give its summary
+        (otherwise the next anti-entropy round fetches its rows)."""
+        ledger = self.facts.ledger
+        adopted = 0 if ledger.checkpoint is None else ledger.checkpoint.epoch
+        if ledger.latest_checkpoint_epoch() > adopted:
+            await self.catch_up(None)
+
+    async def _fetch_accounts(self, ch: Channel, digest: bytes) -> list[AccountSummary] | None:
+        """The account rows of the checkpoint with ``digest``, page by page (None: the peer
+        adopted another one)."""
+        rows: list[AccountSummary] = []
+        page, pages = 0, 1
+        while page < min(pages, MAX_PAGES):
+            reply = await ch.call(GetCheckpoint(page), CheckpointReply)
+            if reply.cp is None or reply.cp.digest != digest:
+                return None
+            rows += reply.accounts
+            pages = reply.pages
+            page += 1
+        return rows
 
     async def sync_random(self) -> SyncResult | None:
         """Anti-entropy with one random connected peer (None if there is none)."""
@@ -247,6 +317,7 @@ class FactSync:
         return None
 
     async def _anti_entropy(self) -> None:
+        """Reconcile with a random neighbour every ``sync_interval`` (jittered)."""
         interval = self.config.sync_interval
         delay = interval
         while True:
@@ -269,6 +340,8 @@ class FactSync:
             )
         new, bad = await self.ingest_items(req.items)
         self.stats.pushed_in += new
+        if new:
+            await self._adopt_quietly()
         return PushReply(new, bad)
 
     def open_sync_session(self) -> SyncSession:
@@ -300,6 +373,19 @@ class FactSync:
                 out.append(enc)
                 size += len(enc)
         return GetReply(tuple(out))
+
+    def answer_checkpoint(self, req: GetCheckpoint) -> CheckpointReply:
+        """The checkpoint this peer adopted and one page of its account rows."""
+        try:
+            rows, pages = self.facts.store.checkpoint_accounts(req.page, ACCOUNTS_PAGE)
+        except StoreError as exc:
+            raise ValidationError(f"no checkpoint: {exc}") from exc
+        return CheckpointReply(self.facts.ledger.checkpoint, tuple(rows), pages)
+
+    def answer_sign(self, req: SignCheckpoint) -> VoteReply:
+        if self.checkpointer is None:
+            raise ValidationError("this peer does not sign checkpoints")
+        return self.checkpointer.answer_sign(req)
 
     # --- lifecycle ------------------------------------------------------------------------
 

@@ -30,8 +30,10 @@ from protocols.ledger_rpc import (
     Certify,
     ErrorReply,
     Get,
+    GetCheckpoint,
     Push,
     Reply,
+    SignCheckpoint,
     Sync,
     decode_request,
 )
@@ -85,6 +87,10 @@ class LedgerServer:
                     reply = self.fact_sync.answer_sync(req, state.sync)
                 case Get():
                     reply = self.fact_sync.answer_get(req)
+                case GetCheckpoint():
+                    reply = self.fact_sync.answer_checkpoint(req)
+                case SignCheckpoint():
+                    reply = self.fact_sync.answer_sign(req)
         except ProtocolError as exc:
             reply = ErrorReply(str(exc))
         return reply.to_wire()

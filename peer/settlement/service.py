@@ -41,6 +41,7 @@ from peer.settlement.base import (
     Stats,
     SyncResult,
 )
+from peer.settlement.checkpointer import Checkpointer
 from peer.settlement.fact_sync import FactSync
 from peer.settlement.ledger_rpc import LedgerClient
 from peer.settlement.network import GENESIS_PROTOCOL, resolve_genesis, serve_genesis
@@ -114,6 +115,17 @@ class SettlementService:
             key, self.facts, self.fact_sync.spread, self.stats, now_ms=self.now_ms
         )
         self.server = LedgerServer(host, self.witness_server, self.fact_sync, config, self.stats)
+        # Ledger checkpoints (peer/settlement/checkpointer.py); its interval is the genesis
+        # epoch length (set by open_peer_settlement).
+        self.checkpointer = Checkpointer(
+            key,
+            self.facts,
+            self.client,
+            self.fact_sync.spread,
+            sync_with=self.fact_sync.sync_with,
+            clock=clock,
+        )
+        self.fact_sync.checkpointer = self.checkpointer
         # Set once this identity has its proof-of-work (or needs none): it may then owe.
         self.identity_ready = trio.Event()
         self.payer.identity_ready = self.identity_ready
@@ -286,6 +298,7 @@ class SettlementService:
                 await nursery.start(self.server.run)
                 await nursery.start(self.fact_sync.run)
                 await nursery.start(self.payer.run)
+                await nursery.start(self.checkpointer.run)
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True):
@@ -431,6 +444,7 @@ async def open_peer_settlement(
             open_settlement(peer, store, settings) as service,
         ):
             service.genesis = genesis
+            service.checkpointer.interval_ms = genesis.epoch_ms
             warn_if_degraded(service)
             yield service
     finally:

@@ -119,7 +119,7 @@ def certify_offline(
 
 # --- running nodes (real libp2p hosts on 127.0.0.1) ----------------------------------------
 
-from collections.abc import AsyncIterator  # noqa: E402
+from collections.abc import AsyncIterator, Callable  # noqa: E402
 from contextlib import asynccontextmanager  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -164,13 +164,15 @@ async def settlement_node(
     rule: CommitteeRule,
     pol: CreditPolicy,
     config: SettlementConfig | None = None,
+    *,
+    clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[Node]:
     cfg = Config(data_dir=data_dir, listen=("/ip4/127.0.0.1/tcp/0",))
     async with (
         open_peer(cfg, key=k, hardware=FakeHardware(), settlement=False) as peer,
         open_ledger_store(data_dir, rule, pol) as store,
         open_settlement(
-            peer, store, config or SettlementConfig(sync_interval=0, gossip=False)
+            peer, store, config or SettlementConfig(sync_interval=0, gossip=False), clock=clock
         ) as svc,
     ):
         yield Node(peer, store, svc)

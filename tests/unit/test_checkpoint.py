@@ -243,8 +243,10 @@ def test_a_checkpoint_that_does_not_follow_the_adopted_one_is_refused() -> None:
     with pytest.raises(ValidationError, match="does not follow"):
         led.adopt_checkpoint(stray, acc2)
     skip = sign(dataclasses.replace(h2, epoch=3))
-    with pytest.raises(ValidationError, match="does not follow"):
+    with pytest.raises(ValidationError, match="needs checkpoint 2"):
         led.adopt_checkpoint(skip, acc2)
+    with pytest.raises(ValidationError, match="does not follow"):
+        led.adopt_checkpoint(cp1)  # not again, nor anything older
 
 
 def test_checkpoint_round_trips_and_travels_as_a_fact() -> None:
