@@ -94,7 +94,10 @@ def infer_network(
                     outcome["error"] = str(exc)
                     return
                 status.update("paying the executor (transfer certified by the witnesses)...")
-                outcome["payment"] = await _pay(peer, outcome["result"].receipt)
+                # A pipeline owes one receipt per stage.
+                receipts = getattr(outcome["result"], "receipts", [outcome["result"].receipt])
+                paid = [await _pay(peer, r) for r in receipts]
+                outcome["payment"] = paid[0] if len(set(paid)) == 1 else "; ".join(paid)
 
     t0 = time.perf_counter()
     try:

@@ -41,6 +41,7 @@ from peer.market.executor import ExecutorService
 from peer.market.gossip import GossipGuard, MarketGossip
 from peer.market.jobspec import JobSpec
 from peer.market.lease import Lease
+from peer.market.pipeline import find_pipeline, run_pipeline
 from peer.market.receipts import ReceiptBook, ReceiptHook
 from peer.market.referee import REFEREE_PROTOCOL, RefereeService, SpotChecks
 from peer.market.requester import to_arrays
@@ -369,7 +370,9 @@ class MarketService:
         spot_check: float = 0.0,
         bid_window: float | None = None,
     ) -> InferResult:
-        """Run one job through the market: auction, award, result, receipt.
+        """Run one job through the market: auction, award, result, receipt. A pipeline
+        registered here (``models split`` / ``models add manifest.json``) runs its stages as
+        chained jobs (``peer.market.pipeline``) and returns a ``PipelineResult``.
 
         ``model``: name, cid or cid prefix. ``max_price`` in credits (default
         ``Config.max_price``); ``deadline`` in seconds from now (default
@@ -379,6 +382,17 @@ class MarketService:
         the model is in the local registry), or a ``protocols.requester.MarketFailure``
         (``NoExecutors``, ``ExecutorsFailed``, ``DeadlineExceeded``).
         """
+        pipe = find_pipeline(self, model)
+        if pipe is not None:  # a pipeline held here: its stages run as chained jobs
+            return await run_pipeline(
+                self,
+                pipe,
+                inputs,
+                max_price=max_price,
+                deadline=deadline,
+                spot_check=spot_check,
+                bid_window=bid_window,
+            )
         t0 = self.clock()
         until = t0 + (self.settings.job_timeout if deadline is None else deadline)
         cid, entry = await self.resolve(model, within=until - t0)

@@ -1,0 +1,173 @@
+"""Run a pipeline (``protocols.pipeline``) through the market, one stage after another.
+
+Each stage is an ordinary market job on the stage's model cid: its own
+auction, so the executor of every stage is picked from that stage's bids; its
+own receipt; spot checks per stage with the same probability as a plain job.
+A stage whose executor dies or fails is re-awarded to the next bidder (or a
+new auction) by the requester machinery; earlier stages are not re-run, since
+their outputs are held here.
+
+Intermediate tensors come back to the requester and go out again, unchanged:
+stage i+1 is sent exactly the wire stage i returned. This first version does
+**not** stream executor to executor (issue 18 wants that; see docs/market.md).
+
+After the last stage, ``check_chain`` verifies the receipts: stage 1 committed
+to the requester's input digest, each later stage to the previous stage's
+output digest, each to its own stage model, and the last one to the outputs
+returned. So the chain of receipts alone proves the whole computation, which
+is what will let intermediates skip the requester later.
+
+``max_price`` caps each stage's job, not the sum; the deadline covers the whole
+pipeline (every stage's auction runs against the same absolute deadline).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from edge_models.errors import InvalidInput, ModelNotFound
+from edge_models.pipelines import PipelineEntry, PipelineStore
+from peer.market.auction import InferResult
+from peer.market.requester import to_arrays
+from protocols.pipeline import check_chain
+from protocols.receipt import content_digest
+from protocols.requester import MarketFailure
+from protocols.tensor import encode_tensors
+
+if TYPE_CHECKING:
+    from peer.market.service import MarketService
+
+
+@dataclass
+class PipelineResult(InferResult):
+    """The last stage's outputs; ``receipt``/``executor`` are the last stage's, ``price`` the
+    sum over stages; ``stages`` holds every stage's own result (and receipt)."""
+
+    pipeline_cid: str = ""
+    stages: list[InferResult] = field(default_factory=list)
+
+    @property
+    def receipts(self) -> list[Any]:
+        return [s.receipt for s in self.stages]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["model_cid"] = self.pipeline_cid
+        out["pipeline"] = {
+            "cid": self.pipeline_cid,
+            "stages": [
+                {
+                    "model_cid": s.model_cid,
+                    "executor": s.executor,
+                    "price": s.price,
+                    "latency_ms": round(s.latency_ms, 3),
+                    "attempts": [list(a) for a in s.attempts],
+                    "spot_check": s.spot_check,
+                    "receipt": s.receipt.receipt_id.hex(),
+                    "input_digest": s.receipt.commitment.message.input_digest.hex(),
+                    "output_digest": s.receipt.commitment.message.output_digest.hex(),
+                }
+                for s in self.stages
+            ],
+        }
+        return out
+
+
+def find_pipeline(market: MarketService, ref: str) -> PipelineEntry | None:
+    """The pipeline ``ref`` names in this peer's store (name, cid or cid prefix), or None."""
+    registry = market.registry
+    store: PipelineStore | None = getattr(registry, "pipelines", None)
+    if store is None:
+        data_dir = getattr(getattr(market.peer, "config", None), "data_dir", None)
+        if data_dir is None or not (data_dir / "models" / "pipelines").is_dir():
+            return None
+        store = PipelineStore(data_dir / "models" / "pipelines")
+    try:
+        return store.find(ref)
+    except ModelNotFound:
+        return None
+
+
+def _check_inputs(entry: PipelineEntry, arrays: Mapping[str, Any]) -> None:
+    want = {t.name: t for t in entry.manifest.inputs}
+    if set(arrays) != set(want):
+        raise InvalidInput(
+            f"pipeline {entry.name} takes inputs {sorted(want)}, got {sorted(arrays)}"
+        )
+    for name, array in arrays.items():
+        spec = want[name]
+        if str(array.dtype) != spec.dtype:
+            raise InvalidInput(f"input {name!r} must be {spec.dtype}, got {array.dtype}")
+        if spec.shape is not None and len(array.shape) != len(spec.shape):
+            raise InvalidInput(f"input {name!r} must have rank {len(spec.shape)}")
+
+
+async def run_pipeline(
+    market: MarketService,
+    entry: PipelineEntry,
+    inputs: Mapping[str, Any],
+    *,
+    max_price: float | None = None,
+    deadline: float | None = None,
+    spot_check: float = 0.0,
+    bid_window: float | None = None,
+) -> PipelineResult:
+    """Run every stage of ``entry`` as a market job, chained; verify the receipt chain."""
+    t0, wall0 = market.clock(), time.perf_counter()
+    until = t0 + (market.settings.job_timeout if deadline is None else deadline)
+    manifest = entry.manifest
+    arrays = to_arrays(inputs)
+    _check_inputs(entry, arrays)
+    wire: Any = encode_tensors(arrays)
+    first_digest = content_digest(wire)
+    stages: list[InferResult] = []
+    for i, stage in enumerate(manifest.stages):
+        if market.clock() >= until:
+            raise MarketFailure(
+                f"pipeline {entry.name}: the deadline passed before stage {i + 1} of "
+                f"{len(manifest.stages)}",
+                model_cid=stage.cid,
+                job_id=bytes(16),
+            )
+        cid, stage_entry = await market.resolve(stage.cid)
+        spec = market._spec(
+            cid,
+            stage_entry,
+            max_price=max_price,
+            until=until,
+            bid_window=bid_window,
+            spot_check=spot_check,
+        )
+        result = await market.auctions.one_job(spec, wire)
+        if spot_check > 0 and market.checker.sampler.want(spot_check):
+            result = await market.checker.check(result, spec, wire)
+        stages.append(result)
+        # Exactly what the executor returned goes on: stage i's output digest is stage i+1's
+        # input digest.
+        wire = result.wire if result.wire is not None else encode_tensors(result.outputs)
+    check_chain(
+        manifest,
+        first_digest,
+        [s.receipt.commitment.message for s in stages],
+        content_digest(wire),
+    )
+    last = stages[-1]
+    return PipelineResult(
+        outputs=last.outputs,
+        receipt=last.receipt,
+        executor=last.executor,
+        price=sum(s.price for s in stages),
+        latency_ms=(time.perf_counter() - wall0) * 1e3,
+        model_cid=last.model_cid,
+        attempts=[a for s in stages for a in s.attempts],
+        spot_check=None
+        if all(s.spot_check is None for s in stages)
+        else ";".join(f"stage {i + 1}: {s.spot_check}" for i, s in enumerate(stages)),
+        fraud_proofs=[p for s in stages for p in s.fraud_proofs],
+        wire=wire,
+        pipeline_cid=entry.cid,
+        stages=stages,
+    )

@@ -1,0 +1,204 @@
+"""A pipeline across peers that each hold one stage: chained receipts, a stage executor killed
+mid-job re-run elsewhere, and a chain check that catches a stage run on other inputs."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import trio
+from market_swarm import Node, Swarm, market_swarm
+from onnx import TensorProto, helper, numpy_helper
+from test_market import wait_providers
+
+from edge_models.registry import Registry
+from edge_models.runtime import ModelRuntime
+from edge_models.split import plan_split, write_split
+from peer.market.pipeline import PipelineResult
+from protocols.pipeline import ChainError, PipelineManifest
+from protocols.receipt import content_digest
+from protocols.tensor import encode_tensors
+
+
+def mlp(path: Path) -> Path:
+    """x[n, 8] -> 3 x (MatMul + Relu) -> y[n, 8]: three stages, one matrix each."""
+    rng = np.random.default_rng(3)
+    vi = helper.make_tensor_value_info
+    nodes, inits, prev = [], [], "x"
+    for i in range(3):
+        w = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), f"w{i}")
+        inits.append(w)
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"]))
+        out = "y" if i == 2 else f"h{i}"
+        nodes.append(helper.make_node("Relu", [f"m{i}"], [out]))
+        prev = out
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [vi("x", TensorProto.FLOAT, ["n", 8])],
+        [vi("y", TensorProto.FLOAT, ["n", 8])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save_model(model, str(path))
+    return path
+
+
+def split_mlp(tmp_path: Path) -> tuple[Path, PipelineManifest, list[Path]]:
+    src = mlp(tmp_path / "mlp.onnx")
+    full_cid = Registry(tmp_path / "scratch").add_file(src).cid
+    files = write_split(plan_split(onnx.load(str(src)), 3), full_cid, tmp_path / "split")
+    return src, files.manifest, list(files.stage_paths)
+
+
+def wire_of(**arrays: np.ndarray) -> Any:
+    return encode_tensors(arrays)
+
+
+def hold(data_dir: Path, *paths: Path) -> None:
+    registry = Registry(data_dir / "models")
+    for p in paths:
+        registry.add_file(p)
+
+
+class BlockingRuntime:
+    """Holds every run until released: the stage executor is busy when the test kills it."""
+
+    def __init__(self, inner: ModelRuntime) -> None:
+        self.inner = inner
+        self.registry = inner.registry
+        self.started = trio.Event()
+        self.release = threading.Event()
+        self._token = trio.lowlevel.current_trio_token()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def run(self, ref: str, inputs: Any, timeout: float | None = None) -> Any:
+        trio.from_thread.run_sync(self.started.set, trio_token=self._token)
+        self.release.wait(timeout=30)
+        return self.inner.run(ref, inputs, timeout=timeout)
+
+
+async def start_stage_peers(
+    swarm: Swarm, tmp_path: Path, stages: list[Path], *, wrap_last: Any = None
+) -> list[Node]:
+    nodes = []
+    for i, path in enumerate(stages):
+        name = f"stage{i + 1}"
+        hold(tmp_path / name, path)
+        kw = {"wrap_runtime": wrap_last} if wrap_last and i == len(stages) - 1 else {}
+        nodes.append(await swarm.start(name, price=1.0 + i, **kw))
+    return nodes
+
+
+async def start_requester(swarm: Swarm, tmp_path: Path, manifest: PipelineManifest) -> Node:
+    Registry(tmp_path / "req" / "models").pipelines.add(manifest.to_bytes(), source="test")
+    return await swarm.start("req", serve=False)
+
+
+def full_model(src: Path, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+async def test_a_pipeline_runs_across_peers_that_each_hold_one_stage(tmp_path: Path) -> None:
+    src, manifest, stages = split_mlp(tmp_path)
+    x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    async with market_swarm(tmp_path) as swarm:
+        nodes = await start_stage_peers(swarm, tmp_path, stages)
+        req = await start_requester(swarm, tmp_path, manifest)
+        for stage in manifest.stages:
+            await wait_providers(req, stage.cid, 1)
+        with trio.fail_after(60):
+            result = await req.market.infer(manifest.cid, {"x": x}, deadline=30)
+        assert isinstance(result, PipelineResult)
+        np.testing.assert_allclose(result.outputs["y"], full_model(src, x), atol=1e-5)
+        # Each stage ran where it is held, and each has its own receipt.
+        assert [s.executor for s in result.stages] == [n.peer_id for n in nodes]
+        assert result.price == sum(s.price for s in result.stages) == 6_000_000
+        receipts = result.receipts
+        for r in receipts:
+            r.verify()
+        # The receipts chain: stage i+1's input digest is stage i's output digest.
+        cs = [r.commitment.message for r in receipts]
+        assert cs[0].input_digest == content_digest(wire_of(x=x))
+        assert cs[1].input_digest == cs[0].output_digest
+        assert cs[2].input_digest == cs[1].output_digest
+        assert [c.model_cid for c in cs] == [s.cid for s in manifest.stages]
+        assert result.to_dict()["pipeline"]["cid"] == manifest.cid
+
+
+async def test_a_stage_executor_killed_mid_job_only_that_stage_reruns(tmp_path: Path) -> None:
+    src, manifest, stages = split_mlp(tmp_path)
+    blocking: list[BlockingRuntime] = []
+
+    def wrap(rt: ModelRuntime) -> BlockingRuntime:
+        blocking.append(BlockingRuntime(rt))
+        return blocking[-1]
+
+    x = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)
+    async with market_swarm(tmp_path) as swarm:
+        try:
+            nodes = await start_stage_peers(swarm, tmp_path, stages, wrap_last=wrap)
+            # A dearer second holder of stage 3: the job moves there when the first dies.
+            hold(tmp_path / "backup3", stages[2])
+            backup = await swarm.start("backup3", price=9.0)
+            req = await start_requester(swarm, tmp_path, manifest)
+            await wait_providers(req, manifest.stages[2].cid, 2)
+            for stage in manifest.stages[:2]:
+                await wait_providers(req, stage.cid, 1)
+            results: list[Any] = []
+
+            async def ask() -> None:
+                results.append(
+                    await req.market.infer(manifest.cid, {"x": x}, deadline=30, bid_window=0.5)
+                )
+
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(ask)
+                    await blocking[0].started.wait()  # stage 3's cheap executor is running it
+                    await swarm.kill("stage3")
+            (result,) = results
+            np.testing.assert_allclose(result.outputs["y"], full_model(src, x), atol=1e-5)
+            s1, s2, s3 = result.stages
+            assert (s1.attempts, s2.attempts) == ([], [])  # stages 1 and 2 ran once
+            assert [ex for ex, _ in s3.attempts] == [nodes[2].peer_id]
+            assert s3.executor == backup.peer_id
+            assert len(req.market.receipts.receipts) == 3  # one per stage, none twice
+        finally:
+            for b in blocking:
+                b.release.set()
+
+
+async def test_the_chain_check_catches_a_stage_run_on_other_inputs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stage 2 is handed other inputs than stage 1 produced (what a dishonest relay of
+    intermediates could do once they skip the requester): every stage's own receipt is
+    valid, and only the chain check refuses the result."""
+    _, manifest, stages = split_mlp(tmp_path)
+    x = np.ones((1, 8), np.float32)
+    async with market_swarm(tmp_path) as swarm:
+        await start_stage_peers(swarm, tmp_path, stages)
+        req = await start_requester(swarm, tmp_path, manifest)
+        for stage in manifest.stages:
+            await wait_providers(req, stage.cid, 1)
+        auctions = req.market.auctions
+        real = auctions.one_job
+
+        async def tampered(spec: Any, wire: Any, **kw: Any) -> Any:
+            if spec.cid == manifest.stages[1].cid:
+                cut = manifest.cuts[0].names[0]
+                wire = wire_of(**{cut: np.full((1, 8), 7.0, np.float32)})
+            return await real(spec, wire, **kw)
+
+        monkeypatch.setattr(auctions, "one_job", tampered)
+        with trio.fail_after(60), pytest.raises(ChainError, match="stage 2 committed to other"):
+            await req.market.infer(manifest.cid, {"x": x}, deadline=30)
