@@ -261,10 +261,18 @@ class PipelineManifest:
         return cls.from_dict(value)
 
 
+@dataclass(frozen=True)
+class LocalRun:
+    """A stage the requester ran on its own executor (self-award): no commitment exists,
+    and the requester trusts its own run; the chain continues from its output digest."""
+
+    output_digest: bytes
+
+
 def check_chain(
     manifest: PipelineManifest,
     input_digest: bytes,
-    commitments: Sequence[ResultCommitment],
+    commitments: Sequence[ResultCommitment | LocalRun],
     output_digest: bytes | None = None,
 ) -> None:
     """Raise ``ChainError`` unless the stage commitments prove one run of the pipeline.
@@ -278,8 +286,11 @@ def check_chain(
             "incomplete"
         )
     want_in = input_digest
-    requester = commitments[0].requester if commitments else ""
+    requester = next((c.requester for c in commitments if isinstance(c, ResultCommitment)), "")
     for i, (stage, c) in enumerate(zip(manifest.stages, commitments, strict=True)):
+        if isinstance(c, LocalRun):
+            want_in = c.output_digest
+            continue
         if c.model_cid != stage.cid:
             raise ChainError(f"stage {i + 1}'s commitment names another model ({c.model_cid[:12]})")
         if c.requester != requester:

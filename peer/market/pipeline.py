@@ -32,8 +32,8 @@ from edge_models.errors import InvalidInput, ModelNotFound
 from edge_models.pipelines import PipelineEntry, PipelineStore
 from peer.market.auction import InferResult
 from peer.market.requester import to_arrays
-from protocols.pipeline import check_chain
-from protocols.receipt import content_digest
+from protocols.pipeline import LocalRun, check_chain
+from protocols.receipt import ResultCommitment, content_digest
 from protocols.requester import MarketFailure
 from protocols.tensor import encode_tensors
 
@@ -51,7 +51,8 @@ class PipelineResult(InferResult):
 
     @property
     def receipts(self) -> list[Any]:
-        return [s.receipt for s in self.stages]
+        """The receipts owed, one per stage run by another peer (a self-awarded stage has none)."""
+        return [s.receipt for s in self.stages if s.receipt is not None]
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
@@ -62,13 +63,12 @@ class PipelineResult(InferResult):
                 {
                     "model_cid": s.model_cid,
                     "executor": s.executor,
+                    "local": s.local,
                     "price": s.price,
                     "latency_ms": round(s.latency_ms, 3),
                     "attempts": [list(a) for a in s.attempts],
                     "spot_check": s.spot_check,
-                    "receipt": s.receipt.receipt_id.hex(),
-                    "input_digest": s.receipt.commitment.message.input_digest.hex(),
-                    "output_digest": s.receipt.commitment.message.output_digest.hex(),
+                    "receipt": None if s.receipt is None else s.receipt.receipt_id.hex(),
                 }
                 for s in self.stages
             ],
@@ -148,12 +148,13 @@ async def run_pipeline(
         # Exactly what the executor returned goes on: stage i's output digest is stage i+1's
         # input digest.
         wire = result.wire if result.wire is not None else encode_tensors(result.outputs)
-    check_chain(
-        manifest,
-        first_digest,
-        [s.receipt.commitment.message for s in stages],
-        content_digest(wire),
-    )
+    links: list[ResultCommitment | LocalRun] = [
+        LocalRun(content_digest(s.wire if s.wire is not None else encode_tensors(s.outputs)))
+        if s.receipt is None
+        else s.receipt.commitment.message
+        for s in stages
+    ]
+    check_chain(manifest, first_digest, links, content_digest(wire))
     last = stages[-1]
     return PipelineResult(
         outputs=last.outputs,

@@ -17,6 +17,7 @@ from protocols.pipeline import (
     ChainError,
     CrossingTensor,
     Cut,
+    LocalRun,
     PipelineManifest,
     Stage,
     check_chain,
@@ -199,3 +200,14 @@ def test_every_link_is_checked(where: str) -> None:
         out = content_digest({"y": b"swapped"})
     with pytest.raises(ChainError):
         check_chain(m, first, cs, out)
+
+
+def test_a_stage_the_requester_ran_itself_continues_the_chain_from_its_outputs() -> None:
+    m = manifest()
+    first = content_digest({"x": b"in"})
+    cs = chain(m, first)
+    links: list[ResultCommitment | LocalRun] = [cs[0], LocalRun(cs[1].output_digest), cs[2]]
+    check_chain(m, first, links, cs[2].output_digest)
+    links[1] = LocalRun(content_digest({"other": 1}))
+    with pytest.raises(ChainError, match="stage 3 committed to other inputs"):
+        check_chain(m, first, links)
