@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import nacl.signing
+import pytest
 from settlement_helpers import key, make_receipt, make_transfer, pid, policy, rule_for
 
-from peer.ledger_store import open_ledger_store, read_snapshot, verify_snapshot
+from peer import ledger_store
+from peer.ledger_store import StoreError, open_ledger_store, read_snapshot, verify_snapshot
 from protocols.certificate import Certificate, make_certificate, sign_vote
 from protocols.checkpoint import (
     Checkpoint,
@@ -130,3 +133,50 @@ async def test_verify_reports_a_broken_checkpoint_chain(tmp_path: Path) -> None:
     report = verify_snapshot(read_snapshot(tmp_path))
     assert not report.ok
     assert "checkpoint chain does not verify" in report.problems[0]
+
+
+async def test_a_prune_that_dies_before_its_commit_leaves_the_old_facts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Durable order: the checkpoint, the deletions and the balances are one transaction. A
+    failure after the deletions ran but before the commit (a crash there) rolls all of it
+    back: the ledger reopens with every fact and no checkpoint, and can adopt it again."""
+    items = []
+    for seq in range(1, 21):
+        r, c = certified(PAYERS[0], seq, seq, T0 + seq)
+        items += [(FactKind.CERTIFICATE, c.to_bytes()), (FactKind.RECEIPT, r.to_bytes())]
+    real = ledger_store._transaction
+
+    def dies_after_deleting(db: Any, statements: list[tuple[str, list[Any]]]) -> None:
+        if not any(sql.startswith("DELETE FROM facts") for sql, _ in statements):
+            return real(db, statements)
+        conn = db._conn
+        conn.execute("BEGIN IMMEDIATE")
+        for sql, rows in statements:
+            conn.executemany(sql, rows)
+        assert conn.execute("SELECT count(*) FROM facts").fetchone()[0] < 40
+        conn.execute("ROLLBACK")  # what a crash before COMMIT leaves: nothing of it
+        raise OSError("power cut")
+
+    refused: list[BaseException] = []
+    with pytest.raises(BaseException, match=r"power cut|exceptions"):  # the store fail-stops
+        async with open_ledger_store(tmp_path, RULE, POLICY) as store:
+            await store.add_facts(items)
+            balances = store.ledger.balances()
+            header, _ = store.ledger.checkpoint_draft(T0 + 15, rule_id(RULE))
+            cp = signed(header)
+            monkeypatch.setattr(ledger_store, "_transaction", dies_after_deleting)
+            try:
+                await store.adopt_checkpoint(cp)
+            except StoreError as exc:
+                refused.append(exc)
+    assert refused, "the adopting caller is told that its write failed"
+    monkeypatch.setattr(ledger_store, "_transaction", real)
+    assert facts_rows(tmp_path)["facts"] == 40
+    async with open_ledger_store(tmp_path, RULE, POLICY) as store:
+        assert store.ledger.checkpoint is None
+        assert store.ledger.balances() == balances
+        await store.adopt_checkpoint(cp)
+        assert store.fact_count() == 2 * 6 + 1
+        assert store.ledger.balances() == balances
+    assert verify_snapshot(read_snapshot(tmp_path)).ok
