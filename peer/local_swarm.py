@@ -141,17 +141,38 @@ class LocalSwarm:
         return dict(self.exit_codes)
 
 
+class SwarmStopped(SwarmError):
+    """SIGTERM arrived while the swarm ran; its processes were stopped and reaped first."""
+
+
 @asynccontextmanager
 async def local_swarm(root: Path) -> AsyncIterator[LocalSwarm]:
-    """Yield a ``LocalSwarm``; every process it started is stopped and reaped on exit."""
-    async with trio.open_nursery() as nursery:
-        swarm = LocalSwarm(root, nursery)
-        try:
-            yield swarm
-        finally:
-            with trio.CancelScope(shield=True):
-                await swarm.stop_all()
-            nursery.cancel_scope.cancel()
+    """Yield a ``LocalSwarm``; every process it started is stopped and reaped on exit.
+
+    SIGTERM to this process (a CI timeout, ``kill``) cancels the body and still
+    reaps every child: Python's default SIGTERM action would leave them running.
+    """
+    signalled = False
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_sigterm() -> None:
+                nonlocal signalled
+                async for _ in signals:
+                    signalled = True
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(stop_on_sigterm)
+            swarm = LocalSwarm(root, nursery)
+            try:
+                yield swarm
+            finally:
+                with trio.CancelScope(shield=True):
+                    await swarm.stop_all()
+                nursery.cancel_scope.cancel()
+    if signalled:
+        raise SwarmStopped("stopped by SIGTERM; every swarm process was stopped")
 
 
 def peer_args(bootstrap: Sequence[str]) -> list[str]:

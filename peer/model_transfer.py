@@ -390,7 +390,7 @@ class _Transfer:
                 max_size=REQUEST_MAX,
             )
         except Exception as exc:
-            return self._fail(pid, f"cannot send a request: {exc or type(exc).__name__}")
+            return self._fail(pid, f"cannot send a request: {str(exc) or type(exc).__name__}")
         for want in indexes:
             raw = None
             try:

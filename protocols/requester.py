@@ -344,9 +344,13 @@ class RequesterPolicy:
     """Retry and timing knobs (defaults suit interactive jobs)."""
 
     max_rounds: int = 3
-    # The executor gets eta * eta_slack + grace_s before we fall back to the next bid.
+    # The executor gets eta * eta_slack + grace_s, plus ``patience`` times the time then left
+    # to the deadline, before we fall back to the next bid. A dead executor is dropped at once
+    # (ExecutorGone); the timer only catches a live one that does not deliver, and on a loaded
+    # box a slow live one is likelier to finish than a restart elsewhere.
     eta_slack: float = 2.0
     grace_s: float = 1.0
+    patience: float = 0.0
     weights: Weights = DEFAULT_WEIGHTS
     # Distinct bidders remembered per job: a bid flood cannot grow memory without bound.
     max_bidders: int = 1024
@@ -361,11 +365,13 @@ class RequesterPolicy:
             self.max_rounds < 1
             or self.eta_slack < 1.0
             or self.grace_s < 0.0
+            or not 0.0 <= self.patience < 1.0
             or self.max_bidders < 1
             or (self.good_enough_price is not None and self.good_enough_price < 0)
         ):
             raise LocalProtocolError(
-                "RequesterPolicy needs max_rounds>=1, eta_slack>=1, grace_s>=0, max_bidders>=1"
+                "RequesterPolicy needs max_rounds>=1, eta_slack>=1, grace_s>=0, "
+                "0<=patience<1, max_bidders>=1"
             )
 
 
@@ -723,9 +729,11 @@ class RequesterJob:
         self._tried.add(bid.executor)
         # A lease commits after its last job, sent by lease.until at the latest.
         start = self.now if self.request.lease is None else max(self.now, self.request.lease.until)
+        p = self.policy
+        left = max(0.0, self.request.deadline - start)
         result_by = min(
             self.request.deadline,
-            start + bid.eta_ms / 1000.0 * self.policy.eta_slack + self.policy.grace_s,
+            start + bid.eta_ms / 1000.0 * p.eta_slack + p.grace_s + p.patience * left,
         )
         self.phase = Phase.AWARDED
         if bid.executor == self.request.requester:  # our own bid won: no Award to sign

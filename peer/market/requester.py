@@ -509,9 +509,9 @@ class JobRun:
         except ProtocolError as exc:
             return f"bad frame from the executor: {exc}"
         except (OSError, trio.TooSlowError) as exc:
-            return f"cannot reach the executor: {exc or type(exc).__name__}"
+            return f"cannot reach the executor: {str(exc) or type(exc).__name__}"
         except Exception as exc:  # py-libp2p dial/negotiation errors have no common base
-            return f"cannot open a job stream: {exc or type(exc).__name__}"
+            return f"cannot open a job stream: {str(exc) or type(exc).__name__}"
 
     # --- lease side ------------------------------------------------------------------
 

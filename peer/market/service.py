@@ -93,7 +93,9 @@ class MarketSettings:
     limits: TensorLimits = DEFAULT_LIMITS
     # 2 s of grace past eta x 2 before falling back to the next bidder: a result that
     # comes back through a circuit relay needs more than the pure default's 1 s.
-    policy: rq.RequesterPolicy = field(default_factory=lambda: rq.RequesterPolicy(grace_s=2.0))
+    policy: rq.RequesterPolicy = field(
+        default_factory=lambda: rq.RequesterPolicy(grace_s=2.0, patience=0.25)
+    )
     # Served models whose measured p50 is under this run on the loop thread (0: never).
     inline_p50_ms: float = INLINE_P50_MS
 

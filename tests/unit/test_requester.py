@@ -182,6 +182,26 @@ def test_slow_executor_is_cancelled_and_replaced() -> None:
     assert isinstance(done[0], Complete) and done[0].commitment.message.executor == E2
 
 
+def test_patience_gives_a_live_executor_a_share_of_the_time_left() -> None:
+    # Awarded at T0 + 0.5 with the deadline at T0 + 10: 9.5 s left, a quarter is 2.375 s.
+    job = RequesterJob(
+        request(), now=T0, input_digest=INPUT_DIGEST, policy=RequesterPolicy(patience=0.25)
+    )
+    job.start()
+    actions = awarded(job, bid(E1, 100, eta_ms=100), bid(E2, 200))
+    assert actions[1] == StartTimer(pytest.approx(T0 + 0.5 + 0.2 + 1.0 + 2.375))
+    assert job.handle(TimerFired(now=T0 + 1.7)) == []  # past eta x slack + grace: still E1
+    actions = job.handle(TimerFired(now=T0 + 4.1))
+    assert isinstance(actions[0], CancelAward) and actions[0].executor == E1
+    assert isinstance(actions[1], SendAward) and actions[1].executor == E2
+
+
+@pytest.mark.parametrize("patience", [-0.1, 1.0, 2.0])
+def test_patience_outside_zero_to_one_is_refused(patience: float) -> None:
+    with pytest.raises(LocalProtocolError, match="patience"):
+        RequesterPolicy(patience=patience)
+
+
 @pytest.mark.parametrize(
     ("c_over", "ok", "why"),
     [
