@@ -303,3 +303,46 @@ def check_chain(
         want_in = c.output_digest
     if output_digest is not None and want_in != output_digest:
         raise ChainError("the last stage committed to other outputs than those returned")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Whether to run a pipeline split, and why (estimates in ms per job)."""
+
+    split: bool
+    why: str
+    split_ms: float | None = None
+    unsplit_ms: float | None = None
+
+
+def choose_placement(
+    full_p50_ms: float | None,
+    stage_p50_ms: Sequence[float | None],
+    crossing_bytes: Sequence[int],
+    *,
+    bytes_per_ms: float,
+    hop_ms: float,
+) -> Placement:
+    """Run split only where it beats the best single node that holds the whole model.
+
+    ``full_p50_ms``: the best p50 among peers serving the whole model (None: nobody does);
+    ``stage_p50_ms``: the best p50 per stage (None: nobody serves that stage);
+    ``crossing_bytes``: per cut; ``bytes_per_ms``: link speed; ``hop_ms``: what each job
+    through the market costs beyond compute (auction, award, round trip). The split costs
+    one hop per stage plus the bytes of every cut; the whole model one hop.
+    """
+    if bytes_per_ms <= 0 or hop_ms < 0:
+        raise ValidationError("placement needs bytes_per_ms > 0 and hop_ms >= 0")
+    missing = [i + 1 for i, p in enumerate(stage_p50_ms) if p is None]
+    unsplit = None if full_p50_ms is None else full_p50_ms + hop_ms
+    if missing:
+        if unsplit is not None:
+            return Placement(False, f"no peer serves stage(s) {missing}", None, unsplit)
+        return Placement(True, "nobody serves the whole model", None, None)
+    split = sum(p for p in stage_p50_ms if p is not None) + hop_ms * len(stage_p50_ms)
+    split += sum(crossing_bytes) / bytes_per_ms
+    if unsplit is None:
+        return Placement(True, "no single peer serves the whole model", split, None)
+    if split < unsplit:
+        return Placement(True, f"split {split:.1f} ms < whole {unsplit:.1f} ms", split, unsplit)
+    return Placement(False, f"whole {unsplit:.1f} ms <= split {split:.1f} ms", split, unsplit)

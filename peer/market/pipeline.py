@@ -1,5 +1,12 @@
 """Run a pipeline (``protocols.pipeline``) through the market, one stage after another.
 
+Placement first: from the ads of the peers that serve the whole model and each
+stage (their measured p50s), ``choose_placement`` runs the pipeline split only
+where the estimate beats the best single node that holds the whole model
+(stage p50s + one market hop per stage + the bytes of every cut, against that
+node's p50 + one hop); otherwise the whole model runs as one ordinary job.
+Throughput is not in the estimate yet (no micro-batches in flight).
+
 Each stage is an ordinary market job on the stage's model cid: its own
 auction, so the executor of every stage is picked from that stage's bids; its
 own receipt; spot checks per stage with the same probability as a plain job.
@@ -23,22 +30,33 @@ pipeline (every stage's auction runs against the same absolute deadline).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
+
+import trio
 
 from edge_models.errors import InvalidInput, ModelNotFound
 from edge_models.pipelines import PipelineEntry, PipelineStore
 from peer.market.auction import InferResult
 from peer.market.requester import to_arrays
-from protocols.pipeline import LocalRun, check_chain
+from protocols.pipeline import LocalRun, Placement, check_chain, choose_placement
 from protocols.receipt import ResultCommitment, content_digest
 from protocols.requester import MarketFailure
 from protocols.tensor import encode_tensors
 
 if TYPE_CHECKING:
     from peer.market.service import MarketService
+
+log = logging.getLogger(__name__)
+
+# Placement estimates: a kept-open libp2p stream moves ~140 MB/s on loopback (DESIGN.md); a LAN
+# less. Each job through the market costs its bid window plus ~10 ms (auction, award, result).
+LINK_BYTES_PER_MS = 100_000.0
+HOP_OVERHEAD_MS = 10.0
+PLACE_BUDGET_S = 3.0
 
 
 @dataclass
@@ -47,18 +65,23 @@ class PipelineResult(InferResult):
     sum over stages; ``stages`` holds every stage's own result (and receipt)."""
 
     pipeline_cid: str = ""
-    stages: list[InferResult] = field(default_factory=list)
+    stages: list[InferResult] = field(default_factory=list)  # empty: run unsplit
+    placement: str = ""  # why it ran split or whole
 
     @property
     def receipts(self) -> list[Any]:
-        """The receipts owed, one per stage run by another peer (a self-awarded stage has none)."""
-        return [s.receipt for s in self.stages if s.receipt is not None]
+        """The receipts owed: one per stage run by another peer (a self-awarded stage has
+        none), or the whole model's when it ran unsplit."""
+        jobs = self.stages or [self]
+        return [s.receipt for s in jobs if s.receipt is not None]
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
         out["model_cid"] = self.pipeline_cid
         out["pipeline"] = {
             "cid": self.pipeline_cid,
+            "split": bool(self.stages),
+            "placement": self.placement,
             "stages": [
                 {
                     "model_cid": s.model_cid,
@@ -105,6 +128,49 @@ def _check_inputs(entry: PipelineEntry, arrays: Mapping[str, Any]) -> None:
             raise InvalidInput(f"input {name!r} must have rank {len(spec.shape)}")
 
 
+async def best_p50(market: MarketService, cid: str) -> float | None:
+    """The lowest p50 (ms) any unbanned peer's ad gives for ``cid``; None if nobody serves it."""
+    bans = market.auctions.bans
+    providers = await market.peer.find_providers(cid)
+    p50s = [
+        m.p50_ms
+        for p in providers
+        if p.ad is not None and p.peer_id not in bans
+        for m in p.ad.models
+        if m.cid == cid
+    ]
+    return min(p50s) if p50s else None
+
+
+async def place(market: MarketService, entry: PipelineEntry, bid_window: float | None) -> Placement:
+    """Split or whole (``protocols.pipeline.choose_placement``), from the p50s in the ads of
+    the peers serving the whole model and each stage (looked up in parallel, bounded)."""
+    manifest = entry.manifest
+    cids = [manifest.model, *(s.cid for s in manifest.stages)]
+    found: dict[str, float | None] = {}
+
+    async def look(cid: str) -> None:
+        try:
+            found[cid] = await best_p50(market, cid)
+        except Exception as exc:  # a failed lookup counts as nobody serving it
+            log.info("pipeline %s: looking up %s failed: %s", entry.name, cid[:12], exc)
+
+    with trio.move_on_after(PLACE_BUDGET_S):
+        async with trio.open_nursery() as nursery:
+            for cid in cids:
+                nursery.start_soon(look, cid)
+    window = market.settings.bid_window if bid_window is None else bid_window
+    placement = choose_placement(
+        found.get(manifest.model),
+        [found.get(s.cid) for s in manifest.stages],
+        manifest.crossing_bytes,
+        bytes_per_ms=LINK_BYTES_PER_MS,
+        hop_ms=window * 1e3 + HOP_OVERHEAD_MS,
+    )
+    log.info("pipeline %s: %s", entry.name, placement.why)
+    return placement
+
+
 async def run_pipeline(
     market: MarketService,
     entry: PipelineEntry,
@@ -121,6 +187,18 @@ async def run_pipeline(
     manifest = entry.manifest
     arrays = to_arrays(inputs)
     _check_inputs(entry, arrays)
+    placement = await place(market, entry, bid_window)
+    if not placement.split:  # a single node beats the split: run the whole model there
+        whole = await market.infer(
+            manifest.model,
+            arrays,
+            max_price=max_price,
+            deadline=max(until - market.clock(), 0.1),
+            spot_check=spot_check,
+            bid_window=bid_window,
+        )
+        values = {f.name: getattr(whole, f.name) for f in fields(InferResult)}
+        return PipelineResult(**values, pipeline_cid=entry.cid, placement=placement.why)
     wire: Any = encode_tensors(arrays)
     first_digest = content_digest(wire)
     stages: list[InferResult] = []
@@ -171,4 +249,5 @@ async def run_pipeline(
         wire=wire,
         pipeline_cid=entry.cid,
         stages=stages,
+        placement=placement.why,
     )

@@ -49,6 +49,29 @@ def mlp(path: Path) -> Path:
     return path
 
 
+async def test_a_single_node_that_beats_the_split_runs_the_whole_model(tmp_path: Path) -> None:
+    """Every stage has a holder, but one peer serves the whole model: with one market hop
+    instead of three, the whole model wins the estimate and runs there, unsplit."""
+    src, manifest, stages = split_mlp(tmp_path)
+    x = np.random.default_rng(2).standard_normal((2, 8)).astype(np.float32)
+    async with market_swarm(tmp_path) as swarm:
+        await start_stage_peers(swarm, tmp_path, stages)
+        hold(tmp_path / "whole", src)
+        whole = await swarm.start("whole", price=5.0)
+        req = await start_requester(swarm, tmp_path, manifest)
+        for cid in [manifest.model, *(s.cid for s in manifest.stages)]:
+            await wait_providers(req, cid, 1)
+        with trio.fail_after(60):
+            result = await req.market.infer(manifest.cid, {"x": x}, deadline=30)
+        assert isinstance(result, PipelineResult)
+        assert result.stages == [] and result.executor == whole.peer_id
+        assert result.placement.startswith("whole"), result.placement
+        assert result.receipts == [result.receipt] and result.receipt is not None
+        assert result.receipt.model_cid == manifest.model
+        np.testing.assert_allclose(result.outputs["y"], full_model(src, x), atol=1e-5)
+        assert result.to_dict()["pipeline"]["split"] is False
+
+
 def split_mlp(tmp_path: Path) -> tuple[Path, PipelineManifest, list[Path]]:
     src = mlp(tmp_path / "mlp.onnx")
     full_cid = Registry(tmp_path / "scratch").add_file(src).cid
@@ -132,6 +155,7 @@ async def test_a_pipeline_runs_across_peers_that_each_hold_one_stage(tmp_path: P
         assert cs[2].input_digest == cs[1].output_digest
         assert [c.model_cid for c in cs] == [s.cid for s in manifest.stages]
         assert result.to_dict()["pipeline"]["cid"] == manifest.cid
+        assert result.placement == "no single peer serves the whole model"
 
 
 async def test_a_stage_executor_killed_mid_job_only_that_stage_reruns(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from protocols.pipeline import (
     PipelineManifest,
     Stage,
     check_chain,
+    choose_placement,
 )
 from protocols.receipt import ResultCommitment, content_digest
 
@@ -211,3 +212,37 @@ def test_a_stage_the_requester_ran_itself_continues_the_chain_from_its_outputs()
     links[1] = LocalRun(content_digest({"other": 1}))
     with pytest.raises(ChainError, match="stage 3 committed to other inputs"):
         check_chain(m, first, links)
+
+
+# --- placement ---------------------------------------------------------------------------
+
+
+def test_split_runs_only_where_it_beats_the_best_single_node() -> None:
+    kw = {"bytes_per_ms": 100_000.0, "hop_ms": 10.0}
+    # A single node at 50 ms beats two stages at 20 ms each plus two hops and 1 MB across.
+    p = choose_placement(50.0, [20.0, 20.0], [1_000_000], **kw)
+    assert not p.split and p.split_ms == 20 + 20 + 2 * 10 + 10 and p.unsplit_ms == 60
+    # Stages at 10 ms each: 10 + 10 + 20 + 10 = 50 < 60.
+    assert choose_placement(50.0, [10.0, 10.0], [1_000_000], **kw).split
+    # Equal estimates: the whole model (never lose).
+    assert not choose_placement(30.0, [10.0, 10.0], [0], **kw).split  # 40 vs 40
+    # Nobody holds the whole model: split is the only way.
+    assert choose_placement(None, [90.0, 90.0], [10**9], **kw).split
+    # A stage nobody serves: the whole model where somebody serves it.
+    assert not choose_placement(500.0, [1.0, None], [0], **kw).split
+    assert choose_placement(None, [1.0, None], [0], **kw).split
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    full=st.floats(0, 1e4),
+    stages=st.lists(st.floats(0, 1e4), min_size=2, max_size=5),
+    cross=st.integers(0, 10**9),
+    hop=st.floats(0, 100),
+)
+def test_a_chosen_split_is_never_estimated_slower(
+    full: float, stages: list[float], cross: int, hop: float
+) -> None:
+    p = choose_placement(full, stages, [cross], bytes_per_ms=1e5, hop_ms=hop)
+    assert p.split_ms is not None and p.unsplit_ms is not None
+    assert p.split == (p.split_ms < p.unsplit_ms)
