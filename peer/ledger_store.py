@@ -355,6 +355,7 @@ class _Request:
     lock: LockRecord | None = None
     outgoing: tuple[Signed[Transfer], PayableReceipt] | None = None
     drop_outgoing: int | None = None
+    dropped: int | None = None  # a pending transfer already forgotten in memory (add_nowait)
     # Rows of facts already verified and ingested by ``add_facts_nowait``.
     ready: list[tuple[bytes, int, bytes]] = field(default_factory=list)
     # Facts from another peer: refuse those this peer has no reason to hold (see
@@ -492,7 +493,23 @@ class LedgerStore:
             raise result
         return result
 
-    def add_facts_nowait(self, items: Iterable[tuple[FactKind, bytes]]) -> list[FactResult]:
+    def add_nowait(self, obj: Any, *, drop_outgoing: int | None = None) -> bool:
+        """``add`` without waiting for the commit: verified and in memory now, on disk with
+        the next commit (which is no later than that of any request queued after this).
+
+        For a payer's own certificate: ``drop_outgoing`` forgets the pending transfer at
+        once in memory, and its row leaves in the same commit as the certificate's. A crash
+        before that commit keeps the transfer pending, so it is resent unchanged and
+        certified again; a later transfer's row can never be durable without this one.
+        Raises the ``ProtocolError`` that refused ``obj``, or ``StoreBusy``."""
+        [result] = self.add_facts_nowait([fact_bytes(obj)], drop_outgoing=drop_outgoing)
+        if isinstance(result, ProtocolError):
+            raise result
+        return result
+
+    def add_facts_nowait(
+        self, items: Iterable[tuple[FactKind, bytes]], *, drop_outgoing: int | None = None
+    ) -> list[FactResult]:
         """Verify and ingest facts into memory *now*, and queue their rows without waiting.
 
         For facts nobody acknowledges (a witness learning a payer's history before it
@@ -521,7 +538,11 @@ class LedgerStore:
                 item = self.ledger.item(fid)
                 assert item is not None
                 req.ready.append((fid, int(kind), item[1]))
-        if req.ready:
+        refused = any(isinstance(r, ProtocolError) for r in out)
+        if drop_outgoing is not None and drop_outgoing in self._outgoing and not refused:
+            del self._outgoing[drop_outgoing]
+            req.dropped = drop_outgoing
+        if req.ready or req.dropped is not None:
             self._send.send_nowait(req)  # room was checked above; nothing ran since
         return out
 
@@ -625,6 +646,8 @@ class LedgerStore:
                     out_rows.append(
                         (seq, t.to_bytes(), int(receipt_kind(receipt)), receipt.to_bytes())  # type: ignore[attr-defined]
                     )
+            if req.dropped is not None:
+                drop_rows.append((req.dropped,))
             seq_done = req.drop_outgoing
             if seq_done is not None and seq_done in self._outgoing:
                 del self._outgoing[seq_done]

@@ -21,7 +21,7 @@ import nacl.signing
 import trio
 
 from peer import metrics
-from peer.ledger_store import StoreError, fact_bytes
+from peer.ledger_store import StoreBusy, StoreError, fact_bytes
 from peer.settlement.base import (
     LedgerFacts,
     PaymentFailed,
@@ -93,6 +93,17 @@ class Payer:
         owed = [r for r in self.store.unpaid_for(self.peer_id) if r.receipt_id not in pending]
         return sorted(owed, key=lambda r: not isinstance(r, ArbitratedReceipt))
 
+    async def _add_soon(self, receipt: PayableReceipt) -> None:
+        """Store a receipt we pay: in memory now, on disk in the commit that stores our
+        transfer for it (no fsync of its own); awaited when the write queue is full."""
+        try:
+            [result] = self.facts.add_facts_nowait([fact_bytes(receipt)])
+        except StoreBusy:
+            await self.facts.add(receipt)
+            return
+        if isinstance(result, ProtocolError):
+            raise result
+
     def _paying_certificate(self, receipt: PayableReceipt) -> Certificate | None:
         if not self.facts.ledger.is_paid(receipt):
             return None  # the common case: no walk over our history
@@ -108,7 +119,7 @@ class Payer:
         new one with our next seq. Returns the certificate; raises ``PaymentFailed``."""
         if receipt.requester != self.peer_id:
             raise SettlementError(f"{self.peer_id} is not the requester of this receipt")
-        await self.facts.add(receipt)
+        await self._add_soon(receipt)
         await self.identity_ready.wait()
         async with self._lock:
             for transfer, pending in self.store.outgoing():
@@ -202,7 +213,12 @@ class Payer:
             await self.facts.add(session.equivocation)
             self.spread([fact_bytes(session.equivocation)], ())
         if cert is not None:
-            await self.store.add(cert, drop_outgoing=cert.seq)  # one transaction
+            # In memory now, durable with the next commit (our next transfer's, at the
+            # latest): a crash before it resends this transfer and gets it certified again.
+            try:
+                self.store.add_nowait(cert, drop_outgoing=cert.seq)
+            except StoreBusy:
+                await self.store.add(cert, drop_outgoing=cert.seq)  # one transaction
             self.facts.notify()
             self.stats.certified += 1
             metrics.PAYMENTS_CERTIFIED.inc()

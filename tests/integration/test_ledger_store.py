@@ -29,7 +29,7 @@ from peer.ledger_store import (
     read_snapshot,
     verify_snapshot,
 )
-from protocols.errors import SignatureError
+from protocols.errors import SignatureError, ValidationError
 from protocols.ledger_state import FactKind
 from protocols.receipt import Receipt
 from protocols.signed import Signed
@@ -221,6 +221,28 @@ async def test_write_behind_facts_commit_with_the_next_write(tmp_path: Path) -> 
     snap = read_snapshot(tmp_path)
     assert {c.digest for c in certs} <= {f[0] for f in snap.facts}
     assert verify_snapshot(snap).ok
+
+
+async def test_a_payers_certificate_is_durable_before_its_next_transfer(tmp_path: Path) -> None:
+    """``add_nowait(cert, drop_outgoing=seq)``: the pending transfer is forgotten in memory
+    at once, and on disk the certificate and the drop land no later than the next
+    transfer's row: a durable seq n+1 never exists without seq n's certificate (else a
+    crash would leave n pending with n+1 signed). A refused certificate drops nothing."""
+    receipts, certs = _certificates(2)
+    t1, t2 = certs[0].transfer, certs[1].transfer
+    async with open_ledger_store(tmp_path, RULE, POLICY) as store:
+        await store.put_outgoing(t1, receipts[0])
+        forged = dataclasses.replace(certs[0], votes=certs[0].votes[:1])
+        with pytest.raises(ValidationError, match="quorum"):
+            store.add_nowait(forged, drop_outgoing=1)
+        assert [t.message.seq for t, _ in store.outgoing()] == [1]
+        assert store.add_nowait(certs[0], drop_outgoing=1) is True
+        assert store.outgoing() == []  # at once, in memory
+        assert store.ledger.next_seq(pid(PAYER)) == 2
+        await store.put_outgoing(t2, receipts[1])  # queued after: commits no earlier
+        snap = read_snapshot(tmp_path)
+        assert [row[0] for row in snap.outgoing] == [2]
+        assert certs[0].digest in {f[0] for f in snap.facts}
 
 
 async def test_a_second_writer_of_one_ledger_is_refused(tmp_path: Path) -> None:
