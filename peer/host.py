@@ -44,6 +44,7 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.address_validation import expand_wildcard_address
 
+from peer import metrics
 from peer.identity import libp2p_key_pair
 from peer.reach import attach, reach_of
 from peer.reach.addresses import Advertiser
@@ -118,6 +119,9 @@ def build_host(
         connection_config=connection_config(one_connection_per_peer=one_connection_per_peer),
         enable_mDNS=mdns,
         addrs_factory=advertiser.factory,
+        # py-libp2p's events for /metrics: ``running_host`` drains the channel (unread, it
+        # would block the host after 100 events).
+        enable_metrics=True,
     )
     attach(host, advertiser)
     return host
@@ -229,6 +233,21 @@ async def running_host(host: IHost, listen: Sequence[str]) -> AsyncIterator[list
     for a in addrs:
         check_port_free(a)
     network = host.get_network()
+    # The metrics drain outlives the host's service and its shielded close below: a send
+    # to a full metrics channel must never hold up a dial or the shutdown.
+    metric_events = host.get_metrics_recv_channel()
+    async with trio.open_nursery() as drain:
+        if metric_events is not None:
+            await drain.start(metrics.drain_libp2p, metric_events)
+        try:
+            async with _serving(host, network, addrs) as concrete:
+                yield concrete
+        finally:
+            drain.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def _serving(host: IHost, network: Any, addrs: list[Any]) -> AsyncIterator[list[str]]:
     async with background_trio_service(network):
         await network.listen(*addrs)
         listeners = getattr(network, "listeners", {})

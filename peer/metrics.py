@@ -12,6 +12,13 @@ pending payments, balances) are not counted twice: ``PeerCollector`` reads
 them from the running peer at scrape time (``peer.http`` registers one per
 served peer), so they can never drift from the truth.
 
+py-libp2p's own events (dials, inbound connections, gossipsub RPCs, DHT
+requests, pings) reach us only through the host's metrics channel, which blocks
+the host once ~100 events are unread: ``drain_libp2p`` reads it for as long as
+the host runs (``peer.host.running_host`` starts it) and counts them as
+``edgeswarm_libp2p_*``, without per-peer labels (bounded cardinality; py-libp2p's
+own ``libp2p.metrics.Metrics`` would label by peer id and register globally).
+
 Served by ``GET /metrics`` of ``edgeswarm run --http`` (see ``peer.http``);
 never through prometheus_client's ``start_http_server`` (a thread bound to
 0.0.0.0).
@@ -23,6 +30,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -121,6 +129,110 @@ HTTP_SECONDS = Histogram(
     buckets=_LATENCY,
     registry=REGISTRY,
 )
+
+# --- py-libp2p's own events (drained from the host's metrics channel) -------------------
+LIBP2P_SWARM = Counter(
+    "edgeswarm_libp2p_swarm_events",
+    "py-libp2p swarm events: dial_attempt, dial_error (every address failed), "
+    "incoming_conn, incoming_conn_error.",
+    ["event"],
+    registry=REGISTRY,
+)
+LIBP2P_GOSSIPSUB_RPCS = Counter(
+    "edgeswarm_libp2p_gossipsub_rpcs",
+    "Gossipsub RPCs received, by part (received = every RPC; publish, subopts, control).",
+    ["part"],
+    registry=REGISTRY,
+)
+LIBP2P_GOSSIPSUB_BYTES = Histogram(
+    "edgeswarm_libp2p_gossipsub_message_bytes",
+    "Size of the gossipsub messages received.",
+    buckets=(64, 128, 256, 512, 1024, 2048, 4096, 16384, 65536),
+    registry=REGISTRY,
+)
+LIBP2P_DHT_REQUESTS = Counter(
+    "edgeswarm_libp2p_dht_requests",
+    "Kademlia DHT requests this peer served (inbound = every request; find_node, "
+    "get_value, put_value, get_providers, add_provider).",
+    ["kind"],
+    registry=REGISTRY,
+)
+LIBP2P_PING_SECONDS = Histogram(
+    "edgeswarm_libp2p_ping_rtt_seconds",
+    "Round-trip times of libp2p pings.",
+    buckets=_LATENCY,
+    registry=REGISTRY,
+)
+LIBP2P_PING_FAILURES = Counter(
+    "edgeswarm_libp2p_ping_failures",
+    "libp2p pings that failed.",
+    registry=REGISTRY,
+)
+LIBP2P_EVENTS = Counter(
+    "edgeswarm_libp2p_events",
+    "Events read from py-libp2p's metrics channel, by kind (swarm, gossipsub, dht, ping, "
+    "other): the channel is drained, so the host never waits on it.",
+    ["kind"],
+    registry=REGISTRY,
+)
+
+_SWARM_FLAGS = (
+    ("dial_attempt", "dial_attempt"),
+    ("dial_attempt_error", "dial_error"),
+    ("conn_incoming", "incoming_conn"),
+    ("conn_incoming_error", "incoming_conn_error"),
+)
+_GOSSIP_FLAGS = ("publish", "subopts", "control")
+_DHT_FLAGS = ("inbound", "find_node", "get_value", "put_value", "get_providers", "add_provider")
+
+
+def record_libp2p(event: Any) -> None:
+    """Count one py-libp2p metrics event (duck-typed by class name: the event classes
+    live in modules we do not want to import just for this)."""
+    kind = type(event).__name__
+    if kind == "SwarmEvent":
+        LIBP2P_EVENTS.labels("swarm").inc()
+        for flag, label in _SWARM_FLAGS:
+            if getattr(event, flag, False):
+                LIBP2P_SWARM.labels(label).inc()
+    elif kind == "GossipsubEvent":
+        LIBP2P_EVENTS.labels("gossipsub").inc()
+        LIBP2P_GOSSIPSUB_RPCS.labels("received").inc()
+        for flag in _GOSSIP_FLAGS:
+            if getattr(event, flag, False):
+                LIBP2P_GOSSIPSUB_RPCS.labels(flag).inc()
+        size = getattr(event, "message_size", None)
+        if isinstance(size, int):
+            LIBP2P_GOSSIPSUB_BYTES.observe(size)
+    elif kind == "KadDhtEvent":
+        LIBP2P_EVENTS.labels("dht").inc()
+        for flag in _DHT_FLAGS:
+            if getattr(event, flag, False):
+                LIBP2P_DHT_REQUESTS.labels(flag).inc()
+    elif kind == "PingEvent":
+        LIBP2P_EVENTS.labels("ping").inc()
+        rtts = getattr(event, "rtts", None)
+        if getattr(event, "failure_error", None) is not None:
+            LIBP2P_PING_FAILURES.inc()
+        elif isinstance(rtts, list):
+            for rtt in rtts:  # milliseconds (libp2p.host.ping)
+                LIBP2P_PING_SECONDS.observe(rtt / 1e3)
+    else:
+        LIBP2P_EVENTS.labels("other").inc()
+
+
+async def drain_libp2p(
+    channel: trio.MemoryReceiveChannel[Any], *, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Read py-libp2p's metrics channel until it closes (or we are cancelled): with no
+    reader the host blocks once the channel's 100-event buffer is full."""
+    task_status.started()
+    async for event in channel:
+        try:
+            record_libp2p(event)
+        except Exception:  # a metric must never stop the drain (and so the host)
+            log.debug("metrics: could not count libp2p event %r", event, exc_info=True)
+
 
 FAILURE_REASONS = {
     "NoExecutors": "no_executors",
