@@ -100,14 +100,18 @@ TARGETS: list[Target] = [
     Target(
         "peer/market/requester.py",
         "peer",
-        ("tests/unit/test_market_flow.py", *MARKET_IT),
+        (
+            "tests/unit/test_rules_requester_outputs.py",
+            "tests/unit/test_market_flow.py",
+            *MARKET_IT,
+        ),
         ("x_check_outputs", "x_declared_problem"),
     ),
     # Gossip intake: signature, signer = origin, topic, duplicates, rate.
     Target(
         "peer/market/gossip.py",
         "peer",
-        ("tests/unit/test_market_gossip_guard.py",),
+        ("tests/unit/test_market_gossip_guard.py", "tests/unit/test_rules_market_gossip.py"),
         ("x_parse_market_message", "xǁGossipGuardǁ*"),
     ),
     # Ad acceptance in the DHT.
