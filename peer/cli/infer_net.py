@@ -191,10 +191,20 @@ def _report(
         print_json(out)
         return
     r = result.receipt
-    typer.echo(
-        f"ran {model} on {result.executor} for {result.price / 1e6:g} credits "
-        f"({result.price} micro) in {result.latency_ms:.1f} ms"
-    )
+    stages = getattr(result, "stages", None)
+    if stages:  # a pipeline run split: one line per stage (receipts chained by digests)
+        typer.echo(
+            f"ran pipeline {model} in {len(stages)} stages for {result.price / 1e6:g} credits "
+            f"in {result.latency_ms:.1f} ms ({result.placement})"
+        )
+        for i, s in enumerate(stages, start=1):
+            rid = "none (own executor)" if s.receipt is None else s.receipt.receipt_id.hex()[:16]
+            typer.echo(f"  stage {i} {s.model_cid[:12]} on {s.executor} receipt {rid}")
+    else:
+        typer.echo(
+            f"ran {model} on {result.executor} for {result.price / 1e6:g} credits "
+            f"({result.price} micro) in {result.latency_ms:.1f} ms"
+        )
     for w in written:
         typer.echo(f"  {w['name']}  {w['dtype']}{tuple(w['shape'])}  -> {w['path']}")
     typer.echo(f"payment  {payment}")

@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 # less. Each job through the market costs its bid window plus ~10 ms (auction, award, result).
 LINK_BYTES_PER_MS = 100_000.0
 HOP_OVERHEAD_MS = 10.0
-PLACE_BUDGET_S = 3.0
+PLACE_BUDGET_S = 1.0  # a lookup that finds nobody can take the whole budget
 
 
 @dataclass

@@ -64,6 +64,15 @@ async def test_infer_runs_a_pipeline_across_two_run_peers(tmp_path: Path) -> Non
         )  # fmt: skip
         assert done.returncode == 0, done.stderr.decode()[-3000:]
         report = json.loads(done.stdout)
+        text = await cli(
+            "infer", split["pipeline"][:12], "--bootstrap", boot.address,
+            "--input", f"x={tmp_path / 'x.npy'}", "--output-dir", str(tmp_path / "out2"),
+            "--data-dir", str(req),
+        )  # fmt: skip
+        assert text.returncode == 0, text.stderr.decode()[-3000:]
+        lines = text.stdout.decode().splitlines()
+        assert lines[0].startswith(f"ran pipeline {split['pipeline'][:12]} in 2 stages"), lines
+        assert lines[1].startswith("  stage 1 ") and lines[2].startswith("  stage 2 "), lines
     want = ort.InferenceSession(str(src)).run(None, {"x": x})[0]
     np.testing.assert_allclose(np.load(report["outputs"]["y"]), want, atol=1e-5)
     assert report["pipeline"]["cid"] == split["pipeline"]
