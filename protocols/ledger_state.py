@@ -290,6 +290,7 @@ class LedgerState:
         # the facts still held fold onto), and every checkpoint held, by epoch -> digest.
         self._checkpoint: Checkpoint | None = None
         self._base: dict[str, AccountSummary] = {}
+        self._base_rows: list[AccountSummary] = []  # the same, sorted by account
         self._checkpoints: dict[int, bytes] = {}
         self._trusted = False  # re-ingesting facts verified before (adopting a checkpoint)
         self._reset()
@@ -586,7 +587,7 @@ class LedgerState:
 
     def checkpoint_accounts(self) -> list[AccountSummary]:
         """The adopted checkpoint's account rows, sorted (what a syncing peer fetches)."""
-        return [self._base[a] for a in sorted(self._base)]
+        return self._base_rows
 
     def held_checkpoint(self, epoch: int) -> Checkpoint | None:
         digest = self._checkpoints.get(epoch)
@@ -716,6 +717,7 @@ class LedgerState:
     def _set_base(self, cp: Checkpoint, rows: Sequence[AccountSummary]) -> None:
         self._checkpoint = cp
         self._base = {self._name(r.account): r for r in rows}
+        self._base_rows = sorted(rows)
         for r in rows:
             if r.balance:
                 self._balances[self._name(r.account)] = r.balance

@@ -31,6 +31,7 @@ from peer.settlement.ledger_rpc import LedgerClient
 from protocols.checkpoint import (
     Checkpoint,
     CheckpointAssembler,
+    CheckpointHeader,
     checkpoint_committee,
     open_checkpoint_vote,
     rule_id,
@@ -70,6 +71,9 @@ class Checkpointer:
         self.clock = clock
         self.interval_ms = interval_ms
         self.made = 0  # checkpoints this peer proposed and got certified
+        # The last draft computed, by (state hash, cut): a remote ``ckpt_sign`` costs a
+        # read of every certificate it would cover, so repeated asks cost one draft.
+        self._draft: tuple[tuple[bytes, int], CheckpointHeader] | None = None
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -97,13 +101,22 @@ class Checkpointer:
         cut = self.cut_for(self.now_ms())
         if h.cut_ms not in (cut, cut - self.interval_ms) or h.cut_ms <= 0:
             raise ValidationError(f"cut {h.cut_ms} is not this round's ({cut})")
-        own, _ = ledger.checkpoint_draft(h.cut_ms, h.network)
+        own = self.draft(h.cut_ms)
         if own.digest != h.digest:
             raise ValidationError(
                 f"checkpoint {h.epoch} differs from this peer's ({own.covered_count} covered "
                 f"vs {h.covered_count}): sync first"
             )
         return VoteReply(sign_checkpoint(self.key, h).to_bytes())
+
+    def draft(self, cut_ms: int) -> CheckpointHeader:
+        """``checkpoint_draft`` of this ledger at ``cut_ms``, computed once per ledger state."""
+        ledger = self.facts.ledger
+        key = (ledger.state_hash(), cut_ms)
+        if self._draft is None or self._draft[0] != key:
+            header, _ = ledger.checkpoint_draft(cut_ms, rule_id(ledger.rule))
+            self._draft = (key, header)
+        return self._draft[1]
 
     # --- proposer side --------------------------------------------------------------------
 
@@ -135,7 +148,7 @@ class Checkpointer:
         ledger = self.facts.ledger
         if ledger.checkpoint is not None and ledger.checkpoint.epoch >= epoch:
             return None  # someone else's checkpoint arrived meanwhile
-        header, _ = ledger.checkpoint_draft(cut, rule_id(ledger.rule))
+        header = self.draft(cut)
         covered_before = 0 if prev is None else prev.header.covered_count
         if header.covered_count == covered_before:
             return None  # nothing new to cover

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import nacl.signing
@@ -12,17 +14,21 @@ from settlement_helpers import key, make_receipt, make_transfer, pid, policy, ru
 
 from peer import ledger_store
 from peer.ledger_store import StoreError, open_ledger_store, read_snapshot, verify_snapshot
+from peer.settlement.checkpointer import Checkpointer
 from protocols.certificate import Certificate, make_certificate, sign_vote
 from protocols.checkpoint import (
     Checkpoint,
     CheckpointHeader,
     checkpoint_committee,
     make_checkpoint,
+    open_checkpoint_vote,
     rule_id,
     sign_checkpoint,
 )
 from protocols.committee import CommitteeRule
-from protocols.ledger_state import FactKind
+from protocols.errors import ValidationError
+from protocols.ledger_rpc import SignCheckpoint
+from protocols.ledger_state import FactKind, LedgerState
 from protocols.receipt import Receipt
 from protocols.witness import LockRecord
 
@@ -180,3 +186,37 @@ async def test_a_prune_that_dies_before_its_commit_leaves_the_old_facts(
         assert store.fact_count() == 2 * 6 + 1
         assert store.ledger.balances() == balances
     assert verify_snapshot(read_snapshot(tmp_path)).ok
+
+
+def test_a_member_signs_only_the_header_it_computes_itself() -> None:
+    """``ckpt_sign``: the rules a committee member applies before voting, each refused."""
+    ledger = LedgerState(RULE, POLICY)
+    for seq in range(1, 6):
+        _r, c = certified(PAYERS[0], seq, seq, T0 + seq * 1000)
+        ledger.ingest_certificate(c)
+    now = T0 + 10_000 + POLICY.fraud_window_ms + POLICY.max_clock_skew_ms
+    facts: Any = SimpleNamespace(ledger=ledger)
+
+    def member(k: nacl.signing.SigningKey) -> Checkpointer:
+        return Checkpointer(
+            k, facts, None, lambda *a: None, clock=lambda: now / 1000, interval_ms=1000
+        )  # type: ignore[arg-type]
+
+    inside = next(k for k in WITNESSES if pid(k) in checkpoint_committee(RULE, 1))
+    m = member(inside)
+    cut = m.cut_for(now)
+    header, _ = ledger.checkpoint_draft(cut, rule_id(RULE))
+    assert header.covered_count == 5
+    vote = open_checkpoint_vote(m.answer_sign(SignCheckpoint(header)).vote)
+    assert vote.message.header == header.digest
+    lie = dataclasses.replace(header, covered_count=4)
+    with pytest.raises(ValidationError, match="differs"):
+        m.answer_sign(SignCheckpoint(lie))
+    with pytest.raises(ValidationError, match="this peer is at 1"):
+        m.answer_sign(SignCheckpoint(dataclasses.replace(header, epoch=2, prev=bytes(range(32)))))
+    with pytest.raises(ValidationError, match="not this round"):
+        m.answer_sign(SignCheckpoint(dataclasses.replace(header, cut_ms=cut + 1000)))
+    with pytest.raises(ValidationError, match="another network"):
+        m.answer_sign(SignCheckpoint(dataclasses.replace(header, network=bytes(32))))
+    with pytest.raises(ValidationError, match="not a member"):
+        member(key(77)).answer_sign(SignCheckpoint(header))
