@@ -266,10 +266,18 @@ async def _model_info(door: FrontDoor, model: str) -> dict[str, Any]:
             "outputs": _tensor_meta(entry.outputs),
             "parameters": {"cid": entry.cid, "local": True},
         }
-    ads = await door.ads()
-    servers = [
-        (ad, m) for ad in ads for m in ad.models if m.cid == model or (m.name and m.name == model)
-    ]
+
+    def serving(ads: list[Any]) -> list[tuple[Any, Any]]:
+        return [
+            (ad, m)
+            for ad in ads
+            for m in ad.models
+            if m.cid == model or (m.name and m.name == model)
+        ]
+
+    servers = serving(await door.ads())
+    if not servers:  # the cache may predate the ad that serves it: look once more, fresh
+        servers = serving(await door.ads(max_age=0.0))
     if not servers:
         raise HttpError(404, f"unknown model {model!r}: not in the local registry nor in any ad")
     cids = sorted({m.cid for _, m in servers})

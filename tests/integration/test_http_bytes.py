@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import trio
 from http_swarm import http_swarm
 from test_http_v2 import _triton
 
@@ -22,6 +23,14 @@ async def test_bytes_tensors_through_the_market_tritonclient_json_and_binary_and
     tmp_path: Path,
 ) -> None:
     async with http_swarm(tmp_path, door_models=False, ex_model="text") as door:
+        # Metadata of a remote model comes from ads: wait (bounded; each pass is a real
+        # DHT lookup) until the executor's ad lists it.
+        with trio.fail_after(60):
+            for _ in range(300):
+                ads = await door.peer.find_ads()
+                if any(m.name == "tiny_text" for ad in ads for m in ad.models):
+                    break
+                await trio.sleep(0.2)
         for mode in ("bytes-json", "bytes-binary"):
             out = await _triton(door.url, "tiny_text", mode, door.token)
             meta = out["metadata"]
