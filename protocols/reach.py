@@ -219,3 +219,31 @@ def advertised_addrs(
     for text in relayed:
         add(text)
     return out
+
+
+MAX_PUNCH_ADDRS = 8  # addresses of a DCUtR CONNECT we dial in a hole punch
+
+
+def punch_addrs(
+    addrs: Iterable[str], peer_id: str = "", *, limit: int = MAX_PUNCH_ADDRS, scan: int = 32
+) -> list[str]:
+    """The addresses from a peer's DCUtR CONNECT (its observed addresses) worth dialing.
+
+    The list is untrusted and every entry becomes a dial, so only direct TCP
+    addresses on an IP literal (a NAT's public side, or a LAN address) are kept:
+    never DNS names, relays, loopback, unspecified, link-local or multicast
+    addresses, nor one naming another peer than ``peer_id`` (a trailing
+    ``/p2p/<peer_id>`` is dropped; with ``peer_id=""`` no address may name a
+    peer). Deduplicated, in the peer's order, at most ``limit``; only the first
+    ``scan`` entries are looked at.
+    """
+    out: list[str] = []
+    for i, text in enumerate(addrs):
+        if i >= scan or len(out) >= limit:
+            break
+        a = parse_dial_addr(text, peer_id)
+        if a is None or a.circuit or a.is_dns:
+            continue
+        if ip_scope(a.host) in ("public", "private") and a.text not in out:
+            out.append(a.text)
+    return out

@@ -10,7 +10,11 @@ machine's own namespace, no address outside them is ever a target)::
             +-- home <lab>-<name>   eth0 192.168.(60+i).2/24, default via the router
 
 A home can dial out; nobody can dial into it (no port forwards: the router
-forwards only packets of connections made from inside). A public host may
+forwards only packets of connections made from inside). A router refuses an
+unsolicited connection (TCP reset), or with ``drops=True`` drops it silently,
+as most home routers and carrier NATs do. Hole punching (DCUtR) needs the
+second kind here: the lab has no latency (this kernel has no ``netem``), so the
+two sides' SYNs never cross in flight, and a reset kills the first one. A public host may
 get an extra, unreachable address first (``dead_first=True``), so it lists
 two addresses of which only the second works.
 
@@ -75,6 +79,7 @@ class Host:
     ns: str
     ip: str
     dead_ip: str | None = None
+    wan: str | None = None  # a home's public address (its router's WAN side)
 
     def argv(self, argv: list[str]) -> list[str]:
         """``argv`` run inside this host's namespace."""
@@ -142,8 +147,9 @@ class Lab:
         self.hosts[name] = host
         return host
 
-    def home(self, name: str) -> Host:
-        """A host behind its own masquerading NAT router (no port forwards)."""
+    def home(self, name: str, *, drops: bool = False) -> Host:
+        """A host behind its own masquerading NAT router (no port forwards); ``drops``: the
+        router drops unsolicited packets instead of refusing them."""
         self._homes_n += 1
         i = self._homes_n
         lan = f"192.168.{60 + i}"
@@ -160,9 +166,12 @@ class Lab:
         self.exec(router, *ipt, "-A", "FORWARD", "-i", "eth0", "-m", "conntrack", "--ctstate",
                   "ESTABLISHED,RELATED", "-j", "ACCEPT")  # fmt: skip
         self.exec(router, *ipt, "-A", "FORWARD", "-i", "eth0", "-j", "DROP")
+        if drops:
+            self.exec(router, *ipt, "-A", "INPUT", "-i", "eth0", "-m", "conntrack", "--ctstate",
+                      "NEW", "-j", "DROP")  # fmt: skip
         self.exec(ns, "ip", "addr", "add", f"{lan}.2/24", "dev", "eth0")
         self.exec(ns, "ip", "route", "add", "default", "via", f"{lan}.1")
-        host = Host(name, ns, f"{lan}.2")
+        host = Host(name, ns, f"{lan}.2", wan=f"{PUBLIC_NET}.{100 + i}")
         self.hosts[name] = host
         return host
 

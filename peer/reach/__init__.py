@@ -16,6 +16,7 @@ same path, because the dialer replaces the swarm's ``dial_peer``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ class Reach:
     relay: Any = None  # peer.reach.relay.RelayService while services run
     reachability: Any = None  # peer.reach.autonat.Reachability while services run
     reservations: Any = None  # peer.reach.relay.Reservations (peers only)
+    punch: Any = None  # peer.reach.dcutr.HolePunch while services run (TCP listeners only)
     _kick: trio.Event = field(default_factory=trio.Event)
 
     def kick(self) -> None:
@@ -74,10 +76,14 @@ class Reach:
     async def services(
         self, role: str, config: Any, republish: Callable[[], None]
     ) -> AsyncIterator[None]:
-        """Run relay (stop; hop on bootstrap nodes and ``relay_hop`` peers), AutoNAT and,
-        for peers, relay reservations while AutoNAT says we are private."""
+        """Run relay (stop; hop on bootstrap nodes and ``relay_hop`` peers), AutoNAT,
+        hole punching (DCUtR) when we listen on TCP and, for peers, relay reservations
+        while AutoNAT says we are private."""
+        from libp2p.tools.anyio_service import background_trio_service
+
         from peer.logging_setup import install_libp2p_filter
         from peer.reach.autonat import Reachability, install_server
+        from peer.reach.dcutr import HolePunch
         from peer.reach.relay import RelayService, Reservations
 
         install_libp2p_filter()  # the relay's py-libp2p loggers exist now
@@ -108,11 +114,18 @@ class Reach:
                     published=republish,
                 )
                 await nursery.start(self.reservations.run)
-            try:
-                yield
-            finally:
-                self.dialer.circuit_dial = None
-                nursery.cancel_scope.cancel()
+            async with contextlib.AsyncExitStack() as stack:
+                if role != "bootstrap" and self.host.get_transport_addrs():
+                    self.punch = HolePunch(self.host)
+                    await stack.enter_async_context(background_trio_service(self.punch))
+                    await self.punch.event_started.wait()
+                    self.dialer.on_relayed = self.punch.request
+                try:
+                    yield
+                finally:
+                    self.dialer.circuit_dial = None
+                    self.dialer.on_relayed = None
+                    nursery.cancel_scope.cancel()
 
     async def connect(
         self,

@@ -20,7 +20,9 @@ the market, settlement) goes through it:
   just failed is skipped for a few seconds, the peer's other addresses are
   not; an explicit dial (``fresh=True``) ignores it;
 * ``/p2p-circuit`` addresses are dialed through the relay client when one is
-  attached (``circuit_dial``; see ``peer.reach.relay``).
+  attached (``circuit_dial``; see ``peer.reach.relay``); when such a dial wins,
+  ``on_relayed(peer)`` asks for a hole punch (``peer.reach.dcutr``);
+* a held connection that does not go through a relay is preferred to a relayed one.
 
 Failures raise ``DialError`` (a ``SwarmException``, what py-libp2p's callers
 already catch) naming every address tried and why it failed.
@@ -77,6 +79,12 @@ def _live(conns: Iterable[INetConn]) -> list[INetConn]:
     return [c for c in conns if not getattr(c, "is_closed", False)]
 
 
+def _relayed(conn: INetConn) -> bool:
+    with contextlib.suppress(Exception):
+        return any("/p2p-circuit" in str(a) for a in conn.get_transport_addresses())
+    return False
+
+
 def _reason(exc: BaseException) -> str:
     """A short cause: py-libp2p wraps the interesting error one or two levels deep."""
     parts = [str(exc) or type(exc).__name__]
@@ -104,6 +112,7 @@ class Dialer:
         self.stagger = stagger
         self.negative_ttl = negative_ttl
         self.circuit_dial: CircuitDial | None = None
+        self.on_relayed: Callable[[ID], None] | None = None
         self._networks_source = networks
         self._networks: Sequence[Network] = ()
         self._networks_at = -1e9
@@ -188,8 +197,11 @@ class Dialer:
     # -- dialing ----------------------------------------------------------------
 
     def connection(self, peer_id: ID) -> INetConn | None:
-        """A live connection to ``peer_id``, if we hold one."""
+        """A live connection to ``peer_id``, if we hold one (a direct one before a relayed one)."""
         conns = _live(self.swarm.get_connections(peer_id))
+        direct = [c for c in conns if not _relayed(c)]
+        if direct:
+            return direct[0]
         return conns[0] if conns else None
 
     async def connect(
@@ -259,6 +271,7 @@ class Dialer:
                 f"{self.negative_ttl:.0f} s: {', '.join(a.text for a in ranked)}"
             )
         winner: list[INetConn] = []
+        won: list[DialAddr] = []
         errors: list[str] = []
 
         async def attempt(addr: DialAddr, failed: trio.Event, cancel: trio.CancelScope) -> None:
@@ -275,6 +288,7 @@ class Dialer:
                     await conn.close()
                 return
             winner.append(conn)
+            won.append(addr)
             log.debug("dialed %s at %s", peer, addr.text)
             cancel.cancel()
 
@@ -285,6 +299,8 @@ class Dialer:
                 with trio.move_on_after(self.stagger):
                     await failed.wait()
         if winner:
+            if won[0].circuit and self.on_relayed is not None:
+                self.on_relayed(peer_id)
             return winner[0]
         raise DialError(f"cannot reach {peer}: " + "; ".join(errors))
 

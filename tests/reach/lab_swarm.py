@@ -105,7 +105,8 @@ async def wait_lines(sp: SwarmProcess, needle: str, count: int, *, limit: float 
 
 
 class LeaseClient:
-    """``tests/reach/lease_client.py`` in a namespace: jobs over a lease, as JSON lines."""
+    """``tests/reach/lease_client.py`` (or another ``script`` there taking the same
+    arguments) in a namespace: jobs, as JSON lines."""
 
     def __init__(self, proc: trio.Process, log_path: Path) -> None:
         self.proc = proc
@@ -114,8 +115,16 @@ class LeaseClient:
         self._buf = b""
 
     @classmethod
-    async def start(cls, host: Host, boots: list[str], data_dir: Path, jobs: int) -> LeaseClient:
-        script = Path(__file__).with_name("lease_client.py")
+    async def start(
+        cls,
+        host: Host,
+        boots: list[str],
+        data_dir: Path,
+        jobs: int,
+        *,
+        script_name: str = "lease_client.py",
+    ) -> LeaseClient:
+        script = Path(__file__).with_name(script_name)
         log_path = data_dir.with_suffix(".log")
         await trio.Path(data_dir).mkdir(parents=True, exist_ok=True)
         env = {**ENV, "PYTHONPATH": str(script.parents[2])}

@@ -91,3 +91,31 @@ async def test_relay_dies_mid_lease_and_the_lease_goes_on_through_the_second_rel
         assert after is not None and after != relay, lines
         survivor = next(p for p in swarm.processes if p.name != victim.name and p.peer_id == after)
         assert survivor.name.startswith("boot")
+
+
+async def test_two_nated_peers_punch_a_hole_and_later_job_streams_go_direct(
+    lab: Lab, tmp_path: Path
+) -> None:
+    boot_host = lab.public("boot")
+    # Routers that drop unsolicited packets (see tests/netlab.py: why not ones that refuse).
+    ex_host, req_host = lab.home("ex", drops=True), lab.home("req", drops=True)
+    async with local_swarm(tmp_path / "swarm") as swarm:
+        boot = await start_bootstrap(swarm, "boot", boot_host)
+        ex = await start_executor(swarm, "ex", ex_host, [boot])
+        await wait_log(ex, "reserved a slot on relay")
+        client = await LeaseClient.start(
+            req_host, [boot], tmp_path / "req", 3, script_name="punch_client.py"
+        )
+        async with client:
+            lines = await client.finish()
+        await wait_log(ex, "hole punched with")
+    jobs = [ln for ln in lines if "i" in ln]
+    assert [j["executor"] for j in jobs] == [ex.peer_id] * 3, lines
+    # The first job went through the relay (nothing else reaches a NATed executor) ...
+    assert len(jobs[0]["conn"]) == 1 and "/p2p-circuit" in jobs[0]["conn"][0], lines
+    # ... then the requester punched a hole to the executor's NAT, port preserved ...
+    punch = next(ln["punch"] for ln in lines if "punch" in ln)
+    assert punch["ok"] and punch["addr"].startswith(f"/ip4/{ex_host.wan}/tcp/"), punch
+    # ... and every later job stream went over the direct connection.
+    for job in jobs[1:]:
+        assert job["conn"] and all("/p2p-circuit" not in c for c in job["conn"]), lines

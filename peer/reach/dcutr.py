@@ -1,0 +1,165 @@
+"""DCUtR (``/libp2p/dcutr``): upgrade a relayed connection to a direct one by hole punching.
+
+py-libp2p 0.8.1's ``DCUtRProtocol`` does the exchange per the spec: CONNECT
+with our observed addresses (the NAT's public IP from identify, with our
+listen port: the TCP transport listens with SO_REUSEPORT and a punch dials
+*from* the listen port, so the NAT keeps the same public port), the RTT
+measured over the relay, SYNC, then both sides dial each other at once (TCP
+simultaneous open; the initiator upgrades as the responder so the Noise roles
+match). Once a direct connection is up, the swarm's stream selection
+(``best``: direct before relayed) puts every *new* stream on it, and the relayed
+connection is closed 60 s later. What ``HolePunch`` changes:
+
+* **When**: py-libp2p polls every 2 s and punches every relayed peer from both
+  sides at once. Here the side that *dialed* through a relay asks for a punch
+  at once (``peer.reach.dialer`` calls ``request``); the other side answers.
+* **Untrusted input**: the peer's CONNECT addresses become dials, so only a
+  few direct IP addresses are kept (``protocols.reach.punch_addrs``); a punch
+  is answered only on a relayed connection (a direct one needs none), one at a
+  time per peer and ``MAX_INBOUND`` in all.
+* **Outcome**: each punch is logged (``hole punched to PEER: direct at ADDR in
+  T s`` or why not) and kept in ``results`` (bench/reach.py reads the logs).
+
+Runs on peers that listen on TCP (a punch needs a listen port to dial from).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from libp2p.abc import IHost, INetConn, INetStream
+from libp2p.peer.id import ID
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+from multiaddr import Multiaddr
+
+from protocols.reach import punch_addrs
+
+log = logging.getLogger(__name__)
+
+PUNCH_BUDGET = 30.0  # seconds one punch may take (py-libp2p tries 3 rounds)
+MAX_PUNCHING = 8  # punches we run at once
+MAX_INBOUND = 16  # punches we answer at once
+MAX_RESULTS = 1024
+QUEUE = 64
+
+
+@dataclass(frozen=True)
+class PunchResult:
+    ok: bool
+    seconds: float
+    addr: str | None  # the direct connection's address
+
+
+def is_relayed(conn: Any) -> bool:
+    """Whether every transport address of ``conn`` (a swarm or muxed connection) is a circuit."""
+    with contextlib.suppress(Exception):
+        addrs = [str(a) for a in conn.get_transport_addresses()]
+        return bool(addrs) and all("/p2p-circuit" in a for a in addrs)
+    return False
+
+
+def direct_connection(host: IHost, peer_id: ID) -> INetConn | None:
+    """A live connection to ``peer_id`` that does not go through a relay."""
+    for conn in host.get_network().get_connections(peer_id):
+        if not getattr(conn, "is_closed", False) and not is_relayed(conn):
+            with contextlib.suppress(Exception):
+                if conn.get_transport_addresses():
+                    return conn
+    return None
+
+
+def conn_addr(conn: Any) -> str | None:
+    with contextlib.suppress(Exception):
+        addrs = conn.get_transport_addresses()
+        return str(addrs[0]) if addrs else None
+    return None
+
+
+class HolePunch(DCUtRProtocol):
+    """DCUtR for one host (see the module docstring); run it as a py-libp2p service."""
+
+    def __init__(self, host: IHost) -> None:
+        super().__init__(host, read_timeout=10, write_timeout=10, dial_timeout=5)
+        self._send, self._receive = trio.open_memory_channel[ID](QUEUE)
+        self._punching: set[ID] = set()
+        self._inbound: set[ID] = set()
+        self.results: dict[str, PunchResult] = {}
+        self.changed = trio.Event()  # set (and replaced) after each punch we initiated
+
+    def request(self, peer_id: ID) -> None:
+        """Punch a hole to ``peer_id`` soon (we just dialed it through a relay)."""
+        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+            self._send.send_nowait(peer_id)
+
+    async def _auto_drive_loop(self) -> None:
+        # Replaces py-libp2p's 2-second poll of every relayed peer: punch on request.
+        async with trio.open_nursery() as nursery:
+            async for peer_id in self._receive:
+                if peer_id in self._punching or len(self._punching) >= MAX_PUNCHING:
+                    continue
+                self._punching.add(peer_id)
+                nursery.start_soon(self._punch, peer_id)
+
+    async def _punch(self, peer_id: ID) -> None:
+        t0 = trio.current_time()
+        ok = False
+        try:
+            with trio.move_on_after(PUNCH_BUDGET):
+                ok = await self.initiate_hole_punch(peer_id)
+        except Exception as exc:  # py-libp2p raises many kinds; the relay still works
+            log.info("hole punch to %s failed: %s", peer_id, exc)
+        finally:
+            self._punching.discard(peer_id)
+        self._record(peer_id, ok, trio.current_time() - t0)
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def _record(self, peer_id: ID, ok: bool, seconds: float) -> None:
+        conn = direct_connection(self.host, peer_id) if ok else None
+        addr = conn_addr(conn) if conn is not None else None
+        ok = addr is not None
+        if ok:
+            log.info("hole punched to %s: direct at %s in %.2f s", peer_id, addr, seconds)
+        else:
+            log.info(
+                "no hole punch to %s after %.2f s: its jobs stay on the relay", peer_id, seconds
+            )
+        if len(self.results) >= MAX_RESULTS:
+            self.results.pop(next(iter(self.results)))
+        self.results[str(peer_id)] = PunchResult(ok, seconds, addr)
+
+    async def _handle_dcutr_stream(self, stream: INetStream) -> None:
+        peer_id = stream.muxed_conn.peer_id
+        if (
+            not is_relayed(stream.muxed_conn)
+            or peer_id in self._inbound
+            or len(self._inbound) >= MAX_INBOUND
+        ):
+            with contextlib.suppress(Exception):
+                await stream.reset()
+            return
+        self._inbound.add(peer_id)
+        t0 = trio.current_time()
+        try:
+            await super()._handle_dcutr_stream(stream)
+        finally:
+            self._inbound.discard(peer_id)
+        conn = direct_connection(self.host, peer_id)
+        if conn is not None:
+            log.info(
+                "hole punched with %s (it asked): direct at %s in %.2f s",
+                peer_id,
+                conn_addr(conn),
+                trio.current_time() - t0,
+            )
+
+    def _decode_observed_addrs(self, addr_bytes: list[bytes]) -> list[Multiaddr]:
+        texts: list[str] = []
+        for raw in addr_bytes[:32]:
+            with contextlib.suppress(Exception):
+                texts.append(str(Multiaddr(raw)))
+        return [Multiaddr(a) for a in punch_addrs(texts)]
