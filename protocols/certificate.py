@@ -41,19 +41,21 @@ class WitnessVote(FlatBody):
 
     DOMAIN: ClassVar[str] = VOTE_DOMAIN
     MAX_BYTES: ClassVar[int] = 384
-    VERSION: ClassVar[int] = 1
-    _FIELDS: ClassVar[frozenset[str]] = frozenset({"account", "seq", "transfer", "witness"})
+    VERSION: ClassVar[int] = 2
+    _FIELDS: ClassVar[frozenset[str]] = frozenset({"account", "seq", "transfer", "witness", "cp"})
 
     account: str
     seq: int
     transfer: bytes  # the transfer's digest
     witness: str
+    cp: int = 0  # the epoch checkpoint whose committee this witness sits on (0: genesis)
 
     def __post_init__(self) -> None:
         want_peer_id("WitnessVote", "account", self.account)
         want_int("WitnessVote", "seq", self.seq, lo=1, hi=MAX_SEQ)
         want_digest("WitnessVote", "transfer", self.transfer)
         want_peer_id("WitnessVote", "witness", self.witness)
+        want_int("WitnessVote", "cp", self.cp, hi=2**40)
 
     @property
     def signer(self) -> str:
@@ -63,14 +65,18 @@ class WitnessVote(FlatBody):
         """Votes do not expire."""
 
 
-def sign_vote(key: nacl.signing.SigningKey, transfer: Signed[Transfer]) -> Signed[WitnessVote]:
-    """Witness side: sign a vote for ``transfer`` (callers go through ``Witness``)."""
+def sign_vote(
+    key: nacl.signing.SigningKey, transfer: Signed[Transfer], cp: int = 0
+) -> Signed[WitnessVote]:
+    """Witness side: sign a vote for ``transfer`` under checkpoint ``cp`` (callers go
+    through ``Witness``)."""
     t = transfer.message
     vote = WitnessVote(
         account=t.payer,
         seq=t.seq,
         transfer=transfer.digest,
         witness=peer_id_from_public_key(bytes(key.verify_key)),
+        cp=cp,
     )
     return sign_message(key, vote)
 
@@ -80,9 +86,11 @@ def open_vote(data: bytes) -> Signed[WitnessVote]:
 
 
 def _check_vote(
-    vote: Signed[WitnessVote], transfer: Signed[Transfer], committee: Committee
+    vote: Signed[WitnessVote], transfer: Signed[Transfer], committee: Committee, cp: int
 ) -> None:
     v, t = vote.message, transfer.message
+    if v.cp != cp:
+        raise ValidationError(f"vote by {v.witness} is cast under checkpoint {v.cp}, not {cp}")
     if (v.account, v.seq, v.transfer) != (t.payer, t.seq, transfer.digest):
         raise ValidationError(
             f"vote by {v.witness} is for ({v.account}, seq {v.seq}, {v.transfer.hex()[:16]}), "
@@ -119,8 +127,19 @@ class Certificate:
     def seq(self) -> int:
         return self.transfer.message.seq
 
+    @property
+    def cp(self) -> int:
+        """The epoch checkpoint whose committee voted (``verify`` checks all votes agree)."""
+        return self.votes[0].message.cp
+
+    @property
+    def time_ms(self) -> int:
+        return self.transfer.message.time_ms
+
     def verify(self, committee: Committee) -> None:
-        """Raise unless the transfer and at least ``committee.quorum`` distinct votes are valid."""
+        """Raise unless the transfer and at least ``committee.quorum`` distinct votes are valid.
+        ``committee`` must be the payer's committee under checkpoint ``self.cp``
+        (``CommitteeRule.committee_at(account, cp, time_ms)``)."""
         t = self.transfer.message
         if committee.account != t.payer:
             raise ValidationError(f"certificate is for {t.payer}, expected {committee.account}")
@@ -129,7 +148,7 @@ class Certificate:
         if len(set(witnesses)) != len(witnesses):
             raise ValidationError("certificate has two votes from one witness")
         for vote in self.votes:
-            _check_vote(vote, self.transfer, committee)
+            _check_vote(vote, self.transfer, committee, self.cp)
         if len(self.votes) < committee.quorum:
             raise ValidationError(
                 f"certificate has {len(self.votes)} votes, a quorum of {committee.size} "
@@ -184,16 +203,17 @@ class CertificateAssembler:
     Exactly ``quorum`` votes (the first valid ones) go into the certificate.
     """
 
-    def __init__(self, transfer: Signed[Transfer], committee: Committee) -> None:
+    def __init__(self, transfer: Signed[Transfer], committee: Committee, cp: int = 0) -> None:
         if committee.account != transfer.message.payer:
             raise LocalProtocolError("committee does not belong to the transfer's payer")
         self.transfer = transfer
         self.committee = committee
+        self.cp = cp
         self._votes: dict[str, Signed[WitnessVote]] = {}
 
     def add_vote(self, vote: Signed[WitnessVote]) -> Certificate | None:
         if vote.message.witness not in self._votes:
-            _check_vote(vote, self.transfer, self.committee)
+            _check_vote(vote, self.transfer, self.committee, self.cp)
             self._votes[vote.message.witness] = vote
         return self.certificate
 

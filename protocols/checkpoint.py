@@ -76,7 +76,9 @@ def checkpoint_subject(epoch: int) -> str:
 def checkpoint_committee(rule: CommitteeRule, epoch: int) -> Committee:
     """Who signs checkpoint ``epoch``: the committee rule applied to the epoch's subject,
     so it is drawn like a payment committee (pool, else the genesis witnesses)."""
-    return rule.committee_for(checkpoint_subject(epoch))
+    # Under the genesis rule (cp 0): with epoch committees (protocols.epochs.EpochRules)
+    # committee_for follows the clock, and a checkpoint must verify the same forever.
+    return rule.committee_at(checkpoint_subject(epoch), 0, 0)
 
 
 # --- account summaries ---------------------------------------------------------------------

@@ -25,12 +25,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from protocols.codec import encode
-from protocols.errors import LocalProtocolError
+from protocols.errors import LocalProtocolError, ValidationError
 from protocols.signing import signing_bytes
 
 COMMITTEE_DOMAIN = "edgeswarm/committee/v1"
 REFEREE_DOMAIN = "edgeswarm/referees/v1"
 MAX_COMMITTEE = 64
+
+
+class UnknownCheckpoint(ValidationError):
+    """A fact names an epoch checkpoint this peer does not hold (yet): sync, then retry."""
 
 
 def fault_tolerance(n: int) -> int:
@@ -205,6 +209,18 @@ class CommitteeRule:
                 self._cache[account] = c
         return c
 
+    def cp_for(self, time_ms: int) -> int:
+        """The checkpoint a transfer made at ``time_ms`` is witnessed under (0: genesis)."""
+        return 0
+
+    def committee_at(self, account: str, cp: int, time_ms: int) -> Committee:
+        """The committee a certificate cast under checkpoint ``cp`` must carry a quorum of.
+        A plain rule has only the genesis (``cp == 0``); ``protocols.epochs.EpochRules``
+        follows the network's checkpoints."""
+        if cp != 0:
+            raise UnknownCheckpoint(f"checkpoint {cp}: this rule has only the genesis")
+        return self.committee_for(account)
+
     def referees_for(self, job_id: bytes, parties: Iterable[str]) -> RefereePanel:
         return select_referees(
             job_id,
@@ -236,6 +252,7 @@ __all__ = [
     "CommitteeRule",
     "EligibilityPolicy",
     "RefereePanel",
+    "UnknownCheckpoint",
     "closest",
     "describe_committee",
     "fault_tolerance",

@@ -372,7 +372,7 @@ class LedgerState:
 
     def ingest_certificate(self, cert: Certificate) -> bool:
         if not self._trusted:
-            cert.verify(self.rule.committee_for(cert.account))
+            cert.verify(self.rule.committee_at(cert.account, cert.cp, cert.time_ms))
         digest = cert.digest  # one object, shared by every index below
         if digest in self._ids:
             return False
@@ -528,7 +528,7 @@ class LedgerState:
         elif isinstance(fact, ArbitratedReceipt):
             fact.verify(self.rule.referees_for(fact.job_id, (fact.requester, fact.executor)))
         elif isinstance(fact, Certificate):
-            fact.verify(self.rule.committee_for(fact.account))
+            fact.verify(self.rule.committee_at(fact.account, fact.cp, fact.time_ms))
         elif isinstance(fact, FraudProof):
             c = fact.commitment.message
             fact.verify(self.rule.referees_for(c.job_id, (c.requester, c.executor)))

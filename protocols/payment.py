@@ -78,8 +78,12 @@ class PaymentSession:
     ) -> None:
         self.transfer = transfer
         self.receipt = receipt
-        self.committee = ledger.rule.committee_for(transfer.message.payer)
-        self._assembler = CertificateAssembler(transfer, self.committee)
+        t = transfer.message
+        # The committee of the newest checkpoint lag epochs before the transfer (a witness
+        # holding the same checkpoints draws the same one; see protocols.epochs).
+        self.cp = ledger.rule.cp_for(t.time_ms)
+        self.committee = ledger.rule.committee_at(t.payer, self.cp, t.time_ms)
+        self._assembler = CertificateAssembler(transfer, self.committee, self.cp)
         self._history_for = history_for
         self.refusals: dict[str, Refuse] = {}
         self.equivocation: EquivocationProof | None = None

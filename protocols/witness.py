@@ -145,6 +145,8 @@ class Witness:
         self.peer_id = peer_id_from_public_key(bytes(key.verify_key))
         self._locks: dict[tuple[str, int], LockRecord] = {}
         self._durable: set[tuple[str, int]] = set()
+        # The checkpoint each lock taken since start was voted under (epoch committees).
+        self._lock_cp: dict[tuple[str, int], int] = {}
         for record in durable_locks:
             key_ = (record.account, record.seq)
             if key_ in self._locks and self._locks[key_].digest != record.digest:
@@ -165,14 +167,19 @@ class Witness:
         """Decide on one transfer request. Raises ``RemoteProtocolError`` on bad signatures."""
         transfer.verify()
         t = transfer.message
-        if self.peer_id not in ledger.rule.committee_for(t.payer):
-            return Refuse(Refusal.NOT_IN_COMMITTEE, f"{self.peer_id} is not a witness of {t.payer}")
+        key = (t.payer, t.seq)
+        cp = self._lock_cp.get(key, ledger.rule.cp_for(t.time_ms))
+        if self.peer_id not in ledger.rule.committee_at(t.payer, cp, t.time_ms):
+            return Refuse(
+                Refusal.NOT_IN_COMMITTEE,
+                f"{self.peer_id} is not a witness of {t.payer} under checkpoint {cp}",
+            )
 
-        locked = self._locks.get((t.payer, t.seq))
+        locked = self._locks.get(key)
         if locked is not None:
             if locked.digest == transfer.digest:
-                if (t.payer, t.seq) in self._durable:
-                    return ReplyVote(sign_vote(self._key, transfer))
+                if key in self._durable:
+                    return ReplyVote(sign_vote(self._key, transfer, cp))
                 return PersistLock(locked)  # still in flight: persisting twice is harmless
             return ReportEquivocation(EquivocationProof.of(locked.transfer, transfer))
 
@@ -193,7 +200,8 @@ class Witness:
             return refusal
 
         record = LockRecord(transfer)
-        self._locks[(t.payer, t.seq)] = record
+        self._locks[key] = record
+        self._lock_cp[key] = cp
         return PersistLock(record)
 
     def _check_receipt(
@@ -250,7 +258,7 @@ class Witness:
         if held is None or held.digest != record.digest:
             raise LocalProtocolError(f"no pending lock for {key} with this digest")
         self._durable.add(key)
-        return ReplyVote(sign_vote(self._key, record.transfer))
+        return ReplyVote(sign_vote(self._key, record.transfer, self._lock_cp.get(key, 0)))
 
     def lock_failed(self, record: LockRecord) -> None:
         """Persisting failed (no vote was released): drop the pending lock."""
@@ -258,6 +266,7 @@ class Witness:
         held = self._locks.get(key)
         if key not in self._durable and held is not None and held.digest == record.digest:
             del self._locks[key]
+            self._lock_cp.pop(key, None)
 
 
 # --- wire: /edgeswarm/ledger/1 certify request ------------------------------------------------

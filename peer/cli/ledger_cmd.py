@@ -21,8 +21,10 @@ from peer.ledger_store import (
     read_snapshot,
     verify_snapshot,
 )
+from peer.settlement.epochs import with_epoch_rules
 from peer.settlement_paths import NetworkError, ledger_dir
 from protocols.committee import describe_committee
+from protocols.epochs import EpochRules
 from protocols.errors import ProtocolError
 from protocols.ledger_state import LedgerState
 
@@ -52,7 +54,9 @@ NetworkOpt = Annotated[
 def _snapshot(data_dir: Any, network: str | None = None) -> LedgerSnapshot:
     cfg = config_from_cli(data_dir=data_dir)
     try:
-        return read_snapshot(db_path(ledger_dir(cfg.data_dir, network)))
+        where = ledger_dir(cfg.data_dir, network)
+        snap = read_snapshot(db_path(where))
+        return with_epoch_rules(snap, where)
     except (StoreError, NetworkError) as exc:
         fail(str(exc))
 
@@ -220,11 +224,17 @@ def status(
         "account": account,
         "committee": None,
         "eligible_pool": None,
+        "epochs": None,
     }
+    rule = ledger.rule if ledger is not None else None
+    if isinstance(rule, EpochRules):
+        rule.tick(int(_time.time() * 1000))
+        out["epochs"] = rule.describe()
     if ledger is not None and account is not None:
         try:
             committee = ledger.rule.committee_for(account)
-            out["committee"] = describe_committee(committee, ledger.rule)
+            current = rule.current_rule if isinstance(rule, EpochRules) else ledger.rule
+            out["committee"] = describe_committee(committee, current)
         except ProtocolError as exc:  # this account is the only witness there is
             out["committee"] = {"members": [], "size": 0, "degraded": True, "error": str(exc)}
     if ledger is not None and genesis is not None:
@@ -233,7 +243,7 @@ def status(
             "members": sorted(pool),
             "size": len(pool),
             "needed": 3 * genesis.f + 1,
-            "used_for_committees": False,
+            "used_for_committees": isinstance(rule, EpochRules),
         }
     if json_out:
         print_json(out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -38,6 +39,11 @@ class SettlementConfig:
     retry_interval: float = 2.0  # first backoff for a payment that found no quorum
     max_retry_interval: float = 60.0
     gossip: bool = True  # publish certificates and proofs on GOSSIP_TOPIC
+    # Epoch checkpoints (peer.settlement.epochs): where they are stored (None: no epoch
+    # service), whether this peer stands for the pool, and what a newcomer must have earned.
+    epochs_dir: Path | None = None
+    stand: bool = False
+    eligible_earned: int = 0
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from peer.settlement.base import (
     SyncResult,
 )
 from peer.settlement.checkpointer import Checkpointer
+from peer.settlement.epochs import EpochFiles, EpochService, epoch_rules
 from peer.settlement.fact_sync import FactSync
 from peer.settlement.ledger_rpc import LedgerClient
 from peer.settlement.network import GENESIS_PROTOCOL, resolve_genesis, serve_genesis
@@ -51,6 +52,7 @@ from peer.settlement.witness_server import WitnessServer
 from peer.settlement_paths import NoNetwork, remember_network
 from protocols.certificate import Certificate
 from protocols.committee import CommitteeRule
+from protocols.epochs import EpochRules
 from protocols.errors import ProtocolError
 from protocols.genesis import Genesis
 from protocols.identity import peer_id_from_public_key
@@ -131,6 +133,21 @@ class SettlementService:
         self.payer.identity_ready = self.identity_ready
         # The network this ledger belongs to (set by open_peer_settlement).
         self.genesis: Genesis | None = None
+        # Epoch checkpoints: committees drawn from the network's pool (protocols.epochs).
+        self.epochs: EpochService | None = None
+        rule = store.ledger.rule
+        if isinstance(rule, EpochRules) and config.epochs_dir is not None:
+            self.epochs = EpochService(
+                host,
+                key,
+                self.facts,
+                rule,
+                EpochFiles(config.epochs_dir),
+                min_earned=config.eligible_earned,
+                stand=config.stand,
+                sync_interval=config.sync_interval,
+                clock=clock,
+            )
 
     # --- state ----------------------------------------------------------------------------
 
@@ -296,6 +313,8 @@ class SettlementService:
             async with trio.open_nursery() as nursery:
                 await self._ensure_identity(nursery)
                 await nursery.start(self.server.run)
+                if self.epochs is not None:
+                    await nursery.start(self.epochs.run)
                 await nursery.start(self.fact_sync.run)
                 await nursery.start(self.payer.run)
                 await nursery.start(self.checkpointer.run)
@@ -436,11 +455,17 @@ async def open_peer_settlement(
         source,
         path,
     )
-    settings = settings or SettlementConfig(sync_interval=config.ledger_sync_interval)
+    settings = settings or SettlementConfig(
+        sync_interval=config.ledger_sync_interval,
+        epochs_dir=path,
+        stand=role == "peer",
+        eligible_earned=genesis.eligible_earned,
+    )
+    rules = await trio.to_thread.run_sync(epoch_rules, genesis, path)
     serve_genesis(peer.host, genesis)
     try:
         async with (
-            open_ledger_store(path, genesis.rule(), policy or genesis.policy()) as store,
+            open_ledger_store(path, rules, policy or genesis.policy()) as store,
             open_settlement(peer, store, settings) as service,
         ):
             service.genesis = genesis

@@ -1,9 +1,11 @@
-"""A network outlives its bootstrap node (real processes): the only bootstrap node is
-SIGKILLed, a serving peer's address is given as --bootstrap, and jobs keep running and
-their payments keep being certified.
+"""A network outlives its bootstrap node (real processes, issue 10).
 
-The network's genesis names four witnesses (the bootstrap node and the three serving
-peers, as the demo's does), so the committee of 4 (f = 1) certifies with 3 of them.
+One bootstrap node founds the network: the genesis names it as the *only* witness
+(n = 1, f = 0). Four serving peers join; at every epoch the checkpoint committee
+certifies a pool checkpoint listing the live, eligible peers (protocols.epochs), and
+once the pool has 4 aged members, payment committees are drawn from it and no longer
+from the genesis witness. Then the bootstrap node is SIGKILLed, a serving peer's
+address is given as --bootstrap, and jobs keep running with their payments certified.
 """
 
 from __future__ import annotations
@@ -18,43 +20,61 @@ import pytest
 import trio
 
 from edge_models.registry import Registry
-from peer.config import Config
-from peer.identity import load_or_create_identity, peer_id_of
 from peer.local_swarm import local_swarm, peer_args
 from tests.models import tiny_add_model
 
 CLI = [sys.executable, "-m", "peer.cli"]
 LOCAL = "/ip4/127.0.0.1/tcp/0"
-BEFORE, AFTER = 2, 4
+BEFORE, AFTER = 2, 6
+SERVING = 4
 
 
-async def infer(env: dict[str, str], *args: str) -> dict[str, object]:
+async def cli_json(env: dict[str, str], *args: str) -> dict[str, object]:
     with trio.fail_after(120):
         done = await trio.run_process(
-            [*CLI, "infer", *args, "--json"],
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            env=env,
+            [*CLI, *args, "--json"], capture_stdout=True, capture_stderr=True, check=False, env=env
         )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     report: dict[str, object] = json.loads(done.stdout)
     return report
 
 
+async def wait_for_pool(env: dict[str, str], data_dir: Path, boot: str, size: int) -> dict:
+    """Poll the peer's ``ledger status`` (bounded) until committees are drawn from a pool of
+    ``size`` members that does not hold the bootstrap node."""
+    epochs: dict = {}
+    with trio.fail_after(120):
+        for _ in range(200):  # bounded; each status call is a CLI process (~1 s)
+            status = await cli_json(env, "ledger", "status", "--data-dir", str(data_dir))
+            epochs = status.get("epochs") or {}  # type: ignore[assignment]
+            pool = epochs.get("pool") or []
+            if len(pool) >= size and boot not in pool:
+                return epochs
+            await trio.sleep(0.5)  # polling a separate process's files: nothing to wait on
+    raise AssertionError(f"the pool never reached {size}: {epochs}")
+
+
 @pytest.mark.timeout(600)
-async def test_payments_are_certified_after_the_bootstrap_node_is_killed(tmp_path: Path) -> None:
+async def test_payments_are_certified_after_the_only_bootstrap_node_is_killed(
+    tmp_path: Path,
+) -> None:
     root = tmp_path / "swarm"
-    names = ["boot", "p0", "p1", "p2"]
-    ids = [peer_id_of(load_or_create_identity(Config(data_dir=root / n).key_path)) for n in names]
     env = {
-        "EDGESWARM_LEDGER_WITNESSES": ",".join(ids),
+        "EDGESWARM_LEDGER_EPOCH": "1",
+        "EDGESWARM_LEDGER_ELIGIBLE_AGE": "1",
+        "EDGESWARM_LEDGER_ELIGIBLE_EARNED": "0",
+        "EDGESWARM_LEDGER_POW_BITS": "8",
         "EDGESWARM_LEDGER_BASE_LIMIT": "100",
         "EDGESWARM_LEDGER_SYNC_INTERVAL": "0.5",
         "EDGESWARM_BID_WINDOW": "0.5",
     }
     full = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
-    for var in ("EDGESWARM_BOOTSTRAP", "EDGESWARM_LISTEN", "EDGESWARM_DATA_DIR"):
+    for var in (
+        "EDGESWARM_BOOTSTRAP",
+        "EDGESWARM_LISTEN",
+        "EDGESWARM_DATA_DIR",
+        "EDGESWARM_LEDGER_WITNESSES",
+    ):
         full.pop(var, None)
     x = np.arange(4, dtype=np.float32)
     np.save(tmp_path / "x.npy", x)
@@ -62,22 +82,27 @@ async def test_payments_are_certified_after_the_bootstrap_node_is_killed(tmp_pat
         boot = await swarm.start("boot", "bootstrap", "--listen", LOCAL, env=env)
         cid = ""
         peers = []
-        for n in names[1:]:
-            registry = Registry(root / n / "models")
+        for n in range(SERVING):
+            registry = Registry(root / f"p{n}" / "models")
             cid = registry.add_file(tiny_add_model(tmp_path / "tiny.onnx"), "tiny_add").cid
-            peers.append(await swarm.start(n, *peer_args([boot.address]), env=env))
+            peers.append(await swarm.start(f"p{n}", *peer_args([boot.address]), env=env))
+        # The genesis names only the bootstrap node; committees move to the pool.
+        genesis = await cli_json(full, "ledger", "status", "--data-dir", str(peers[0].data_dir))
+        assert genesis["genesis"]["witnesses"] == [boot.peer_id]  # type: ignore[index]
+        epochs = await wait_for_pool(full, peers[0].data_dir, boot.peer_id, SERVING)
+        print(f"pool before the kill: {epochs}")
         common = ["--input", f"x={tmp_path / 'x.npy'}", "--input", f"y={tmp_path / 'x.npy'}"]
         common += ["--data-dir", str(tmp_path / "app"), "--output-dir", str(tmp_path / "out")]
         payments = []
         for _ in range(BEFORE):
-            report = await infer(full, cid, "--bootstrap", boot.address, *common)
+            report = await cli_json(full, "infer", cid, "--bootstrap", boot.address, *common)
             payments.append(str(report["payment"]))
         boot.process.kill()  # SIGKILL: no goodbye
         with trio.fail_after(10):
             await boot.process.wait()
         for i in range(AFTER):
             entry = peers[i % len(peers)].address  # any running peer's address works
-            report = await infer(full, cid, "--bootstrap", entry, *common)
+            report = await cli_json(full, "infer", cid, "--bootstrap", entry, *common)
             payments.append(str(report["payment"]))
         certified = [p for p in payments if p.startswith("certified")]
         print(f"certified {len(certified)} of {len(payments)} ({AFTER} after the SIGKILL)")
