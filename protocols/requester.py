@@ -559,6 +559,8 @@ class RequesterJob:
         me = self.request.requester
         if self.phase is not Phase.AWARDED or cur is None or cur.award is not None:
             return []  # a local run that was revoked (too slow) or never awarded
+        if self.now > self.request.deadline:
+            return self._fail_no_time()  # as for a remote result: too late is too late
         if not event.outputs_ok:
             problem = event.problem or "bad outputs"
             return [CancelAward(me, problem), *self._after_failure(me, problem)]

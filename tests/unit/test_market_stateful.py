@@ -2,7 +2,9 @@
 
 Requester: exactly one outcome per job, never two awards outstanding, no
 award to the same executor twice, no award at/after the deadline, no
-completion after it, nothing at all after the outcome.
+completion after it, nothing at all after the outcome. With self-award
+(``LocalBid``) in the mix: a local run counts as an award for all of these,
+and a bid from the wire in the requester's name never wins.
 
 Executor: never starts one ``(job_id, seq)`` twice, never accepts an award it
 did not bid for (same job, requester, price, before the bid expired and the
@@ -49,14 +51,18 @@ from protocols.requester import (
     BidReceived,
     CancelAward,
     Complete,
+    CompleteLocally,
     DeadlineReached,
     ExecutorGone,
     Fail,
+    LocalBid,
+    LocalFinished,
     Phase,
     Publish,
     RequesterJob,
     RequesterPolicy,
     ResultReceived,
+    RunLocally,
     SendAward,
     StartTimer,
     TimerFired,
@@ -106,6 +112,7 @@ class RequesterMachine(RuleBasedStateMachine):
         self.awarded: list[str] = []
         self.award_price: dict[str, int] = {}
         self.terminals = 0
+        self.local_bid = False
         self.apply(self.job.start())
 
     def apply(self, actions: list[Any]) -> None:
@@ -122,9 +129,22 @@ class RequesterMachine(RuleBasedStateMachine):
                 assert self.now < DEADLINE, "award at or past the deadline"
                 assert a.executor not in self.awarded, "same executor awarded twice"
                 assert a.award.price <= 1_000 and a.award.deadline == DEADLINE
+                assert a.executor != REQ, "an Award to the requester itself"
                 self.outstanding = a.executor
                 self.awarded.append(a.executor)
                 self.award_price[a.executor] = a.award.price
+            elif isinstance(a, RunLocally):
+                assert self.outstanding is None, "two awards outstanding"
+                assert self.now < DEADLINE, "local run at or past the deadline"
+                assert REQ not in self.awarded, "ran locally twice"
+                assert self.local_bid, "ran locally without a LocalBid"
+                self.outstanding = REQ
+                self.awarded.append(REQ)
+            elif isinstance(a, CompleteLocally):
+                assert self.now <= DEADLINE, "completed after the deadline"
+                assert self.outstanding == REQ and a.bid.executor == REQ
+                self.outstanding = None
+                self.terminals += 1
             elif isinstance(a, CancelAward):
                 assert a.executor == self.outstanding
                 self.outstanding = None
@@ -178,6 +198,16 @@ class RequesterMachine(RuleBasedStateMachine):
         )
         self.send(BidReceived(b, now=self.now))
 
+    @rule(price=st.integers(0, 1_100), eta_ms=st.integers(0, 800) | st.integers(0, 9_000))
+    def local_bid(self, price: int, eta_ms: int) -> None:
+        self.local_bid = True
+        self.send(LocalBid(price=price, eta_ms=eta_ms, now=self.now))
+
+    @rule(ok=st.sampled_from([True, True, False]))
+    def local_finished(self, ok: bool) -> None:
+        """The local run reports (also when none runs: a stale report is ignored)."""
+        self.send(LocalFinished(outputs_ok=ok, now=self.now))
+
     @rule(data=st.data(), gone=st.booleans())
     def award_fails(self, data: st.DataObject, gone: bool) -> None:
         executor = data.draw(self.some_executor())
@@ -196,6 +226,8 @@ class RequesterMachine(RuleBasedStateMachine):
     )
     def result(self, data: st.DataObject, ok: bool, price_delta: int, count: int) -> None:
         executor = data.draw(self.some_executor())
+        if executor == REQ:
+            return  # no commitment can name the requester as executor
         price = self.award_price.get(executor, 0) * count + price_delta
         c = ResultCommitment(
             job_id=JOB,
@@ -219,7 +251,7 @@ class RequesterMachine(RuleBasedStateMachine):
     @rule(price_delta=st.sampled_from([1, -1]))
     def overcharging_result(self, price_delta: int) -> None:
         """The awarded executor asks for a different price than agreed."""
-        if self.outstanding is None or self.award_price[self.outstanding] + price_delta < 0:
+        if self.outstanding in (None, REQ) or self.award_price[self.outstanding] + price_delta < 0:
             return
         c = ResultCommitment(
             job_id=JOB,
@@ -244,6 +276,9 @@ class RequesterMachine(RuleBasedStateMachine):
             return
         if stall:
             self.now = max(self.now, DEADLINE + stall)
+        if self.outstanding == REQ:
+            self.send(LocalFinished(outputs_ok=True, now=self.now))
+            return
         c = ResultCommitment(
             job_id=JOB,
             requester=REQ,

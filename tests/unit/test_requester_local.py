@@ -33,6 +33,7 @@ from protocols.requester import (
     BidReceived,
     CancelAward,
     CompleteLocally,
+    DeadlineExceeded,
     Fail,
     InputSent,
     LocalBid,
@@ -188,3 +189,13 @@ def test_executor_quote_is_the_bid_it_would_send_others() -> None:
     assert state.quote(request(model_cid="0" * 64), T0) == "model not served"
     # ...and quoting records no open bid (awards to ourselves never go through the state).
     assert state.job_phase(JOB).value == "unknown"
+
+
+def test_a_local_result_after_the_deadline_is_not_accepted() -> None:
+    """As for a remote result (fails if ``_on_local_finished`` drops its deadline check)."""
+    job, _ = started()  # deadline T0 + 10
+    job.handle(local())
+    assert isinstance(job.handle(TimerFired(now=T0 + 0.5))[0], RunLocally)
+    actions = job.handle(LocalFinished(outputs_ok=True, now=T0 + 10.5))
+    assert isinstance(actions[0], CancelAward) and actions[0].executor == REQ
+    assert isinstance(actions[-1], Fail) and isinstance(actions[-1].error, DeadlineExceeded)
