@@ -15,6 +15,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import nacl.signing
@@ -42,6 +43,21 @@ from protocols.signed import Signed
 from protocols.witness import Refusal, TransferRequest
 
 log = logging.getLogger(__name__)
+
+# Failed attempts of one payment before it is reported stuck; it is then retried only
+# every max_retry_interval, whatever news arrives (a signed seq cannot be skipped).
+STUCK_AFTER = 5
+
+
+@dataclass(frozen=True)
+class StuckPayment:
+    """A payment the witnesses keep refusing (what ``Payer.stuck`` reports)."""
+
+    receipt_id: bytes
+    attempts: int
+    error: str
+    since: float  # clock() when it was first reported
+
 
 # Spreads facts to some peers and the gossip topic (FactSync.spread).
 Spread = Callable[[list[tuple[FactKind, bytes]], Iterable[str]], None]
@@ -77,6 +93,10 @@ class Payer:
         self.identity_ready = trio.Event()
         self.identity_ready.set()
         facts.on_new.append(self.wake)
+        # The payment that blocks the others after STUCK_AFTER refusals (None: none), and
+        # an event set whenever that changes.
+        self.stuck: StuckPayment | None = None
+        self.stuck_changed = trio.Event()
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -252,9 +272,20 @@ class Payer:
             finally:
                 self._nursery = None
 
+    def _set_stuck(self, stuck: StuckPayment | None) -> None:
+        self.stuck = stuck
+        self.stuck_changed.set()
+        self.stuck_changed = trio.Event()
+
     async def _pay_forever(self) -> None:
-        """Resend pending transfers and pay what we owe, with backoff."""
+        """Resend pending transfers and pay what we owe, with backoff. A payment refused
+        ``STUCK_AFTER`` times is reported (``stuck``, an error log) and then retried only
+        every ``max_retry_interval``: our later payments wait behind it, since a transfer
+        we signed must be certified before the next seq (skipping it would mean signing
+        another transfer for its seq, an equivocation)."""
         delay = self.config.retry_interval
+        failing: bytes | None = None
+        failures = 0
         await self.identity_ready.wait()
         while True:
             work = [r for _, r in self.store.outgoing()] + self.unpaid()
@@ -262,10 +293,36 @@ class Payer:
                 await self._wake.wait()
                 self._wake = trio.Event()
                 continue
+            rid = work[0].receipt_id
             try:
                 await self.pay(work[0])
                 delay = self.config.retry_interval
+                failing, failures = None, 0
+                if self.stuck is not None:
+                    log.warning(
+                        "the stuck payment %s is certified", self.stuck.receipt_id.hex()[:16]
+                    )
+                    self._set_stuck(None)
             except (PaymentFailed, SettlementError, StoreError) as exc:
+                if rid != failing:
+                    failing, failures = rid, 0
+                failures += 1
+                if failures >= STUCK_AFTER:
+                    if self.stuck is None or self.stuck.receipt_id != rid:
+                        log.error(
+                            "payment of receipt %s refused %d times, retrying every %.0f s; "
+                            "later payments wait for it: %s",
+                            rid.hex()[:16],
+                            failures,
+                            self.config.max_retry_interval,
+                            exc,
+                        )
+                    since = self.stuck.since if self.stuck is not None else self.clock()
+                    self._set_stuck(StuckPayment(rid, failures, str(exc)[:400], since))
+                    # Bounded: news (any new fact wakes the payer) no longer retries early.
+                    await trio.sleep(self.config.max_retry_interval * random.uniform(0.8, 1.2))
+                    self._wake = trio.Event()
+                    continue
                 log.warning("payment failed, retrying in %.1f s: %s", delay, exc)
                 with trio.move_on_after(delay * random.uniform(0.8, 1.2)):
                     await self._wake.wait()  # news (a certificate, a refill) retries early
