@@ -17,6 +17,8 @@ core serves every peer: a pessimistic floor for a real network.
     at two sync intervals);
   * spot check: what checking one job costs on top of running it twice
     (compare outputs, digests, a referee verdict, a fraud proof check);
+  * growth_checkpointed: the same facts with a checkpoint adopted every 10k facts: rows
+    held at the end, adoption time, write cost and RSS (what pruning bounds);
   * growth: 1M facts (100k with --quick: receipts and the certificates that pay
     them, 1000 payers) written into one ledger store in batches of 256, as sync
     delivers them; the write cost of the first and the last tenth, and the RSS
@@ -62,6 +64,7 @@ from peer.node import open_peer
 from peer.settlement import SettlementConfig, SettlementService, open_settlement
 from protocols import signing
 from protocols.certificate import Certificate, CertificateAssembler, sign_vote
+from protocols.checkpoint import make_checkpoint, rule_id, sign_checkpoint
 from protocols.committee import CommitteeRule
 from protocols.identity import peer_id_from_public_key
 from protocols.ledger import CreditPolicy, Transfer, sign_transfer
@@ -659,7 +662,64 @@ async def bench_growth(total: int, tmp: Path) -> dict[str, Any]:
     }
 
 
-SECTIONS = ("growth", "verify", "certify", "converge", "spot_check")
+async def bench_growth_checkpointed(total: int, every: int, tmp: Path) -> dict[str, Any]:
+    """``growth``'s facts into one ledger, with a checkpoint (signed by the one witness)
+    adopted after every ``every`` facts: rows, memory and write cost stay bounded."""
+    wkey = key(4000)
+    rule = CommitteeRule(beacon=BEACON, fallback=frozenset({pid(wkey)}), f=0)
+    payers = frozenset(pid(key(5000 + i)) for i in range(1000))
+    policy = CreditPolicy(genesis=payers, base_limit=10**12, max_limit=10**12)
+    proc = psutil.Process()
+    write_cpu: list[tuple[int, float]] = []
+    adopt_ms: list[float] = []
+    rss_after: list[float] = []  # RSS growth (MB) after each checkpoint: a plateau = bounded
+    async with open_ledger_store(tmp / "growth-cp", rule, policy) as store:
+        gc.collect()
+        rss0 = proc.memory_info().rss
+        done = since = 0
+        for items in growth_batches(total):
+            c0 = time.process_time()
+            results = await store.add_facts(items)
+            write_cpu.append((len(items), time.process_time() - c0))
+            assert all(r is True for r in results)
+            done += len(items)
+            since += len(items)
+            if since >= every:
+                since = 0
+                header, _ = store.ledger.checkpoint_draft(now_ms() + 10**9, rule_id(rule))
+                cp = make_checkpoint(header, [sign_checkpoint(wkey, header)])
+                t0 = time.perf_counter()
+                await store.adopt_checkpoint(cp)
+                adopt_ms.append((time.perf_counter() - t0) * 1000)
+                rss_after.append(round((proc.memory_info().rss - rss0) / 2**20, 1))
+        gc.collect()
+        rss1 = proc.memory_info().rss
+        rows = store.fact_count()
+        held = len(store.ledger)
+        accounts = len(store.ledger.checkpoint_accounts())
+
+    def tenth_us(which: int) -> float:
+        lo, hi = which * len(write_cpu) // 10, (which + 1) * len(write_cpu) // 10
+        part = write_cpu[lo:hi]
+        return round(1e6 * sum(c for _, c in part) / max(1, sum(n for n, _ in part)), 1)
+
+    return {
+        "facts": total,
+        "checkpoint_every": every,
+        "checkpoints": len(adopt_ms),
+        "rows_at_end": rows,
+        "facts_held_at_end": held,
+        "accounts": accounts,
+        "adopt_ms_p50": round(statistics.median(adopt_ms), 1) if adopt_ms else None,
+        "adopt_ms_max": round(max(adopt_ms), 1) if adopt_ms else None,
+        "write_us_first_decile": tenth_us(0),
+        "write_us_last_decile": tenth_us(9),
+        "rss_mb_per_100k_facts": round((rss1 - rss0) / 2**20 / (total / 100_000), 2),
+        "rss_mb_growth_after_each_checkpoint": rss_after,
+    }
+
+
+SECTIONS = ("growth", "verify", "certify", "converge", "spot_check", "growth_checkpointed")
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -672,6 +732,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             results["growth"] = await bench_growth(100_000 if args.quick else 1_000_000, tmp)
             results["growth"]["baseline_sqlite"] = sqlite_baseline(tmp, 200, 40)
             print(json.dumps(results["growth"], indent=1), flush=True)
+        if "growth_checkpointed" in only:
+            print("growth with checkpoints ...", flush=True)
+            results["growth_checkpointed"] = await bench_growth_checkpointed(
+                100_000 if args.quick else 1_000_000, 10_000, tmp
+            )
+            print(json.dumps(results["growth_checkpointed"], indent=1), flush=True)
         if "verify" in only:
             print("verify ...", flush=True)
             results["verify"] = await bench_verify(1000 if args.quick else 4000, tmp)
