@@ -46,7 +46,7 @@ from protocols.checkpoint import (
 from protocols.codec import decode, encode
 from protocols.committee import CommitteeRule
 from protocols.errors import DecodeError, LocalProtocolError, ValidationError
-from protocols.ledger import CreditPolicy, IdentityProof, Transfer
+from protocols.ledger import CreditPolicy, IdentityProof, Transfer, open_transfer
 from protocols.market_fields import check_body, want_bytes, want_int
 from protocols.proofs import ArbitratedReceipt, EquivocationProof, FraudProof, PayableReceipt
 from protocols.receipt import Receipt
@@ -257,6 +257,17 @@ class _Incoming:
 
 
 _SLOT_MASK = (1 << _SLOT_BITS) - 1
+# Facts re-ingested after a checkpoint: checkpoints and identities, then payments, then the
+# rest (the fold does not depend on the order; this one keeps the indexes' work small).
+_REBUILD_ORDER = {
+    FactKind.CHECKPOINT: 0,
+    FactKind.IDENTITY_PROOF: 1,
+    FactKind.CERTIFICATE: 2,
+    FactKind.FRAUD_PROOF: 3,
+    FactKind.EQUIVOCATION_PROOF: 3,
+    FactKind.RECEIPT: 4,
+    FactKind.ARBITRATED_RECEIPT: 4,
+}
 
 
 class LedgerState:
@@ -597,32 +608,42 @@ class LedgerState:
     def latest_checkpoint_epoch(self) -> int:
         return max(self._checkpoints, default=0)
 
-    def _covered_certs(self, cut_ms: int | None, upto: dict[str, int] | None) -> list[Certificate]:
-        """Canonical certificates past the base that a checkpoint covers: per payer the run of
-        seqs from its base with transfer time before ``cut_ms`` (or below ``upto[payer]``).
-        Cost: the certificates covered (read back), plus one step per payer."""
-        out: list[Certificate] = []
+    def _transfer(self, digest: bytes) -> Transfer:
+        """The transfer of a held certificate, parsed alone (its votes are not opened)."""
+        item = self.blobs.get(digest)
+        if item is None or item[0] is not FactKind.CERTIFICATE:
+            raise LocalProtocolError(f"certificate {digest.hex()[:16]} is held but not stored")
+        raw = decode(item[1], max_size=Certificate.MAX_BYTES)
+        return open_transfer(raw["t"], verify=False).message
+
+    def _covered(
+        self, cut_ms: int | None, upto: dict[str, int] | None
+    ) -> list[tuple[bytes, Transfer]]:
+        """(digest, transfer) of the canonical certificates past the base that a checkpoint
+        covers: per payer the run of seqs from its base with transfer time before
+        ``cut_ms`` (or below ``upto[payer]``). Cost: the certificates covered (their
+        transfers read back), plus one step per payer."""
+        out: list[tuple[bytes, Transfer]] = []
         for payer, seqs in self._seqs.items():
             base = self._base.get(payer)
             s = 1 if base is None else base.next_seq
             stop = None if upto is None else upto.get(payer, 1)
             while s in seqs and (stop is None or s < stop):
-                cert = self._certificate(seqs[s])
-                if cut_ms is not None and cert.transfer.message.time_ms >= cut_ms:
+                t = self._transfer(seqs[s])
+                if cut_ms is not None and t.time_ms >= cut_ms:
                     break
-                out.append(cert)
+                out.append((seqs[s], t))
                 s += 1
         return out
 
     def _summarize(
-        self, certs: Sequence[Certificate]
+        self, covered: Sequence[tuple[bytes, Transfer]]
     ) -> tuple[tuple[int, int], list[AccountSummary]]:
-        """The base plus ``certs`` folded: (covered digest, account rows)."""
+        """The base plus ``covered`` folded: (covered digest, account rows)."""
         rows = {a: [b.balance, b.next_seq, b.received, b.earned] for a, b in self._base.items()}
         total, count = (0, 0) if self._checkpoint is None else self._checkpoint.header.covered
-        for cert in certs:
-            t = cert.transfer.message
-            total += digest_element(cert.digest)
+        for digest, t in covered:
+            total += digest_element(digest)
             count += 1
             payer = rows.setdefault(t.payer, [0, 1, 0, 0])
             payer[1] = max(payer[1], t.seq + 1)
@@ -637,16 +658,14 @@ class LedgerState:
         accounts = [AccountSummary(a, *r) for a, r in sorted(rows.items()) if r != [0, 1, 0, 0]]
         return (total % _DIGEST_MOD, count), accounts
 
-    def checkpoint_draft(
+    def _draft(
         self, cut_ms: int, network: bytes
-    ) -> tuple[CheckpointHeader, list[AccountSummary]]:
-        """The next checkpoint as this ledger sees it: it covers, per payer, the certified
-        seqs after the adopted checkpoint whose transfer time is before ``cut_ms``. Every
-        honest member computes the same header from the same facts (and signs only that)."""
+    ) -> tuple[CheckpointHeader, list[AccountSummary], list[tuple[bytes, Transfer]]]:
         prev = self._checkpoint
         if prev is not None and cut_ms < prev.header.cut_ms:
             raise LocalProtocolError("a checkpoint's cut cannot go back")
-        (total, count), accounts = self._summarize(self._covered_certs(cut_ms, None))
+        covered = self._covered(cut_ms, None)
+        (total, count), accounts = self._summarize(covered)
         header = CheckpointHeader(
             network=network,
             epoch=1 if prev is None else prev.epoch + 1,
@@ -657,6 +676,16 @@ class LedgerState:
             accounts=accounts_hash(accounts),
             n_accounts=len(accounts),
         )
+        return header, accounts, covered
+
+    def checkpoint_draft(
+        self, cut_ms: int, network: bytes
+    ) -> tuple[CheckpointHeader, list[AccountSummary]]:
+        """The next checkpoint as this ledger sees it: it covers, per payer, the certified
+        seqs after the adopted checkpoint whose transfer time is before ``cut_ms``. Every
+        honest member computes the same header from the same facts (and signs only that).
+        Cost: the certificates it covers are read back (their transfers only)."""
+        header, accounts, _ = self._draft(cut_ms, network)
         return header, accounts
 
     def adopt_checkpoint(
@@ -670,16 +699,19 @@ class LedgerState:
         the facts held and must equal the header (else ``NeedAccounts``); with them, the
         rows must hash to the header, and if every covered certificate is held their set
         digest must equal the header's (a quorum cannot make a ledger that holds the facts
-        accept another history). Cost: one pass over the facts still held."""
+        accept another history). Cost: the covered transfers and the facts still held are
+        read once; pruned receipts are not parsed."""
         cp.verify(self.rule)
         self._check_chain(cp)
         h = cp.header
+        covered: dict[bytes, Transfer] = {}
         if accounts is None:
-            own, rows = self.checkpoint_draft(h.cut_ms, h.network)
+            own, rows, pairs = self._draft(h.cut_ms, h.network)
             if own.digest != h.digest:
                 raise NeedAccounts(
                     f"checkpoint {cp.epoch} does not match the facts held here: fetch its accounts"
                 )
+            covered = dict(pairs)
         else:
             rows = list(accounts)
             check_accounts(rows)
@@ -688,13 +720,15 @@ class LedgerState:
             upto = {r.account: r.next_seq for r in rows}
             if all(self.next_seq(a) >= n for a, n in upto.items()):
                 # Every covered certificate is held: their digest must be the header's.
-                digest, _ = self._summarize(self._covered_certs(None, upto))
+                pairs = self._covered(None, upto)
+                digest, _ = self._summarize(pairs)
                 if digest != h.covered:
                     raise ValidationError(
                         f"checkpoint {cp.epoch}: its covered digest differs from the "
                         "certificates held here"
                     )
-        return self._rebuild(cp, rows)
+                covered = dict(pairs)
+        return self._rebuild(cp, rows, covered)
 
     def _check_chain(self, cp: Checkpoint) -> None:
         """``cp`` follows the adopted checkpoint (or the first), through the held ones between."""
@@ -736,54 +770,59 @@ class LedgerState:
             raise ValidationError(f"checkpoint {cp.epoch}: account rows do not match it")
         self._set_base(cp, rows)
 
-    def _rebuild(self, cp: Checkpoint, rows: Sequence[AccountSummary]) -> Adoption:
+    def _rebuild(
+        self, cp: Checkpoint, rows: Sequence[AccountSummary], covered: dict[bytes, Transfer]
+    ) -> Adoption:
+        """Drop what ``rows`` cover and re-index the rest on them (read, not re-verified)."""
         base = {r.account: r for r in rows}
-        kept: list[tuple[int, FactKind, bytes]] = []
-        pruned: list[bytes] = []
-        tombstones: list[bytes] = []
+        pruned: set[bytes] = set()
         paid_ids: set[bytes] = set()
-        receipts: list[tuple[bytes, FactKind, bytes, bytes]] = []
-        for fid in list(self._ids):
+        for payer, seqs in self._seqs.items():
+            row = base.get(payer)
+            if row is None:
+                continue
+            for s, digest in seqs.items():
+                if s < row.next_seq:
+                    pruned.add(digest)
+                    t = covered.get(digest) or self._transfer(digest)
+                    paid_ids.add(t.receipt_id)
+        for (payer, s), digests in self._conflicts.items():  # > f byzantine: rare
+            row = base.get(payer)
+            if row is not None and s < row.next_seq:
+                pruned.update(digests)
+        pruned_receipts = [rid for rid in paid_ids if rid in self._ids]
+        pruned.update(pruned_receipts)
+        was_paid = set(self._paid_commitments)
+        kept: list[tuple[int, FactKind, bytes]] = []
+        for fid in self._ids:
+            if fid in pruned:
+                continue
             item = self.blobs.get(fid)
             if item is None:
                 raise LocalProtocolError(f"fact {fid.hex()[:16]} is held but not stored")
             kind, data = item
-            if kind is FactKind.CERTIFICATE:
-                cert = Certificate.from_bytes(data)
-                t = cert.transfer.message
-                row = base.get(t.payer)
-                if row is not None and t.seq < row.next_seq:
-                    pruned.append(fid)
-                    paid_ids.add(t.receipt_id)
-                    continue
-                kept.append((2 + t.seq, kind, data))
-            elif kind in (FactKind.RECEIPT, FactKind.ARBITRATED_RECEIPT):
-                r = self.receipt(fid)
-                assert r is not None
-                receipts.append((fid, kind, data, r.commitment.digest))
-            else:
-                order = {FactKind.CHECKPOINT: 0, FactKind.IDENTITY_PROOF: 1}.get(kind, 1 << 62)
-                kept.append((order, kind, data))
-        for fid, kind, data, commitment in receipts:
-            if fid in paid_ids:
-                pruned.append(fid)
-                tombstones += [fid, commitment]
-            else:
-                kept.append((1 << 63, kind, data))
-        tombstones += sorted(paid_ids - set(tombstones))
+            kept.append((_REBUILD_ORDER[kind], kind, data))
         kept.sort(key=lambda k: k[0])
         self._reset()
         self._set_base(cp, rows)
         self.blobs.forget(pruned)
-        self.blobs.mark_paid(tombstones)
+        self.blobs.mark_paid(paid_ids)  # before re-ingesting: a held receipt may be one
         self._trusted = True
         try:
             for _order, kind, data in kept:
                 self.ingest_bytes(kind, data)
         finally:
             self._trusted = False
+        # Commitments whose payment left with the pruned facts: never paid again, through
+        # any receipt (those still paid by a held certificate stay in memory).
+        gone = was_paid - self._paid_commitments
+        self.blobs.mark_paid(gone)
+        for pending in self._unpaid.values():  # a kept receipt for such a commitment
+            for rid in [r for r, c in pending.items() if c in gone]:
+                self._paid_commitments.add(pending.pop(rid))
+        tombstones = sorted(paid_ids) + sorted(gone)
         self._changed = set(self._balances) | set(self._changed)
-        return Adoption(cp, list(rows), pruned, tombstones)
+        return Adoption(cp, list(rows), sorted(pruned), tombstones)
 
     # --- sync -----------------------------------------------------------------------------
 
