@@ -12,7 +12,8 @@ Signed (each with its own domain tag, so no signature is valid as another kind):
 
 Unsigned frames on the job stream (their integrity comes from the signed
 award/commitment around them): ``JobInput`` (one job's inputs), ``JobResult``
-(one job's outputs), ``BatchClose`` (requester ends a lease batch).
+(one job's outputs), ``JobForwarded`` (a pipeline stage's outputs went to the next
+stage's executor: only their digest), ``BatchClose`` (requester ends a lease batch).
 ``encode_frame``/``decode_frame`` tag every job-stream frame so the I/O layer
 can read them in any order and hand them to the state machines.
 
@@ -480,6 +481,26 @@ class JobResult:
 
 
 @dataclass(frozen=True)
+class JobForwarded:
+    """Job ``seq``'s outputs went straight to the next pipeline stage's executor ``to``
+    (``protocols.pipeline``): the requester gets only their ``content_digest``, bound later
+    by the commitment like a ``JobResult``'s outputs."""
+
+    job_id: bytes
+    seq: int
+    output_digest: bytes
+    to: str
+    compute_ms: int
+
+    def __post_init__(self) -> None:
+        want_job_id("JobForwarded", self.job_id)
+        want_int("JobForwarded", "seq", self.seq, hi=MAX_BATCH - 1)
+        want_bytes("JobForwarded", "output_digest", self.output_digest, lo=32, hi=32)
+        want_peer_id("JobForwarded", "to", self.to)
+        want_int("JobForwarded", "compute_ms", self.compute_ms, hi=MAX_INT)
+
+
+@dataclass(frozen=True)
 class BatchClose:
     """Requester ends a lease: commit the ``count`` jobs sent so far."""
 
@@ -498,6 +519,7 @@ JobFrame = (
     | Signed[Acceptance]
     | JobInput
     | JobResult
+    | JobForwarded
     | BatchClose
 )
 
@@ -525,6 +547,17 @@ def encode_frame(frame: JobFrame) -> bytes:
                 "job_id": frame.job_id,
                 "seq": frame.seq,
                 "y": frame.outputs,
+                "ms": frame.compute_ms,
+            }
+        )
+    if isinstance(frame, JobForwarded):
+        return encode(
+            {
+                "t": "fwd",
+                "job_id": frame.job_id,
+                "seq": frame.seq,
+                "d": frame.output_digest,
+                "to": frame.to,
                 "ms": frame.compute_ms,
             }
         )
@@ -561,6 +594,14 @@ def decode_frame(data: bytes, *, max_size: int = MAX_PAYLOAD_FRAME) -> JobFrame:
     if tag == "result" and fields == {"t", "job_id", "seq", "y", "ms"}:
         return JobResult(
             job_id=raw["job_id"], seq=raw["seq"], outputs=raw["y"], compute_ms=raw["ms"]
+        )
+    if tag == "fwd" and fields == {"t", "job_id", "seq", "d", "to", "ms"}:
+        return JobForwarded(
+            job_id=raw["job_id"],
+            seq=raw["seq"],
+            output_digest=raw["d"],
+            to=raw["to"],
+            compute_ms=raw["ms"],
         )
     if tag == "close" and fields == {"t", "job_id", "count"}:
         return BatchClose(job_id=raw["job_id"], count=raw["count"])

@@ -14,6 +14,17 @@ Pure rules, no I/O:
   its stage's model, and the last output digest is that of the outputs
   returned. A broken link means some stage ran on other inputs than the
   previous stage produced.
+- Streaming (``/edgeswarm/stage/1``): the intermediate tensor goes from stage
+  i's executor straight to stage i+1's. The requester still awards and pays
+  every stage, and tells each stage executor its neighbours in a signed
+  ``StageRoute``: who may forward it inputs (the executor the requester
+  awarded the previous stage) and where its outputs go. ``check_route`` is
+  what an executor checks before taking a route, ``check_forward`` before it
+  reads a forwarded payload: the sender (the transport-authenticated remote
+  peer) must be the upstream executor the route names, for the job it names.
+  The chain proof is unchanged: each stage commits to the digest of the
+  inputs it received, which ``check_chain`` requires to be the previous
+  stage's output digest.
 """
 
 from __future__ import annotations
@@ -23,10 +34,21 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
+from protocols.codec import decode, encode
 from protocols.errors import DecodeError, ValidationError
-from protocols.receipt import ResultCommitment
+from protocols.market_fields import (
+    FlatBody,
+    want_bytes,
+    want_float,
+    want_int,
+    want_job_id,
+    want_peer_id,
+    want_str,
+)
+from protocols.receipt import MAX_BATCH, ResultCommitment
+from protocols.signed import Signed, open_message
 from protocols.tensor import DTYPES as TENSOR_DTYPES
 
 FORMAT = "edgeswarm-pipeline/1"
@@ -322,6 +344,7 @@ def choose_placement(
     *,
     bytes_per_ms: float,
     hop_ms: float,
+    late: Sequence[int] = (),
 ) -> Placement:
     """Run split only where it beats the best single node that holds the whole model.
 
@@ -330,19 +353,213 @@ def choose_placement(
     ``crossing_bytes``: per cut; ``bytes_per_ms``: link speed; ``hop_ms``: what each job
     through the market costs beyond compute (auction, award, round trip). The split costs
     one hop per stage plus the bytes of every cut; the whole model one hop.
+    ``late``: what the lookups did not answer in time (0: the whole model, i: stage i);
+    their p50 is unknown, which is not the same as nobody serving them, and the reason
+    says which it was.
     """
     if bytes_per_ms <= 0 or hop_ms < 0:
         raise ValidationError("placement needs bytes_per_ms > 0 and hop_ms >= 0")
-    missing = [i + 1 for i, p in enumerate(stage_p50_ms) if p is None]
+    late_stages = sorted(i for i in set(late) if 1 <= i <= len(stage_p50_ms))
+    missing = [i + 1 for i, p in enumerate(stage_p50_ms) if p is None and i + 1 not in late_stages]
+    whole_late = 0 in late
     unsplit = None if full_p50_ms is None else full_p50_ms + hop_ms
-    if missing:
+    if missing or late_stages:
+        why = "; ".join(
+            [f"no peer serves stage(s) {missing}"] * bool(missing)
+            + [f"no answer in time about stage(s) {late_stages}"] * bool(late_stages)
+        )
         if unsplit is not None:
-            return Placement(False, f"no peer serves stage(s) {missing}", None, unsplit)
+            return Placement(False, f"whole model: {why}", None, unsplit)
+        if whole_late:
+            return Placement(True, f"no answer in time about the whole model; {why}", None, None)
         return Placement(True, "nobody serves the whole model", None, None)
     split = sum(p for p in stage_p50_ms if p is not None) + hop_ms * len(stage_p50_ms)
     split += sum(crossing_bytes) / bytes_per_ms
     if unsplit is None:
+        if whole_late:
+            return Placement(True, "no answer in time about the whole model", split, None)
         return Placement(True, "no single peer serves the whole model", split, None)
     if split < unsplit:
         return Placement(True, f"split {split:.1f} ms < whole {unsplit:.1f} ms", split, unsplit)
     return Placement(False, f"whole {unsplit:.1f} ms <= split {split:.1f} ms", split, unsplit)
+
+
+# --- streaming: stage executor to stage executor ---------------------------------------
+
+STAGE_PROTOCOL_ID = "/edgeswarm/stage/1"
+STAGE_ROUTE_DOMAIN = "edgeswarm/stage-route/v1"
+STAGE_CONTROL_MAX = 4096  # every stage-stream frame but a forwarded payload
+
+
+class ForwardRefused(ValidationError):
+    """A route or forwarded input a stage executor must not take."""
+
+
+@dataclass(frozen=True)
+class StageRoute(FlatBody):
+    """Requester-signed: the executor ``executor`` of stage job ``job_id`` takes its inputs
+    from ``upstream`` (the executor awarded job ``upstream_job``) and sends its outputs to
+    ``downstream`` (awarded ``downstream_job``). "" and b"": that side is the requester
+    (stage 1 gets its inputs, the last stage gives its outputs, on the job stream).
+    Valid until ``expires``. A later route for the same job replaces an earlier one (the
+    requester re-routes around an executor that died)."""
+
+    DOMAIN: ClassVar[str] = STAGE_ROUTE_DOMAIN
+    MAX_BYTES: ClassVar[int] = 1024
+    VERSION: ClassVar[int] = 1
+    _FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {
+            "job_id",
+            "requester",
+            "executor",
+            "upstream",
+            "upstream_job",
+            "downstream",
+            "downstream_job",
+            "expires",
+        }
+    )
+
+    job_id: bytes
+    requester: str
+    executor: str
+    upstream: str
+    upstream_job: bytes
+    downstream: str
+    downstream_job: bytes
+    expires: float
+
+    def __post_init__(self) -> None:
+        want_job_id("StageRoute", self.job_id)
+        want_peer_id("StageRoute", "requester", self.requester)
+        want_peer_id("StageRoute", "executor", self.executor)
+        object.__setattr__(self, "expires", want_float("StageRoute", "expires", self.expires))
+        for side in ("upstream", "downstream"):
+            peer, job = getattr(self, side), getattr(self, f"{side}_job")
+            if peer == "":
+                want_bytes("StageRoute", f"{side}_job", job, lo=0, hi=0)
+                continue
+            want_peer_id("StageRoute", side, peer)
+            want_job_id("StageRoute", job)
+            if peer == self.executor or job == self.job_id:
+                raise ValidationError(f"StageRoute: the {side} stage is this stage")
+        if not self.upstream and not self.downstream:
+            raise ValidationError("StageRoute: a route names an upstream or a downstream stage")
+
+    @property
+    def signer(self) -> str:
+        return self.requester
+
+    def check_time(self, now: float) -> None:
+        if now > self.expires:
+            raise ValidationError(f"StageRoute expired {now - self.expires:.3f} s ago")
+
+    @classmethod
+    def from_bytes(cls, data: bytes, now: float | None = None) -> Signed[StageRoute]:
+        return open_message(StageRoute, data, now=now)
+
+
+@dataclass(frozen=True)
+class StageForward:
+    """Header of one forwarded payload: job ``seq`` of ``from_job``'s outputs are job ``seq``
+    of ``to_job``'s inputs; ``size`` bytes of payload frame follow (checked before read)."""
+
+    to_job: bytes
+    from_job: bytes
+    seq: int
+    size: int
+
+    def __post_init__(self) -> None:
+        want_job_id("StageForward", self.to_job)
+        want_job_id("StageForward", self.from_job)
+        want_int("StageForward", "seq", self.seq, hi=MAX_BATCH - 1)
+        want_int("StageForward", "size", self.size, lo=1)
+
+
+@dataclass(frozen=True)
+class StagePayload:
+    """The tensors (wire map) a ``StageForward`` announced."""
+
+    tensors: Any
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tensors, dict):
+            raise ValidationError("StagePayload.tensors must be a map of tensors")
+
+
+@dataclass(frozen=True)
+class StageReply:
+    """The answer to a route or a forward: taken, or why not."""
+
+    ok: bool
+    why: str = ""
+
+    def __post_init__(self) -> None:
+        if type(self.ok) is not bool:
+            raise ValidationError("StageReply.ok must be a bool")
+        if self.why:
+            want_str("StageReply", "why", self.why, hi=512)
+
+
+StageFrame = Signed[StageRoute] | StageForward | StagePayload | StageReply
+
+
+def encode_stage_frame(item: StageFrame) -> bytes:
+    """Canonical bytes of one stage-stream frame (the caller adds the length prefix)."""
+    if isinstance(item, Signed):
+        return encode({"t": "route", "m": item.to_bytes()})
+    if isinstance(item, StageForward):
+        return encode(
+            {"t": "fwd", "to": item.to_job, "from": item.from_job, "seq": item.seq, "n": item.size}
+        )
+    if isinstance(item, StagePayload):
+        return encode({"t": "x", "x": item.tensors})
+    return encode({"t": "reply", "ok": item.ok, "why": item.why})
+
+
+def decode_stage_frame(data: bytes, *, max_size: int) -> StageFrame:
+    """Parse one stage-stream frame from untrusted bytes (a route's signature is checked)."""
+    raw = decode(data, max_size=max_size, canonical=False)
+    if not isinstance(raw, dict) or type(raw.get("t")) is not str:
+        raise DecodeError("a stage frame must be a CBOR map with a text tag 't'")
+    tag, fields = raw["t"], set(raw)
+    if tag == "route" and fields == {"t", "m"} and type(raw["m"]) is bytes:
+        return open_message(StageRoute, raw["m"])
+    if tag == "fwd" and fields == {"t", "to", "from", "seq", "n"}:
+        return StageForward(to_job=raw["to"], from_job=raw["from"], seq=raw["seq"], size=raw["n"])
+    if tag == "x" and fields == {"t", "x"}:
+        return StagePayload(raw["x"])
+    if tag == "reply" and fields == {"t", "ok", "why"}:
+        return StageReply(ok=raw["ok"], why=raw["why"])
+    raise DecodeError(f"unknown stage frame {str(tag)[:40]!r} with fields {sorted(map(str, raw))}")
+
+
+def check_route(
+    route: StageRoute, *, sender: str, award_requester: str, award_executor: str
+) -> None:
+    """An executor takes a route for one of its awards only from the requester that awarded
+    it (``sender``: the stream's authenticated remote peer), naming this executor."""
+    if sender != route.requester or route.requester != award_requester:
+        raise ForwardRefused(
+            f"a route for job {route.job_id.hex()[:12]} from {sender}, "
+            f"not from its requester {award_requester}"
+        )
+    if route.executor != award_executor:
+        raise ForwardRefused("the route names another executor than the award")
+
+
+def check_forward(route: StageRoute | None, *, sender: str, header: StageForward) -> None:
+    """A stage executor reads forwarded inputs only from the executor the requester named
+    for the previous stage (``sender``: the stream's authenticated remote peer), for the
+    previous stage's job; never for a stage that takes its inputs from the requester."""
+    if route is None or route.job_id != header.to_job:
+        raise ForwardRefused(f"no route for job {header.to_job.hex()[:12]}")
+    if not route.upstream:
+        raise ForwardRefused("this stage takes its inputs from the requester")
+    if sender != route.upstream:
+        raise ForwardRefused(
+            f"inputs forwarded by {sender}, but the requester named {route.upstream} "
+            "as the previous stage's executor"
+        )
+    if header.from_job != route.upstream_job:
+        raise ForwardRefused("inputs forwarded from another job than the previous stage's")

@@ -225,8 +225,10 @@ class Auctions:
         *,
         single_input: Any = None,
         banned: Iterable[str] = (),
+        policy: rq.RequesterPolicy | None = None,
     ) -> JobRun:
-        """A JobRun that ignores bids of ``banned`` and of everyone ``Bans`` holds."""
+        """A JobRun that ignores bids of ``banned`` and of everyone ``Bans`` holds
+        (``policy``: instead of this peer's, e.g. a pipeline stage that waits on others)."""
         cid = spec.cid
 
         async def publish(signed: Any) -> None:
@@ -240,7 +242,7 @@ class Auctions:
             bid_sinks=self.gossip.bid_sinks,
             entry=spec.entry,
             limits=self.limits,
-            policy=self.policy,
+            policy=self.policy if policy is None else policy,
             single_input=single_input,
             banned=self.bans.plus(banned),
             expected=self.expected_bidders(cid),

@@ -22,7 +22,7 @@ import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nacl.signing
 import trio
@@ -41,14 +41,19 @@ from protocols.market import (
     Award,
     BatchClose,
     JobError,
+    JobForwarded,
     JobFrame,
     JobInput,
     JobRequest,
     JobResult,
 )
+from protocols.pipeline import StageRoute
 from protocols.receipt import Acceptance, Receipt, commit, content_digest
 from protocols.signed import Signed, sign_message
 from protocols.tensor import TensorLimits, decode_tensors, encode_tensors
+
+if TYPE_CHECKING:
+    from peer.market.stage_link import StageLinks
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +77,9 @@ class _Session:
     interim: Signed[Any] | None = None  # our last cumulative commitment awaiting acceptance
     accepted: Receipt | None = None  # the last one the requester accepted (a lease)
     paid: bool = False  # the final receipt is booked
+    route: StageRoute | None = None  # a pipeline stage's neighbours (peer.market.stage_link)
+    route_set: trio.Event = field(default_factory=trio.Event)
+    forward_lock: trio.Lock = field(default_factory=trio.Lock)  # results leave in order
 
 
 class ExecutorService:
@@ -124,6 +132,8 @@ class ExecutorService:
         # fetch_on_demand: called with the model cid of an accepted award before it runs.
         self.prepare: Callable[[str], Awaitable[None]] | None = None
         self._last_load: tuple[float, int] = (0.0, 0)
+        # Pipeline stages: routes and forwards to/from the neighbouring stages' executors.
+        self.links: StageLinks | None = None
 
     def _report_load(self) -> None:
         """Hand (load, queue) to the ad when it changed; at most every LOAD_EVERY_S (DHT puts)."""
@@ -260,6 +270,8 @@ class ExecutorService:
         async with trio.open_nursery() as nursery:
             session = _Session(award=award, fs=fs, nursery=nursery)
             self.sessions[job_id] = session
+            if self.links is not None:
+                self.links.session_added()
             try:
                 # Never hold an award past its deadline (+ time to hear the acceptance).
                 with trio.move_on_after(max(0.0, award.deadline - self.clock()) + ACCEPT_WAIT_S):
@@ -341,8 +353,38 @@ class ExecutorService:
         out: list[JobFrame] = []
         after: list[ex.Action] = []  # Abandon & co. cancel the award: only once it is said
         self._act_into(s, actions, out, after)
-        await s.fs.send_many(out)
+        if s.route is not None and s.route.downstream and self.links is not None:
+            async with s.forward_lock:  # in order: a commitment never overtakes its results
+                await s.fs.send_many(await self._forward_results(s, out))
+        else:
+            await s.fs.send_many(out)
         self._do_sync(after)
+
+    async def _forward_results(self, s: _Session, out: list[JobFrame]) -> list[JobFrame]:
+        """A pipeline stage with a downstream: each result goes to the next stage's executor
+        and the requester gets its digest; a failed forward returns the outputs to the
+        requester instead (it re-runs the next stage elsewhere)."""
+        assert self.links is not None and s.route is not None
+        sent: list[JobFrame] = []
+        for item in out:
+            if isinstance(item, JobResult):
+                why = await self.links.forward(s, item.seq, item.outputs)
+                if not why:
+                    digest = content_digest(item.outputs)
+                    to = s.route.downstream
+                    item = JobForwarded(item.job_id, item.seq, digest, to, item.compute_ms)
+                else:
+                    log.info("job %s: %s; outputs go back", s.award.job_id.hex()[:12], why)
+            sent.append(item)
+        return sent
+
+    async def forwarded_input(self, s: _Session, item: JobInput) -> None:
+        """Inputs the previous pipeline stage's executor forwarded (``stage_link`` checked
+        who sent them): taken like a JobInput from the requester, under the same bound."""
+        while s.running >= self.inputs_in_flight:
+            s.slot_freed = trio.Event()
+            await s.slot_freed.wait()
+        await self._on_input(s, item)
 
     def _act_into(
         self, s: _Session, actions: list[ex.Action], out: list[JobFrame], after: list[ex.Action]

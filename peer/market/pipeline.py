@@ -1,4 +1,4 @@
-"""Run a pipeline (``protocols.pipeline``) through the market, one stage after another.
+"""Run a pipeline (``protocols.pipeline``) through the market, stage by stage.
 
 Placement first: from the ads of the peers that serve the whole model and each
 stage (their measured p50s), ``choose_placement`` runs the pipeline split only
@@ -14,15 +14,22 @@ A stage whose executor dies or fails is re-awarded to the next bidder (or a
 new auction) by the requester machinery; earlier stages are not re-run, since
 their outputs are held here.
 
-Intermediate tensors come back to the requester and go out again, unchanged:
-stage i+1 is sent exactly the wire stage i returned. This first version does
-**not** stream executor to executor (issue 18 wants that; see docs/market.md).
+Streaming (the default; ``Streamer``): every stage is auctioned and awarded at
+once, each stage executor gets a signed ``StageRoute`` (``peer.market.stage_link``)
+and forwards its outputs straight to the next one; the requester gets digests
+(``JobForwarded``) and the last stage's outputs. A dead stage executor is
+replaced by that stage's next bidder and the previous executor forwards its held
+outputs again; a failed forward returns the outputs to the requester, which
+sends them on itself (the route-through-requester path, for that cut only).
+With a spot check (it needs the intermediates) or ``STREAM = False`` stages run
+one after another through the requester: stage i+1 is sent exactly the wire
+stage i returned.
 
 After the last stage, ``check_chain`` verifies the receipts: stage 1 committed
 to the requester's input digest, each later stage to the previous stage's
 output digest, each to its own stage model, and the last one to the outputs
 returned. So the chain of receipts alone proves the whole computation, which
-is what will let intermediates skip the requester later.
+is what lets intermediates skip the requester.
 
 ``max_price`` caps each stage's job, not the sum; the deadline covers the whole
 pipeline (every stage's auction runs against the same absolute deadline).
@@ -31,20 +38,41 @@ pipeline (every stage's auction runs against the same absolute deadline).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from edge_models.errors import InvalidInput, ModelNotFound
 from edge_models.pipelines import PipelineEntry, PipelineStore
+from peer.job_stream import JobStreamClosed
 from peer.market.auction import InferResult
-from peer.market.requester import to_arrays
-from protocols.pipeline import LocalRun, Placement, check_chain, choose_placement
+from peer.market.jobspec import JobSpec
+from peer.market.requester import (
+    Attempt,
+    JobFailed,
+    JobRun,
+    Outcome,
+    _Waiter,
+    new_request,
+    to_arrays,
+)
+from protocols.market import JobRequest, TensorMeta
+from protocols.pipeline import (
+    Cut,
+    LocalRun,
+    PipelineManifest,
+    Placement,
+    StageRoute,
+    check_chain,
+    choose_placement,
+)
 from protocols.receipt import ResultCommitment, content_digest
-from protocols.requester import MarketFailure
+from protocols.requester import DeadlineExceeded, MarketFailure
+from protocols.signed import sign_message
 from protocols.tensor import encode_tensors
 
 if TYPE_CHECKING:
@@ -57,6 +85,7 @@ log = logging.getLogger(__name__)
 LINK_BYTES_PER_MS = 100_000.0
 HOP_OVERHEAD_MS = 10.0
 PLACE_BUDGET_S = 1.0  # a lookup that finds nobody can take the whole budget
+STREAM = True  # stage executors forward intermediates to each other (else via the requester)
 
 
 @dataclass
@@ -67,6 +96,7 @@ class PipelineResult(InferResult):
     pipeline_cid: str = ""
     stages: list[InferResult] = field(default_factory=list)  # empty: run unsplit
     placement: str = ""  # why it ran split or whole
+    forwarded: int = 0  # cuts whose intermediate went executor to executor (streaming)
 
     @property
     def receipts(self) -> list[Any]:
@@ -82,6 +112,7 @@ class PipelineResult(InferResult):
             "cid": self.pipeline_cid,
             "split": bool(self.stages),
             "placement": self.placement,
+            "forwarded": self.forwarded,
             "stages": [
                 {
                     "model_cid": s.model_cid,
@@ -154,18 +185,22 @@ async def place(market: MarketService, entry: PipelineEntry, bid_window: float |
             found[cid] = await best_p50(market, cid)
         except Exception as exc:  # a failed lookup counts as nobody serving it
             log.info("pipeline %s: looking up %s failed: %s", entry.name, cid[:12], exc)
+            found[cid] = None
 
     with trio.move_on_after(PLACE_BUDGET_S):
         async with trio.open_nursery() as nursery:
             for cid in cids:
                 nursery.start_soon(look, cid)
     window = market.settings.bid_window if bid_window is None else bid_window
+    # A lookup still running at the budget's end is "no answer in time", not "nobody".
+    late = [i for i, cid in enumerate(cids) if cid not in found]
     placement = choose_placement(
         found.get(manifest.model),
         [found.get(s.cid) for s in manifest.stages],
         manifest.crossing_bytes,
         bytes_per_ms=LINK_BYTES_PER_MS,
         hop_ms=window * 1e3 + HOP_OVERHEAD_MS,
+        late=late,
     )
     log.info("pipeline %s: %s", entry.name, placement.why)
     return placement
@@ -202,7 +237,14 @@ async def run_pipeline(
     wire: Any = encode_tensors(arrays)
     first_digest = content_digest(wire)
     stages: list[InferResult] = []
-    for i, stage in enumerate(manifest.stages):
+    streamed = None
+    if STREAM and spot_check == 0:  # per-stage spot checks need the intermediates here
+        kw = {"max_price": max_price, "bid_window": bid_window}
+        streamed = await run_streamed(market, entry, arrays, wire, until, **kw)
+    if streamed is not None:
+        stages = streamed[0]
+        wire = stages[-1].wire
+    for i, stage in enumerate(manifest.stages if streamed is None else ()):
         if market.clock() >= until:
             raise MarketFailure(
                 f"pipeline {entry.name}: the deadline passed before stage {i + 1} of "
@@ -250,4 +292,314 @@ async def run_pipeline(
         pipeline_cid=entry.cid,
         stages=stages,
         placement=placement.why,
+        forwarded=0 if streamed is None else streamed[1].forwarded_cuts,
     )
+
+
+# --- streaming: intermediates go from stage executor to stage executor -----------------
+
+MAX_STAGE_TRIES = 4  # executors tried per stage (each failover is the JobRun's own)
+
+
+def _dims(manifest: PipelineManifest, arrays: Mapping[str, Any]) -> dict[str, int]:
+    """The sizes the model's symbolic input dims take in this job (e.g. batch, sequence)."""
+    dims: dict[str, int] = {}
+    for t in manifest.inputs:
+        shape = arrays[t.name].shape
+        for d, n in zip(t.shape or (), shape, strict=False):
+            if isinstance(d, str):
+                dims.setdefault(d, int(n))
+    return dims
+
+
+def stage_request(
+    requester: str, spec: JobSpec, cut: Cut, dims: Mapping[str, int], until: float
+) -> JobRequest:
+    """The JobRequest of a stage whose inputs are forwarded: its inputs as the manifest's cut
+    lists them (symbolic dims as this job's inputs fix them, unknown ones 1), its bytes as
+    the splitter counted them."""
+    metas = tuple(
+        TensorMeta(
+            name=t.name,
+            dtype=t.dtype,
+            shape=tuple(
+                d if isinstance(d, int) else dims.get(d, 1) if isinstance(d, str) else 1
+                for d in (t.shape or ())
+            ),
+        )
+        for t in cut.tensors
+    )
+    return JobRequest(
+        job_id=os.urandom(16),
+        requester=requester,
+        model_cid=spec.cid,
+        inputs=metas,
+        input_bytes=max(1, cut.bytes),
+        max_price=spec.max_price,
+        deadline=until,
+        bid_window=spec.bid_window,
+        spot_check=0.0,
+        nonce=os.urandom(16),
+    )
+
+
+class _Stage:
+    """One stage's JobRun and who holds it, as the requester routes it."""
+
+    def __init__(self, index: int, spec: JobSpec, run: JobRun) -> None:
+        self.index = index
+        self.spec = spec
+        self.run = run
+        self.routed: str | None = None  # the executor we gave its route
+        self.outcome: Outcome | None = None
+        self.error: MarketFailure | None = None
+
+    @property
+    def job_id(self) -> bytes:
+        return self.run.request.job_id
+
+
+class StreamSetupFailed(Exception):
+    """Routing the stages failed before anything ran: run them through the requester."""
+
+
+class Streamer:
+    """Runs every stage of a pipeline as its own market job at once; each stage executor
+    forwards its outputs straight to the next one's (``peer.market.stage_link``)."""
+
+    def __init__(self, market: MarketService, entry: PipelineEntry, until: float) -> None:
+        self.market = market
+        self.entry = entry
+        self.until = until
+        self.stages: list[_Stage] = []
+        self.forwarded_cuts = 0  # cuts whose intermediate skipped the requester
+        self.returned_cuts = 0  # cuts whose forward failed: routed through the requester
+
+    def _executor(self, k: int) -> str:
+        st = self.stages[k]
+        att = st.run.attempt
+        return st.routed or (att.executor if att is not None else "")
+
+    def _route(self, k: int, *, upstream: bool = True) -> StageRoute | None:
+        """Stage k's route to its current executor, or None (nothing to route: the last
+        stage fed by the requester)."""
+        st, n = self.stages[k], len(self.stages)
+        if not self._executor(k):
+            return None
+        up = k > 0 and upstream
+        down = k < n - 1
+        if not up and not down:
+            return None
+        return StageRoute(
+            job_id=st.job_id,
+            requester=self.market.peer_id,
+            executor=self._executor(k),
+            upstream=self._executor(k - 1) if up else "",
+            upstream_job=self.stages[k - 1].job_id if up else b"",
+            downstream=self._executor(k + 1) if down else "",
+            downstream_job=self.stages[k + 1].job_id if down else b"",
+            expires=self.until,
+        )
+
+    async def _send(self, k: int, route: StageRoute | None) -> str:
+        if route is None:
+            return ""
+        signed = sign_message(self.market.key, route)
+        return await self.market.links.send_route(route.executor, signed, self.until)
+
+    async def start(self, wire: Any, arrays: Mapping[str, Any], **kw: Any) -> None:
+        """Auction every stage at once, then route each awarded executor to its neighbours.
+        ``StreamSetupFailed`` (nothing ran, nothing is owed) when a route is refused."""
+        market, manifest = self.market, self.entry.manifest
+        dims = _dims(manifest, arrays)
+        # A stage waits for the stages before it: only a dead or failing executor is
+        # dropped before the deadline, not a slow one.
+        base = market.auctions.policy
+        policy = replace(base, grace_s=max(base.grace_s, self.until - market.clock()))
+        for k, stage in enumerate(manifest.stages):
+            cid, stage_entry = await market.resolve(stage.cid)
+            spec = market._spec(cid, stage_entry, until=self.until, **kw)
+            if k == 0:
+                request = new_request(
+                    requester=market.peer_id,
+                    cid=cid,
+                    wire=wire,
+                    max_price=spec.max_price,
+                    deadline=self.until,
+                    bid_window=spec.bid_window,
+                )
+            else:
+                request = stage_request(
+                    market.peer_id, spec, manifest.cuts[k - 1], dims, self.until
+                )
+            run = market.auctions.new_run(spec, request, policy=policy)
+            run.inputs_forwarded = k > 0
+            self.stages.append(_Stage(k, spec, run))
+        async with trio.open_nursery() as nursery:
+            for st in self.stages:
+                nursery.start_soon(market.auctions.prepare, st.spec.cid, self.until)
+
+    async def drive(self, st: _Stage) -> None:
+        try:
+            st.outcome = await st.run.run()
+        except MarketFailure as exc:
+            st.error = exc
+        finally:
+            self.market.auctions.record(st.spec.cid, st.run.job.expected, st.run.job.bidders)
+
+    async def awarded(self, k: int) -> Attempt:
+        st = self.stages[k]
+        att = await st.run.current_attempt()
+        if att is None:
+            raise (
+                st.error
+                or st.run.error
+                or MarketFailure(
+                    f"stage {k + 1}: no executor", model_cid=st.spec.cid, job_id=st.job_id
+                )
+            )
+        return att
+
+    async def route_all(self) -> None:
+        """Every stage awarded: tell each executor its neighbours."""
+        atts: list[Attempt | None] = [None] * len(self.stages)
+
+        async def wait(k: int) -> None:
+            atts[k] = await self.awarded(k)
+
+        async with trio.open_nursery() as nursery:
+            for k in range(len(self.stages)):
+                nursery.start_soon(wait, k)
+        whys: list[str] = []
+
+        async def give(k: int) -> None:
+            why = await self._send(k, self._route(k))
+            if why:
+                whys.append(why)
+
+        async with trio.open_nursery() as nursery:
+            for k in range(len(self.stages)):
+                nursery.start_soon(give, k)
+        if whys:
+            raise StreamSetupFailed("; ".join(whys))
+        for k, att in enumerate(atts):
+            assert att is not None
+            self.stages[k].routed = att.executor
+
+    async def reroute(self, k: int, att: Attempt, *, fed: bool) -> None:
+        """Stage k moved to ``att`` (its executor died or refused): route the new executor,
+        point the next stage at it, and (``fed`` False) have the previous stage's executor
+        forward its held outputs to it again."""
+        st = self.stages[k]
+        st.routed = att.executor
+        why = await self._send(k, self._route(k, upstream=not fed))
+        if why:
+            raise MarketFailure(f"stage {k + 1}: {why}", model_cid=st.spec.cid, job_id=st.job_id)
+        if k + 1 < len(self.stages):
+            why = await self._send(k + 1, self._route(k + 1))
+            if why:
+                log.info("pipeline %s: %s", self.entry.name, why)
+        if not fed:
+            why = await self._send(k - 1, self._route(k - 1))
+            if why:
+                raise MarketFailure(
+                    f"stage {k}: its outputs cannot be sent to stage {k + 1} again: {why}",
+                    model_cid=st.spec.cid,
+                    job_id=st.job_id,
+                )
+
+    async def stage_result(self, k: int, held: Any, digest: bytes) -> _Waiter:
+        """Give stage k its input (``held``: the wire, when the requester has it; else the
+        previous stage's executor forwards it, of ``digest``) and wait for its result,
+        following its JobRun from executor to executor."""
+        st = self.stages[k]
+        for _ in range(MAX_STAGE_TRIES):
+            att = await self.awarded(k)
+            moved = att.executor != st.routed
+            if moved:
+                await self.reroute(k, att, fed=held is not None)
+            try:
+                if held is not None:
+                    _, waiter = await st.run.send_input(att, held, digest)
+                else:
+                    _, waiter = st.run.expect_input(att, digest)
+            except JobStreamClosed:
+                await st.run.attempt_changed.wait()
+                continue
+            await waiter.done.wait()
+            if waiter.error is not None:
+                raise JobFailed(waiter.error)
+            if not waiter.lost:
+                return waiter
+        raise st.error or MarketFailure(
+            f"stage {k + 1}: executors kept failing", model_cid=st.spec.cid, job_id=st.job_id
+        )
+
+    async def run(self, wire: Any) -> None:
+        held: Any = wire
+        digest = content_digest(wire)
+        n = len(self.stages)
+        for k in range(n):
+            waiter = await self.stage_result(k, held, digest)
+            if waiter.forwarded is not None:
+                held, digest = None, waiter.forwarded
+                self.forwarded_cuts += 1
+            else:
+                held, digest = waiter.wire, content_digest(waiter.wire)
+                if k < n - 1:  # the forward failed: the outputs came back to us
+                    self.returned_cuts += 1
+        for st in self.stages:  # every acceptance goes out
+            with trio.move_on_after(max(0.1, self.until - self.market.clock())):
+                await st.run.done.wait()
+
+
+async def run_streamed(
+    market: MarketService,
+    entry: PipelineEntry,
+    arrays: Mapping[str, Any],
+    wire: Any,
+    until: float,
+    **kw: Any,
+) -> tuple[list[InferResult], Streamer] | None:
+    """Run every stage at once, intermediates going executor to executor; None when the
+    stages cannot be routed (then nothing ran and nothing is owed)."""
+    s = Streamer(market, entry, until)
+    await s.start(wire, arrays, **kw)
+    wall0 = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for st in s.stages:
+            nursery.start_soon(s.drive, st)
+        try:
+            await s.route_all()
+        except StreamSetupFailed as exc:
+            log.info("pipeline %s: not streaming: %s", entry.name, exc)
+            nursery.cancel_scope.cancel()
+            return None
+        with trio.move_on_after(max(0.1, until - market.clock()) + 5.0) as cs:
+            await s.run(wire)
+        nursery.cancel_scope.cancel()
+    if cs.cancelled_caught:
+        st = s.stages[-1]
+        raise DeadlineExceeded(model_cid=st.spec.cid, job_id=st.job_id, deadline=until, attempts=())
+    results = []
+    for st in s.stages:
+        if st.outcome is None:
+            raise st.error or MarketFailure(
+                f"stage {st.index + 1} did not complete", model_cid=st.spec.cid, job_id=st.job_id
+            )
+        o = st.outcome
+        assert o.receipt is not None  # a streamed stage never runs on our own executor
+        market.receipts.add(o.receipt, "requester")
+        results.append(
+            InferResult(
+                outputs=o.outputs.get(0, {}),
+                receipt=o.receipt,
+                executor=o.executor,
+                price=o.receipt.price,
+                latency_ms=(time.perf_counter() - wall0) * 1e3,
+                model_cid=st.spec.cid,
+                attempts=o.attempts,
+                wire=o.wires.get(0),
+            )
+        )
+    return results, s

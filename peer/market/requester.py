@@ -51,6 +51,7 @@ from protocols.market import (
     BatchClose,
     Bid,
     JobError,
+    JobForwarded,
     JobInput,
     JobRequest,
     JobResult,
@@ -181,6 +182,8 @@ class Attempt:
     ended: trio.Event = field(default_factory=trio.Event)
     inputs: dict[int, bytes] = field(default_factory=dict)  # seq -> input digest (claims)
     outputs: dict[int, Any] = field(default_factory=dict)  # seq -> wire outputs
+    forwarded: dict[int, bytes] = field(default_factory=dict)  # seq -> digest (pipelines)
+    inputs_changed: trio.Event = field(default_factory=trio.Event)
     decoded: dict[int, Arrays] = field(default_factory=dict)  # checked outputs, at commit
     waiters: dict[int, _Waiter] = field(default_factory=dict)
     decided: trio.Event = field(default_factory=trio.Event)
@@ -196,6 +199,7 @@ class _Waiter:
     wire: Any = None
     error: JobError | None = None
     lost: bool = False
+    forwarded: bytes | None = None  # the outputs went to the next stage: their digest
 
 
 @dataclass
@@ -253,6 +257,8 @@ class JobRun:
         )
         self.attempt: Attempt | None = None
         self.attempt_changed = trio.Event()
+        # A pipeline stage whose inputs come from the previous stage's executor (``expect_input``).
+        self.inputs_forwarded = False
         self.outcome: Outcome | None = None
         self.done = trio.Event()
         self.error: rq.MarketFailure | None = None
@@ -431,7 +437,8 @@ class JobRun:
     async def _decide(self, att: Attempt, signed_c: Signed[ResultCommitment]) -> str:
         """The final commitment: the machine decides; the Acceptance goes out if it accepts."""
         assert att.fs is not None
-        ok, problem, decoded = check_outputs(att.outputs, self.entry, self.limits)
+        held = {seq: w for seq, w in att.outputs.items() if seq not in att.forwarded}
+        ok, problem, decoded = check_outputs(held, self.entry, self.limits)
         att.decoded = decoded
         await self._send.send(rq.ResultReceived(signed_c, ok, self.clock(), problem))
         await att.decided.wait()  # Complete sets it; CancelAward cancels us
@@ -467,17 +474,28 @@ class JobRun:
             early: Signed[ResultCommitment] | None = None  # a single job commits first
             while True:
                 item = await att.fs.receive()
-                if isinstance(item, JobResult) and item.job_id == job_id:
-                    digest = content_digest(item.outputs)
+                if isinstance(item, JobResult | JobForwarded) and item.job_id == job_id:
+                    fwd = isinstance(item, JobForwarded)
+                    out = None if isinstance(item, JobForwarded) else item.outputs
+                    digest = (
+                        item.output_digest
+                        if isinstance(item, JobForwarded)
+                        else content_digest(item.outputs)
+                    )
+                    if self.inputs_forwarded:  # the previous stage's digest may come after
+                        await self._await_input(att, item.seq)
                     # The machine checks the seq (asked for, not twice); a bad one revokes us.
                     await self._send.send(
                         rq.ResultArrived(att.executor, item.seq, digest, self.clock())
                     )
                     if item.seq in att.inputs and item.seq not in att.outputs:
-                        att.outputs[item.seq] = item.outputs
+                        att.outputs[item.seq] = out
+                        if fwd:
+                            att.forwarded[item.seq] = digest
                         w = att.waiters.get(item.seq)
                         if w is not None:
-                            w.wire = item.outputs
+                            w.wire = out
+                            w.forwarded = digest if fwd else None
                             w.done.set()
                     if early is not None and 0 in att.outputs:
                         return await self._decide(att, early)
@@ -534,6 +552,27 @@ class JobRun:
         if att.ended.is_set():  # the award task ended while we wrote: nobody reads a result
             self._fail_waiters(att)
         return seq, waiter
+
+    def expect_input(self, att: Attempt, digest: bytes) -> tuple[int, _Waiter]:
+        """A pipeline stage whose inputs the previous stage's executor forwards straight to
+        ``att``'s: record their digest (from that stage's ``JobForwarded``) under the next
+        seq, as ``send_input`` does for inputs we send; the commitment must name it."""
+        if att.ended.is_set() or not self.holds(att):
+            raise JobStreamClosed(f"the award to {att.executor} has ended")
+        seq = self.job.next_seq
+        self.job.handle(rq.InputSent(att.executor, seq, digest, self.clock()))  # no actions
+        att.inputs[seq] = digest
+        waiter = att.waiters[seq] = _Waiter()
+        att.inputs_changed.set()
+        att.inputs_changed = trio.Event()
+        return seq, waiter
+
+    async def _await_input(self, att: Attempt, seq: int) -> None:
+        """A forwarded stage's result may overtake the previous stage's digest (another
+        connection): wait for it a while; a result still unasked-for then revokes."""
+        with trio.move_on_after(max(0.1, min(10.0, self.request.deadline - self.clock()))):
+            while seq not in att.inputs:
+                await att.inputs_changed.wait()
 
     def can_send(self, max_jobs: int) -> bool:
         """Another input fits in this batch (which has not ended)."""

@@ -46,6 +46,7 @@ from peer.market.receipts import ReceiptBook, ReceiptHook
 from peer.market.referee import REFEREE_PROTOCOL, RefereeService, SpotChecks
 from peer.market.requester import to_arrays
 from peer.market.spot_check import SpotChecker
+from peer.market.stage_link import STAGE_PROTOCOL, StageLinks
 from peer.worker import INLINE_P50_MS, Worker
 from protocols import executor as ex
 from protocols import requester as rq
@@ -135,6 +136,7 @@ class MarketService:
         )
         self.served: dict[str, tuple[str, float]] = {}  # cid -> (name, p50_ms)
         self.dialer = Dialer(self.host, peer, clock=clock)
+        self.links = StageLinks(self.host, self.dialer, clock=clock)  # pipeline stages
         self.bans = Bans(self._ledger_banned)
         self.auctions = Auctions(
             key=self.key,
@@ -255,6 +257,7 @@ class MarketService:
             await nursery.start(self.gossip.run)
             if self.executor is not None:
                 await nursery.start(self.executor.run)
+                self.links.attach(self.executor)
             if self.referee is not None:
                 await nursery.start(self.referee.run)
             task_status.started()
@@ -265,6 +268,7 @@ class MarketService:
                 self._nursery = None
                 if self.executor is not None:
                     retire_stream_handler(self.host, JOB_PROTOCOL)
+                    retire_stream_handler(self.host, STAGE_PROTOCOL)
                 nursery.cancel_scope.cancel()
 
     # --- executor side -----------------------------------------------------------------

@@ -1,5 +1,7 @@
-"""A pipeline across peers that each hold one stage: chained receipts, a stage executor killed
-mid-job re-run elsewhere, and a chain check that catches a stage run on other inputs."""
+"""A pipeline across peers that each hold one stage: intermediates go executor to executor,
+chained receipts, a stage executor killed mid-job re-run elsewhere (its input forwarded again),
+a failed forward routed through the requester, a forward from a peer the requester did not name
+refused, and a chain check that catches a stage run on other inputs."""
 
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ from test_market import wait_providers
 from edge_models.registry import Registry
 from edge_models.runtime import ModelRuntime
 from edge_models.split import plan_split, write_split
+from peer.market import pipeline as pipeline_mod
 from peer.market.pipeline import PipelineResult
-from protocols.pipeline import ChainError, PipelineManifest
+from protocols.pipeline import ChainError, PipelineManifest, StageRoute
 from protocols.receipt import content_digest
 from protocols.tensor import encode_tensors
 
@@ -108,14 +111,27 @@ class BlockingRuntime:
         return self.inner.run(ref, inputs, timeout=timeout)
 
 
+def blockers() -> tuple[list[BlockingRuntime], Any]:
+    """The wrapped runtimes (filled as peers start) and the wrapper to start a peer with."""
+    blocking: list[BlockingRuntime] = []
+
+    def wrap(rt: ModelRuntime) -> BlockingRuntime:
+        blocking.append(BlockingRuntime(rt))
+        return blocking[-1]
+
+    return blocking, wrap
+
+
 async def start_stage_peers(
-    swarm: Swarm, tmp_path: Path, stages: list[Path], *, wrap_last: Any = None
+    swarm: Swarm, tmp_path: Path, stages: list[Path], *, wrap_last: Any = None, wrap: int = -1
 ) -> list[Node]:
+    """One peer per stage; ``wrap_last`` wraps the runtime of stage ``wrap`` (default: last)."""
     nodes = []
+    wrap = wrap % len(stages)
     for i, path in enumerate(stages):
         name = f"stage{i + 1}"
         hold(tmp_path / name, path)
-        kw = {"wrap_runtime": wrap_last} if wrap_last and i == len(stages) - 1 else {}
+        kw = {"wrap_runtime": wrap_last} if wrap_last and i == wrap else {}
         nodes.append(await swarm.start(name, price=1.0 + i, **kw))
     return nodes
 
@@ -156,15 +172,15 @@ async def test_a_pipeline_runs_across_peers_that_each_hold_one_stage(tmp_path: P
         assert [c.model_cid for c in cs] == [s.cid for s in manifest.stages]
         assert result.to_dict()["pipeline"]["cid"] == manifest.cid
         assert result.placement == "no single peer serves the whole model"
+        # Streamed: both intermediates went executor to executor, never through us.
+        assert result.forwarded == 2 and result.to_dict()["pipeline"]["forwarded"] == 2
+        assert [s.wire is None for s in result.stages] == [True, True, False]
+        assert [n.market.links.forwards for n in nodes] == [1, 1, 0]
 
 
 async def test_a_stage_executor_killed_mid_job_only_that_stage_reruns(tmp_path: Path) -> None:
     src, manifest, stages = split_mlp(tmp_path)
-    blocking: list[BlockingRuntime] = []
-
-    def wrap(rt: ModelRuntime) -> BlockingRuntime:
-        blocking.append(BlockingRuntime(rt))
-        return blocking[-1]
+    blocking, wrap = blockers()
 
     x = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)
     async with market_swarm(tmp_path) as swarm:
@@ -188,6 +204,9 @@ async def test_a_stage_executor_killed_mid_job_only_that_stage_reruns(tmp_path: 
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(ask)
                     await blocking[0].started.wait()  # stage 3's cheap executor is running it
+                    links2 = nodes[1].market.links
+                    while links2.forwards < 1:  # bounded by fail_after: its forward was taken
+                        await links2.forwarded.wait()
                     await swarm.kill("stage3")
             (result,) = results
             np.testing.assert_allclose(result.outputs["y"], full_model(src, x), atol=1e-5)
@@ -196,6 +215,8 @@ async def test_a_stage_executor_killed_mid_job_only_that_stage_reruns(tmp_path: 
             assert [ex for ex, _ in s3.attempts] == [nodes[2].peer_id]
             assert s3.executor == backup.peer_id
             assert len(req.market.receipts.receipts) == 3  # one per stage, none twice
+            # Stage 2's executor forwarded its held outputs again, to the backup.
+            assert result.forwarded == 2 and nodes[1].market.links.forwards == 2
         finally:
             for b in blocking:
                 b.release.set()
@@ -224,5 +245,110 @@ async def test_the_chain_check_catches_a_stage_run_on_other_inputs(
             return await real(spec, wire, **kw)
 
         monkeypatch.setattr(auctions, "one_job", tampered)
+        monkeypatch.setattr(pipeline_mod, "STREAM", False)  # intermediates via the requester
         with trio.fail_after(60), pytest.raises(ChainError, match="stage 2 committed to other"):
             await req.market.infer(manifest.cid, {"x": x}, deadline=30)
+
+
+async def test_a_failed_forward_goes_through_the_requester_and_reruns_only_the_next_stage(
+    tmp_path: Path,
+) -> None:
+    """Stage 3's executor dies while stage 2 runs: stage 2 cannot forward, so its outputs come
+    back to the requester, which sends them to stage 3's backup; stages 1 and 2 ran once."""
+    src, manifest, stages = split_mlp(tmp_path)
+    blocking, wrap = blockers()
+
+    x = np.random.default_rng(5).standard_normal((3, 8)).astype(np.float32)
+    async with market_swarm(tmp_path) as swarm:
+        try:
+            nodes = await start_stage_peers(swarm, tmp_path, stages, wrap_last=wrap, wrap=1)
+            hold(tmp_path / "backup3", stages[2])
+            backup = await swarm.start("backup3", price=9.0)
+            req = await start_requester(swarm, tmp_path, manifest)
+            await wait_providers(req, manifest.stages[2].cid, 2)
+            for stage in manifest.stages[:2]:
+                await wait_providers(req, stage.cid, 1)
+            results: list[Any] = []
+
+            async def ask() -> None:
+                results.append(
+                    await req.market.infer(manifest.cid, {"x": x}, deadline=30, bid_window=0.5)
+                )
+
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(ask)
+                    await blocking[0].started.wait()  # stage 2 runs, routed to stage3
+                    await swarm.kill("stage3")
+                    blocking[0].release.set()
+            (result,) = results
+            np.testing.assert_allclose(result.outputs["y"], full_model(src, x), atol=1e-5)
+            s1, s2, s3 = result.stages
+            assert (s1.attempts, s2.attempts) == ([], [])
+            assert [ex for ex, _ in s3.attempts] == [nodes[2].peer_id]
+            assert s3.executor == backup.peer_id
+            assert result.forwarded == 1  # cut 1 streamed; cut 2 came back to us
+            assert s1.wire is None and s2.wire is not None
+            assert len(req.market.receipts.receipts) == 3
+            cs = [r.commitment.message for r in result.receipts]
+            assert cs[2].input_digest == cs[1].output_digest == content_digest(s2.wire)
+        finally:
+            for b in blocking:
+                b.release.set()
+
+
+async def test_a_stage_takes_forwarded_inputs_only_from_the_executor_the_requester_named(
+    tmp_path: Path,
+) -> None:
+    """While stage 1 runs, another peer forwards made-up inputs to stage 2's executor for its
+    job: refused before the payload is read (the stream's remote peer is not the upstream
+    the requester's route names); the pipeline then completes on stage 1's real outputs."""
+    src, manifest, stages = split_mlp(tmp_path)
+    blocking, wrap = blockers()
+
+    x = np.random.default_rng(6).standard_normal((2, 8)).astype(np.float32)
+    async with market_swarm(tmp_path) as swarm:
+        try:
+            nodes = await start_stage_peers(swarm, tmp_path, stages, wrap_last=wrap, wrap=0)
+            rogue = await swarm.start("rogue", serve=False)
+            req = await start_requester(swarm, tmp_path, manifest)
+            for stage in manifest.stages:
+                await wait_providers(req, stage.cid, 1)
+            results: list[Any] = []
+
+            async def ask() -> None:
+                results.append(await req.market.infer(manifest.cid, {"x": x}, deadline=30))
+
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(ask)
+                    await blocking[0].started.wait()  # stage 1 runs; stages 2, 3 are routed
+                    ex2 = nodes[1].market.executor
+                    assert ex2 is not None
+                    (session,) = ex2.sessions.values()
+                    await session.route_set.wait()
+                    route = session.route
+                    assert route is not None and route.upstream == nodes[0].peer_id
+                    # The rogue claims to be stage 1 (right job ids, its own peer id).
+                    fake = StageRoute(
+                        job_id=route.upstream_job,
+                        requester=req.peer_id,
+                        executor=rogue.peer_id,
+                        upstream="",
+                        upstream_job=b"",
+                        downstream=nodes[1].peer_id,
+                        downstream_job=route.job_id,
+                        expires=route.expires,
+                    )
+                    bad = wire_of(**{manifest.cuts[0].names[0]: np.full((2, 8), 9.0, np.float32)})
+                    why = await rogue.market.links._send_forward(fake, 0, bad, route.expires)
+                    assert "refused the forward" in why and "requester named" in why, why
+                    assert session.inputs == {} and session.running == 0
+                    blocking[0].release.set()
+            (result,) = results
+            np.testing.assert_allclose(result.outputs["y"], full_model(src, x), atol=1e-5)
+            assert result.forwarded == 2
+            assert any("requester named" in w for w in nodes[1].market.links.refused)
+        finally:
+            for b in blocking:
+                b.release.set()

@@ -1,4 +1,5 @@
-"""Pipeline manifests (canonical, self-consistent) and the chain rule over stage commitments."""
+"""Pipeline manifests (canonical, self-consistent), the chain rule over stage commitments,
+placement, and the streaming rules: who may route a stage, who may forward it inputs."""
 
 from __future__ import annotations
 
@@ -11,19 +12,31 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from protocols.codec import encode
 from protocols.errors import DecodeError, ProtocolError, ValidationError
 from protocols.identity import peer_id_from_public_key
+from protocols.market import JobForwarded, decode_frame, encode_frame
 from protocols.pipeline import (
     ChainError,
     CrossingTensor,
     Cut,
+    ForwardRefused,
     LocalRun,
     PipelineManifest,
     Stage,
+    StageForward,
+    StagePayload,
+    StageReply,
+    StageRoute,
     check_chain,
+    check_forward,
+    check_route,
     choose_placement,
+    decode_stage_frame,
+    encode_stage_frame,
 )
 from protocols.receipt import ResultCommitment, content_digest
+from protocols.signed import sign_message
 
 
 def cid(label: str) -> str:
@@ -246,3 +259,123 @@ def test_a_chosen_split_is_never_estimated_slower(
     p = choose_placement(full, stages, [cross], bytes_per_ms=1e5, hop_ms=hop)
     assert p.split_ms is not None and p.unsplit_ms is not None
     assert p.split == (p.split_ms < p.unsplit_ms)
+
+
+def test_placement_tells_no_answer_in_time_from_nobody_serving() -> None:
+    kw = {"bytes_per_ms": 100_000.0, "hop_ms": 10.0}
+    # Stage lookups that did not answer in time, the whole model served: run it whole, and
+    # say the lookups were late (not that nobody serves the stages).
+    p = choose_placement(50.0, [None, None], [0], late=[1, 2], **kw)
+    assert not p.split and p.why == "whole model: no answer in time about stage(s) [1, 2]"
+    p = choose_placement(50.0, [1.0, None], [0], **kw)
+    assert not p.split and p.why == "whole model: no peer serves stage(s) [2]"
+    p = choose_placement(50.0, [None, None], [0], late=[2], **kw)
+    assert p.why == "whole model: no peer serves stage(s) [1]; no answer in time about stage(s) [2]"
+    # The whole model's lookup was late: split, saying so (not "nobody serves it").
+    p = choose_placement(None, [1.0, 1.0], [0], late=[0], **kw)
+    assert p.split and p.why == "no answer in time about the whole model"
+    p = choose_placement(None, [1.0, 1.0], [0], **kw)
+    assert p.split and p.why == "no single peer serves the whole model"
+    p = choose_placement(None, [None, 1.0], [0], late=[0, 1], **kw)
+    assert p.split and p.why.startswith("no answer in time about the whole model")
+
+
+# --- streaming: routes and forwards -------------------------------------------------------
+
+
+def key(n: int) -> nacl.signing.SigningKey:
+    return nacl.signing.SigningKey(bytes([n]) * 32)
+
+
+REQ, E1, E2, E3 = pid(1), pid(2), pid(3), pid(4)
+J1, J2, J3 = b"\x01" * 16, b"\x02" * 16, b"\x03" * 16
+
+
+def route(**kw: object) -> StageRoute:
+    base: dict[str, object] = {
+        "job_id": J2,
+        "requester": REQ,
+        "executor": E2,
+        "upstream": E1,
+        "upstream_job": J1,
+        "downstream": E3,
+        "downstream_job": J3,
+        "expires": 1000.0,
+    }
+    base.update(kw)
+    return StageRoute(**base)  # type: ignore[arg-type]
+
+
+def test_a_route_names_real_neighbours() -> None:
+    route()
+    route(downstream="", downstream_job=b"")  # the last stage
+    route(upstream="", upstream_job=b"")  # the first stage
+    with pytest.raises(ValidationError, match="names an upstream or a downstream"):
+        route(upstream="", upstream_job=b"", downstream="", downstream_job=b"")
+    with pytest.raises(ValidationError, match="the upstream stage is this stage"):
+        route(upstream=E2)
+    with pytest.raises(ValidationError, match="the downstream stage is this stage"):
+        route(downstream_job=J2)
+    with pytest.raises(ValidationError):
+        route(upstream="", upstream_job=J1)  # a job without its executor
+    with pytest.raises(ValidationError):
+        route(upstream_job=b"short")
+
+
+def test_a_route_is_taken_only_from_the_requester_that_awarded_the_job() -> None:
+    r = route()
+    check_route(r, sender=REQ, award_requester=REQ, award_executor=E2)
+    with pytest.raises(ForwardRefused, match="not from its requester"):
+        check_route(r, sender=E1, award_requester=REQ, award_executor=E2)
+    with pytest.raises(ForwardRefused, match="not from its requester"):
+        check_route(r, sender=REQ, award_requester=E3, award_executor=E2)
+    with pytest.raises(ForwardRefused, match="another executor"):
+        check_route(r, sender=REQ, award_requester=REQ, award_executor=E3)
+
+
+def test_forwarded_inputs_are_taken_only_from_the_upstream_the_requester_named() -> None:
+    r = route()
+    hdr = StageForward(to_job=J2, from_job=J1, seq=0, size=10)
+    check_forward(r, sender=E1, header=hdr)
+    with pytest.raises(ForwardRefused, match="requester named"):
+        check_forward(r, sender=E3, header=hdr)  # any other peer, even a real stage's
+    with pytest.raises(ForwardRefused, match="requester named"):
+        check_forward(r, sender=REQ, header=hdr)
+    with pytest.raises(ForwardRefused, match="another job"):
+        check_forward(r, sender=E1, header=dataclasses.replace(hdr, from_job=J3))
+    with pytest.raises(ForwardRefused, match="no route"):
+        check_forward(None, sender=E1, header=hdr)
+    with pytest.raises(ForwardRefused, match="no route"):
+        check_forward(r, sender=E1, header=dataclasses.replace(hdr, to_job=J3))
+    first = route(upstream="", upstream_job=b"")
+    with pytest.raises(ForwardRefused, match="from the requester"):
+        check_forward(first, sender=E1, header=hdr)
+
+
+def test_stage_frames_round_trip_and_a_route_must_be_signed_by_its_requester() -> None:
+    signed = sign_message(key(1), route())
+    frames = [
+        signed,
+        StageForward(to_job=J2, from_job=J1, seq=3, size=99),
+        StagePayload({"h": {"dtype": "float32", "shape": [1], "data": b"\0" * 4}}),
+        StageReply(True),
+        StageReply(False, "no"),
+    ]
+    for f in frames:
+        back = decode_stage_frame(encode_stage_frame(f), max_size=4096)
+        assert back == f if not isinstance(f, type(signed)) else back.message == f.message
+    m = bytearray(signed.to_bytes())
+    m[-1] ^= 1  # a route whose signature does not verify
+    with pytest.raises(ProtocolError):
+        decode_stage_frame(encode({"t": "route", "m": bytes(m)}), max_size=4096)
+    with pytest.raises(DecodeError):
+        decode_stage_frame(encode_stage_frame(StageReply(True)) + b"", max_size=3)
+
+
+def test_a_forwarded_result_frame_carries_only_the_digest() -> None:
+    f = JobForwarded(job_id=J1, seq=2, output_digest=b"d" * 32, to=E2, compute_ms=7)
+    assert decode_frame(encode_frame(f)) == f
+    with pytest.raises(ValidationError):
+        JobForwarded(job_id=J1, seq=2, output_digest=b"d" * 31, to=E2, compute_ms=7)
+    with pytest.raises(ValidationError):
+        JobForwarded(job_id=J1, seq=2, output_digest=b"d" * 32, to="nobody", compute_ms=7)

@@ -1,0 +1,319 @@
+"""``/edgeswarm/stage/1``: pipeline stage executors pass intermediates straight on.
+
+The rules are ``protocols.pipeline`` (``StageRoute``, ``check_route``,
+``check_forward``); this module is their I/O, on both sides of a stage:
+
+- The requester sends each stage executor a signed ``StageRoute`` for its award
+  (``send_route``): who forwards it inputs, where its outputs go.
+- A stage executor with a downstream forwards each result (``forward``): a
+  small ``StageForward`` header, then the payload once the next executor said
+  it takes it; the requester gets only the digest (``JobForwarded``). What it
+  forwarded is held a while (bounded) so that the requester can re-route it to
+  another executor when the next one dies (a later route for the same job).
+- A stage executor with an upstream takes a forward (``_on_stream``) only from
+  the executor the route names (``check_forward`` against the stream's
+  authenticated remote peer), before it reads the payload, and feeds it to the
+  award's session like a ``JobInput`` (same decoding limits, same model checks).
+
+A forward that fails (the next executor is gone or refuses) is not retried
+here: the executor returns the outputs to the requester on the job stream
+(``JobResult``), which re-runs only the next stage elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from peer.caps import caps_for
+from peer.market.clock import Clock, system_clock
+from protocols.codec import FrameDecoder, frame
+from protocols.errors import ProtocolError
+from protocols.market import JobInput
+from protocols.pipeline import (
+    STAGE_CONTROL_MAX,
+    STAGE_PROTOCOL_ID,
+    ForwardRefused,
+    StageForward,
+    StageFrame,
+    StagePayload,
+    StageReply,
+    StageRoute,
+    check_forward,
+    check_route,
+    decode_stage_frame,
+    encode_stage_frame,
+)
+from protocols.signed import Signed
+
+if TYPE_CHECKING:
+    from peer.market.executor import ExecutorService, _Session
+
+log = logging.getLogger(__name__)
+
+STAGE_PROTOCOL = STAGE_PROTOCOL_ID
+READ_CHUNK = 256 * 1024
+REPLY_WAIT_S = 10.0  # a route or forward answered within this
+SESSION_WAIT_S = 10.0  # a route may overtake the award it is for: wait this long for it
+MAX_HELD = 64  # forwarded outputs kept for re-routing, oldest dropped first
+MAX_HELD_BYTES = 256 * 1024 * 1024
+FRAME_OVERHEAD = 64 * 1024
+
+
+class StageStream:
+    """One ``/edgeswarm/stage/1`` stream, framed; control frames capped small."""
+
+    def __init__(self, stream: Any, *, max_frame: int = STAGE_CONTROL_MAX) -> None:
+        self.stream = stream
+        self._decoder = FrameDecoder(max_size=max_frame)
+
+    @property
+    def remote_peer(self) -> str:
+        return str(self.stream.muxed_conn.peer_id)
+
+    def set_max_frame(self, max_frame: int) -> None:
+        self._decoder.max_size = max_frame
+
+    async def send(self, *items: StageFrame) -> None:
+        data = b"".join(frame(encode_stage_frame(i), max_size=2**31) for i in items)
+        await self.stream.write(data)
+
+    async def receive(self) -> StageFrame:
+        while True:
+            raw = self._decoder.next_frame()
+            if raw is not None:
+                return decode_stage_frame(raw, max_size=self._decoder.max_size)
+            chunk = await self.stream.read(READ_CHUNK)
+            if not chunk:
+                raise EOFError("stage stream ended")
+            self._decoder.feed(chunk)
+
+    async def close(self) -> None:
+        with (
+            trio.CancelScope(shield=True),
+            trio.move_on_after(2.0),
+            contextlib.suppress(Exception),  # already gone: nothing to close
+        ):
+            await self.stream.close()
+
+
+def _nbytes(wire: Any) -> int:
+    return sum(len(t.get("data", b"")) for t in wire.values() if isinstance(t, dict))
+
+
+@dataclass
+class _Held:
+    requester: str
+    route: StageRoute
+    wires: dict[int, Any] = field(default_factory=dict)
+    nbytes: int = 0
+
+
+class StageLinks:
+    """One peer's end of stage streams: its executor's routes and forwards, and the
+    requester's ``send_route``."""
+
+    def __init__(self, host: Any, dialer: Any, *, clock: Clock = system_clock) -> None:
+        self.host = host
+        self.dialer = dialer
+        self.clock = clock
+        self.executor: ExecutorService | None = None
+        self.held: OrderedDict[bytes, _Held] = OrderedDict()
+        self.held_bytes = 0
+        self.refused: list[str] = []  # why forwards/routes were refused (tests, logs)
+        self.forwards = 0  # payloads forwarded on
+        self.forwarded = trio.Event()  # set (and renewed) at each forward taken downstream
+        self.sessions_changed = trio.Event()
+
+    def attach(self, executor: ExecutorService) -> None:
+        self.executor = executor
+        executor.links = self
+        self.host.set_stream_handler(
+            STAGE_PROTOCOL, caps_for(self.host).guarded(STAGE_PROTOCOL, self._on_stream)
+        )
+
+    def session_added(self) -> None:
+        self.sessions_changed.set()
+        self.sessions_changed = trio.Event()
+
+    # --- requester side ----------------------------------------------------------------
+
+    async def send_route(self, executor: str, route: Signed[StageRoute], until: float) -> str:
+        """Give ``executor`` its route; "" once it took it, else why not."""
+        try:
+            with trio.fail_after(max(0.1, min(REPLY_WAIT_S, until - self.clock()))):
+                ss = StageStream(await self.dialer.open_stream(executor, until, STAGE_PROTOCOL))
+                try:
+                    await ss.send(route)
+                    reply = await ss.receive()
+                finally:
+                    await ss.close()
+        except Exception as exc:  # dial/negotiation errors of py-libp2p have no common base
+            return f"cannot give {executor} its route: {str(exc) or type(exc).__name__}"
+        if not isinstance(reply, StageReply):
+            return f"{executor} answered a route with {type(reply).__name__}"
+        return "" if reply.ok else f"{executor} refused its route: {reply.why}"
+
+    # --- executor side: forwarding on ------------------------------------------------------
+
+    async def forward(self, s: _Session, seq: int, wire: Any) -> str:
+        """Send job ``seq``'s outputs of ``s`` to its route's downstream; "" once taken."""
+        route = s.route
+        assert route is not None and route.downstream
+        why = await self._send_forward(route, seq, wire, s.award.deadline)
+        if not why:
+            self._hold(s.award.requester, route, seq, wire)
+            self._count_forward()
+        return why
+
+    def _count_forward(self) -> None:
+        self.forwards += 1
+        self.forwarded.set()
+        self.forwarded = trio.Event()
+
+    async def _send_forward(self, route: StageRoute, seq: int, wire: Any, until: float) -> str:
+        header = StageForward(route.downstream_job, route.job_id, seq, max(1, _nbytes(wire)))
+        try:
+            with trio.fail_after(max(0.1, min(REPLY_WAIT_S, until - self.clock()))):
+                stream = await self.dialer.open_stream(route.downstream, until, STAGE_PROTOCOL)
+                ss = StageStream(stream)
+                try:
+                    await ss.send(header)
+                    reply = await ss.receive()  # it checks who we are before the payload
+                    if isinstance(reply, StageReply) and reply.ok:
+                        await ss.send(StagePayload(wire))
+                        reply = await ss.receive()
+                finally:
+                    await ss.close()
+        except Exception as exc:  # dial/negotiation errors of py-libp2p have no common base
+            return f"cannot forward to {route.downstream}: {str(exc) or type(exc).__name__}"
+        if not isinstance(reply, StageReply):
+            return f"{route.downstream} answered a forward with {type(reply).__name__}"
+        return "" if reply.ok else f"{route.downstream} refused the forward: {reply.why}"
+
+    def _hold(self, requester: str, route: StageRoute, seq: int, wire: Any) -> None:
+        held = self.held.get(route.job_id)
+        if held is None:
+            held = self.held[route.job_id] = _Held(requester, route)
+        held.route = route
+        size = _nbytes(wire)
+        held.wires[seq] = wire
+        held.nbytes += size
+        self.held_bytes += size
+        self.held.move_to_end(route.job_id)
+        now = self.clock()
+        while self.held and (
+            len(self.held) > MAX_HELD
+            or self.held_bytes > MAX_HELD_BYTES
+            or next(iter(self.held.values())).route.expires < now
+        ):
+            _, old = self.held.popitem(last=False)
+            self.held_bytes -= old.nbytes
+
+    async def _reforward(self, held: _Held, route: StageRoute) -> str:
+        """A new route for a job whose outputs went on already: send them to its new
+        downstream (the previous one died)."""
+        held.route = route
+        if not route.downstream:
+            return "the new route has no downstream"
+        for seq, wire in sorted(held.wires.items()):
+            why = await self._send_forward(route, seq, wire, route.expires)
+            if why:
+                return why
+            self._count_forward()
+        return ""
+
+    # --- executor side: taking routes and forwards -----------------------------------------
+
+    async def _on_stream(self, stream: Any) -> None:
+        ss = StageStream(stream)
+        try:
+            with trio.fail_after(REPLY_WAIT_S):
+                first = await ss.receive()
+            if isinstance(first, Signed) and isinstance(first.message, StageRoute):
+                why = await self._take_route(first.message, ss.remote_peer)
+            elif isinstance(first, StageForward):
+                why = await self._take_forward(first, ss)
+            else:
+                why = f"unexpected frame {type(first).__name__}"
+            if why:
+                self.refused.append(why)
+                log.info("stage stream from %s refused: %s", ss.remote_peer, why)
+            await ss.send(StageReply(not why, why[:512]))
+        except (ProtocolError, EOFError, trio.TooSlowError, OSError) as exc:
+            log.debug("stage stream ended: %s", exc)
+        except Exception as exc:  # a broken stream of py-libp2p has no common base
+            log.debug("stage stream failed: %s", exc)
+        finally:
+            await ss.close()
+
+    async def _session(self, job_id: bytes) -> _Session | None:
+        """The award session of ``job_id``, waiting a while for one still being set up."""
+        if self.executor is None:
+            return None
+        with trio.move_on_after(SESSION_WAIT_S):
+            while job_id not in self.executor.sessions:
+                await self.sessions_changed.wait()
+        return self.executor.sessions.get(job_id)
+
+    async def _take_route(self, route: StageRoute, sender: str) -> str:
+        if route.expires < self.clock():
+            return "the route has expired"
+        held = self.held.get(route.job_id)
+        if held is not None and (
+            self.executor is None or route.job_id not in self.executor.sessions
+        ):
+            try:
+                check_route(
+                    route,
+                    sender=sender,
+                    award_requester=held.requester,
+                    award_executor=held.route.executor,
+                )
+            except ForwardRefused as exc:
+                return str(exc)
+            return await self._reforward(held, route)
+        s = await self._session(route.job_id)
+        if s is None:
+            return f"no award for job {route.job_id.hex()[:12]}"
+        try:
+            check_route(
+                route,
+                sender=sender,
+                award_requester=s.award.requester,
+                award_executor=s.award.executor,
+            )
+        except ForwardRefused as exc:
+            return str(exc)
+        s.route = route
+        s.route_set.set()
+        if held is not None and route.downstream:  # done here already: send it on anew
+            return await self._reforward(held, route)
+        return ""
+
+    async def _take_forward(self, header: StageForward, ss: StageStream) -> str:
+        assert self.executor is not None
+        s = await self._session(header.to_job)
+        if s is None:
+            return f"no award for job {header.to_job.hex()[:12]}"
+        with trio.move_on_after(SESSION_WAIT_S):
+            await s.route_set.wait()  # the requester routes every stage before it starts
+        try:
+            check_forward(s.route, sender=ss.remote_peer, header=header)
+        except ForwardRefused as exc:
+            return str(exc)
+        if header.size > self.executor.limits.max_total_bytes:
+            return f"a forward of {header.size} bytes is over the input limit"
+        await ss.send(StageReply(True))  # now, and only now, the payload may come
+        ss.set_max_frame(self.executor.max_frame)
+        with trio.fail_after(REPLY_WAIT_S + header.size / 1e6):
+            payload = await ss.receive()
+        if not isinstance(payload, StagePayload):
+            return f"expected the payload, got {type(payload).__name__}"
+        await self.executor.forwarded_input(s, JobInput(header.to_job, header.seq, payload.tensors))
+        return ""
