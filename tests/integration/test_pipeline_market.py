@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import trio
+from http_swarm import http_swarm
 from market_swarm import Node, Swarm, market_swarm
 from onnx import TensorProto, helper, numpy_helper
 from test_market import wait_providers
@@ -352,3 +354,35 @@ async def test_a_stage_takes_forwarded_inputs_only_from_the_executor_the_request
         finally:
             for b in blocking:
                 b.release.set()
+
+
+async def test_the_http_front_door_runs_a_pipeline_by_name(tmp_path: Path) -> None:
+    """``POST /v2/models/PIPELINE/infer`` on a peer that holds only the manifest: the stages
+    run (streamed) on the peers that hold them, and the answer is the full model's."""
+    src, manifest, stages = split_mlp(tmp_path)
+    Registry(tmp_path / "door" / "models").pipelines.add(manifest.to_bytes(), source="test")
+    x = np.random.default_rng(7).standard_normal((2, 8)).astype(np.float32)
+    async with http_swarm(tmp_path, door_models=False) as door, door.client() as client:
+        nodes = await start_stage_peers(door.swarm, tmp_path, stages)
+        for stage in manifest.stages:
+            await wait_providers(SimpleNamespace(peer=door.peer), stage.cid, 1)  # type: ignore[arg-type]
+        body = {
+            "inputs": [
+                {"name": "x", "shape": [2, 8], "datatype": "FP32", "data": x.ravel().tolist()}
+            ]
+        }
+        with trio.fail_after(90):
+            r = await client.post(
+                f"/v2/models/{manifest.cid[:16]}/infer", json=body, headers=door.auth
+            )
+        assert r.status_code == 200, r.text
+        (out,) = r.json()["outputs"]
+        assert out["name"] == "y" and out["shape"] == [2, 8]
+        y = np.asarray(out["data"], np.float32).reshape(2, 8)
+        np.testing.assert_allclose(y, full_model(src, x), atol=1e-5)
+        params = r.json()["parameters"]
+        assert params["executor"] == nodes[2].peer_id  # the last stage's executor answers
+        assert params["price"] == 6_000_000  # every stage paid: 1 + 2 + 3 credits
+        # A pipeline name nobody registered is a plain 404, one line.
+        r = await client.post("/v2/models/no_such_pipeline/infer", json=body, headers=door.auth)
+        assert r.status_code == 404 and "\n" not in r.json()["error"]
