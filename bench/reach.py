@@ -7,8 +7,12 @@ a second NAT. Measures
 
   * job latency p50/p99 over a lease (tiny model, 16 floats): direct (public
     executor), relayed (NATed executor, public requester) and relayed both
-    ways (NATed requester and executor); hole punching (DCUtR) is not
-    implemented yet, so there is no punched column;
+    ways (NATed requester and executor), and hole-punched (DCUtR: both behind
+    NATs whose routers drop unsolicited packets; the lease starts after the
+    punch, and ``relayed`` says whether its job stream went over a relay);
+  * hole punching: success rate over ``--punches`` fresh requesters (each a new
+    peer: dial through the relay, then punch) and time from the relayed
+    connection to the direct one;
   * throughput for a 1 MiB input (two 512 KiB float32 tensors) direct and relayed;
   * time from a NATed executor's start to its first relay reservation, and to
     the first job it serves to a requester started at that moment;
@@ -63,17 +67,32 @@ def summary(ms: list[float]) -> dict[str, float]:
 
 
 async def client(args: argparse.Namespace) -> None:
-    from libp2p.peer.id import ID
 
     from peer.config import load_config
     from peer.node import open_peer
+    from tests.reach.punch_client import Streams
 
+    listen = ["/ip4/0.0.0.0/tcp/0"] if args.punch else []  # a punch dials from its listen port
     config = load_config(
-        cli={"bootstrap": args.boots.split(","), "data_dir": args.data_dir, "listen": []}
+        cli={"bootstrap": args.boots.split(","), "data_dir": args.data_dir, "listen": listen}
     )
     out: dict[str, Any] = {}
+    streams = Streams()
     async with open_peer(config, role="client", market=True) as peer:
-        if args.first_job_since:
+        peer.host.get_network().register_notifee(streams)
+        punch: dict[str, Any] = {}
+        if args.punch:  # one job through the relay (its dial asks for the punch), then wait
+            x = np.arange(16, dtype=np.float32)
+            first = await peer.infer(args.cid, {"x": x, "y": x}, max_price=5.0, deadline=30)
+            with trio.fail_after(60):
+                while first.executor not in peer.reach.punch.results:
+                    await peer.reach.punch.changed.wait()
+            p = peer.reach.punch.results[first.executor]
+            punch = {"ok": p.ok, "seconds": round(p.seconds, 3), "addr": p.addr}
+            streams.job_conns()
+        if args.punch_only:
+            out = {"punch": punch}
+        elif args.first_job_since:
             x = np.arange(16, dtype=np.float32)
             with trio.fail_after(300):
                 while True:
@@ -99,15 +118,17 @@ async def client(args: argparse.Namespace) -> None:
                     t = time.perf_counter()
                     await lease.infer({"x": big, "y": big})
                     big_lat.append((time.perf_counter() - t) * 1000)
-                executor = lease.executor
-            conns = peer.host.get_network().get_connections(ID.from_base58(str(executor)))
-            addrs = [str(a) for c in conns for a in c.get_transport_addresses()]
+            # The connection the lease's job stream went over.
+            addrs = streams.job_conns()
             out = {
                 "tiny": summary(lat),
                 "mib_in": summary(big_lat),
                 "mib_per_s_in": round(1000 / statistics.median(big_lat), 2),
                 "relayed": any("p2p-circuit" in a for a in addrs),
+                "job_conn": addrs[0] if addrs else None,
             }
+            if punch:
+                out["punch"] = punch
     print(json.dumps(out), flush=True)
 
 
@@ -182,6 +203,30 @@ async def lab_figures(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 reqn_host, boots, tmp / "c4", "--cid", nat_cid, *jobs
             )
             print("relayed, NATed requester", results["relayed_both_nated"], flush=True)
+
+            # Hole punching: both behind routers that drop unsolicited packets.
+            exp_host, reqp_host = lab.home("exp", drops=True), lab.home("reqp", drops=True)
+            punch_cid = add_model(tmp / "swarm" / "exp", "add_punch")
+            exp = await swarm.start("exp", *run, env=ENV, prefix=exp_host.argv([]))
+            await wait_lines(exp, "reserved a slot on relay", 2, limit=120)
+            results["punched"] = await run_client(
+                reqp_host, boots, tmp / "c5", "--cid", punch_cid, "--punch", *jobs
+            )
+            print("hole-punched", results["punched"], flush=True)
+            punches = [results["punched"]["punch"]]
+            for i in range(args.punches - 1):
+                extra = ["--cid", punch_cid, "--punch", "--punch-only"]
+                punches.append((await run_client(reqp_host, boots, tmp / f"p{i}", *extra))["punch"])
+            times = [p["seconds"] for p in punches if p["ok"]]
+            results["hole_punch"] = {
+                "attempts": len(punches),
+                "direct": len(times),
+                "success_rate": round(len(times) / len(punches), 3),
+                "to_direct_s_p50": round(statistics.median(times), 3) if times else None,
+                "to_direct_s_max": round(max(times), 3) if times else None,
+                "addrs": sorted({str(p["addr"]) for p in punches if p["ok"]}),
+            }
+            print("hole punching", results["hole_punch"], flush=True)
     return results
 
 
@@ -315,7 +360,10 @@ if __name__ == "__main__":
     parser.add_argument("--data-dir", default="")
     parser.add_argument("--cid", default="")
     parser.add_argument("--first-job-since", type=float, default=0.0)
+    parser.add_argument("--punches", type=int, default=10, help="fresh requesters that punch")
+    parser.add_argument("--punch", action="store_true", help="client: listen, punch first")
+    parser.add_argument("--punch-only", action="store_true", help="client: punch, no lease")
     ns = parser.parse_args()
     if ns.quick:
-        ns.jobs, ns.big_jobs, ns.reservations = 20, 3, 8
+        ns.jobs, ns.big_jobs, ns.reservations, ns.punches = 20, 3, 8, 3
     trio.run({"client": client, "relay": relay, "bench": main}[ns.mode], ns)

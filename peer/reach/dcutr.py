@@ -13,6 +13,9 @@ connection is closed 60 s later. What ``HolePunch`` changes:
 * **When**: py-libp2p polls every 2 s and punches every relayed peer from both
   sides at once. Here the side that *dialed* through a relay asks for a punch
   at once (``peer.reach.dialer`` calls ``request``); the other side answers.
+* **No unilateral upgrade first**: py-libp2p first re-dials the peer's direct
+  addresses (up to 5 s with retries). Our dialer raced those addresses against
+  the relay a moment ago and the relay won, so the punch starts at once.
 * **Untrusted input**: the peer's CONNECT addresses become dials, so only a
   few direct IP addresses are kept (``protocols.reach.punch_addrs``); a punch
   is answered only on a relayed connection (a direct one needs none), one at a
@@ -103,6 +106,9 @@ class HolePunch(DCUtRProtocol):
                     continue
                 self._punching.add(peer_id)
                 nursery.start_soon(self._punch, peer_id)
+
+    async def _try_unilateral_upgrade(self, peer_id: ID) -> bool:
+        return False  # see the module docstring
 
     async def _punch(self, peer_id: ID) -> None:
         t0 = trio.current_time()

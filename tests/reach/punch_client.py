@@ -11,6 +11,7 @@ connection the job's stream went over (``/p2p-circuit`` when relayed), and
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -20,6 +21,7 @@ from libp2p.abc import INotifee
 
 from peer.caps import JOB
 from peer.config import load_config
+from peer.logging_setup import setup_logging
 from peer.node import open_peer
 
 PUNCH_WAIT = 60.0
@@ -63,6 +65,7 @@ def say(**kw: Any) -> None:
 
 
 async def main(boots: str, data_dir: str, n: int) -> None:
+    setup_logging(os.environ.get("PUNCH_CLIENT_LOG", "INFO"))  # to stderr: the test's log file
     config = load_config(
         cli={"bootstrap": boots.split(","), "data_dir": data_dir, "listen": ["/ip4/0.0.0.0/tcp/0"]}
     )

@@ -111,11 +111,14 @@ async def test_two_nated_peers_punch_a_hole_and_later_job_streams_go_direct(
         await wait_log(ex, "hole punched with")
     jobs = [ln for ln in lines if "i" in ln]
     assert [j["executor"] for j in jobs] == [ex.peer_id] * 3, lines
-    # The first job went through the relay (nothing else reaches a NATed executor) ...
-    assert len(jobs[0]["conn"]) == 1 and "/p2p-circuit" in jobs[0]["conn"][0], lines
-    # ... then the requester punched a hole to the executor's NAT, port preserved ...
+    # The requester reached the NATed executor through the relay (only then does it punch),
+    # then punched a hole to the executor's NAT (its public side, listen port preserved) ...
     punch = next(ln["punch"] for ln in lines if "punch" in ln)
     assert punch["ok"] and punch["addr"].startswith(f"/ip4/{ex_host.wan}/tcp/"), punch
-    # ... and every later job stream went over the direct connection.
+    # ... the first job's stream went over the relay, or already over the direct
+    # connection when the punch beat the award (it takes ~0.3 s here) ...
+    first = jobs[0]["conn"]
+    assert len(first) == 1 and ("/p2p-circuit" in first[0] or first[0] == punch["addr"]), lines
+    # ... and every job stream after the punch went over the direct connection.
     for job in jobs[1:]:
-        assert job["conn"] and all("/p2p-circuit" not in c for c in job["conn"]), lines
+        assert job["conn"] == [punch["addr"]], lines
