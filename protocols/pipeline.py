@@ -296,11 +296,16 @@ def check_chain(
     input_digest: bytes,
     commitments: Sequence[ResultCommitment | LocalRun],
     output_digest: bytes | None = None,
+    *,
+    jobs: int = 1,
 ) -> None:
     """Raise ``ChainError`` unless the stage commitments prove one run of the pipeline.
 
     ``input_digest``: the digest of the inputs the requester gave stage 1;
     ``output_digest``: of the outputs the last stage returned (None: not checked).
+    ``jobs``: how many jobs each commitment covers (a lease over the pipeline: every stage
+    ran the same ``jobs`` micro-batches, in the same order, so its batch input digest is
+    the previous stage's batch output digest; ``input_digest`` is then the batch digest).
     """
     if len(commitments) != len(manifest.stages):
         raise ChainError(
@@ -317,8 +322,8 @@ def check_chain(
             raise ChainError(f"stage {i + 1}'s commitment names another model ({c.model_cid[:12]})")
         if c.requester != requester:
             raise ChainError(f"stage {i + 1}'s commitment is for another requester")
-        if c.count != 1:
-            raise ChainError(f"stage {i + 1}'s commitment covers {c.count} jobs, not one")
+        if c.count != jobs:
+            raise ChainError(f"stage {i + 1}'s commitment covers {c.count} jobs, not {jobs}")
         if c.input_digest != want_in:
             source = "the requester's inputs" if i == 0 else f"stage {i}'s outputs"
             raise ChainError(f"stage {i + 1} committed to other inputs than {source}")

@@ -40,7 +40,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +50,7 @@ import trio
 from edge_models.errors import InvalidInput, ModelNotFound
 from edge_models.pipelines import PipelineEntry, PipelineStore
 from peer.job_stream import JobStreamClosed
-from peer.market.auction import InferResult
+from peer.market.auction import Arrays, InferResult
 from peer.market.jobspec import JobSpec
 from peer.market.requester import (
     Attempt,
@@ -60,7 +61,7 @@ from peer.market.requester import (
     new_request,
     to_arrays,
 )
-from protocols.market import JobRequest, TensorMeta
+from protocols.market import JobRequest, LeaseTerms, TensorMeta
 from protocols.pipeline import (
     Cut,
     LocalRun,
@@ -70,10 +71,10 @@ from protocols.pipeline import (
     check_chain,
     choose_placement,
 )
-from protocols.receipt import ResultCommitment, content_digest
+from protocols.receipt import Receipt, ResultCommitment, batch_digest, content_digest
 from protocols.requester import DeadlineExceeded, MarketFailure
 from protocols.signed import sign_message
-from protocols.tensor import encode_tensors
+from protocols.tensor import decode_tensors, encode_tensors
 
 if TYPE_CHECKING:
     from peer.market.service import MarketService
@@ -313,7 +314,12 @@ def _dims(manifest: PipelineManifest, arrays: Mapping[str, Any]) -> dict[str, in
 
 
 def stage_request(
-    requester: str, spec: JobSpec, cut: Cut, dims: Mapping[str, int], until: float
+    requester: str,
+    spec: JobSpec,
+    cut: Cut,
+    dims: Mapping[str, int],
+    until: float,
+    lease: LeaseTerms | None = None,
 ) -> JobRequest:
     """The JobRequest of a stage whose inputs are forwarded: its inputs as the manifest's cut
     lists them (symbolic dims as this job's inputs fix them, unknown ones 1), its bytes as
@@ -340,6 +346,7 @@ def stage_request(
         bid_window=spec.bid_window,
         spot_check=0.0,
         nonce=os.urandom(16),
+        lease=lease,
     )
 
 
@@ -407,17 +414,27 @@ class Streamer:
         signed = sign_message(self.market.key, route)
         return await self.market.links.send_route(route.executor, signed, self.until)
 
-    async def start(self, wire: Any, arrays: Mapping[str, Any], **kw: Any) -> None:
-        """Auction every stage at once, then route each awarded executor to its neighbours.
-        ``StreamSetupFailed`` (nothing ran, nothing is owed) when a route is refused."""
+    async def start(
+        self,
+        wire: Any,
+        arrays: Mapping[str, Any],
+        *,
+        lease: LeaseTerms | None = None,
+        **kw: Any,
+    ) -> None:
+        """Build every stage's JobRun (``lease``: each holds its executor for many jobs);
+        ``drive`` runs their auctions at once, ``route_all`` routes the winners."""
         market, manifest = self.market, self.entry.manifest
         dims = _dims(manifest, arrays)
+        resolved = [await market.resolve(stage.cid) for stage in manifest.stages]
+        async with trio.open_nursery() as nursery:  # servers found before the auctions
+            for cid, _ in resolved:
+                nursery.start_soon(market.auctions.prepare, cid, self.until)
         # A stage waits for the stages before it: only a dead or failing executor is
         # dropped before the deadline, not a slow one.
         base = market.auctions.policy
         policy = replace(base, grace_s=max(base.grace_s, self.until - market.clock()))
-        for k, stage in enumerate(manifest.stages):
-            cid, stage_entry = await market.resolve(stage.cid)
+        for k, (cid, stage_entry) in enumerate(resolved):
             spec = market._spec(cid, stage_entry, until=self.until, **kw)
             if k == 0:
                 request = new_request(
@@ -427,17 +444,15 @@ class Streamer:
                     max_price=spec.max_price,
                     deadline=self.until,
                     bid_window=spec.bid_window,
+                    lease=lease,
                 )
             else:
                 request = stage_request(
-                    market.peer_id, spec, manifest.cuts[k - 1], dims, self.until
+                    market.peer_id, spec, manifest.cuts[k - 1], dims, self.until, lease
                 )
             run = market.auctions.new_run(spec, request, policy=policy)
             run.inputs_forwarded = k > 0
             self.stages.append(_Stage(k, spec, run))
-        async with trio.open_nursery() as nursery:
-            for st in self.stages:
-                nursery.start_soon(market.auctions.prepare, st.spec.cid, self.until)
 
     async def drive(self, st: _Stage) -> None:
         try:
@@ -603,3 +618,185 @@ async def run_streamed(
             )
         )
     return results, s
+
+
+# --- a lease over a pipeline: micro-batches in flight, every stage busy at once -----------
+
+DEFAULT_WINDOW = 4
+
+
+class PipelineLease:
+    """Holds one executor per stage (a lease each) for many jobs; ``map`` keeps ``window``
+    jobs (micro-batches) in flight, so while stage 2 runs job n, stage 1 already runs job
+    n+1. Intermediates stream executor to executor as for single jobs; one receipt per
+    stage covers its batch, and the receipts chain (``check_chain(jobs=n)``).
+
+    Not here (yet): failover inside a lease. A stage executor that fails mid-lease ends
+    it with ``MarketFailure`` (its unfinished jobs are in ``failed_from``); the batches
+    already done are closed and paid. ``run_pipeline`` (one job at a time) re-runs a
+    failed stage elsewhere."""
+
+    def __init__(self, market: MarketService, entry: PipelineEntry, streamer: Streamer) -> None:
+        self.market = market
+        self.entry = entry
+        self.s = streamer
+        self.sent = 0  # jobs given to stage 1
+        self.done = 0  # jobs whose last stage answered
+        self.in_digests: list[bytes] = []
+        self.out_digests: list[bytes] = []
+        self.results: list[InferResult] = []  # one per stage, after ``aclose``
+        self.failed_from: int | None = None
+
+    def _wire(self, inputs: Mapping[str, Any]) -> Any:
+        arrays = to_arrays(inputs)
+        _check_inputs(self.entry, arrays)
+        return encode_tensors(arrays)
+
+    async def _give(self, k: int, n: int, held: Any, digest: bytes) -> _Waiter:
+        st = self.s.stages[k]
+        att = await self.s.awarded(k)
+        if att.executor != st.routed:
+            raise MarketFailure(
+                f"stage {k + 1}'s executor changed mid-lease",
+                model_cid=st.spec.cid,
+                job_id=st.job_id,
+            )
+        if held is not None:
+            seq, waiter = await st.run.send_input(att, held, digest)
+        else:
+            seq, waiter = st.run.expect_input(att, digest)
+        assert seq == n, (seq, n)  # every stage runs job n as its seq n
+        return waiter
+
+    async def map(
+        self, inputs: Iterable[Mapping[str, Any]], *, window: int = DEFAULT_WINDOW
+    ) -> AsyncIterator[Arrays]:
+        """Outputs of every job of ``inputs``, in order, ``window`` jobs in flight."""
+        if window < 1:
+            raise ValueError("window must be >= 1")
+        n_stages = len(self.s.stages)
+        slots = trio.Semaphore(window)
+        chans = [trio.open_memory_channel[tuple[int, _Waiter]](window) for _ in range(n_stages)]
+        out_send, out_recv = trio.open_memory_channel[Arrays](window)
+
+        async def feed() -> None:
+            async with chans[0][0]:
+                for item in inputs:
+                    wire = self._wire(item)
+                    await slots.acquire()
+                    n = self.sent
+                    digest = content_digest(wire)
+                    self.in_digests.append(digest)
+                    waiter = await self._give(0, n, wire, digest)
+                    self.sent += 1
+                    await chans[0][0].send((n, waiter))
+
+        async def collect(k: int) -> None:
+            nxt = chans[k + 1][0] if k + 1 < n_stages else out_send
+            async with chans[k][1], nxt:
+                async for n, waiter in chans[k][1]:
+                    await waiter.done.wait()
+                    if waiter.error is not None:
+                        raise JobFailed(waiter.error)
+                    if waiter.lost:
+                        self.failed_from = n
+                        st = self.s.stages[k]
+                        raise MarketFailure(
+                            f"stage {k + 1}'s executor failed at job {n} of the lease",
+                            model_cid=st.spec.cid,
+                            job_id=st.job_id,
+                        )
+                    if waiter.forwarded is not None:
+                        held, digest = None, waiter.forwarded
+                    else:
+                        held, digest = waiter.wire, content_digest(waiter.wire)
+                    if k + 1 < n_stages:
+                        await chans[k + 1][0].send((n, await self._give(k + 1, n, held, digest)))
+                    else:
+                        self.out_digests.append(digest)
+                        arrays = decode_tensors(held, limits=self.market.settings.limits)
+                        await out_send.send(arrays)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(feed)
+            for k in range(n_stages):
+                nursery.start_soon(collect, k)
+            async with out_recv:
+                async for arrays in out_recv:
+                    self.done += 1
+                    slots.release()
+                    yield arrays
+
+    async def aclose(self) -> None:
+        """Close every stage's batch, in stage order; book and chain-check the receipts."""
+        for st in self.s.stages:
+            if not st.run.done.is_set():
+                await st.run.close_batch()
+            with trio.move_on_after(max(1.0, self.s.until - self.market.clock())):
+                await st.run.done.wait()
+        wall = 0.0
+        for st in self.s.stages:
+            o = st.outcome
+            if o is None or o.receipt is None:
+                continue
+            self.market.receipts.add(o.receipt, "requester")
+            self.results.append(
+                InferResult(
+                    outputs={},
+                    receipt=o.receipt,
+                    executor=o.executor,
+                    price=o.receipt.price,
+                    latency_ms=wall,
+                    model_cid=st.spec.cid,
+                    attempts=o.attempts,
+                )
+            )
+        if len(self.results) == len(self.s.stages) and self.done:
+            check_chain(
+                self.entry.manifest,
+                batch_digest(self.in_digests[: self.done]),
+                [r.receipt.commitment.message for r in self.results if r.receipt is not None],
+                batch_digest(self.out_digests),
+                jobs=self.done,
+            )
+
+    @property
+    def receipts(self) -> list[Receipt]:
+        return [r.receipt for r in self.results if r.receipt is not None]
+
+
+@asynccontextmanager
+async def pipeline_lease(
+    market: MarketService,
+    ref: str,
+    example: Mapping[str, Any],
+    *,
+    max_jobs: int = 1000,
+    seconds: float = 60.0,
+    max_price: float | None = None,
+    bid_window: float | None = None,
+) -> AsyncIterator[PipelineLease]:
+    """Lease every stage of pipeline ``ref`` (``example``: one job's inputs, which fix the
+    shapes the stages' requests announce) and route them; ``lease.map(inputs)``."""
+    entry = find_pipeline(market, ref)
+    if entry is None:
+        raise ModelNotFound(f"no pipeline {ref!r} is registered on this peer")
+    lease_until = market.clock() + seconds
+    until = lease_until + max(5.0, market.settings.job_timeout / 3)
+    s = Streamer(market, entry, until)
+    arrays = to_arrays(example)
+    _check_inputs(entry, arrays)
+    terms = LeaseTerms(max_jobs=max_jobs, until=lease_until)
+    kw = {"max_price": max_price, "bid_window": bid_window}
+    await s.start(encode_tensors(arrays), arrays, lease=terms, **kw)
+    async with trio.open_nursery() as nursery:
+        for st in s.stages:
+            nursery.start_soon(s.drive, st)
+        await s.route_all()
+        lease = PipelineLease(market, entry, s)
+        try:
+            yield lease
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(30.0):
+                await lease.aclose()
+            nursery.cancel_scope.cancel()

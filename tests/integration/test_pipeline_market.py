@@ -24,9 +24,9 @@ from edge_models.registry import Registry
 from edge_models.runtime import ModelRuntime
 from edge_models.split import plan_split, write_split
 from peer.market import pipeline as pipeline_mod
-from peer.market.pipeline import PipelineResult
+from peer.market.pipeline import PipelineResult, pipeline_lease
 from protocols.pipeline import ChainError, PipelineManifest, StageRoute
-from protocols.receipt import content_digest
+from protocols.receipt import batch_digest, content_digest
 from protocols.tensor import encode_tensors
 
 
@@ -386,3 +386,33 @@ async def test_the_http_front_door_runs_a_pipeline_by_name(tmp_path: Path) -> No
         # A pipeline name nobody registered is a plain 404, one line.
         r = await client.post("/v2/models/no_such_pipeline/infer", json=body, headers=door.auth)
         assert r.status_code == 404 and "\n" not in r.json()["error"]
+
+
+async def test_a_lease_over_a_pipeline_keeps_micro_batches_in_flight(tmp_path: Path) -> None:
+    """One lease per stage, 6 micro-batches with 3 in flight: every output equals the full
+    model's, every intermediate went executor to executor, and each stage's one batch
+    receipt covers the 6 jobs and chains to the next (batch digests)."""
+    src, manifest, stages = split_mlp(tmp_path)
+    xs = [
+        np.random.default_rng(10 + i).standard_normal((2, 8)).astype(np.float32) for i in range(6)
+    ]
+    async with market_swarm(tmp_path) as swarm:
+        nodes = await start_stage_peers(swarm, tmp_path, stages)
+        req = await start_requester(swarm, tmp_path, manifest)
+        for stage in manifest.stages:
+            await wait_providers(req, stage.cid, 1)
+        got = []
+        with trio.fail_after(90):
+            async with pipeline_lease(req.market, manifest.cid, {"x": xs[0]}, seconds=60) as pl:
+                async for out in pl.map([{"x": x} for x in xs], window=3):
+                    got.append(out["y"])
+        for x, y in zip(xs, got, strict=True):
+            np.testing.assert_allclose(y, full_model(src, x), atol=1e-5)
+        assert [n.market.links.forwards for n in nodes] == [6, 6, 0]
+        cs = [r.commitment.message for r in pl.receipts]
+        assert [c.count for c in cs] == [6, 6, 6]
+        assert [c.executor for c in cs] == [n.peer_id for n in nodes]
+        assert cs[0].input_digest == batch_digest([content_digest(wire_of(x=x)) for x in xs])
+        assert cs[1].input_digest == cs[0].output_digest
+        assert cs[2].input_digest == cs[1].output_digest
+        assert len(req.market.receipts.receipts) == 3
