@@ -138,6 +138,9 @@ class Checkpointer:
         prev = ledger.checkpoint
         if cut <= 0 or (prev is not None and cut <= prev.header.cut_ms):
             return None
+        covered_before = 0 if prev is None else prev.header.covered_count
+        if self.draft(cut).covered_count == covered_before:
+            return None  # nothing new to cover here (checked before asking anyone anything)
         others = [m for m in committee.members if m != self.peer_id]
         if self.sync_with is not None:
             for member in others[:MAX_MEMBER_SYNCS]:  # bring everyone to the same facts
@@ -149,9 +152,6 @@ class Checkpointer:
         if ledger.checkpoint is not None and ledger.checkpoint.epoch >= epoch:
             return None  # someone else's checkpoint arrived meanwhile
         header = self.draft(cut)
-        covered_before = 0 if prev is None else prev.header.covered_count
-        if header.covered_count == covered_before:
-            return None  # nothing new to cover
         asm = CheckpointAssembler(ledger.rule, header)
         cp = asm.add_vote(sign_checkpoint(self.key, header))
 
@@ -190,7 +190,8 @@ class Checkpointer:
         """Once per round (jittered): ``step``."""
         task_status.started()
         while True:
-            await trio.sleep(self.interval_ms / 1000 * random.uniform(0.5, 1.0))
+            # At least a second apart, whatever the epoch length (tests use short epochs).
+            await trio.sleep(max(1.0, self.interval_ms / 1000 * random.uniform(0.5, 1.0)))
             try:
                 await self.step()
             except (SettlementError, StoreError, ProtocolError) as exc:
