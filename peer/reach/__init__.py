@@ -114,18 +114,23 @@ class Reach:
                     published=republish,
                 )
                 await nursery.start(self.reservations.run)
-            async with contextlib.AsyncExitStack() as stack:
-                if role != "bootstrap" and self.host.get_transport_addrs():
-                    self.punch = HolePunch(self.host)
-                    await stack.enter_async_context(background_trio_service(self.punch))
-                    await self.punch.event_started.wait()
-                    self.dialer.on_relayed = self.punch.request
-                try:
-                    yield
-                finally:
-                    self.dialer.circuit_dial = None
-                    self.dialer.on_relayed = None
-                    nursery.cancel_scope.cancel()
+            try:
+                async with contextlib.AsyncExitStack() as stack:
+                    if role != "bootstrap" and self.host.get_transport_addrs():
+                        self.punch = HolePunch(self.host)
+                        await stack.enter_async_context(background_trio_service(self.punch))
+                        await self.punch.event_started.wait()
+                        self.dialer.on_relayed = self.punch.request
+                    try:
+                        yield
+                    finally:
+                        self.dialer.circuit_dial = None
+                        self.dialer.on_relayed = None
+            finally:
+                # Only after the hole-punch service stopped: cancelling first made its stop()
+                # raise Cancelled over whatever the body raised, and this nursery then
+                # swallowed both (a failing test inside open_peer passed).
+                nursery.cancel_scope.cancel()
 
     async def connect(
         self,
