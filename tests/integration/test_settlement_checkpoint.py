@@ -3,9 +3,11 @@ were offline or are new sync from it (real libp2p hosts on 127.0.0.1)."""
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+import pytest
 import trio
 from settlement_helpers import (
     Node,
@@ -19,7 +21,9 @@ from settlement_helpers import (
 )
 
 from peer.ledger_store import read_snapshot, verify_snapshot
+from peer.settlement import SettlementError
 from protocols.checkpoint import checkpoint_committee
+from protocols.ledger_rpc import CheckpointReply, GetCheckpoint
 from protocols.ledger_state import FactKind
 
 WITNESS_KEYS = [key(100 + i) for i in range(4)]
@@ -110,3 +114,47 @@ async def test_committee_checkpoints_prunes_and_a_new_peer_syncs_from_it(tmp_pat
         assert report.ok, report.problems
         kinds = [k for _i, k, _d in read_snapshot(tmp_path / d).facts]
         assert kinds.count(FactKind.CHECKPOINT) == 1, (d, kinds)
+
+
+async def test_a_new_peer_refuses_forged_rows_from_a_neighbour(tmp_path: Path) -> None:
+    """A neighbour that serves a genuine checkpoint with rows it doctored (more credit for
+    its friend) is refused: the rows must hash to what the committee signed."""
+    clock = Clock()
+    async with AsyncExitStack() as stack:
+        nodes = [
+            await stack.enter_async_context(
+                settlement_node(tmp_path / f"n{n}", k, RULE, POLICY, clock=clock)
+            )
+            for n, k in enumerate([*WITNESS_KEYS, PAYER, FRESH])
+        ]
+        witnesses, payer, fresh = nodes[:4], nodes[4], nodes[5]
+        for n in nodes:
+            n.svc.checkpointer.interval_ms = INTERVAL_MS
+        await connect_all(nodes[:5])
+        with trio.fail_after(60):
+            for job in range(3):
+                await payer.svc.pay(make_receipt(PAYER, PAYEE, 1000 + job, job))
+            clock.t += (POLICY.fraud_window_ms + POLICY.max_clock_skew_ms) / 1000 + 2
+            cp = await proposer(witnesses, clock, 1).svc.checkpointer.step()
+            assert cp is not None
+            liar = witnesses[2]
+            await wait_for("adopted", lambda n: n.svc.ledger.checkpoint == cp, [liar])
+            honest = liar.svc.fact_sync.answer_checkpoint
+
+            def doctored(req: GetCheckpoint) -> CheckpointReply:
+                reply = honest(req)
+                rows = list(reply.accounts)
+                rows[0] = dataclasses.replace(rows[0], balance=rows[0].balance + 7)
+                rows[1] = dataclasses.replace(rows[1], balance=rows[1].balance - 7)
+                return dataclasses.replace(reply, accounts=tuple(rows))
+
+            liar.svc.fact_sync.answer_checkpoint = doctored  # type: ignore[method-assign]
+            await fresh.peer.connect(liar.addr)
+            with pytest.raises(SettlementError, match="do not match"):
+                await fresh.svc.sync_with(liar.id)
+            assert fresh.svc.ledger.checkpoint is None
+            # From an honest neighbour it adopts the same checkpoint.
+            await fresh.peer.connect(witnesses[0].addr)
+            await fresh.svc.sync_with(witnesses[0].id)
+            assert fresh.svc.ledger.checkpoint == cp
+            assert fresh.svc.balances() == witnesses[0].svc.balances()
