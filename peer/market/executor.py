@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 
 AWARD_WAIT_S = 10.0  # first frame of a new job stream
 ACCEPT_WAIT_S = 10.0  # requester's Acceptance after our commitment
+MAX_HELD_WIRES = 16  # refused single jobs whose wires wait for arbitration
 LOAD_EVERY_S = 5  # the ad's load figure is refreshed at most this often
 FRAME_OVERHEAD = 64 * 1024  # CBOR framing around the tensor bytes of one input frame
 
@@ -80,6 +81,9 @@ class _Session:
     route: StageRoute | None = None  # a pipeline stage's neighbours (peer.market.stage_link)
     route_set: trio.Event = field(default_factory=trio.Event)
     forward_lock: trio.Lock = field(default_factory=trio.Lock)  # results leave in order
+    # A single job's inputs and outputs wire, kept until it is accepted: what a referee
+    # panel needs to arbitrate it if the requester never signs (settlement).
+    wires: tuple[Any, Any] | None = None
 
 
 class ExecutorService:
@@ -127,6 +131,9 @@ class ExecutorService:
         # arbitrates from here (ArbitratedReceipt); our loss is bounded by the window.
         self.on_refusal: Callable[[Award, Signed[Any], str], None] | None = None
         self.refusals: list[tuple[Award, Signed[Any], str]] = []
+        # (inputs wire, outputs wire) of refused single jobs, by job id (the arbiter pops
+        # them; the oldest go beyond MAX_HELD_WIRES).
+        self.refused_wires: dict[bytes, tuple[Any, Any]] = {}
         # Called with (load, queue) when awards start or end: the ad carries them.
         self.on_load: Callable[[float, int], None] | None = None
         # fetch_on_demand: called with the model cid of an accepted award before it runs.
@@ -295,6 +302,10 @@ class ExecutorService:
             why = f"{c.count - covered} result(s) left unaccepted by {c.requester}"
             log.warning("job %s: %s", s.award.job_id.hex()[:12], why)
             self.refusals.append((s.award, unaccepted, why))
+            if s.wires is not None and s.award.lease is None:
+                self.refused_wires[s.award.job_id] = s.wires
+                while len(self.refused_wires) > MAX_HELD_WIRES:
+                    self.refused_wires.pop(next(iter(self.refused_wires)))
             if self.on_refusal is not None:
                 self.on_refusal(s.award, unaccepted, why)
 
@@ -344,6 +355,8 @@ class ExecutorService:
             event = ex.InputRejected(s.award.job_id, item.seq, str(exc), now)
         else:
             s.inputs[item.seq] = (arrays, content_digest(item.inputs))
+            if s.award.lease is None:
+                s.wires = (item.inputs, None)
             event = ex.InputReceived(s.award.job_id, item.seq, now)
         await self._act(s, self.state.handle(event))
 
@@ -396,6 +409,8 @@ class ExecutorService:
                 s.nursery.start_soon(self._execute, s, a.seq)
             elif isinstance(a, ex.SendResult):
                 wire, ms = s.outputs.pop(a.seq)
+                if s.wires is not None:
+                    s.wires = (s.wires[0], wire)
                 out.append(JobResult(a.job_id, a.seq, wire, ms))
             elif isinstance(a, ex.SendError):
                 s.inputs.pop(a.error.seq, None)

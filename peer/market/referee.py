@@ -377,9 +377,13 @@ class RefereeService:
         with trio.fail_after(READ_WAIT_S):
             claims = decode_header(await frames.read(HEADER_MAX))
         first = claims[0].commitment.message
-        if first.requester != remote:
+        # The requester disputes; an executor whose result was never accepted may ask
+        # about its own single claim (arbitration: protocols.proofs.ArbitratedReceipt).
+        own_claim = len(claims) == 1 and first.executor == remote
+        if first.requester != remote and not own_claim:
             raise ValidationError(
-                f"only the job's requester {first.requester} may ask, not {remote}"
+                f"only the job's requester {first.requester} (or the executor, about its "
+                f"own result) may ask, not {remote}"
             )
         self.worker.entry(first.model_cid)  # ModelNotFound: we do not serve it
         panels = [self.panel_for(c.commitment.message) for c in claims]

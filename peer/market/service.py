@@ -43,17 +43,18 @@ from peer.market.jobspec import JobSpec
 from peer.market.lease import Lease
 from peer.market.pipeline import find_pipeline, run_pipeline
 from peer.market.receipts import ReceiptBook, ReceiptHook
-from peer.market.referee import REFEREE_PROTOCOL, RefereeService, SpotChecks
+from peer.market.referee import REFEREE_PROTOCOL, Claim, RefereeService, SpotChecks, arbitrate
 from peer.market.requester import to_arrays
-from peer.market.spot_check import SpotChecker
+from peer.market.spot_check import REFEREE_MAX_S, SpotChecker
 from peer.market.stage_link import STAGE_PROTOCOL, StageLinks
 from peer.worker import INLINE_P50_MS, Worker
 from protocols import executor as ex
 from protocols import requester as rq
 from protocols.committee import CommitteeRule, RefereePanel
 from protocols.market import CLOCK_SKEW_S
-from protocols.proofs import FraudProof
+from protocols.proofs import ArbitratedReceipt, FraudProof
 from protocols.receipt import ResultCommitment
+from protocols.signed import Signed
 from protocols.tensor import DEFAULT_LIMITS, TensorLimits, encode_tensors
 
 log = logging.getLogger(__name__)
@@ -199,6 +200,7 @@ class MarketService:
                 panel_for=self._panel_for,
             )
         self._nursery: trio.Nursery | None = None
+        self.arbitrated: list[ArbitratedReceipt] = []  # our refused results, arbitrated
 
     # --- collaborators -------------------------------------------------------------------
 
@@ -250,9 +252,48 @@ class MarketService:
         """What the capability ad lists: ``(cid, name, p50_ms)`` of every served model."""
         return [(cid, name, p50) for cid, (name, p50) in self.served.items()]
 
+    def _on_refusal(self, award: Any, commitment: Signed[Any], why: str) -> None:
+        """The executor's hook: a requester left our single job unaccepted; have it arbitrated."""
+        wires = self.executor.refused_wires.pop(award.job_id, None) if self.executor else None
+        settlement = getattr(self.peer, "settlement", None)
+        if wires is None or wires[1] is None or settlement is None or self._nursery is None:
+            return  # a lease (its loss is the window), no result sent, or no settlement
+        self._nursery.start_soon(self.arbitrate_refusal, commitment, wires, settlement)
+
+    async def arbitrate_refusal(
+        self, commitment: Signed[ResultCommitment], wires: tuple[Any, Any], settlement: Any
+    ) -> ArbitratedReceipt | FraudProof | None:
+        """Ask the job's referee panel about our own unaccepted result; a majority saying
+        it is right is an ``ArbitratedReceipt``, handed to settlement (the requester's
+        witnesses then certify nothing else of it until it is paid)."""
+        panel = self._panel_for(commitment.message)
+        if panel is None:
+            return None
+        evidence = await arbitrate(
+            self._open_referee,
+            [Claim(commitment, wires[1])],
+            wires[0],
+            [panel],
+            limits=self.settings.limits,
+            wait_s=REFEREE_MAX_S,
+        )
+        found = evidence[0]
+        job = commitment.message.job_id.hex()[:12]
+        if isinstance(found, ArbitratedReceipt):
+            self.arbitrated.append(found)
+            delivered = await settlement.settle_arbitrated(found)
+            log.info("job %s: arbitrated receipt delivered to %d peer(s)", job, delivered)
+        elif isinstance(found, FraudProof):
+            log.warning("job %s: the referees found our own result wrong", job)
+        else:
+            log.info("job %s: the referee panel gave no majority", job)
+        return found
+
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self.executor is not None and self.executor.on_refusal is None:
+                self.executor.on_refusal = self._on_refusal
             self.receipts.attach(nursery)
             await nursery.start(self.gossip.run)
             if self.executor is not None:
