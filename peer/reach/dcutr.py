@@ -8,7 +8,7 @@ measured over the relay, SYNC, then both sides dial each other at once (TCP
 simultaneous open; the initiator upgrades as the responder so the Noise roles
 match). Once a direct connection is up, the swarm's stream selection
 (``best``: direct before relayed) puts every *new* stream on it, and the relayed
-connection is closed 60 s later. What ``HolePunch`` changes:
+connection is closed later (see below). What ``HolePunch`` changes:
 
 * **When**: py-libp2p polls every 2 s and punches every relayed peer from both
   sides at once. Here the side that *dialed* through a relay asks for a punch
@@ -20,10 +20,19 @@ connection is closed 60 s later. What ``HolePunch`` changes:
   few direct IP addresses are kept (``protocols.reach.punch_addrs``); a punch
   is answered only on a relayed connection (a direct one needs none), one at a
   time per peer and ``MAX_INBOUND`` in all.
+* **The relayed connection is closed only once idle**: py-libp2p closes it 60 s
+  after a punch even while streams run on it (a lease opened over the relay
+  before the punch finished would break). Here, past those 60 s, it is closed
+  once it carries no stream, checked every ``IDLE_CHECK`` seconds for at most
+  ``IDLE_CHECKS`` times (the relay ends a circuit after 10 minutes anyway).
 * **Outcome**: each punch is logged (``hole punched to PEER: direct at ADDR in
   T s`` or why not) and kept in ``results`` (bench/reach.py reads the logs).
 
 Runs on peers that listen on TCP (a punch needs a listen port to dial from).
+Known limit: with one connection per peer (``peer.host``), py-libp2p trims a
+relayed connection older than its 20 s grace when the direct one registers; a
+punch starts right after the relayed dial, so the relayed one is younger unless
+the punch's retries take that long.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from typing import Any
 import trio
 from libp2p.abc import IHost, INetConn, INetStream
 from libp2p.peer.id import ID
-from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+from libp2p.relay.circuit_v2.dcutr import RELAY_CLOSE_GRACE_PERIOD, DCUtRProtocol
 from multiaddr import Multiaddr
 
 from protocols.reach import punch_addrs
@@ -48,6 +57,8 @@ MAX_PUNCHING = 8  # punches we run at once
 MAX_INBOUND = 16  # punches we answer at once
 MAX_RESULTS = 1024
 QUEUE = 64
+IDLE_CHECK = 10.0
+IDLE_CHECKS = 60
 
 
 @dataclass(frozen=True)
@@ -137,6 +148,30 @@ class HolePunch(DCUtRProtocol):
         if len(self.results) >= MAX_RESULTS:
             self.results.pop(next(iter(self.results)))
         self.results[str(peer_id)] = PunchResult(ok, seconds, addr)
+
+    async def _close_relayed_conns_after_grace(
+        self, peer_id: ID, grace: float = RELAY_CLOSE_GRACE_PERIOD
+    ) -> None:
+        await trio.sleep(grace)
+        for _ in range(IDLE_CHECKS):
+            if direct_connection(self.host, peer_id) is None:
+                return  # never strand the peer: keep the relay while nothing else works
+            relayed = [
+                c
+                for c in self.host.get_network().get_connections(peer_id)
+                if is_relayed(c) and not getattr(c, "is_closed", False)
+            ]
+            busy = 0
+            for conn in relayed:
+                if conn.get_streams():
+                    busy += 1
+                    continue
+                log.debug("closing the idle relayed connection to %s (direct now)", peer_id)
+                with contextlib.suppress(Exception):
+                    await conn.close()
+            if not busy:
+                return
+            await trio.sleep(IDLE_CHECK)
 
     async def _handle_dcutr_stream(self, stream: INetStream) -> None:
         peer_id = stream.muxed_conn.peer_id

@@ -6,10 +6,11 @@ The punch itself needs two NATs: tests/reach/test_reach_lab.py.
 from __future__ import annotations
 
 import nacl.signing
+import trio
 from multiaddr import Multiaddr
 
 from peer.host import build_host
-from peer.reach.dcutr import HolePunch
+from peer.reach.dcutr import IDLE_CHECK, HolePunch
 from protocols.reach import MAX_PUNCH_ADDRS
 
 
@@ -23,3 +24,58 @@ def test_a_connect_message_makes_us_dial_only_a_few_direct_addresses() -> None:
     ]
     out = [str(a) for a in punch._decode_observed_addrs(raw)]
     assert out == [f"/ip4/10.77.0.{i}/tcp/4001" for i in range(1, MAX_PUNCH_ADDRS + 1)]
+
+
+class FakeConn:
+    def __init__(self, addr: str, streams: int = 0) -> None:
+        self.addr = Multiaddr(addr)
+        self.streams = [object()] * streams
+        self.is_closed = False
+
+    def get_transport_addresses(self) -> list[Multiaddr]:
+        return [self.addr]
+
+    def get_streams(self) -> list[object]:
+        return self.streams
+
+    async def close(self) -> None:
+        self.is_closed = True
+
+
+class FakeHost:
+    def __init__(self, conns: list[FakeConn]) -> None:
+        self.conns = conns
+
+    def get_network(self) -> FakeHost:
+        return self
+
+    def get_connections(self, peer_id: object) -> list[FakeConn]:
+        return self.conns
+
+
+CIRCUIT = "/p2p/12D3KooWGRUVh8RYiwoMwwUGmrLNXxPvZrPvDEv1GXxvNMnQ3NkK/p2p-circuit"
+
+
+async def test_after_a_punch_the_relayed_connection_closes_only_once_no_stream_uses_it(
+    autojump_clock: object,
+) -> None:
+    direct, busy, idle = (
+        FakeConn("/ip4/10.77.0.101/tcp/4001"),
+        FakeConn(CIRCUIT, 1),
+        FakeConn(CIRCUIT),
+    )
+    punch = HolePunch(FakeHost([direct, busy, idle]))  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(punch._close_relayed_conns_after_grace, "peer", 60.0)
+        await trio.sleep(61)
+        assert idle.is_closed and not busy.is_closed  # a lease still runs on it
+        busy.streams = []
+        await trio.sleep(IDLE_CHECK + 1)
+        assert busy.is_closed and not direct.is_closed
+
+
+async def test_without_a_direct_connection_the_relay_is_kept(autojump_clock: object) -> None:
+    idle = FakeConn(CIRCUIT)
+    punch = HolePunch(FakeHost([idle]))  # type: ignore[arg-type]
+    await punch._close_relayed_conns_after_grace("peer", 60.0)  # type: ignore[arg-type]
+    assert not idle.is_closed
