@@ -125,7 +125,7 @@ TARGETS: list[Target] = [
     Target(
         "peer/caps.py",
         "peer",
-        ("tests/integration/test_caps.py",),
+        ("tests/unit/test_caps_intake.py", "tests/integration/test_caps.py"),
         ("xǁStreamCapsǁtry_open", "xǁStreamCapsǁ_release", "xǁRateBudgetǁ*"),
     ),
     # Ledger ingestion of untrusted fact bytes.
