@@ -690,6 +690,25 @@ def print_table(summary: dict[str, Any], groups: list[Group]) -> None:
             print(f"  {e.get('mutant')}: {e.get('line')}")
 
 
+def markdown_table(summary: dict[str, Any]) -> str:
+    """docs/testing.md's table: one row per module, then one per prefix (its total)."""
+    cols = ["mutants", "killed", "timeout", "type_check", "survived", "no_tests", "equivalent"]
+    head = "| module | " + " | ".join([*cols, "not checked", "score", "commit"]) + " |"
+    rows = [head, "|---|" + "---:|" * (len(cols) + 2) + "---|"]
+    for path, m in summary["modules"].items():
+        score = "-" if m["score"] is None else f"{m['score']:.1f} %"
+        cells = [str(m[c]) for c in cols] + [str(m["not_checked"]), score, m["commit"][:7]]
+        rows.append(f"| `{path}` | " + " | ".join(cells) + " |")
+    for prefix, t in summary["totals"].items():
+        if t["modules"]:
+            rows.append(
+                f"| **{prefix} ({t['modules']} modules)** | {t['mutants']} | | | | | | "
+                f"{t['equivalent']} | | **{t['score']} %** ({t['caught']} of "
+                f"{t['caught'] + t['missed']}) | |"
+            )
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--paths", nargs="*", default=[], help="modules or folders (default: all)")
@@ -697,6 +716,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nice", type=int, default=15, help="niceness of the run (default 15)")
     ap.add_argument("--hypothesis-examples", type=int, default=25)
     ap.add_argument("--report", action="store_true", help="only read the last run's results")
+    ap.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print the per-module table of bench/results/mutation.json as markdown (no run)",
+    )
     ap.add_argument(
         "--survivors",
         action="store_true",
@@ -717,6 +741,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
 
+    if args.markdown:
+        print(markdown_table(json.loads(RESULTS.read_text())))
+        return 0
     paths = list(args.paths) or (PRIORITY if args.priority else [])
     groups = select(paths)
     if args.only_tests:
