@@ -149,8 +149,9 @@ class SwarmStopped(SwarmError):
 async def local_swarm(root: Path) -> AsyncIterator[LocalSwarm]:
     """Yield a ``LocalSwarm``; every process it started is stopped and reaped on exit.
 
-    SIGTERM to this process (a CI timeout, ``kill``) cancels the body and still
-    reaps every child: Python's default SIGTERM action would leave them running.
+    SIGTERM to this process (a CI timeout, ``kill``) cancels the body, reaps every
+    child, then ends the process by SIGTERM: Python's default action would end it at
+    once and leave the children running.
     """
     signalled = False
     with trio.open_signal_receiver(signal.SIGTERM) as signals:
@@ -172,6 +173,10 @@ async def local_swarm(root: Path) -> AsyncIterator[LocalSwarm]:
                     await swarm.stop_all()
                 nursery.cancel_scope.cancel()
     if signalled:
+        # Children are reaped; now die of the signal as its sender meant (a test runner or a
+        # CI job must stop, not carry on after one failed test).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
         raise SwarmStopped("stopped by SIGTERM; every swarm process was stopped")
 
 
