@@ -47,6 +47,7 @@ from peer.settlement.fact_sync import FactSync
 from peer.settlement.ledger_rpc import LedgerClient
 from peer.settlement.network import GENESIS_PROTOCOL, resolve_genesis, serve_genesis
 from peer.settlement.payer import Payer
+from peer.settlement.pow_search import search_in_process
 from peer.settlement.server import LedgerServer, StreamState
 from peer.settlement.witness_server import WitnessServer
 from peer.settlement_paths import NoNetwork, remember_network
@@ -66,7 +67,6 @@ log = logging.getLogger(__name__)
 
 # Nonces searched per thread call while proving an identity (~40 ms of hashing).
 POW_CHUNK = 1 << 16
-MAX_POW_NONCE = 1 << 48
 
 
 class SettlementPeer(Protocol):
@@ -276,20 +276,18 @@ class SettlementService:
         self.identity_ready.set()
 
     async def _prove_identity(self) -> None:
-        """Background: search the identity proof-of-work, a chunk of nonces per thread call
-        (so cancelling stops it), then store and use it."""
+        """Background: search the identity proof-of-work in a child process (pure-Python
+        hashing in a thread would hold the GIL and slow this peer's loop for as long), then
+        store and use it. Cancelling kills the child."""
         bits = self.ledger.policy.pow_bits
         log.info("proving this identity (%d bits of proof-of-work, ~%.0e hashes)", bits, 2.0**bits)
         t0 = time.monotonic()
-        start = POW_CHUNK  # the first chunk was searched before start-up finished
-        while start < MAX_POW_NONCE:
-            nonce = await self._solve_chunk(start)
-            if nonce is not None:
-                await self._have_identity(nonce)
-                log.info("identity proof found in %.1f s", time.monotonic() - t0)
-                return
-            start += POW_CHUNK
-        raise SettlementError(f"no identity proof of {bits} bits found")
+        # The first chunk was searched before start-up finished.
+        nonce = await search_in_process(self.peer_id, bits, POW_CHUNK)
+        if nonce is None:
+            raise SettlementError(f"no identity proof of {bits} bits found")
+        await self._have_identity(nonce)
+        log.info("identity proof found in %.1f s", time.monotonic() - t0)
 
     async def _ensure_identity(self, nursery: trio.Nursery) -> None:
         """Our identity proof: stored, or found in the first chunk of nonces (cheap networks),
