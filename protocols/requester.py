@@ -401,6 +401,10 @@ class RequesterJob:
     model found in provider records and ads, reachable on the topic). With
     ``policy.close_early`` the auction closes as soon as each of them that is
     not banned or already tried has bid, instead of waiting out the window.
+    ``expected_complete``: the I/O layer's lookup is fresh, so ``expected`` is every
+    server it can know of; with nobody left to wait for (none found, or all tried or
+    banned) the first usable bid closes the auction: a peer that is the model's only
+    server runs its own job (``LocalBid``) at once instead of after the window.
     """
 
     request: JobRequest
@@ -410,6 +414,7 @@ class RequesterJob:
     policy: RequesterPolicy = field(default_factory=RequesterPolicy)
     input_digest: bytes | None = None
     expected: frozenset[str] = frozenset()
+    expected_complete: bool = False
 
     phase: Phase = field(default=Phase.NEW, init=False)
     outcome: Outcome | None = field(default=None, init=False)
@@ -595,7 +600,9 @@ class RequesterJob:
             for e in self.expected
             if e not in self._tried and e not in self.banned and e != self.request.requester
         ]
-        return bool(waiting) and all(e in self._bids for e in waiting)
+        if not waiting:
+            return self.expected_complete
+        return all(e in self._bids for e in waiting)
 
     def _on_timer(self) -> list[Action]:
         if self.now >= self.request.deadline:

@@ -28,6 +28,7 @@ from peer.market.gossip import MarketGossip
 from peer.market.jobspec import JobSpec
 from peer.market.receipts import ReceiptBook
 from peer.market.requester import JobRun, LocalRunner, new_request
+from peer.market.stream_pool import StreamPool
 from protocols import requester as rq
 from protocols.market import JobRequest
 from protocols.proofs import FraudProof
@@ -155,6 +156,9 @@ class Auctions:
         self._misses: dict[str, dict[str, int]] = {}  # cid -> server -> auctions without a bid
         # Our own executor, a bidder in our own single-job auctions (set when we serve).
         self.local: LocalRunner | None = None
+        # Job streams kept open after a single job, one per executor: the next award to it
+        # skips opening a stream (and its protocol negotiation).
+        self.streams = StreamPool(clock=clock)
 
     async def prepare(self, cid: str, until: float) -> None:
         """Join the cid's topic and get executors of it into our gossip mesh.
@@ -215,6 +219,14 @@ class Auctions:
         (``RequesterPolicy.good_enough_price``)."""
         return frozenset(self._servers.get(cid, ()))
 
+    def knows_every_server(self, cid: str) -> bool:
+        """A lookup of ``cid``'s servers succeeded within ``REDISCOVER_S``: the expected
+        bidders are every server we can know of. When that set is empty (we are the model's
+        only server) the auction closes on the first bid, our own, instead of waiting out
+        the window."""
+        t = self._discovered.get(cid)
+        return t is not None and self.clock() - t < REDISCOVER_S
+
     async def open_job_stream(self, executor: str, until: float) -> FrameStream:
         return FrameStream(await self.dialer.open_stream(executor, until, JOB_PROTOCOL))
 
@@ -246,7 +258,9 @@ class Auctions:
             single_input=single_input,
             banned=self.bans.plus(banned),
             expected=self.expected_bidders(cid),
+            expected_complete=self.knows_every_server(cid),
             local=self.local,
+            pool=self.streams,
             clock=self.clock,
         )
 

@@ -57,7 +57,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-AWARD_WAIT_S = 10.0  # first frame of a new job stream
+AWARD_WAIT_S = 10.0  # first frame of a new job stream (or the next award on a kept one)
+MAX_AWARDS_PER_STREAM = 10_000  # a kept stream is closed after this many awards
 ACCEPT_WAIT_S = 10.0  # requester's Acceptance after our commitment
 MAX_HELD_WIRES = 16  # refused single jobs whose wires wait for arbitration
 LOAD_EVERY_S = 5  # the ad's load figure is refreshed at most this often
@@ -238,41 +239,56 @@ class ExecutorService:
         )
 
     async def _serve(self, fs: FrameStream, slot: StreamSlot | None = None) -> None:
+        """Serve awards on one stream: after a job the requester paid for (its Acceptance
+        arrived), the stream waits for the next Award (``peer.market.stream_pool``), so a
+        requester's next job to us skips opening a stream. Bounded: ``award_wait_s`` idle,
+        ``MAX_AWARDS_PER_STREAM`` awards."""
+        try:
+            for _ in range(MAX_AWARDS_PER_STREAM):
+                fs.set_max_frame(CONTROL_FRAME_MAX)  # no payload-sized frame before an award
+                if not await self._serve_award(fs):
+                    return
+        finally:
+            await fs.close()
+            if slot is not None:
+                slot.release()
+
+    async def _serve_award(self, fs: FrameStream) -> bool:
+        """One award on ``fs``; True when it ended paid and the stream may carry another."""
         award: Award | None = None
         try:
             first: Any = None
             with trio.move_on_after(self.award_wait_s):  # a silent stream is dropped
                 first = await fs.receive()
             if not (isinstance(first, Signed) and isinstance(first.message, Award)):
-                return  # not a job stream we understand; nothing to sign an error for
+                return False  # not a job stream we understand; nothing to sign an error for
             if first.message.requester != fs.remote_peer:
-                return  # an award relayed by someone else
+                return False  # an award relayed by someone else
             award = first.message
             actions = self.state.handle(ex.AwardReceived(award, self.clock()))
             for a in actions:
                 if isinstance(a, ex.RejectAward):
                     self.stats["rejected"] += 1
                     await fs.send(sign_message(self.key, a.error))
-                    return
+                    return False
             self.stats["awards"] += 1
             if self.prepare is not None:  # a model bid for on demand: fetch it first
                 try:
                     await self.prepare(award.model_cid)
                 except Exception as exc:  # the requester sees the stream end and retries
                     log.warning("cannot run job %s: %s", award.job_id.hex()[:12], exc)
-                    return
+                    return False
             fs.set_max_frame(self.max_frame)
-            await self._run_award(award, fs)
+            return await self._run_award(award, fs)
         except (JobStreamClosed, ProtocolError, trio.TooSlowError) as exc:
             log.debug("job stream ended: %s", exc)
+            return False
         finally:
             if award is not None and award.job_id in self.state.awarded_jobs:
                 self._do_sync(self.state.handle(ex.ConnectionLost(award.job_id, self.clock())))
-            await fs.close()
-            if slot is not None:
-                slot.release()
 
-    async def _run_award(self, award: Award, fs: FrameStream) -> None:
+    async def _run_award(self, award: Award, fs: FrameStream) -> bool:
+        """Serve one award to its end; True when it ended paid (final Acceptance)."""
         job_id = award.job_id
         async with trio.open_nursery() as nursery:
             session = _Session(award=award, fs=fs, nursery=nursery)
@@ -287,6 +303,7 @@ class ExecutorService:
                 self.sessions.pop(job_id, None)
                 nursery.cancel_scope.cancel()
                 self._settle_unfinished(session)
+        return session.paid
 
     def _settle_unfinished(self, s: _Session) -> None:
         """The award ended without its final receipt: book the last cumulative receipt the

@@ -44,6 +44,7 @@ from edge_models.spec import ModelEntry
 from peer import metrics
 from peer.job_stream import FrameStream, JobStreamClosed
 from peer.market.clock import Clock, sleep_until, system_clock
+from peer.market.stream_pool import StreamPool
 from protocols import requester as rq
 from protocols.errors import ProtocolError
 from protocols.market import (
@@ -52,6 +53,7 @@ from protocols.market import (
     Bid,
     JobError,
     JobForwarded,
+    JobFrame,
     JobInput,
     JobRequest,
     JobResult,
@@ -230,7 +232,9 @@ class JobRun:
         banned: Container[str] = frozenset(),
         reputation: Mapping[str, float] | None = None,
         expected: frozenset[str] = frozenset(),
+        expected_complete: bool = False,
         local: LocalRunner | None = None,
+        pool: StreamPool | None = None,
         clock: Clock = system_clock,
     ) -> None:
         self.key = key
@@ -245,7 +249,10 @@ class JobRun:
         self.entry = entry
         self.limits = limits
         self.single_input = single_input
+        # Single jobs only: a lease keeps its stream for its whole batch anyway.
+        self.pool = pool if single_input is not None else None
         digest = content_digest(single_input) if single_input is not None else None
+        self._input_digest = digest  # once per job, not once per attempt
         self.job = rq.RequesterJob(
             request,
             now=clock(),
@@ -254,6 +261,7 @@ class JobRun:
             banned=banned,
             reputation=reputation or {},
             expected=expected,
+            expected_complete=expected_complete,
         )
         self.attempt: Attempt | None = None
         self.attempt_changed = trio.Event()
@@ -457,6 +465,8 @@ class JobRun:
             if att.fs is not None:
                 if att.acceptance is None:
                     await att.fs.reset()
+                elif self.pool is not None and not reason:
+                    await self.pool.give(att.executor, att.fs)  # the next award reuses it
                 else:
                     await att.fs.close()
         if reason:
@@ -466,14 +476,13 @@ class JobRun:
         """Returns a failure reason, or "" once the result was reported."""
         job_id = att.award.job_id
         try:
-            att.fs = await self.open_stream(att.executor, self.request.deadline)
-            await att.fs.send(sign_message(self.key, att.award))
-            if self.single_input is not None:
-                await self.send_input(att, self.single_input, content_digest(self.single_input))
+            pending = await self._start(att)
+            assert att.fs is not None
             att.ready.set()
             early: Signed[ResultCommitment] | None = None  # a single job commits first
             while True:
-                item = await att.fs.receive()
+                item = pending if pending is not None else await att.fs.receive()
+                pending = None
                 if isinstance(item, JobResult | JobForwarded) and item.job_id == job_id:
                     fwd = isinstance(item, JobForwarded)
                     out = None if isinstance(item, JobForwarded) else item.outputs
@@ -500,7 +509,7 @@ class JobRun:
                     if early is not None and 0 in att.outputs:
                         return await self._decide(att, early)
                 elif isinstance(item, Signed) and isinstance(item.message, ResultCommitment):
-                    signed_c: Signed[ResultCommitment] = item  # type: ignore[assignment]
+                    signed_c: Signed[ResultCommitment] = item
                     c = signed_c.message
                     if self.lease is None and 0 not in att.outputs:
                         early = signed_c  # judged against the result that follows it
@@ -530,6 +539,32 @@ class JobRun:
             return f"cannot reach the executor: {str(exc) or type(exc).__name__}"
         except Exception as exc:  # py-libp2p dial/negotiation errors have no common base
             return f"cannot open a job stream: {str(exc) or type(exc).__name__}"
+
+    async def _start(self, att: Attempt) -> JobFrame | None:
+        """Get a stream to the winner and send the Award (and a single job's inputs, in the
+        same write). A pooled stream is tried first; if it turns out closed before anything
+        came back on it (the executor let it go idle), the same frames go out on a fresh
+        stream. Returns the first frame already read from a pooled stream, or None."""
+        frames: list[JobFrame] = [sign_message(self.key, att.award)]
+        if self.single_input is not None:
+            assert self._input_digest is not None
+            self.job.handle(rq.InputSent(att.executor, 0, self._input_digest, self.clock()))
+            att.inputs[0] = self._input_digest
+            att.waiters[0] = _Waiter()
+            frames.append(JobInput(att.award.job_id, 0, self.single_input))
+        pooled = await self.pool.take(att.executor) if self.pool is not None else None
+        if pooled is not None:
+            att.fs = pooled
+            try:
+                await pooled.send_many(frames)
+                return await pooled.receive()
+            except JobStreamClosed:
+                assert self.pool is not None
+                self.pool.stale += 1
+                await pooled.reset()
+        att.fs = await self.open_stream(att.executor, self.request.deadline)
+        await att.fs.send_many(frames)
+        return None
 
     # --- lease side ------------------------------------------------------------------
 

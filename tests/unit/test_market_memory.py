@@ -20,7 +20,7 @@ import pytest
 import trio
 import trio.testing
 
-from peer.job_stream import JOB_PROTOCOL, FrameStream
+from peer.job_stream import JOB_PROTOCOL, FrameStream, JobStreamClosed
 from peer.market.auction import Auctions, Bans
 from peer.market.clock import Clock, trio_clock
 from peer.market.executor import ExecutorService
@@ -31,6 +31,7 @@ from peer.market.referee import SpotChecks
 from peer.market.requester import new_request, to_arrays
 from peer.market.spot_check import SpotChecker
 from protocols import requester as rq
+from protocols.codec import frame
 from protocols.market import Award, Bid, JobInput, JobResult, LeaseTerms
 from protocols.receipt import Receipt
 from protocols.signed import Signed, sign_message
@@ -384,3 +385,87 @@ async def test_a_server_that_stops_bidding_stops_holding_auctions_open(
         assert silent.peer_id not in m.auctions.expected_bidders(CID)
     # Waited out the window twice for the silent server, then closed on the bid that came.
     assert took[0] >= 2.0 and took[1] >= 2.0 and took[2] < 0.1
+
+
+async def test_the_next_single_job_to_an_executor_reuses_its_job_stream(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """After a paid single job the stream stays open; the next award to the same executor
+    goes out on it, with no new stream (no protocol negotiation on a real host)."""
+    async with memory_market() as m:
+        ex1 = await m.executor(2, 100)
+        first = await m.auctions.one_job(m.spec(), wire(1))
+        assert m.net.streams_opened == 1 and len(m.auctions.streams) == 1
+        second = await m.auctions.one_job(m.spec(), wire(2))
+        assert m.net.streams_opened == 1  # the award went out on the kept stream
+        assert m.auctions.streams.taken == 1 and m.auctions.streams.stale == 0
+    assert first.executor == second.executor == ex1.peer_id
+    assert second.outputs["z"].tolist() == [4.0] * 4
+    assert first.receipt is not None and second.receipt is not None
+    second.receipt.verify()
+    assert first.receipt.job_id != second.receipt.job_id
+    assert {r.receipt_id for r in ex1.receipts.receipts} == {
+        first.receipt.receipt_id,
+        second.receipt.receipt_id,
+    }
+
+
+async def test_a_kept_stream_the_executor_dropped_falls_back_to_a_fresh_one(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    async with memory_market() as m:
+        ex1 = await m.executor(2, 100)
+        ex1.award_wait_s = 1.0  # it drops an idle stream after 1 s; the pool keeps it 8 s
+        await m.auctions.one_job(m.spec(), wire(1))
+        await trio.sleep(2.0)
+        result = await m.auctions.one_job(m.spec(), wire(3))
+        assert m.auctions.streams.taken == 1 and m.auctions.streams.stale == 1
+        assert m.net.streams_opened == 2
+    assert result.outputs["z"].tolist() == [6.0] * 4
+    assert result.receipt is not None
+    result.receipt.verify()
+    assert ex1.stats["awards"] == 2  # the stale stream carried no award the executor took
+
+
+async def test_a_kept_stream_takes_no_payload_sized_frame_before_the_next_award(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Between awards a kept stream is back to the control-frame cap: a requester cannot
+    make the executor buffer a payload without holding one of its bids. A frame announced
+    over the cap ends the stream at once (without the cap the executor would wait for its
+    body until ``award_wait_s``)."""
+    async with memory_market() as m:
+        ex1 = await m.executor(2, 100)
+        await m.auctions.one_job(m.spec(), wire(1))
+        fs = await m.auctions.streams.take(ex1.peer_id)
+        assert fs is not None
+        header = frame(b"\0" * 100_000, max_size=200_000)[:3]  # uvarint(100000), no body
+        t0 = trio.current_time()
+        await fs.send_raw(header)
+        with trio.fail_after(30), pytest.raises(JobStreamClosed):
+            await fs.receive()
+        assert trio.current_time() - t0 < 1.0 < ex1.award_wait_s
+        assert ex1.stats["awards"] == 1
+
+
+async def test_a_lone_serving_peer_runs_its_own_job_without_waiting_out_the_window(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """We are the model's only server (the lookup found nobody else): our own bid closes
+    the auction at once."""
+
+    class Local:
+        def local_quote(self, request: Any) -> tuple[int, int]:
+            return 0, 5
+
+        async def run_local(self, cid: str, inputs: Any, *, deadline: float) -> Any:
+            return {"z": (np.asarray(inputs["x"]) * 2).astype(np.float32)}
+
+    async with memory_market() as m:
+        m.auctions.local = Local()
+        t0 = trio.current_time()
+        result = await m.auctions.one_job(m.spec(bid_window=2.0), wire(5))
+        took = trio.current_time() - t0
+    assert result.local and result.executor == REQ
+    assert result.outputs["z"].tolist() == [10.0] * 4
+    assert took < 0.1  # not the 2 s window

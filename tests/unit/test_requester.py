@@ -26,6 +26,7 @@ from protocols.requester import (
     Fail,
     InputSent,
     InterimReceived,
+    LocalBid,
     NoExecutors,
     Phase,
     Publish,
@@ -33,6 +34,7 @@ from protocols.requester import (
     RequesterPolicy,
     ResultArrived,
     ResultReceived,
+    RunLocally,
     SendAcceptance,
     SendAward,
     StartTimer,
@@ -395,6 +397,36 @@ def test_banned_or_own_expected_bidders_are_not_waited_for() -> None:
     assert job.handle(BidReceived(bid(E2, 1), now=T0 + 0.01)) == []
     actions = job.handle(BidReceived(bid(E1), now=T0 + 0.02))
     assert isinstance(actions[0], SendAward) and actions[0].executor == E1
+
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_a_lone_server_closes_on_its_own_bid_only_when_the_lookup_found_nobody_else(
+    complete: bool,
+) -> None:
+    # The I/O layer's lookup is fresh and names no other server (expected_complete, empty
+    # expected set): our own quote closes the auction at once. Without a fresh lookup the
+    # window is waited for (an unseen server may still bid).
+    job = RequesterJob(request(), now=T0, input_digest=INPUT_DIGEST, expected_complete=complete)
+    job.start()
+    actions = job.handle(LocalBid(price=0, eta_ms=5, now=T0 + 0.001))
+    if complete:
+        assert isinstance(actions[0], RunLocally) and job.phase is Phase.AWARDED
+    else:
+        assert actions == [] and job.phase is Phase.COLLECTING
+
+
+def test_expected_complete_still_waits_for_every_expected_server() -> None:
+    job = RequesterJob(
+        request(),
+        now=T0,
+        input_digest=INPUT_DIGEST,
+        expected=frozenset({E1}),
+        expected_complete=True,
+    )
+    job.start()
+    assert job.handle(LocalBid(price=0, eta_ms=5, now=T0 + 0.001)) == []
+    actions = job.handle(BidReceived(bid(E1, 300), now=T0 + 0.01))
+    assert isinstance(actions[0], RunLocally)  # E1 has bid; our own free quote wins
 
 
 def test_a_good_enough_bid_closes_the_auction_at_once() -> None:
