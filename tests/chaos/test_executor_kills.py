@@ -43,17 +43,27 @@ def kill_after_inputs(market: Any, victim: SwarmProcess, after: int) -> trio.Eve
         fs = await original(executor, until)
         if executor != victim.peer_id:
             return fs
-        send = fs.send
+        send, send_many = fs.send, fs.send_many
+
+        def count(items: list[Any]) -> None:
+            for item in items:
+                if isinstance(item, JobInput) and not killed.is_set():
+                    sent[0] += 1
+                    if sent[0] >= after:
+                        victim.process.kill()  # SIGKILL, mid-job
+                        killed.set()
 
         async def send_then_maybe_kill(item: Any) -> None:
             await send(item)
-            if isinstance(item, JobInput) and not killed.is_set():
-                sent[0] += 1
-                if sent[0] >= after:
-                    victim.process.kill()  # SIGKILL, mid-job
-                    killed.set()
+            count([item])
+
+        # A single job's Award and inputs go out in one write (send_many).
+        async def send_many_then_maybe_kill(items: list[Any]) -> None:
+            await send_many(items)
+            count(items)
 
         fs.send = send_then_maybe_kill  # type: ignore[method-assign]
+        fs.send_many = send_many_then_maybe_kill  # type: ignore[method-assign]
         return fs
 
     market.auctions.open_job_stream = open_job_stream
