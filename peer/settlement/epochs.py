@@ -38,6 +38,7 @@ from peer.caps import guarded
 from peer.host import retire_stream_handler
 from peer.ledger_store import LedgerSnapshot
 from peer.settlement.base import LedgerFacts
+from peer.settlement.budget import PeerBudget
 from peer.settlement_paths import GENESIS_FILE, NetworkError, read_genesis_file
 from protocols.codec import FrameDecoder, frame
 from protocols.epochs import (
@@ -78,6 +79,10 @@ ASK_TIMEOUT = 3.0  # one request to one peer
 MAX_CANDIDATES = 256  # peers asked whether they stand, per proposal
 MAX_SYNC_ROUNDS = 64  # get rounds per sync (x MAX_GET checkpoints)
 MAX_STORED_VOTES = 4096
+# Requests one peer may make of us: a get reply can be ~1 MB of checkpoints, a proposal
+# costs a ledger walk. Honest use is a few per epoch and one get per sync interval.
+REQUESTS_PER_S = 20.0
+REQUESTS_BURST = 100
 
 
 # --- files ------------------------------------------------------------------------------------
@@ -234,6 +239,7 @@ class EpochService:
         self.voter = CheckpointVoter(key, files.votes())
         self._vote_lock = trio.Lock()
         self._proposed: set[int] = set()  # epochs we proposed for (once each)
+        self.budget = PeerBudget(REQUESTS_PER_S, REQUESTS_BURST)
         self.changed = trio.Event()  # set (and replaced) whenever a checkpoint is added
 
     def now_ms(self) -> int:
@@ -327,6 +333,10 @@ class EpochService:
 
     async def handle_stream(self, stream: INetStream) -> None:
         try:
+            remote = str(stream.muxed_conn.peer_id)
+            if not self.budget.take(remote):
+                log.debug("epochs request of %s refused: over its budget", remote[-8:])
+                return  # closed unanswered (before anything is read or parsed)
             with trio.fail_after(ASK_TIMEOUT * 2):
                 data = await _read_frame(stream, MAX_REQUEST)
                 if data is not None:
