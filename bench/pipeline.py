@@ -15,10 +15,20 @@ stages, in one run:
   * bytes crossing each cut per job (measured arrays), and the splitter's estimate;
   * peak RSS of each stage process against the unsplit worker's.
 
-Prints JSON lines and writes bench/results/pipeline.json.
+With ``--market`` (issue 18's pipeline lease), through the real market instead:
+each stage's executor an ``edgeswarm run`` process holding that stage (1
+intra-op thread each), one more holding the whole model (N threads), and a
+requester in this process. Throughput with ``--in-flight`` micro-batches in
+flight: ``pipeline_lease(...).map`` (streamed: intermediates go executor to
+executor) against ``market.lease(whole).map`` with the same window, in the
+same run; load before and after is printed (a loaded box makes this noisy).
+
+Prints JSON lines and writes bench/results/pipeline.json (``--market``:
+bench/results/pipeline_market.json).
 
     nice -n 10 python bench/pipeline.py                  # ~2-4 min on 2 loaded cores
     python bench/pipeline.py --models minilm --stages 2 --runs 10
+    nice -n 10 python bench/pipeline.py --market --models minilm --stages 2 --jobs 60
 """
 
 from __future__ import annotations
@@ -248,6 +258,121 @@ def bench_one(name: str, stages: int, args: argparse.Namespace) -> dict[str, Any
     }
 
 
+async def market_one(
+    name: str, stages: int, args: argparse.Namespace, root: Path
+) -> dict[str, Any]:
+    """Split and unsplit throughput through the market, micro-batches in flight."""
+    import trio
+
+    from edge_models.registry import Registry
+    from edge_models.split import write_split
+    from peer.config import Config
+    from peer.local_swarm import local_swarm, peer_args
+    from peer.market.pipeline import pipeline_lease
+    from peer.node import open_peer
+
+    path_of, inputs_of = MODELS[name]
+    path = Path(path_of())
+    feeds = inputs_of(args.batch)
+    full_cid = Registry(root / "scratch").add_file(path).cid
+    files = write_split(plan_split(onnx.load(str(path)), stages), full_cid, root / "split")
+    manifest = files.manifest
+    one = {"EDGESWARM_INTRA_OP_THREADS": "1"}
+    whole_env = {"EDGESWARM_INTRA_OP_THREADS": str(stages)}
+    async with local_swarm(root / "swarm") as swarm:
+        boot = await swarm.start("boot", "bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0")
+        for i, stage_path in enumerate(files.stage_paths):
+            Registry(root / "swarm" / f"s{i}" / "models").add_file(stage_path)
+            await swarm.start(f"s{i}", *peer_args([boot.address]), env=one)
+        Registry(root / "swarm" / "whole" / "models").add_file(path)
+        await swarm.start("whole", *peer_args([boot.address]), env=whole_env)
+        Registry(root / "req" / "models").pipelines.add(manifest.to_bytes(), source="bench")
+        conf = Config(
+            data_dir=root / "req",
+            listen=("/ip4/127.0.0.1/tcp/0",),
+            bootstrap=(boot.address,),
+            bid_window=0.3,
+        )
+        async with open_peer(conf) as peer:
+            market = peer.market
+            assert market is not None
+            with trio.fail_after(60):  # every holder found before timing anything
+                for cid in [full_cid, *(s.cid for s in manifest.stages)]:
+                    for _ in range(300):  # no event for "a provider record appeared"
+                        if await peer.find_providers(cid):
+                            break
+                        await trio.sleep(0.2)
+            jobs = [feeds] * args.jobs
+
+            async def split_run() -> float:
+                async with pipeline_lease(market, manifest.cid, feeds, seconds=300) as pl:
+                    async for _ in pl.map(jobs[:2], window=2):  # warm: sessions, streams
+                        pass
+                    t0 = time.perf_counter()
+                    n = 0
+                    async for _ in pl.map(jobs, window=args.in_flight):
+                        n += 1
+                    return n / (time.perf_counter() - t0)
+
+            async def whole_run() -> float:
+                async with market.lease(full_cid, seconds=300) as lease:
+                    async for _ in lease.map(jobs[:2], window=2):
+                        pass
+                    t0 = time.perf_counter()
+                    n = 0
+                    async for _ in lease.map(jobs, window=args.in_flight):
+                        n += 1
+                    return n / (time.perf_counter() - t0)
+
+            load0 = os.getloadavg()
+            with trio.fail_after(1200):
+                whole_a = await whole_run()
+                split_a = await split_run()
+                whole_b = await whole_run()  # again, to see the box's drift
+                split_b = await split_run()
+            load1 = os.getloadavg()
+    whole, split = (whole_a + whole_b) / 2, (split_a + split_b) / 2
+    return {
+        "model": name,
+        "stages": stages,
+        "batch": args.batch,
+        "jobs": args.jobs,
+        "in_flight": args.in_flight,
+        "jobs_per_s_unsplit_runs": [round(whole_a, 2), round(whole_b, 2)],
+        "jobs_per_s_split_runs": [round(split_a, 2), round(split_b, 2)],
+        "throughput_ratio_split_over_unsplit": round(split / whole, 3),
+        "crossing_bytes_estimate": manifest.crossing_bytes,
+        "load_before": load0,
+        "load_after": load1,
+    }
+
+
+def market_main(args: argparse.Namespace) -> None:
+    import sys
+    import tempfile
+
+    # Run as a script, bench/ is on sys.path and bench/http.py would shadow the stdlib's http.
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    import trio
+
+    out = args.out if args.out != RESULTS else RESULTS.with_name("pipeline_market.json")
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "settings": {k: str(v) for k, v in vars(args).items() if k != "out"},
+        "runs": [],
+    }
+    for name in args.models.split(","):
+        for n in (int(s) for s in args.stages.split(",")):
+            with tempfile.TemporaryDirectory(prefix="edgeswarm-pipebench-") as tmp:
+                r = trio.run(market_one, name, n, args, Path(tmp))
+            print(json.dumps(r), flush=True)
+            results["runs"].append(r)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="minilm,orientation")
@@ -257,7 +382,11 @@ def main() -> None:
     ap.add_argument("--in-flight", type=int, default=4)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--market", action="store_true", help="through the market (see above)")
     args = ap.parse_args()
+    if args.market:
+        market_main(args)
+        return
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "load_before": os.getloadavg(),

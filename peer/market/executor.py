@@ -302,6 +302,8 @@ class ExecutorService:
             finally:
                 self.sessions.pop(job_id, None)
                 nursery.cancel_scope.cancel()
+                if self.links is not None and session.route is not None:
+                    await self.links.close_links(job_id)  # shielded closes
                 self._settle_unfinished(session)
         return session.paid
 

@@ -62,7 +62,9 @@ REPLY_WAIT_S = 10.0  # a route or forward answered within this
 SESSION_WAIT_S = 10.0  # a route may overtake the award it is for: wait this long for it
 MAX_HELD = 64  # forwarded outputs kept for re-routing, oldest dropped first
 MAX_HELD_BYTES = 256 * 1024 * 1024
-FRAME_OVERHEAD = 64 * 1024
+MAX_FORWARDS_PER_STREAM = 1 << 20  # a lease's jobs (MAX_BATCH) fit many times
+MAX_REFUSALS_KEPT = 100
+IDLE_S = 300.0  # a kept-open forward stream with nothing on it this long is closed
 
 
 class StageStream:
@@ -107,6 +109,15 @@ def _nbytes(wire: Any) -> int:
 
 
 @dataclass
+class _Link:
+    """A kept-open stream to one downstream stage job; one forward at a time on it."""
+
+    ss: StageStream | None = None
+    from_job: bytes = b""
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+
+@dataclass
 class _Held:
     requester: str
     route: StageRoute
@@ -129,6 +140,7 @@ class StageLinks:
         self.forwards = 0  # payloads forwarded on
         self.forwarded = trio.Event()  # set (and renewed) at each forward taken downstream
         self.sessions_changed = trio.Event()
+        self._links: dict[tuple[str, bytes], _Link] = {}  # (downstream, its job) -> stream
 
     def attach(self, executor: ExecutorService) -> None:
         self.executor = executor
@@ -177,24 +189,45 @@ class StageLinks:
         self.forwarded = trio.Event()
 
     async def _send_forward(self, route: StageRoute, seq: int, wire: Any, until: float) -> str:
+        """One forward on the kept-open stream to the route's downstream (opened on first
+        use): the header, the payload right behind it (the receiver checks the header before
+        it reads the payload), then its answer. A failed stream is dropped, never retried."""
         header = StageForward(route.downstream_job, route.job_id, seq, max(1, _nbytes(wire)))
+        key = (route.downstream, route.downstream_job)
+        link = self._links.get(key)
+        if link is None:
+            link = self._links[key] = _Link()
         try:
-            with trio.fail_after(max(0.1, min(REPLY_WAIT_S, until - self.clock()))):
-                stream = await self.dialer.open_stream(route.downstream, until, STAGE_PROTOCOL)
-                ss = StageStream(stream)
-                try:
-                    await ss.send(header)
-                    reply = await ss.receive()  # it checks who we are before the payload
-                    if isinstance(reply, StageReply) and reply.ok:
-                        await ss.send(StagePayload(wire))
-                        reply = await ss.receive()
-                finally:
-                    await ss.close()
+            async with link.lock:
+                with trio.fail_after(max(0.1, min(REPLY_WAIT_S, until - self.clock()))):
+                    if link.ss is None:
+                        stream = await self.dialer.open_stream(
+                            route.downstream, until, STAGE_PROTOCOL
+                        )
+                        link.ss = StageStream(stream)
+                        link.from_job = route.job_id
+                    await link.ss.send(header, StagePayload(wire))
+                    reply = await link.ss.receive()
         except Exception as exc:  # dial/negotiation errors of py-libp2p have no common base
+            await self._drop(key)
             return f"cannot forward to {route.downstream}: {str(exc) or type(exc).__name__}"
         if not isinstance(reply, StageReply):
+            await self._drop(key)
             return f"{route.downstream} answered a forward with {type(reply).__name__}"
-        return "" if reply.ok else f"{route.downstream} refused the forward: {reply.why}"
+        if not reply.ok:
+            await self._drop(key)
+            return f"{route.downstream} refused the forward: {reply.why}"
+        return ""
+
+    async def _drop(self, key: tuple[str, bytes]) -> None:
+        link = self._links.pop(key, None)
+        if link is not None and link.ss is not None:
+            await link.ss.close()
+
+    async def close_links(self, from_job: bytes) -> None:
+        """Stage job ``from_job``'s award ended: close the streams its forwards went on."""
+        for key in [k for k, link in self._links.items() if link.from_job == from_job]:
+            await self._drop(key)
 
     def _hold(self, requester: str, route: StageRoute, seq: int, wire: Any) -> None:
         held = self.held.get(route.job_id)
@@ -226,6 +259,7 @@ class StageLinks:
             if why:
                 return why
             self._count_forward()
+        await self.close_links(route.job_id)  # its award is over: nothing else goes on them
         return ""
 
     # --- executor side: taking routes and forwards -----------------------------------------
@@ -237,20 +271,32 @@ class StageLinks:
                 first = await ss.receive()
             if isinstance(first, Signed) and isinstance(first.message, StageRoute):
                 why = await self._take_route(first.message, ss.remote_peer)
-            elif isinstance(first, StageForward):
-                why = await self._take_forward(first, ss)
-            else:
-                why = f"unexpected frame {type(first).__name__}"
-            if why:
-                self.refused.append(why)
-                log.info("stage stream from %s refused: %s", ss.remote_peer, why)
-            await ss.send(StageReply(not why, why[:512]))
+                await self._reply(ss, why)
+                return
+            item: StageFrame = first
+            for _ in range(MAX_FORWARDS_PER_STREAM):  # one stream carries a lease's forwards
+                if not isinstance(item, StageForward):
+                    await self._reply(ss, f"unexpected frame {type(item).__name__}")
+                    return
+                why = await self._take_forward(item, ss)
+                await self._reply(ss, why)
+                if why:
+                    return  # its payload was never read: the stream cannot go on
+                with trio.fail_after(IDLE_S):
+                    item = await ss.receive()  # the next header, or the end
         except (ProtocolError, EOFError, trio.TooSlowError, OSError) as exc:
             log.debug("stage stream ended: %s", exc)
         except Exception as exc:  # a broken stream of py-libp2p has no common base
             log.debug("stage stream failed: %s", exc)
         finally:
             await ss.close()
+
+    async def _reply(self, ss: StageStream, why: str) -> None:
+        if why:
+            self.refused.append(why)
+            del self.refused[:-MAX_REFUSALS_KEPT]
+            log.info("stage stream from %s refused: %s", ss.remote_peer, why)
+        await ss.send(StageReply(not why, why[:512]))
 
     async def _session(self, job_id: bytes) -> _Session | None:
         """The award session of ``job_id``, waiting a while for one still being set up."""
@@ -309,10 +355,12 @@ class StageLinks:
             return str(exc)
         if header.size > self.executor.limits.max_total_bytes:
             return f"a forward of {header.size} bytes is over the input limit"
-        await ss.send(StageReply(True))  # now, and only now, the payload may come
-        ss.set_max_frame(self.executor.max_frame)
-        with trio.fail_after(REPLY_WAIT_S + header.size / 1e6):
-            payload = await ss.receive()
+        ss.set_max_frame(self.executor.max_frame)  # now, and only now, the payload is read
+        try:
+            with trio.fail_after(REPLY_WAIT_S + header.size / 1e6):
+                payload = await ss.receive()
+        finally:
+            ss.set_max_frame(STAGE_CONTROL_MAX)
         if not isinstance(payload, StagePayload):
             return f"expected the payload, got {type(payload).__name__}"
         await self.executor.forwarded_input(s, JobInput(header.to_job, header.seq, payload.tensors))
