@@ -258,6 +258,11 @@ def bench_one(name: str, stages: int, args: argparse.Namespace) -> dict[str, Any
     }
 
 
+def _note(text: str) -> None:
+    """Progress lines (on stdout: the peer's log setup owns stderr)."""
+    print(text, flush=True)
+
+
 async def market_one(
     name: str, stages: int, args: argparse.Namespace, root: Path
 ) -> dict[str, Any]:
@@ -325,13 +330,26 @@ async def market_one(
                     return n / (time.perf_counter() - t0)
 
             load0 = os.getloadavg()
-            with trio.fail_after(1200):
-                whole_a = await whole_run()
-                split_a = await split_run()
-                whole_b = await whole_run()  # again, to see the box's drift
-                split_b = await split_run()
+            rates: dict[str, list[float]] = {"unsplit": [], "split": []}
+            error = ""
+            # An error is kept here: open_peer would swallow one raised in its body.
+            try:
+                with trio.fail_after(1200):
+                    for _ in range(2):  # twice each, to see the box's drift
+                        for what, run in (("unsplit", whole_run), ("split", split_run)):
+                            rates[what].append(await run())
+                            _note(f"{what} {rates[what][-1]:.2f} jobs/s")
+            except Exception as exc:
+                import traceback
+
+                error = "".join(traceback.format_exception(exc))[-3000:]
+                _note(error)
             load1 = os.getloadavg()
-    whole, split = (whole_a + whole_b) / 2, (split_a + split_b) / 2
+    if error:
+        return {"model": name, "stages": stages, "error": error}
+    whole, split = statistics.mean(rates["unsplit"]), statistics.mean(rates["split"])
+    whole_a, whole_b = rates["unsplit"]
+    split_a, split_b = rates["split"]
     return {
         "model": name,
         "stages": stages,
