@@ -76,12 +76,14 @@ def test_policy_bounds(field: str, ok: object, bad: object) -> None:
 # --- bids -----------------------------------------------------------------------------------
 
 
-def test_a_bid_for_another_job_is_ignored() -> None:
-    job, _ = started()
+def test_a_bid_for_another_job_is_ignored_and_takes_no_bidder_slot() -> None:
+    """Foreign bids never count: they cannot crowd honest bidders out of the cap."""
+    job = job_with(RequesterPolicy(max_bidders=1))
     other = Bid(job_id=b"\x99" * 16, executor=E1, price=10, eta_ms=100, expires_at=T0 + 5)
     assert job.handle(BidReceived(other, now=T0 + 0.1)) == []
+    job.handle(BidReceived(bid(E2, 100), now=T0 + 0.1))
     actions = job.handle(TimerFired(now=T0 + 0.5))
-    assert isinstance(actions[0], Publish) and actions[0].request.round == 1  # no bid held
+    assert isinstance(actions[0], SendAward) and actions[0].executor == E2
 
 
 def test_at_the_bidder_cap_new_bidders_are_dropped_but_a_held_one_may_rebid() -> None:
