@@ -50,6 +50,7 @@ import trio
 from edge_models.errors import InvalidInput, ModelNotFound
 from edge_models.pipelines import PipelineEntry, PipelineStore
 from peer.job_stream import JobStreamClosed
+from peer.logging_setup import exception_leaves
 from peer.market.auction import Arrays, InferResult
 from peer.market.jobspec import JobSpec
 from peer.market.requester import (
@@ -71,7 +72,7 @@ from protocols.pipeline import (
     check_chain,
     choose_placement,
 )
-from protocols.receipt import Receipt, ResultCommitment, batch_digest, content_digest
+from protocols.receipt import MAX_BATCH, Receipt, ResultCommitment, batch_digest, content_digest
 from protocols.requester import DeadlineExceeded, MarketFailure
 from protocols.signed import sign_message
 from protocols.tensor import decode_tensors, encode_tensors
@@ -622,6 +623,19 @@ async def run_streamed(
 
 # --- a lease over a pipeline: micro-batches in flight, every stage busy at once -----------
 
+
+def _market_failure(exc: BaseException) -> MarketFailure | None:
+    """``exc`` if it is a MarketFailure, or the first of a group of only those (and
+    cancellations); None otherwise."""
+    if isinstance(exc, MarketFailure):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [e for e in exception_leaves(exc) if not isinstance(e, trio.Cancelled)]
+        if leaves and all(isinstance(e, MarketFailure) for e in leaves):
+            return leaves[0]  # type: ignore[return-value]
+    return None
+
+
 DEFAULT_WINDOW = 4
 
 
@@ -631,10 +645,10 @@ class PipelineLease:
     n+1. Intermediates stream executor to executor as for single jobs; one receipt per
     stage covers its batch, and the receipts chain (``check_chain(jobs=n)``).
 
-    Not here (yet): failover inside a lease. A stage executor that fails mid-lease ends
-    it with ``MarketFailure`` (its unfinished jobs are in ``failed_from``); the batches
-    already done are closed and paid. ``run_pipeline`` (one job at a time) re-runs a
-    failed stage elsewhere."""
+    A stage executor that fails mid-lease ends the streaming: the jobs not answered yet
+    (and those not sent) run on one at a time through ``run_pipeline``, which fails over
+    stage by stage (``fallback``; their stages already done are run again). The batches
+    already done are closed and paid at ``aclose``."""
 
     def __init__(self, market: MarketService, entry: PipelineEntry, streamer: Streamer) -> None:
         self.market = market
@@ -646,6 +660,8 @@ class PipelineLease:
         self.out_digests: list[bytes] = []
         self.results: list[InferResult] = []  # one per stage, after ``aclose``
         self.failed_from: int | None = None
+        self.failure = ""  # why the lease stopped streaming, if it did
+        self.fallback: list[PipelineResult] = []  # jobs run one at a time after a failure
 
     def _wire(self, inputs: Mapping[str, Any]) -> Any:
         arrays = to_arrays(inputs)
@@ -675,16 +691,22 @@ class PipelineLease:
         if window < 1:
             raise ValueError("window must be >= 1")
         n_stages = len(self.s.stages)
+        it = iter(inputs)
+        pending: dict[int, Mapping[str, Any]] = {}  # jobs given and not yet answered
         slots = trio.Semaphore(window)
         chans = [trio.open_memory_channel[tuple[int, _Waiter]](window) for _ in range(n_stages)]
         out_send, out_recv = trio.open_memory_channel[Arrays](window)
 
         async def feed() -> None:
             async with chans[0][0]:
-                for item in inputs:
-                    wire = self._wire(item)
-                    await slots.acquire()
+                for _ in range(MAX_BATCH):
+                    await slots.acquire()  # before taking an input: none is lost on a failure
+                    item = next(it, None)
+                    if item is None:
+                        return
                     n = self.sent
+                    pending[n] = item
+                    wire = self._wire(item)
                     digest = content_digest(wire)
                     self.in_digests.append(digest)
                     waiter = await self._give(0, n, wire, digest)
@@ -717,15 +739,38 @@ class PipelineLease:
                         arrays = decode_tensors(held, limits=self.market.settings.limits)
                         await out_send.send(arrays)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(feed)
-            for k in range(n_stages):
-                nursery.start_soon(collect, k)
-            async with out_recv:
-                async for arrays in out_recv:
-                    self.done += 1
-                    slots.release()
-                    yield arrays
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(feed)
+                for k in range(n_stages):
+                    nursery.start_soon(collect, k)
+                async with out_recv:
+                    async for arrays in out_recv:
+                        pending.pop(self.done, None)
+                        self.done += 1
+                        slots.release()
+                        yield arrays
+        except BaseException as exc:
+            failure = _market_failure(exc)
+            if failure is None:
+                raise
+            self.failure = str(failure)
+        else:
+            return
+        # A stage executor failed mid-lease: every job not answered yet runs on as a single
+        # pipeline job (each stage auctioned again, failing over one stage at a time).
+        rest = [pending[n] for n in sorted(pending)]
+        log.warning(
+            "pipeline %s: %s; %d job(s) go on one at a time",
+            self.entry.name,
+            self.failure,
+            len(rest),
+        )
+        for item in [*rest, *it]:
+            result = await run_pipeline(self.market, self.entry, item)
+            self.fallback.append(result)
+            self.done += 1
+            yield result.outputs
 
     async def aclose(self) -> None:
         """Close every stage's batch, in stage order; book and chain-check the receipts."""

@@ -416,3 +416,47 @@ async def test_a_lease_over_a_pipeline_keeps_micro_batches_in_flight(tmp_path: P
         assert cs[1].input_digest == cs[0].output_digest
         assert cs[2].input_digest == cs[1].output_digest
         assert len(req.market.receipts.receipts) == 3
+
+
+async def test_a_stage_executor_killed_mid_lease_the_rest_runs_on(tmp_path: Path) -> None:
+    """Stage 2's executor dies while it holds the lease's first job: streaming stops, and
+    every job not answered yet runs on as a single pipeline job, where stage 2 fails over
+    to its backup; every output still equals the full model's, in order."""
+    src, manifest, stages = split_mlp(tmp_path)
+    blocking, wrap = blockers()
+    xs = [
+        np.random.default_rng(20 + i).standard_normal((2, 8)).astype(np.float32) for i in range(4)
+    ]
+    async with market_swarm(tmp_path) as swarm:
+        try:
+            await start_stage_peers(swarm, tmp_path, stages, wrap_last=wrap, wrap=1)
+            hold(tmp_path / "backup2", stages[1])
+            backup = await swarm.start("backup2", price=9.0)
+            req = await start_requester(swarm, tmp_path, manifest)
+            await wait_providers(req, manifest.stages[1].cid, 2)
+            for stage in (manifest.stages[0], manifest.stages[2]):
+                await wait_providers(req, stage.cid, 1)
+            got: list[np.ndarray] = []
+
+            async def kill_when_busy() -> None:
+                await blocking[0].started.wait()  # stage 2's cheap executor runs job 0
+                await swarm.kill("stage2")
+
+            with trio.fail_after(120):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(kill_when_busy)
+                    async with pipeline_lease(
+                        req.market, manifest.cid, {"x": xs[0]}, seconds=60, bid_window=0.5
+                    ) as pl:
+                        async for out in pl.map([{"x": x} for x in xs], window=2):
+                            got.append(out["y"])
+            assert len(got) == len(xs), (len(got), pl.failure, len(pl.fallback))
+            for i, (x, y) in enumerate(zip(xs, got, strict=True)):
+                want = full_model(src, x)
+                assert np.allclose(y, want, atol=1e-5), (i, pl.failure, len(pl.fallback))
+            assert pl.failure.startswith("stage 2's executor"), pl.failure
+            assert len(pl.fallback) == 4  # job 0 never came back: all four ran on
+            assert all(r.stages[1].executor == backup.peer_id for r in pl.fallback)
+        finally:
+            for b in blocking:
+                b.release.set()
