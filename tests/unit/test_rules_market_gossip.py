@@ -121,3 +121,25 @@ def test_the_guard_forgets_the_oldest_seen_message_past_max_seen() -> None:
         assert g(ID(b"x"), msg(k, signed_request(k, i), seq=i))
     assert g(ID(b"x"), msg(k, signed_request(k, 0), seq=9))  # forgotten: passes again
     assert not g(ID(b"x"), msg(k, signed_request(k, 2), seq=10))  # still remembered
+
+
+def test_by_default_bids_refill_at_500_a_second() -> None:
+    """0.799 s after the burst is spent: 399.5 tokens at 500/s (399 bids), 400 at 501/s."""
+    now = [T0]
+    g = GossipGuard(clock=lambda: now[0])
+    k = key(2)
+    assert sum(g(ID(b"x"), msg(k, signed_bid(k, i), seq=i)) for i in range(401)) == 400
+    now[0] += 0.799
+    more = [g(ID(b"x"), msg(k, signed_bid(k, 1000 + i), seq=i)) for i in range(400)]
+    assert more == [True] * 399 + [False]
+
+
+def test_by_default_the_guard_remembers_65536_message_keys() -> None:
+    g = GossipGuard(clock=lambda: T0)
+    for i in range(65535):
+        g._seen[("filler", i)] = None
+    k = key(1)
+    assert g(ID(b"x"), msg(k, signed_request(k, 1)))
+    assert ("filler", 0) in g._seen  # 65536 keys: none forgotten yet
+    assert g(ID(b"x"), msg(k, signed_request(k, 2)))
+    assert ("filler", 0) not in g._seen and ("filler", 1) in g._seen
