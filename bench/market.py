@@ -344,7 +344,13 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 async def auction(cid: str = cid, feeds: dict[str, Any] = feeds) -> None:
                     await req.infer(cid, feeds, deadline=20)
 
+                pool = req.auctions.streams
+                taken, stale = pool.taken, pool.stale
                 row["b_auction"] = summary(await timed(auction, n_auction))
+                # Awards that went out on a kept job stream (no stream opened, no protocol
+                # negotiation), and kept streams found closed (a fresh one was opened).
+                row["b_auction"]["streams_reused"] = pool.taken - taken
+                row["b_auction"]["streams_stale"] = pool.stale - stale
                 async with req.lease(cid, max_jobs=100_000, seconds=300) as lease:
 
                     async def one(lease: Any = lease, feeds: dict[str, Any] = feeds) -> None:
