@@ -220,12 +220,17 @@ class Auctions:
         return frozenset(self._servers.get(cid, ()))
 
     def knows_every_server(self, cid: str) -> bool:
-        """A lookup of ``cid``'s servers succeeded within ``REDISCOVER_S``: the expected
-        bidders are every server we can know of. When that set is empty (we are the model's
-        only server) the auction closes on the first bid, our own, instead of waiting out
-        the window."""
+        """A lookup of ``cid``'s servers succeeded within ``REDISCOVER_S`` and every other
+        peer on the model's topic is one of the servers it found: the expected bidders are
+        every server we can know of. When that set is empty (we are the model's only
+        server) the auction closes on the first bid, our own, instead of waiting out the
+        window. A topic peer the lookup missed (provider records not propagated yet) may
+        be a server: then the window is waited for, as before."""
         t = self._discovered.get(cid)
-        return t is not None and self.clock() - t < REDISCOVER_S
+        if t is None or self.clock() - t >= REDISCOVER_S:
+            return False
+        others = set(self.gossip.topic_peers(cid)) - {self.peer_id}
+        return others <= self._servers.get(cid, set())
 
     async def open_job_stream(self, executor: str, until: float) -> FrameStream:
         return FrameStream(await self.dialer.open_stream(executor, until, JOB_PROTOCOL))

@@ -469,3 +469,13 @@ async def test_a_lone_serving_peer_runs_its_own_job_without_waiting_out_the_wind
     assert result.local and result.executor == REQ
     assert result.outputs["z"].tolist() == [10.0] * 4
     assert took < 0.1  # not the 2 s window
+
+    # A peer on the model's topic that the lookup did not find (its provider record has
+    # not propagated yet) may be a server: the window is waited for, as before.
+    async with memory_market() as m:
+        m.auctions.local = Local()
+        m.gossip.topic_peers = lambda cid: {pid(key(9))}  # type: ignore[method-assign]
+        t0 = trio.current_time()
+        result = await m.auctions.one_job(m.spec(bid_window=2.0), wire(5))
+        took = trio.current_time() - t0
+    assert result.local and 2.0 <= took < 3.0  # (+ up to 0.5 s waiting for its mesh)
