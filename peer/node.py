@@ -65,7 +65,12 @@ from peer.host import (
     running_host,
 )
 from peer.identity import IdentityError, load_or_create_identity
-from peer.logging_setup import install_libp2p_filter, log_exception_leaves, reraise_lone_error
+from peer.logging_setup import (
+    install_libp2p_filter,
+    log_exception_leaves,
+    reraise_lone_error,
+    without_teardown_races,
+)
 from peer.reach import reach_of
 from protocols.ad import AD_MAX_TTL, AD_NAMESPACE, MAX_ADDRS, CapabilityAd, Device
 
@@ -541,7 +546,12 @@ async def open_peer(
                             raise
                         finally:
                             nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
+        except BaseExceptionGroup as whole:
+            group = without_teardown_races(whole)
+            if group is None:
+                if body_error is not None:
+                    raise body_error from None
+                return  # only py-libp2p's shutdown race: the peer stopped cleanly
             reraise_lone_error(group, body_error)
             log_exception_leaves(log, group, "peer services failed")
-            raise
+            raise group from None

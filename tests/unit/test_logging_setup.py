@@ -6,7 +6,12 @@ import logging
 
 import pytest
 
-from peer.logging_setup import QuietLibp2pFilter, exception_leaves, log_exception_leaves
+from peer.logging_setup import (
+    QuietLibp2pFilter,
+    exception_leaves,
+    log_exception_leaves,
+    without_teardown_races,
+)
 
 
 def record(name: str, msg: str, level: int = logging.WARNING) -> logging.LogRecord:
@@ -37,3 +42,12 @@ def test_exception_leaves_flattens_nested_groups(caplog: pytest.LogCaptureFixtur
         "services failed: KeyError: 'b'",
         "services failed: OSError: c",
     ]
+
+
+def test_py_libp2p_teardown_race_is_dropped_and_nothing_else() -> None:
+    race = RuntimeError("Nursery is closed to new arrivals")
+    real = RuntimeError("disk full")
+    assert without_teardown_races(ExceptionGroup("g", [race])) is None
+    rest = without_teardown_races(ExceptionGroup("g", [race, ExceptionGroup("h", [race, real])]))
+    assert rest is not None and list(exception_leaves(rest)) == [real]
+    assert without_teardown_races(ExceptionGroup("g", [ValueError("x")])) is not None
