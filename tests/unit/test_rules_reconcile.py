@@ -25,6 +25,8 @@ from protocols.reconcile import (
 )
 
 IDS = [bytes([i]) * 32 for i in range(1, 6)]
+# Ids that read differently little- and big-endian (IDS above do not).
+SKEWED = [bytes(range(i, i + 32)) for i in range(1, 6)]
 
 
 def test_fingerprints_are_fixed() -> None:
@@ -32,6 +34,12 @@ def test_fingerprints_are_fixed() -> None:
     assert fingerprint_of([]).hex() == "2c34ce1df23b838c5abf2a7f6437cca3"
     assert fingerprint_of(IDS).hex() == "b10b87d7863c2b934161c7016e3041c5"
     assert fingerprint_of(reversed(IDS)) == fingerprint_of(IDS)
+    assert fingerprint_of(SKEWED).hex() == "722855e62ab96d17c0fbe9c622fc5b25"
+
+
+def test_a_bound_after_a_shared_prefix_is_one_byte_past_it() -> None:
+    prev, nxt = b"\x00\x05" + bytes(30), b"\x00\x07" + bytes(30)
+    assert _separator(prev, nxt) == b"\x00\x07"
 
 
 @given(st.lists(st.binary(min_size=ID_SIZE, max_size=ID_SIZE), min_size=2, unique=True))
