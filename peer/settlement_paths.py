@@ -69,6 +69,21 @@ def write_genesis_file(path: Path, genesis: Genesis) -> None:
     os.replace(tmp, path)
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all, durably (file and directory fsync'd)."""
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 # --- where ledgers live --------------------------------------------------------------------
 
 

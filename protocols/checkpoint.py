@@ -24,7 +24,7 @@ What a ledger does with one (which facts it drops, how it folds the summary) is
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -366,6 +366,43 @@ class CheckpointAssembler:
         return make_checkpoint(self.header, (self._votes[w] for w in chosen))
 
 
+class CheckpointVoteLock:
+    """A member's one-vote-per-checkpoint lock, sans-IO: once it voted for a header of
+    checkpoint ``epoch`` it signs no other header for that epoch, ever.
+
+    Two quorums of one committee share an honest member, so with at most f byzantine
+    members one epoch never gets two certified checkpoints (the fork of two proposers
+    with different cuts). ``lock`` returns True for a new lock: the I/O layer persists
+    the header (``locked`` reloads it after a restart) before the vote leaves the machine,
+    and calls ``unlock`` if that fails. ``None`` for an epoch: a lock whose header could
+    not be read back, which refuses every header of that epoch."""
+
+    def __init__(self, locked: Mapping[int, CheckpointHeader | None] | None = None) -> None:
+        self.locked: dict[int, CheckpointHeader | None] = dict(locked or {})
+
+    def check(self, header: CheckpointHeader) -> None:
+        """Raise unless this member may vote for ``header``."""
+        if header.epoch not in self.locked:
+            return
+        held = self.locked[header.epoch]
+        if held is None or held.digest != header.digest:
+            raise ValidationError(f"already voted for another checkpoint {header.epoch}")
+
+    def lock(self, header: CheckpointHeader) -> bool:
+        """Take the lock for ``header`` (``check`` first); True if it is new."""
+        self.check(header)
+        if header.epoch in self.locked:
+            return False
+        self.locked[header.epoch] = header
+        return True
+
+    def unlock(self, header: CheckpointHeader) -> None:
+        """Drop a new lock whose persist failed (no vote left the machine)."""
+        held = self.locked.get(header.epoch)
+        if held is not None and held.digest == header.digest:
+            del self.locked[header.epoch]
+
+
 def verify_chain(chain: Sequence[Checkpoint], rule: CommitteeRule) -> None:
     """Check a chain of checkpoints from the first: epochs 1, 2, ..., each ``prev`` the
     digest of the one before, each signed by a quorum of its own epoch's committee,
@@ -411,6 +448,7 @@ __all__ = [
     "CheckpointAssembler",
     "CheckpointHeader",
     "CheckpointVote",
+    "CheckpointVoteLock",
     "accounts_hash",
     "check_accounts",
     "checkpoint_committee",

@@ -8,7 +8,12 @@ least one fraud window plus the clock skew in the past, so every payment it cove
 of escrow), asks the members to vote (``ckpt_sign``) and, with a quorum, adopts it (the
 store prunes what it covers) and spreads it like any network-wide fact. A member votes
 only for a header it computes itself from its own facts, for the next epoch after the
-checkpoint it adopted, with a cut of the current or the previous round.
+checkpoint it adopted, with a cut that is safe now, after the adopted one's and at most
+``MAX_CUT_ROUNDS`` rounds old, and it votes for at most one header per checkpoint epoch
+(``CheckpointVoteLock``; the header is fsync'd under ``<ledger dir>/checkpoint-votes/``
+before the vote is sent, so the lock holds across restarts). A member locked on a header
+proposes that header again each round until the epoch is certified, so a round that got
+no quorum does not strand the members that voted in it.
 
 Peers that are not members adopt a checkpoint they hold when they can compute it from
 their facts; otherwise anti-entropy fetches its account rows (``FactSync.catch_up``).
@@ -20,6 +25,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import nacl.signing
@@ -28,24 +34,65 @@ import trio
 from peer.ledger_store import StoreError
 from peer.settlement.base import LedgerFacts, SettlementError
 from peer.settlement.ledger_rpc import LedgerClient
+from peer.settlement_paths import write_atomic
 from protocols.checkpoint import (
     Checkpoint,
     CheckpointAssembler,
     CheckpointHeader,
+    CheckpointVote,
+    CheckpointVoteLock,
     checkpoint_committee,
     open_checkpoint_vote,
     rule_id,
     sign_checkpoint,
 )
+from protocols.codec import decode
 from protocols.errors import ProtocolError, ValidationError
 from protocols.identity import peer_id_from_public_key
 from protocols.ledger_rpc import SignCheckpoint, VoteReply
 from protocols.ledger_state import FactKind
+from protocols.signed import Signed
 
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL_MS = 600_000  # the genesis default epoch length
 MAX_MEMBER_SYNCS = 8  # members a proposer syncs with before drafting
+MAX_CUT_ROUNDS = 16  # a member votes for a cut at most this many rounds old
+VOTES_DIR = "checkpoint-votes"  # under the ledger's dir
+MAX_STORED_VOTES = 64  # vote locks kept on disk (only the next epoch's ever matters)
+
+
+class CheckpointVoteFiles:
+    """This member's checkpoint vote locks on disk: ``<dir>/<epoch>`` holds the header it
+    voted for, written atomically and fsync'd before the vote is sent."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = Path(directory)
+
+    def load(self) -> dict[int, CheckpointHeader | None]:
+        """Every stored lock; one that cannot be read back locks its epoch against all."""
+        if not self.dir.is_dir():
+            return {}
+        out: dict[int, CheckpointHeader | None] = {}
+        for p in self.dir.iterdir():
+            if not p.name.isdigit():
+                continue
+            epoch = int(p.name)
+            try:
+                raw = decode(p.read_bytes(), max_size=CheckpointHeader.MAX_BYTES)
+                header = CheckpointHeader.from_body(raw)
+            except (OSError, ProtocolError) as exc:
+                log.warning("checkpoint vote lock %d unreadable, epoch refused: %s", epoch, exc)
+                header = None
+            out[epoch] = header if header is not None and header.epoch == epoch else None
+        return out
+
+    def save(self, header: CheckpointHeader) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.dir / str(header.epoch), header.to_bytes())
+        names = sorted(int(p.name) for p in self.dir.iterdir() if p.name.isdigit())
+        for old in names[:-MAX_STORED_VOTES]:
+            (self.dir / str(old)).unlink(missing_ok=True)
 
 
 class Checkpointer:
@@ -61,6 +108,7 @@ class Checkpointer:
         sync_with: Callable[[str], Any] | None = None,
         clock: Callable[[], float] = time.time,
         interval_ms: int = DEFAULT_INTERVAL_MS,
+        votes: CheckpointVoteFiles | None = None,
     ) -> None:
         self.key = key
         self.peer_id = peer_id_from_public_key(bytes(key.verify_key))
@@ -71,6 +119,9 @@ class Checkpointer:
         self.clock = clock
         self.interval_ms = interval_ms
         self.made = 0  # checkpoints this peer proposed and got certified
+        # One vote per checkpoint epoch, durable when ``votes`` is given (None: in memory).
+        self.votes = votes
+        self.lock = CheckpointVoteLock(votes.load() if votes is not None else None)
         # The last draft computed, by (state hash, cut): a remote ``ckpt_sign`` costs a
         # read of every certificate it would cover, so repeated asks cost one draft.
         self._draft: tuple[tuple[bytes, int], CheckpointHeader] | None = None
@@ -86,6 +137,16 @@ class Checkpointer:
 
     # --- member side ----------------------------------------------------------------------
 
+    def vote(self, header: CheckpointHeader) -> Signed[CheckpointVote]:
+        """This member's vote for ``header``: the lock is taken and persisted first."""
+        if self.lock.lock(header) and self.votes is not None:
+            try:
+                self.votes.save(header)
+            except OSError as exc:
+                self.lock.unlock(header)
+                raise ValidationError(f"cannot store the checkpoint vote: {exc}") from None
+        return sign_checkpoint(self.key, header)
+
     def answer_sign(self, req: SignCheckpoint) -> VoteReply:
         """Vote for ``req.header`` if this peer computes the very same header itself."""
         ledger = self.facts.ledger
@@ -98,16 +159,23 @@ class Checkpointer:
         want = 1 if prev is None else prev.epoch + 1
         if h.epoch != want:
             raise ValidationError(f"checkpoint {h.epoch} asked, this peer is at {want}")
+        held = self.lock.locked.get(h.epoch)
+        if held is not None and held.digest == h.digest:
+            return VoteReply(sign_checkpoint(self.key, h).to_bytes())  # the vote it gave
+        self.lock.check(h)  # another header of this epoch was voted for: refused
         cut = self.cut_for(self.now_ms())
-        if h.cut_ms not in (cut, cut - self.interval_ms) or h.cut_ms <= 0:
-            raise ValidationError(f"cut {h.cut_ms} is not this round's ({cut})")
+        oldest = cut - MAX_CUT_ROUNDS * self.interval_ms
+        if not 0 < h.cut_ms <= cut or h.cut_ms < oldest:
+            raise ValidationError(f"cut {h.cut_ms} is not this round's ({cut}) nor a recent one")
+        if prev is not None and h.cut_ms <= prev.header.cut_ms:
+            raise ValidationError(f"cut {h.cut_ms} is not after checkpoint {prev.epoch}'s")
         own = self.draft(h.cut_ms)
         if own.digest != h.digest:
             raise ValidationError(
                 f"checkpoint {h.epoch} differs from this peer's ({own.covered_count} covered "
                 f"vs {h.covered_count}): sync first"
             )
-        return VoteReply(sign_checkpoint(self.key, h).to_bytes())
+        return VoteReply(self.vote(h).to_bytes())
 
     def draft(self, cut_ms: int) -> CheckpointHeader:
         """``checkpoint_draft`` of this ledger at ``cut_ms``, computed once per ledger state."""
@@ -131,15 +199,18 @@ class Checkpointer:
             return None
         if self.peer_id not in committee:
             return None
+        locked = self.lock.locked.get(epoch)
+        if epoch in self.lock.locked and locked is None:
+            return None  # an unreadable lock: this member sits this epoch out
         turn = committee.members[(now // self.interval_ms) % committee.size]
-        if turn != self.peer_id and committee.size > 1:
-            return None
-        cut = self.cut_for(now)
+        if locked is None and turn != self.peer_id and committee.size > 1:
+            return None  # (a member locked on a header proposes it every round)
+        cut = self.cut_for(now) if locked is None else locked.cut_ms
         prev = ledger.checkpoint
         if cut <= 0 or (prev is not None and cut <= prev.header.cut_ms):
             return None
         covered_before = 0 if prev is None else prev.header.covered_count
-        if self.draft(cut).covered_count == covered_before:
+        if locked is None and self.draft(cut).covered_count == covered_before:
             return None  # nothing new to cover here (checked before asking anyone anything)
         others = [m for m in committee.members if m != self.peer_id]
         if self.sync_with is not None:
@@ -151,9 +222,13 @@ class Checkpointer:
         ledger = self.facts.ledger
         if ledger.checkpoint is not None and ledger.checkpoint.epoch >= epoch:
             return None  # someone else's checkpoint arrived meanwhile
-        header = self.draft(cut)
+        header = self.draft(cut) if locked is None else locked
         asm = CheckpointAssembler(ledger.rule, header)
-        cp = asm.add_vote(sign_checkpoint(self.key, header))
+        try:
+            cp = asm.add_vote(self.vote(header))
+        except ValidationError as exc:  # it voted for another header meanwhile
+            log.info("checkpoint %d: not proposing: %s", epoch, exc)
+            return None
 
         async def ask(member: str) -> None:
             nonlocal cp

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import random
 import time
 from collections.abc import Callable
@@ -39,7 +38,7 @@ from peer.host import retire_stream_handler
 from peer.ledger_store import LedgerSnapshot
 from peer.settlement.base import LedgerFacts
 from peer.settlement.budget import PeerBudget
-from peer.settlement_paths import GENESIS_FILE, NetworkError, read_genesis_file
+from peer.settlement_paths import GENESIS_FILE, NetworkError, read_genesis_file, write_atomic
 from protocols.codec import FrameDecoder, frame
 from protocols.epochs import (
     MAX_GET,
@@ -88,20 +87,6 @@ REQUESTS_BURST = 100
 # --- files ------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class EpochFiles:
     """Certified checkpoints and this peer's checkpoint votes under one network dir."""
 
@@ -128,7 +113,7 @@ class EpochFiles:
 
     def save(self, certified: CertifiedCheckpoint) -> None:
         self._ensure()
-        _write_atomic(self.dir / f"{certified.epoch}.cbor", certified.to_bytes())
+        write_atomic(self.dir / f"{certified.epoch}.cbor", certified.to_bytes())
 
     def votes(self) -> dict[int, bytes]:
         if not self.votes_dir.is_dir():
@@ -143,7 +128,7 @@ class EpochFiles:
 
     def save_vote(self, epoch: int, digest: bytes) -> None:
         self._ensure()
-        _write_atomic(self.votes_dir / str(epoch), digest)
+        write_atomic(self.votes_dir / str(epoch), digest)
         # Old votes can never matter again once far behind; keep the directory bounded.
         names = sorted(int(p.name) for p in self.votes_dir.iterdir() if p.name.isdigit())
         for old in names[:-MAX_STORED_VOTES]:

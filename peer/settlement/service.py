@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, Protocol
 
 import nacl.signing
@@ -41,7 +42,7 @@ from peer.settlement.base import (
     Stats,
     SyncResult,
 )
-from peer.settlement.checkpointer import Checkpointer
+from peer.settlement.checkpointer import VOTES_DIR, Checkpointer, CheckpointVoteFiles
 from peer.settlement.epochs import EpochFiles, EpochService, epoch_rules
 from peer.settlement.fact_sync import FactSync
 from peer.settlement.ledger_rpc import LedgerClient
@@ -126,6 +127,7 @@ class SettlementService:
             self.fact_sync.spread,
             sync_with=self.fact_sync.sync_with,
             clock=clock,
+            votes=CheckpointVoteFiles(Path(store.path).parent / VOTES_DIR),
         )
         self.fact_sync.checkpointer = self.checkpointer
         # Set once this identity has its proof-of-work (or needs none): it may then owe.

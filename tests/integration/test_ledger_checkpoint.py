@@ -14,7 +14,7 @@ from settlement_helpers import key, make_receipt, make_transfer, pid, policy, ru
 
 from peer import ledger_store
 from peer.ledger_store import StoreError, open_ledger_store, read_snapshot, verify_snapshot
-from peer.settlement.checkpointer import Checkpointer
+from peer.settlement.checkpointer import Checkpointer, CheckpointVoteFiles
 from protocols.certificate import Certificate, make_certificate, sign_vote
 from protocols.checkpoint import (
     Checkpoint,
@@ -210,13 +210,104 @@ def test_a_member_signs_only_the_header_it_computes_itself() -> None:
     vote = open_checkpoint_vote(m.answer_sign(SignCheckpoint(header)).vote)
     assert vote.message.header == header.digest
     lie = dataclasses.replace(header, covered_count=4)
+    # (each refusal asked of a member that has not voted yet: no vote lock involved)
     with pytest.raises(ValidationError, match="differs"):
-        m.answer_sign(SignCheckpoint(lie))
+        member(inside).answer_sign(SignCheckpoint(lie))
     with pytest.raises(ValidationError, match="this peer is at 1"):
-        m.answer_sign(SignCheckpoint(dataclasses.replace(header, epoch=2, prev=bytes(range(32)))))
+        member(inside).answer_sign(
+            SignCheckpoint(dataclasses.replace(header, epoch=2, prev=bytes(range(32))))
+        )
     with pytest.raises(ValidationError, match="not this round"):
-        m.answer_sign(SignCheckpoint(dataclasses.replace(header, cut_ms=cut + 1000)))
+        member(inside).answer_sign(SignCheckpoint(dataclasses.replace(header, cut_ms=cut + 1000)))
+    with pytest.raises(ValidationError, match="not this round"):  # older than 16 rounds
+        member(inside).answer_sign(SignCheckpoint(dataclasses.replace(header, cut_ms=cut - 17_000)))
     with pytest.raises(ValidationError, match="another network"):
-        m.answer_sign(SignCheckpoint(dataclasses.replace(header, network=bytes(32))))
+        member(inside).answer_sign(SignCheckpoint(dataclasses.replace(header, network=bytes(32))))
     with pytest.raises(ValidationError, match="not a member"):
         member(key(77)).answer_sign(SignCheckpoint(header))
+
+
+def test_a_member_votes_for_one_header_per_checkpoint_epoch_even_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    """The per-epoch vote lock: two proposers with different cuts (both honest summaries)
+    cannot both get this member's vote, and the lock is on disk before the vote leaves."""
+    ledger = LedgerState(RULE, POLICY)
+    for seq in range(1, 6):
+        _r, c = certified(PAYERS[0], seq, seq, T0 + seq * 1000)
+        ledger.ingest_certificate(c)
+    now = T0 + 10_000 + POLICY.fraud_window_ms + POLICY.max_clock_skew_ms
+    facts: Any = SimpleNamespace(ledger=ledger)
+    inside = next(k for k in WITNESSES if pid(k) in checkpoint_committee(RULE, 1))
+
+    def member(votes: Path) -> Checkpointer:
+        return Checkpointer(
+            inside,
+            facts,
+            None,  # type: ignore[arg-type]
+            lambda *a: None,
+            clock=lambda: now / 1000,
+            interval_ms=1000,
+            votes=CheckpointVoteFiles(votes),
+        )
+
+    m = member(tmp_path / "votes")
+    cut = m.cut_for(now)
+    first, _ = ledger.checkpoint_draft(cut, rule_id(RULE))
+    second, _ = ledger.checkpoint_draft(cut - 1000, rule_id(RULE))  # the other proposer's
+    assert first.digest != second.digest and first.covered_count == second.covered_count == 5
+    # Without a lock, the member would sign either one (another dir: no lock held there).
+    assert open_checkpoint_vote(member(tmp_path / "fresh").answer_sign(SignCheckpoint(second)).vote)
+    vote = open_checkpoint_vote(m.answer_sign(SignCheckpoint(first)).vote)
+    assert vote.message.header == first.digest
+    with pytest.raises(ValidationError, match="already voted for another checkpoint 1"):
+        m.answer_sign(SignCheckpoint(second))
+    again = open_checkpoint_vote(m.answer_sign(SignCheckpoint(first)).vote)  # same vote
+    assert again.message.header == first.digest
+
+    restarted = member(tmp_path / "votes")  # a new process: only the files remain
+    with pytest.raises(ValidationError, match="already voted for another checkpoint 1"):
+        restarted.answer_sign(SignCheckpoint(second))
+    assert open_checkpoint_vote(restarted.answer_sign(SignCheckpoint(first)).vote)
+
+    # A vote whose lock cannot be stored is not given, and leaves no lock behind.
+    (tmp_path / "blocked").write_bytes(b"")  # a file where the directory should be
+    blocked = member(tmp_path / "blocked")
+    with pytest.raises(ValidationError, match="cannot store the checkpoint vote"):
+        blocked.answer_sign(SignCheckpoint(first))
+    assert blocked.lock.locked == {}
+    # An unreadable lock file refuses every header of its epoch.
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "1").write_bytes(b"\xff")
+    with pytest.raises(ValidationError, match="already voted"):
+        member(tmp_path / "torn").answer_sign(SignCheckpoint(first))
+
+
+async def test_a_member_locked_on_a_header_proposes_that_header_again() -> None:
+    """A round without a quorum leaves its voters locked; they propose the locked header
+    (not a fresh cut) in later rounds, whoever's turn it is, so the epoch can still close."""
+    ledger = LedgerState(RULE, POLICY)
+    for seq in range(1, 6):
+        _r, c = certified(PAYERS[0], seq, seq, T0 + seq * 1000)
+        ledger.ingest_certificate(c)
+    now = T0 + 10_000 + POLICY.fraud_window_ms + POLICY.max_clock_skew_ms
+    asked: list[bytes] = []
+
+    class Client:
+        async def call(self, member: str, req: SignCheckpoint, _reply: object) -> object:
+            asked.append(req.header.digest)
+            raise ValidationError("offline")
+
+    facts: Any = SimpleNamespace(ledger=ledger)
+    committee = checkpoint_committee(RULE, 1)
+    # A member whose turn it is not this round (so only the lock makes it propose).
+    turn = committee.members[(now // 1000) % committee.size]
+    k = next(k for k in WITNESSES if pid(k) in committee and pid(k) != turn)
+    m = Checkpointer(
+        k, facts, Client(), lambda *a: None, clock=lambda: now / 1000, interval_ms=1000
+    )  # type: ignore[arg-type]
+    assert await m.step() is None and asked == []  # not its turn, nothing locked
+    old, _ = ledger.checkpoint_draft(m.cut_for(now) - 3000, rule_id(RULE))
+    m.vote(old)  # it voted for that header in an earlier round
+    assert await m.step() is None  # no quorum: every other member is offline
+    assert asked and set(asked) == {old.digest}

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from settlement_fixtures import NOW_MS, WITNESS_KEYS, key, pid, policy, receipt, rule, transfer
 
 from protocols.certificate import Certificate, make_certificate, sign_vote
@@ -19,6 +21,7 @@ from protocols.checkpoint import (
     Checkpoint,
     CheckpointAssembler,
     CheckpointHeader,
+    CheckpointVoteLock,
     accounts_hash,
     checkpoint_committee,
     make_checkpoint,
@@ -258,3 +261,46 @@ def test_checkpoint_round_trips_and_travels_as_a_fact() -> None:
     assert fresh.latest_checkpoint_epoch() == 1
     with pytest.raises(ValidationError):
         AccountSummary.from_wire(["x", 1, 1, 0, 0])
+
+
+@given(st.lists(st.tuples(st.integers(1, 4), st.integers(0, 3)), max_size=30))
+def test_a_vote_lock_signs_at_most_one_header_per_epoch(asks: list[tuple[int, int]]) -> None:
+    """Whatever headers are asked, in any order, at most one per epoch passes the lock,
+    and once it passed, exactly that one passes again (also from a reloaded lock)."""
+    lock = CheckpointVoteLock()
+    passed: dict[int, bytes] = {}
+    for epoch, variant in asks:
+        h = _header_for_lock(epoch, 1000 * variant)
+        try:
+            lock.lock(h)
+        except ValidationError:
+            assert passed[epoch] != h.digest
+            continue
+        assert passed.setdefault(epoch, h.digest) == h.digest
+    reloaded = CheckpointVoteLock(lock.locked)
+    assert {e: h.digest for e, h in reloaded.locked.items() if h is not None} == passed
+
+
+def test_an_unreadable_vote_lock_refuses_its_epoch_and_unlock_drops_only_its_own() -> None:
+    h = _header_for_lock(1, 5)
+    with pytest.raises(ValidationError, match="already voted"):
+        CheckpointVoteLock({1: None}).check(h)
+    lock = CheckpointVoteLock()
+    assert lock.lock(h) is True and lock.lock(h) is False
+    lock.unlock(dataclasses.replace(h, cut_ms=6))  # not the held one: kept
+    assert lock.locked == {1: h}
+    lock.unlock(h)
+    assert lock.locked == {}
+
+
+def _header_for_lock(epoch: int, cut_ms: int) -> CheckpointHeader:
+    return CheckpointHeader(
+        network=bytes(32),
+        epoch=epoch,
+        prev=bytes(32) if epoch == 1 else bytes([epoch]) * 32,
+        cut_ms=cut_ms,
+        covered_sum=bytes(256),
+        covered_count=0,
+        accounts=bytes(32),
+        n_accounts=0,
+    )
