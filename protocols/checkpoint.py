@@ -73,12 +73,13 @@ def checkpoint_subject(epoch: int) -> str:
     return f"checkpoint/{epoch}"
 
 
-def checkpoint_committee(rule: CommitteeRule, epoch: int) -> Committee:
-    """Who signs checkpoint ``epoch``: the committee rule applied to the epoch's subject,
-    so it is drawn like a payment committee (pool, else the genesis witnesses)."""
-    # Under the genesis rule (cp 0): with epoch committees (protocols.epochs.EpochRules)
-    # committee_for follows the clock, and a checkpoint must verify the same forever.
-    return rule.committee_at(checkpoint_subject(epoch), 0, 0)
+def checkpoint_committee(rule: CommitteeRule, epoch: int, pool: int = 0) -> Committee:
+    """Who signs checkpoint ``epoch`` cast under epoch checkpoint ``pool`` (0: the genesis):
+    the rule of that epoch checkpoint (``rule.rule_at``: its pool and beacon, from the
+    epoch-checkpoint chain) applied to the checkpoint's subject, so it is drawn like a
+    payment committee and the same forever, whenever it is verified. Raises
+    ``UnknownCheckpoint`` while that epoch checkpoint is not held."""
+    return rule.rule_at(pool).committee_for(checkpoint_subject(epoch))
 
 
 # --- account summaries ---------------------------------------------------------------------
@@ -160,6 +161,9 @@ class CheckpointHeader:
     covered_count: int
     accounts: bytes  # accounts_hash of the rows
     n_accounts: int
+    # The epoch checkpoint (protocols.epochs) whose committee signs this one; 0: the
+    # genesis rule (then the field is left out of the body: such headers keep their digest).
+    pool: int = 0
 
     def __post_init__(self) -> None:
         k = "CheckpointHeader"
@@ -171,6 +175,7 @@ class CheckpointHeader:
         want_int(k, "covered_count", self.covered_count, lo=0, hi=MAX_EPOCH)
         want_digest(k, "accounts", self.accounts)
         want_int(k, "n_accounts", self.n_accounts, lo=0, hi=MAX_ACCOUNTS)
+        want_int(k, "pool", self.pool, lo=0, hi=MAX_EPOCH)
         if (self.epoch == 1) != (self.prev == GENESIS_PREV):
             raise ValidationError(f"{k}: only the first checkpoint has no predecessor")
 
@@ -186,17 +191,23 @@ class CheckpointHeader:
     )
 
     def to_body(self) -> dict[str, Any]:
-        return {"v": CHECKPOINT_VERSION, **{n: getattr(self, n) for n in self._FIELDS}}
+        body = {"v": CHECKPOINT_VERSION, **{n: getattr(self, n) for n in self._FIELDS}}
+        if self.pool:
+            body["pool"] = self.pool
+        return body
 
     def to_bytes(self) -> bytes:
         return encode(self.to_body())
 
     @classmethod
     def from_body(cls, raw: object) -> CheckpointHeader:
+        names = (*cls._FIELDS, "pool") if isinstance(raw, dict) and "pool" in raw else cls._FIELDS
         b = check_body(
-            raw, kind="CheckpointHeader", version=CHECKPOINT_VERSION, fields=frozenset(cls._FIELDS)
+            raw, kind="CheckpointHeader", version=CHECKPOINT_VERSION, fields=frozenset(names)
         )
-        return cls(**{n: b[n] for n in cls._FIELDS})
+        if b.get("pool", 1) == 0:
+            raise ValidationError("CheckpointHeader.pool 0 is written by leaving it out")
+        return cls(**{n: b[n] for n in names})
 
     @property
     def digest(self) -> bytes:
@@ -283,7 +294,7 @@ class Checkpoint:
         h = self.header
         if h.network != rule_id(rule):
             raise ValidationError("checkpoint is for another network")
-        committee = checkpoint_committee(rule, h.epoch)
+        committee = checkpoint_committee(rule, h.epoch, h.pool)
         digest = h.digest
         witnesses = [v.message.witness for v in self.votes]
         if len(set(witnesses)) != len(witnesses):
@@ -345,7 +356,7 @@ class CheckpointAssembler:
 
     def __init__(self, rule: CommitteeRule, header: CheckpointHeader) -> None:
         self.header = header
-        self.committee = checkpoint_committee(rule, header.epoch)
+        self.committee = checkpoint_committee(rule, header.epoch, header.pool)
         self._votes: dict[str, Signed[CheckpointVote]] = {}
 
     def add_vote(self, vote: Signed[CheckpointVote]) -> Checkpoint | None:
@@ -405,8 +416,9 @@ class CheckpointVoteLock:
 
 def verify_chain(chain: Sequence[Checkpoint], rule: CommitteeRule) -> None:
     """Check a chain of checkpoints from the first: epochs 1, 2, ..., each ``prev`` the
-    digest of the one before, each signed by a quorum of its own epoch's committee,
-    cuts and covered counts never going back."""
+    digest of the one before, each signed by a quorum of its own epoch's committee (under
+    the epoch checkpoint it names: ``rule`` must hold the epoch-checkpoint chain), cuts,
+    covered counts and epoch checkpoints never going back."""
     prev: Checkpoint | None = None
     for cp in chain:
         h = cp.header
@@ -417,7 +429,9 @@ def verify_chain(chain: Sequence[Checkpoint], rule: CommitteeRule) -> None:
         if h.prev != expected_prev:
             raise ValidationError(f"checkpoint {h.epoch} does not name its predecessor")
         if prev is not None and (
-            h.cut_ms < prev.header.cut_ms or h.covered_count < prev.header.covered_count
+            h.cut_ms < prev.header.cut_ms
+            or h.covered_count < prev.header.covered_count
+            or h.pool < prev.header.pool
         ):
             raise ValidationError(f"checkpoint {h.epoch} goes back in time")
         cp.verify(rule)
@@ -436,7 +450,8 @@ def follows(cp: Checkpoint, prev: Checkpoint | None) -> None:
         raise ValidationError(
             f"checkpoint {cp.epoch} does not follow checkpoint {prev.epoch} held here"
         )
-    if cp.header.cut_ms < prev.header.cut_ms or cp.header.covered_count < prev.header.covered_count:
+    h, p = cp.header, prev.header
+    if h.cut_ms < p.cut_ms or h.covered_count < p.covered_count or h.pool < p.pool:
         raise ValidationError(f"checkpoint {cp.epoch} goes back in time")
 
 

@@ -213,6 +213,13 @@ class CommitteeRule:
         """The checkpoint a transfer made at ``time_ms`` is witnessed under (0: genesis)."""
         return 0
 
+    def rule_at(self, cp: int) -> CommitteeRule:
+        """The rule under checkpoint ``cp``: a plain rule has only the genesis (``cp == 0``);
+        ``protocols.epochs.EpochRules`` follows the network's checkpoints."""
+        if cp != 0:
+            raise UnknownCheckpoint(f"checkpoint {cp}: this rule has only the genesis")
+        return self
+
     def committee_at(self, account: str, cp: int, time_ms: int) -> Committee:
         """The committee a certificate cast under checkpoint ``cp`` must carry a quorum of.
         A plain rule has only the genesis (``cp == 0``); ``protocols.epochs.EpochRules``

@@ -23,6 +23,7 @@ Rules (docs/settlement.md has the reasoning):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
@@ -707,7 +708,7 @@ class LedgerState:
         covered: dict[bytes, Transfer] = {}
         if accounts is None:
             own, rows, pairs = self._draft(h.cut_ms, h.network)
-            if own.digest != h.digest:
+            if dataclasses.replace(own, pool=h.pool).digest != h.digest:
                 raise NeedAccounts(
                     f"checkpoint {cp.epoch} does not match the facts held here: fetch its accounts"
                 )

@@ -2,11 +2,13 @@
 
 Every ``interval_ms`` (a network-wide setting: the genesis epoch length) the designated
 proposer of the round, a member of the next checkpoint's committee
-(``checkpoint_committee(rule, epoch)``, round-robin by wall-clock round), syncs with the
-other members, drafts the checkpoint from its ledger (cut: the last round boundary at
-least one fraud window plus the clock skew in the past, so every payment it covers is out
-of escrow), asks the members to vote (``ckpt_sign``) and, with a quorum, adopts it (the
-store prunes what it covers) and spreads it like any network-wide fact. A member votes
+(``checkpoint_committee(rule, epoch, pool)``, drawn under the epoch checkpoint ``pool``
+that payments are witnessed under now, so it outlives the genesis witnesses; round-robin
+by wall-clock round), syncs with the other members, drafts the checkpoint from its ledger
+(cut: the last round boundary at least one fraud window plus the clock skew in the past,
+so every payment it covers is out of escrow), asks the members to vote (``ckpt_sign``)
+and, with a quorum, adopts it (the store prunes what it covers) and spreads it like any
+network-wide fact. A member votes
 only for a header it computes itself from its own facts, for the next epoch after the
 checkpoint it adopted, with a cut that is safe now, after the adopted one's and at most
 ``MAX_CUT_ROUNDS`` rounds old, and it votes for at most one header per checkpoint epoch
@@ -21,6 +23,7 @@ their facts; otherwise anti-entropy fetches its account rows (``FactSync.catch_u
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -153,9 +156,17 @@ class Checkpointer:
         h = req.header
         if h.network != rule_id(ledger.rule):
             raise ValidationError("checkpoint is for another network")
-        if self.peer_id not in checkpoint_committee(ledger.rule, h.epoch):
-            raise ValidationError(f"not a member of the committee of checkpoint {h.epoch}")
         prev = ledger.checkpoint
+        now = self.now_ms()
+        lowest = 0 if prev is None else prev.header.pool
+        newest = ledger.rule.cp_for(now)
+        if not lowest <= h.pool <= newest:
+            raise ValidationError(
+                f"checkpoint {h.epoch} is cast under epoch checkpoint {h.pool}, "
+                f"not one of {lowest}..{newest}"
+            )
+        if self.peer_id not in checkpoint_committee(ledger.rule, h.epoch, h.pool):
+            raise ValidationError(f"not a member of the committee of checkpoint {h.epoch}")
         want = 1 if prev is None else prev.epoch + 1
         if h.epoch != want:
             raise ValidationError(f"checkpoint {h.epoch} asked, this peer is at {want}")
@@ -163,13 +174,13 @@ class Checkpointer:
         if held is not None and held.digest == h.digest:
             return VoteReply(sign_checkpoint(self.key, h).to_bytes())  # the vote it gave
         self.lock.check(h)  # another header of this epoch was voted for: refused
-        cut = self.cut_for(self.now_ms())
+        cut = self.cut_for(now)
         oldest = cut - MAX_CUT_ROUNDS * self.interval_ms
         if not 0 < h.cut_ms <= cut or h.cut_ms < oldest:
             raise ValidationError(f"cut {h.cut_ms} is not this round's ({cut}) nor a recent one")
         if prev is not None and h.cut_ms <= prev.header.cut_ms:
             raise ValidationError(f"cut {h.cut_ms} is not after checkpoint {prev.epoch}'s")
-        own = self.draft(h.cut_ms)
+        own = self.draft(h.cut_ms, h.pool)
         if own.digest != h.digest:
             raise ValidationError(
                 f"checkpoint {h.epoch} differs from this peer's ({own.covered_count} covered "
@@ -177,14 +188,15 @@ class Checkpointer:
             )
         return VoteReply(self.vote(h).to_bytes())
 
-    def draft(self, cut_ms: int) -> CheckpointHeader:
-        """``checkpoint_draft`` of this ledger at ``cut_ms``, computed once per ledger state."""
+    def draft(self, cut_ms: int, pool: int = 0) -> CheckpointHeader:
+        """``checkpoint_draft`` of this ledger at ``cut_ms``, computed once per ledger state,
+        to be signed by the committee of epoch checkpoint ``pool``."""
         ledger = self.facts.ledger
         key = (ledger.state_hash(), cut_ms)
         if self._draft is None or self._draft[0] != key:
             header, _ = ledger.checkpoint_draft(cut_ms, rule_id(ledger.rule))
             self._draft = (key, header)
-        return self._draft[1]
+        return dataclasses.replace(self._draft[1], pool=pool)
 
     # --- proposer side --------------------------------------------------------------------
 
@@ -193,15 +205,18 @@ class Checkpointer:
         ledger = self.facts.ledger
         now = self.now_ms()
         epoch = 1 if ledger.checkpoint is None else ledger.checkpoint.epoch + 1
+        locked = self.lock.locked.get(epoch)
+        if epoch in self.lock.locked and locked is None:
+            return None  # an unreadable lock: this member sits this epoch out
+        # The committee of the epoch checkpoint payments are witnessed under now (the
+        # genesis witnesses only until the pool has members), or the locked header's.
+        pool = ledger.rule.cp_for(now) if locked is None else locked.pool
         try:
-            committee = checkpoint_committee(ledger.rule, epoch)
+            committee = checkpoint_committee(ledger.rule, epoch, pool)
         except ProtocolError:
             return None
         if self.peer_id not in committee:
             return None
-        locked = self.lock.locked.get(epoch)
-        if epoch in self.lock.locked and locked is None:
-            return None  # an unreadable lock: this member sits this epoch out
         turn = committee.members[(now // self.interval_ms) % committee.size]
         if locked is None and turn != self.peer_id and committee.size > 1:
             return None  # (a member locked on a header proposes it every round)
@@ -210,7 +225,7 @@ class Checkpointer:
         if cut <= 0 or (prev is not None and cut <= prev.header.cut_ms):
             return None
         covered_before = 0 if prev is None else prev.header.covered_count
-        if locked is None and self.draft(cut).covered_count == covered_before:
+        if locked is None and self.draft(cut, pool).covered_count == covered_before:
             return None  # nothing new to cover here (checked before asking anyone anything)
         others = [m for m in committee.members if m != self.peer_id]
         if self.sync_with is not None:
@@ -222,7 +237,7 @@ class Checkpointer:
         ledger = self.facts.ledger
         if ledger.checkpoint is not None and ledger.checkpoint.epoch >= epoch:
             return None  # someone else's checkpoint arrived meanwhile
-        header = self.draft(cut) if locked is None else locked
+        header = self.draft(cut, pool) if locked is None else locked
         asm = CheckpointAssembler(ledger.rule, header)
         try:
             cp = asm.add_vote(self.vote(header))

@@ -24,6 +24,7 @@ from protocols.checkpoint import (
     open_checkpoint_vote,
     rule_id,
     sign_checkpoint,
+    verify_chain,
 )
 from protocols.committee import CommitteeRule
 from protocols.errors import ValidationError
@@ -311,3 +312,75 @@ async def test_a_member_locked_on_a_header_proposes_that_header_again() -> None:
     m.vote(old)  # it voted for that header in an earlier round
     assert await m.step() is None  # no quorum: every other member is offline
     assert asked and set(asked) == {old.digest}
+
+
+async def test_checkpoints_go_on_under_the_pool_committee_once_the_genesis_witness_is_gone(
+    tmp_path: Path,
+) -> None:
+    """With epoch checkpoints naming a pool, the next ledger checkpoint is proposed to and
+    signed by the committee of the epoch checkpoint payments are witnessed under now (the
+    genesis witness never answers), adopted, and verified offline along the epoch chain;
+    a member refuses a header cast under an epoch checkpoint newer than its own."""
+    from tests.unit.test_epochs import GENESIS, GENESIS_KEY, KEYS, MEMBERS, grow, new_rules
+
+    def rules() -> Any:
+        r = new_rules()
+        grow(r, 3, {m: 1 for m in MEMBERS[:5]})
+        return r
+
+    def ledger_for() -> LedgerState:
+        led = LedgerState(rules(), POLICY)
+        for seq in range(1, 4):  # paid in the genesis era, witnessed by the genesis witness
+            r = make_receipt(PAYERS[0], PAYEE, 10 + seq, seq)
+            t = make_transfer(PAYERS[0], r, seq, time_ms=T0 + seq * 1000)
+            led.ingest_certificate(make_certificate(t, [sign_vote(GENESIS_KEY, t)]))
+        return led
+
+    now = T0 + 10_000 + POLICY.fraud_window_ms + POLICY.max_clock_skew_ms
+    members: dict[str, Checkpointer] = {}
+    adopted: list[Checkpoint] = []
+
+    class Client:
+        async def call(self, member: str, req: SignCheckpoint, _reply: object) -> object:
+            if member not in members:  # the genesis witness and everyone else: gone
+                raise ValidationError("unreachable")
+            return members[member].answer_sign(req)
+
+    class Store:
+        def __init__(self, led: LedgerState) -> None:
+            self.led = led
+
+        async def adopt_checkpoint(self, cp: Checkpoint) -> None:
+            self.led.adopt_checkpoint(cp)
+            adopted.append(cp)
+
+    led0 = ledger_for()
+    pool = led0.rule.cp_for(now)
+    assert pool == 3
+    committee = checkpoint_committee(led0.rule, 1, pool)
+    assert GENESIS not in committee
+    client: Any = Client()
+    for m in committee.members:
+        led = ledger_for()
+        facts: Any = SimpleNamespace(ledger=led, store=Store(led), notify=lambda: None)
+        members[m] = Checkpointer(
+            KEYS[m], facts, client, lambda *a: None, clock=lambda: now / 1000, interval_ms=1000
+        )
+    proposer = members[committee.members[(now // 1000) % committee.size]]
+    cp = await proposer.step()
+    assert cp is not None and adopted == [cp]
+    assert cp.header.pool == 3 and cp.header.covered_count == 3
+    assert {v.message.witness for v in cp.votes} <= set(committee.members)
+    verify_chain([Checkpoint.from_bytes(cp.to_bytes())], rules())  # offline, epoch chain only
+    # A header cast under an epoch checkpoint this member does not count as current yet.
+    ahead = dataclasses.replace(cp.header, pool=4)
+    other = next(m for m in committee.members if m != proposer.peer_id)
+    with pytest.raises(ValidationError, match=r"not one of 0\.\.3"):
+        Checkpointer(
+            KEYS[other],
+            SimpleNamespace(ledger=ledger_for()),
+            None,
+            lambda *a: None,  # type: ignore[arg-type]
+            clock=lambda: now / 1000,
+            interval_ms=1000,
+        ).answer_sign(SignCheckpoint(ahead))
