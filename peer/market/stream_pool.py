@@ -8,6 +8,10 @@ the executor has closed meanwhile shows only when it is used: ``JobRun`` then
 sends the same Award and inputs on a fresh stream (nothing came back on the old
 one, so the executor never saw them).
 
+A stream on a relayed connection is not kept: the next award opens a fresh
+one, which the dialer puts on the direct connection once a hole is punched
+(DCUtR), so job data leaves the relay as soon as it can.
+
 Bounded: one idle stream per executor, ``MAX_IDLE`` in all (the oldest goes
 first), none older than ``IDLE_S`` (under the executor's wait, so a stream is
 rarely taken just as the executor drops it).
@@ -19,6 +23,7 @@ from collections import OrderedDict
 
 from peer.job_stream import FrameStream
 from peer.market.clock import Clock, system_clock
+from peer.reach.dcutr import is_relayed
 
 MAX_IDLE = 64
 IDLE_S = 8.0  # the executor keeps an idle job stream AWARD_WAIT_S (10 s)
@@ -50,6 +55,9 @@ class StreamPool:
     async def give(self, executor: str, fs: FrameStream) -> None:
         """Keep ``fs`` for the next award to ``executor`` (closing what it displaces)."""
         if fs.closed:
+            return
+        if is_relayed(getattr(fs.stream, "muxed_conn", None)):
+            await fs.close()
             return
         old = self._idle.pop(executor, None)
         self._idle[executor] = (fs, self.clock())

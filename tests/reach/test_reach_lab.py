@@ -119,6 +119,12 @@ async def test_two_nated_peers_punch_a_hole_and_later_job_streams_go_direct(
     # connection when the punch beat the award (it takes ~0.3 s here) ...
     first = jobs[0]["conn"]
     assert len(first) == 1 and ("/p2p-circuit" in first[0] or first[0] == punch["addr"]), lines
-    # ... and every job stream after the punch went over the direct connection.
+    # ... and every job after the punch went over the direct connection: on a new stream
+    # there, or on the idle stream an earlier direct job left (relayed streams are not kept).
+    path = first[0]
     for job in jobs[1:]:
-        assert job["conn"] == [punch["addr"]], lines
+        if job["conn"]:
+            assert job["conn"] == [punch["addr"]], lines
+            path = job["conn"][0]
+        else:
+            assert path == punch["addr"], lines
