@@ -18,7 +18,7 @@ import trio
 from bootstrap.node import open_bootstrap
 from peer.config import Config
 from peer.host import ListenError
-from peer.node import Peer, open_peer
+from peer.node import BACKOFF_MAX, Peer, open_peer
 from protocols.ad import (
     AD_DOMAIN,
     AD_MAX_SIZE,
@@ -267,7 +267,10 @@ async def test_unreachable_bootstrap_is_retried_until_it_appears(
             async def p_sees_q() -> bool:
                 return q.peer_id in await ad_ids(p)
 
-            await wait_for(p_sees_q, limit=30, what="peers to join once the bootstrap is up")
+            # Each link retries with backoff (up to BACKOFF_MAX, +-20 %): the next try may
+            # be that far off, then the ads need a crawl (CI failed once at a flat 30 s).
+            limit = BACKOFF_MAX * 1.2 + 30
+            await wait_for(p_sees_q, limit=limit, what="peers to join once the bootstrap is up")
 
 
 async def test_gossipsub_is_running(tmp_path: Path) -> None:
