@@ -2,8 +2,7 @@
 
 Messages come from untrusted peers, and two peers only agree when they compute the same
 fingerprints. Found by mutation testing (issue 17, docs/testing.md): each test fails when
-its rule is removed. (The message-size accounting in ``Reconciler.receive`` still has
-survivors: see docs/testing.md.)
+its rule is removed. (The message-size accounting: test_rules_reconcile_rounds.py.)
 """
 
 from __future__ import annotations
