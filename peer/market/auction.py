@@ -141,6 +141,7 @@ class Auctions:
         limits: TensorLimits,
         policy: rq.RequesterPolicy,
         clock: Clock = system_clock,
+        keep_streams: bool = True,
     ) -> None:
         self.key = key
         self.peer_id = peer_id
@@ -158,7 +159,7 @@ class Auctions:
         self.local: LocalRunner | None = None
         # Job streams kept open after a single job, one per executor: the next award to it
         # skips opening a stream (and its protocol negotiation).
-        self.streams = StreamPool(clock=clock)
+        self.streams = StreamPool(clock=clock, keep=keep_streams)
 
     async def prepare(self, cid: str, until: float) -> None:
         """Join the cid's topic and get executors of it into our gossip mesh.

@@ -30,9 +30,12 @@ IDLE_S = 8.0  # the executor keeps an idle job stream AWARD_WAIT_S (10 s)
 
 
 class StreamPool:
-    def __init__(self, *, clock: Clock = system_clock, idle_s: float = IDLE_S) -> None:
+    def __init__(
+        self, *, clock: Clock = system_clock, idle_s: float = IDLE_S, keep: bool = True
+    ) -> None:
         self.clock = clock
         self.idle_s = idle_s
+        self.keep = keep  # False: every stream given back is closed (nothing is reused)
         self._idle: OrderedDict[str, tuple[FrameStream, float]] = OrderedDict()
         self.taken = 0  # streams handed out again (counts for tests and the bench)
         self.stale = 0  # of those, found closed by the executor: a fresh stream was opened
@@ -56,7 +59,7 @@ class StreamPool:
         """Keep ``fs`` for the next award to ``executor`` (closing what it displaces)."""
         if fs.closed:
             return
-        if is_relayed(getattr(fs.stream, "muxed_conn", None)):
+        if not self.keep or is_relayed(getattr(fs.stream, "muxed_conn", None)):
             await fs.close()
             return
         old = self._idle.pop(executor, None)

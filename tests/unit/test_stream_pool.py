@@ -44,3 +44,10 @@ async def test_a_relayed_stream_is_closed_not_kept() -> None:
     await pool.give("ex", fs)
     assert await pool.take("ex") is None
     assert raw.closed and len(pool) == 0
+
+
+async def test_a_pool_that_does_not_keep_closes_every_stream() -> None:
+    pool = StreamPool(clock=lambda: 0.0, keep=False)
+    fs, raw = stream("/ip4/10.0.0.2/tcp/4001")
+    await pool.give("ex", fs)
+    assert await pool.take("ex") is None and raw.closed
