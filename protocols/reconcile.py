@@ -52,6 +52,9 @@ _MOD = 1 << 256
 _MESSAGE_OVERHEAD = 8
 # Worst-case bytes of one FINGERPRINT entry ending at infinity (the closing "rest" range).
 _REST_COST = 1 + 1 + 1 + 1 + FINGERPRINT_SIZE
+# Bytes besides its ids that an id list needs to go out alone: message overhead 8, a SKIP
+# before it 37, its own header and 32-byte bound 39, the closing fingerprint 20 (104).
+_LIST_SLACK = 128
 
 
 class Mode(IntEnum):
@@ -219,6 +222,9 @@ class Reconciler:
             raise LocalProtocolError(f"max_message_bytes must be >= {MIN_MESSAGE}")
         if not 2 <= branching <= 64 or not 1 <= id_list_threshold <= 1024:
             raise LocalProtocolError("branching must be 2..64 and id_list_threshold 1..1024")
+        if id_list_threshold * (ID_SIZE + 2) + _LIST_SLACK > max_message_bytes:
+            # Else initiate() (and every reply) could build an id list over the cap.
+            raise LocalProtocolError("id_list_threshold ids must fit in max_message_bytes")
         self._ids = sorted(set(ids))
         if any(type(i) is not bytes or len(i) != ID_SIZE for i in self._ids):
             raise LocalProtocolError(f"ids must be {ID_SIZE} bytes")

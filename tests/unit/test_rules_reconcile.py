@@ -123,3 +123,38 @@ def test_every_receive_counts_one_round() -> None:
             break
     assert calls["a"] >= 2
     assert (a.have, a.need) == (only_a, sorted(only_b))
+
+
+def test_an_id_list_threshold_that_cannot_fit_in_a_message_is_refused() -> None:
+    """initiate() sends up to ``id_list_threshold`` ids in its first message; a threshold
+    whose list cannot fit under ``max_message_bytes`` would make that message one the peer
+    refuses (and, as a fingerprint, one neither side could ever answer with a list)."""
+    fits = (MIN_MESSAGE - 128) // (ID_SIZE + 2)  # 116
+    Reconciler([], max_message_bytes=MIN_MESSAGE, id_list_threshold=fits)
+    with pytest.raises(ProtocolError):
+        Reconciler([], max_message_bytes=MIN_MESSAGE, id_list_threshold=fits + 1)
+    with pytest.raises(ProtocolError):
+        Reconciler([], max_message_bytes=MIN_MESSAGE, id_list_threshold=1024)
+    Reconciler([], id_list_threshold=1024)  # the default cap holds 1024 ids
+
+
+def test_the_first_message_fits_the_cap_at_the_largest_threshold_and_the_session_ends() -> None:
+    fits = (MIN_MESSAGE - 128) // (ID_SIZE + 2)
+    mine = [bytes([0xFF]) * 31 + bytes([i]) for i in range(fits)]
+    theirs = mine[10:] + [bytes([0xFE]) * 31 + bytes([i]) for i in range(fits - 10)]
+    kw = {"max_message_bytes": MIN_MESSAGE, "id_list_threshold": fits}
+    a, b = Reconciler(mine, **kw), Reconciler(theirs, **kw)
+    msg: bytes | None = a.initiate()
+    assert msg is not None and len(msg) <= MIN_MESSAGE
+    assert [r.mode for r in decode_message(msg)] == [Mode.IDLIST]
+    for _ in range(20):
+        assert msg is not None and len(msg) <= MIN_MESSAGE
+        msg = b.receive(msg).reply
+        if msg is None:
+            break
+        assert len(msg) <= MIN_MESSAGE
+        msg = a.receive(msg).reply
+        if msg is None:
+            break
+    assert a.done
+    assert a.have == sorted(mine[:10]) and a.need == sorted(set(theirs) - set(mine))
