@@ -17,7 +17,7 @@ from typing import ClassVar
 import nacl.signing
 
 from protocols.codec import decode, encode
-from protocols.committee import MAX_COMMITTEE, Committee
+from protocols.committee import MAX_COMMITTEE, Committee, require_quorum
 from protocols.errors import LocalProtocolError, ValidationError
 from protocols.identity import peer_id_from_public_key
 from protocols.ledger import MAX_SEQ, Transfer
@@ -144,16 +144,14 @@ class Certificate:
         if committee.account != t.payer:
             raise ValidationError(f"certificate is for {t.payer}, expected {committee.account}")
         self.transfer.verify()
-        witnesses = [v.message.witness for v in self.votes]
-        if len(set(witnesses)) != len(witnesses):
-            raise ValidationError("certificate has two votes from one witness")
+        require_quorum(
+            "certificate",
+            committee,
+            [v.message.witness for v in self.votes],
+            outsider=lambda w: f"{w} is not a witness of {t.payer}",
+        )
         for vote in self.votes:
             _check_vote(vote, self.transfer, committee, self.cp)
-        if len(self.votes) < committee.quorum:
-            raise ValidationError(
-                f"certificate has {len(self.votes)} votes, a quorum of {committee.size} "
-                f"witnesses is {committee.quorum}"
-            )
 
     def to_bytes(self) -> bytes:
         return encode(

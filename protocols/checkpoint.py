@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import nacl.signing
 
 from protocols.codec import decode, encode
-from protocols.committee import MAX_COMMITTEE, Committee, CommitteeRule
+from protocols.committee import MAX_COMMITTEE, Committee, CommitteeRule, require_quorum
 from protocols.errors import ValidationError
 from protocols.identity import peer_id_from_public_key
 from protocols.ledger import MAX_AMOUNT, MAX_SEQ
@@ -296,22 +296,16 @@ class Checkpoint:
             raise ValidationError("checkpoint is for another network")
         committee = checkpoint_committee(rule, h.epoch, h.pool)
         digest = h.digest
-        witnesses = [v.message.witness for v in self.votes]
-        if len(set(witnesses)) != len(witnesses):
-            raise ValidationError("checkpoint has two votes from one witness")
         for vote in self.votes:
             v = vote.message
             if (v.network, v.epoch, v.header) != (h.network, h.epoch, digest):
                 raise ValidationError(f"vote by {v.witness} is for another checkpoint")
-            if v.witness not in committee:
-                raise ValidationError(
-                    f"{v.witness} is not in the committee of checkpoint {h.epoch}"
-                )
-        if len(self.votes) < committee.quorum:
-            raise ValidationError(
-                f"checkpoint has {len(self.votes)} votes, a quorum of {committee.size} "
-                f"is {committee.quorum}"
-            )
+        require_quorum(
+            "checkpoint",
+            committee,
+            [v.message.witness for v in self.votes],
+            outsider=lambda w: f"{w} is not in the committee of checkpoint {h.epoch}",
+        )
         for vote in self.votes:
             vote.verify()
 

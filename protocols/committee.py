@@ -21,7 +21,7 @@ the job id in place of the account.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from protocols.codec import encode
@@ -88,6 +88,30 @@ class Committee:
     def degraded(self) -> bool:
         """True when fewer members than ``3f+1`` for the configured f could be found."""
         return self.size < self.target_size
+
+
+def require_quorum(
+    what: str,
+    committee: Committee,
+    signers: Sequence[str],
+    *,
+    outsider: Callable[[str], str],
+) -> None:
+    """Raise ``ValidationError`` unless ``signers`` (one per vote) are distinct members of
+    ``committee`` and at least ``committee.quorum`` of them: the one quorum check behind
+    certificates, ledger checkpoints and pool checkpoints. ``outsider(peer)`` words the
+    error for a signer outside the committee; the caller checks each vote's content and
+    signature."""
+    if len(set(signers)) != len(signers):
+        raise ValidationError(f"{what} has two votes from one witness")
+    for signer in signers:
+        if signer not in committee:
+            raise ValidationError(outsider(signer))
+    if len(signers) < committee.quorum:
+        raise ValidationError(
+            f"{what} has {len(signers)} votes, a quorum of {committee.size} witnesses is "
+            f"{committee.quorum}"
+        )
 
 
 @dataclass(frozen=True)
@@ -264,6 +288,7 @@ __all__ = [
     "describe_committee",
     "fault_tolerance",
     "quorum_size",
+    "require_quorum",
     "select_committee",
     "select_referees",
 ]

@@ -41,7 +41,13 @@ from typing import Any, ClassVar
 import nacl.signing
 
 from protocols.codec import decode, encode
-from protocols.committee import MAX_COMMITTEE, Committee, CommitteeRule, UnknownCheckpoint
+from protocols.committee import (
+    MAX_COMMITTEE,
+    Committee,
+    CommitteeRule,
+    UnknownCheckpoint,
+    require_quorum,
+)
 from protocols.errors import LocalProtocolError, ValidationError
 from protocols.identity import peer_id_from_public_key
 from protocols.market_fields import (
@@ -202,21 +208,17 @@ class CertifiedCheckpoint:
     def verify(self, committee: Committee) -> None:
         """Raise unless at least ``committee.quorum`` distinct members signed this checkpoint."""
         digest = self.checkpoint.digest
-        witnesses = [v.message.witness for v in self.votes]
-        if len(set(witnesses)) != len(witnesses):
-            raise ValidationError("certified checkpoint has two votes from one witness")
+        require_quorum(
+            f"checkpoint {self.checkpoint.epoch}",
+            committee,
+            [v.message.witness for v in self.votes],
+            outsider=lambda w: f"{w} is not in the checkpoint committee",
+        )
         for vote in self.votes:
             v = vote.message
             if (v.epoch, v.checkpoint) != (self.checkpoint.epoch, digest):
                 raise ValidationError(f"vote by {v.witness} is for another checkpoint")
-            if v.witness not in committee:
-                raise ValidationError(f"{v.witness} is not in the checkpoint committee")
             vote.verify()
-        if len(self.votes) < committee.quorum:
-            raise ValidationError(
-                f"checkpoint {self.checkpoint.epoch} has {len(self.votes)} votes, "
-                f"a quorum of {committee.size} is {committee.quorum}"
-            )
 
     def to_bytes(self) -> bytes:
         return encode(
