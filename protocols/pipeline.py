@@ -25,6 +25,17 @@ Pure rules, no I/O:
   The chain proof is unchanged: each stage commits to the digest of the
   inputs it received, which ``check_chain`` requires to be the previous
   stage's output digest.
+- Attribution: every forward carries the sender's signed ``StageOutput`` (job,
+  seq, output digest, where it goes). ``check_forward`` requires it to name
+  exactly the forward it rides on, ``check_payload`` that the payload read
+  has that digest; the receiver keeps it, so a bad intermediate is provably
+  its signer's (the next stage and a referee can hold it against the signer),
+  not the receiver's or a relay's.
+- Failover mid-lease: a route's ``seq_shift`` maps the sender's job seqs onto
+  its downstream's (``forward_seq``): when one stage's executor dies and the
+  next bidder takes over from job n, its seq 0 is job n, so its upstream
+  forwards its seq s as s - n and nothing below n (those jobs the dead one
+  answered); a later route with the new shift re-forwards what it holds.
 """
 
 from __future__ import annotations
@@ -37,10 +48,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from protocols.codec import decode, encode
-from protocols.errors import DecodeError, ValidationError
+from protocols.errors import DecodeError, ProtocolError, ValidationError
 from protocols.market_fields import (
     FlatBody,
     want_bytes,
+    want_digest,
     want_float,
     want_int,
     want_job_id,
@@ -393,6 +405,7 @@ def choose_placement(
 
 STAGE_PROTOCOL_ID = "/edgeswarm/stage/1"
 STAGE_ROUTE_DOMAIN = "edgeswarm/stage-route/v1"
+STAGE_OUTPUT_DOMAIN = "edgeswarm/stage-output/v1"
 STAGE_CONTROL_MAX = 4096  # every stage-stream frame but a forwarded payload
 
 
@@ -407,11 +420,13 @@ class StageRoute(FlatBody):
     ``downstream`` (awarded ``downstream_job``). "" and b"": that side is the requester
     (stage 1 gets its inputs, the last stage gives its outputs, on the job stream).
     Valid until ``expires``. A later route for the same job replaces an earlier one (the
-    requester re-routes around an executor that died)."""
+    requester re-routes around an executor that died). ``seq_shift`` (0 unless a stage
+    failed over mid-lease): this executor's job seq s is the downstream's seq
+    s - seq_shift, and seqs below seq_shift are not forwarded (``forward_seq``)."""
 
     DOMAIN: ClassVar[str] = STAGE_ROUTE_DOMAIN
     MAX_BYTES: ClassVar[int] = 1024
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     _FIELDS: ClassVar[frozenset[str]] = frozenset(
         {
             "job_id",
@@ -422,6 +437,7 @@ class StageRoute(FlatBody):
             "downstream",
             "downstream_job",
             "expires",
+            "seq_shift",
         }
     )
 
@@ -433,9 +449,13 @@ class StageRoute(FlatBody):
     downstream: str
     downstream_job: bytes
     expires: float
+    seq_shift: int = 0
 
     def __post_init__(self) -> None:
         want_job_id("StageRoute", self.job_id)
+        want_int("StageRoute", "seq_shift", self.seq_shift, lo=1 - MAX_BATCH, hi=MAX_BATCH - 1)
+        if self.seq_shift and not self.downstream:
+            raise ValidationError("StageRoute: a seq_shift without a downstream")
         want_peer_id("StageRoute", "requester", self.requester)
         want_peer_id("StageRoute", "executor", self.executor)
         object.__setattr__(self, "expires", want_float("StageRoute", "expires", self.expires))
@@ -464,21 +484,80 @@ class StageRoute(FlatBody):
         return open_message(StageRoute, data, now=now)
 
 
+def forward_seq(route: StageRoute, seq: int) -> int | None:
+    """The downstream's seq for this executor's job ``seq`` under ``route``, or None: the
+    route has no downstream, or the downstream took over after that job (its seq would be
+    negative: a job the executor it replaced answered already)."""
+    if not route.downstream:
+        return None
+    to_seq = seq - route.seq_shift
+    return to_seq if 0 <= to_seq < MAX_BATCH else None
+
+
+@dataclass(frozen=True)
+class StageOutput(FlatBody):
+    """Executor-signed, one per forwarded payload: job ``seq`` of stage job ``job_id``, run
+    by ``executor`` for ``requester``, gave outputs of digest ``output_digest``, sent on as
+    job ``to_seq`` of ``to_job``. The receiver keeps it: whoever holds a bad intermediate
+    can show who produced it (the signer cannot deny it, the receiver cannot forge it)."""
+
+    DOMAIN: ClassVar[str] = STAGE_OUTPUT_DOMAIN
+    MAX_BYTES: ClassVar[int] = 1024
+    VERSION: ClassVar[int] = 1
+    _FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"job_id", "seq", "requester", "executor", "output_digest", "to_job", "to_seq"}
+    )
+
+    job_id: bytes
+    seq: int
+    requester: str
+    executor: str
+    output_digest: bytes
+    to_job: bytes
+    to_seq: int
+
+    def __post_init__(self) -> None:
+        want_job_id("StageOutput", self.job_id)
+        want_job_id("StageOutput", self.to_job)
+        want_int("StageOutput", "seq", self.seq, hi=MAX_BATCH - 1)
+        want_int("StageOutput", "to_seq", self.to_seq, hi=MAX_BATCH - 1)
+        want_peer_id("StageOutput", "requester", self.requester)
+        want_peer_id("StageOutput", "executor", self.executor)
+        want_digest("StageOutput", "output_digest", self.output_digest)
+        if self.job_id == self.to_job:
+            raise ValidationError("StageOutput: a stage forwards to another stage's job")
+
+    @property
+    def signer(self) -> str:
+        return self.executor
+
+    def check_time(self, now: float) -> None:
+        """No expiry: it is evidence, held as long as the job's receipts."""
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Signed[StageOutput]:
+        return open_message(StageOutput, data)
+
+
 @dataclass(frozen=True)
 class StageForward:
-    """Header of one forwarded payload: job ``seq`` of ``from_job``'s outputs are job ``seq``
-    of ``to_job``'s inputs; ``size`` bytes of payload frame follow (checked before read)."""
+    """Header of one forwarded payload: the sender's signed ``output`` (its job and seq, the
+    payload's digest) for job ``seq`` of ``to_job``; ``size`` bytes of payload frame follow
+    (checked before read)."""
 
     to_job: bytes
     from_job: bytes
     seq: int
     size: int
+    output: Signed[StageOutput]
 
     def __post_init__(self) -> None:
         want_job_id("StageForward", self.to_job)
         want_job_id("StageForward", self.from_job)
         want_int("StageForward", "seq", self.seq, hi=MAX_BATCH - 1)
         want_int("StageForward", "size", self.size, lo=1)
+        if not isinstance(self.output, Signed) or not isinstance(self.output.message, StageOutput):
+            raise ValidationError("StageForward.output must be a signed StageOutput")
 
 
 @dataclass(frozen=True)
@@ -515,7 +594,14 @@ def encode_stage_frame(item: StageFrame) -> bytes:
         return encode({"t": "route", "m": item.to_bytes()})
     if isinstance(item, StageForward):
         return encode(
-            {"t": "fwd", "to": item.to_job, "from": item.from_job, "seq": item.seq, "n": item.size}
+            {
+                "t": "fwd",
+                "to": item.to_job,
+                "from": item.from_job,
+                "seq": item.seq,
+                "n": item.size,
+                "o": item.output.to_bytes(),
+            }
         )
     if isinstance(item, StagePayload):
         return encode({"t": "x", "x": item.tensors})
@@ -530,8 +616,14 @@ def decode_stage_frame(data: bytes, *, max_size: int) -> StageFrame:
     tag, fields = raw["t"], set(raw)
     if tag == "route" and fields == {"t", "m"} and type(raw["m"]) is bytes:
         return open_message(StageRoute, raw["m"])
-    if tag == "fwd" and fields == {"t", "to", "from", "seq", "n"}:
-        return StageForward(to_job=raw["to"], from_job=raw["from"], seq=raw["seq"], size=raw["n"])
+    if tag == "fwd" and fields == {"t", "to", "from", "seq", "n", "o"} and type(raw["o"]) is bytes:
+        return StageForward(
+            to_job=raw["to"],
+            from_job=raw["from"],
+            seq=raw["seq"],
+            size=raw["n"],
+            output=open_message(StageOutput, raw["o"]),
+        )
     if tag == "x" and fields == {"t", "x"}:
         return StagePayload(raw["x"])
     if tag == "reply" and fields == {"t", "ok", "why"}:
@@ -568,3 +660,22 @@ def check_forward(route: StageRoute | None, *, sender: str, header: StageForward
         )
     if header.from_job != route.upstream_job:
         raise ForwardRefused("inputs forwarded from another job than the previous stage's")
+    out = header.output.message
+    try:
+        header.output.verify()
+    except ProtocolError as exc:
+        raise ForwardRefused(f"the forward's signed output does not verify: {exc}") from None
+    # The signed output must be the sender's own (verified: its signer is its executor),
+    # about exactly this forward: else it would blame nobody, or someone else.
+    if out.executor != sender:
+        raise ForwardRefused("the forward's signed output is not its sender's")
+    if out.requester != route.requester:
+        raise ForwardRefused("the forward's signed output is for another requester")
+    if (out.job_id, out.to_job, out.to_seq) != (header.from_job, header.to_job, header.seq):
+        raise ForwardRefused("the forward's signed output names another job or seq")
+
+
+def check_payload(header: StageForward, payload_digest: bytes) -> None:
+    """The payload read after ``header`` must be the one its sender signed for."""
+    if payload_digest != header.output.message.output_digest:
+        raise ForwardRefused("the forwarded payload is not the one its sender signed for")

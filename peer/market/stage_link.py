@@ -6,14 +6,21 @@ The rules are ``protocols.pipeline`` (``StageRoute``, ``check_route``,
 - The requester sends each stage executor a signed ``StageRoute`` for its award
   (``send_route``): who forwards it inputs, where its outputs go.
 - A stage executor with a downstream forwards each result (``forward``): a
-  small ``StageForward`` header, then the payload once the next executor said
-  it takes it; the requester gets only the digest (``JobForwarded``). What it
+  small ``StageForward`` header carrying its signed ``StageOutput`` (its job and
+  seq, the payload's digest), then the payload; the requester gets only the
+  digest (``JobForwarded``). What it
   forwarded is held a while (bounded) so that the requester can re-route it to
   another executor when the next one dies (a later route for the same job).
 - A stage executor with an upstream takes a forward (``_on_stream``) only from
   the executor the route names (``check_forward`` against the stream's
-  authenticated remote peer), before it reads the payload, and feeds it to the
-  award's session like a ``JobInput`` (same decoding limits, same model checks).
+  authenticated remote peer) and whose signed output names exactly this
+  forward, before it reads the payload; then the payload must have the signed
+  digest (``check_payload``). It keeps the signed output (``received``: who
+  produced each intermediate it ran on) and feeds the payload to the award's
+  session like a ``JobInput`` (same decoding limits, same model checks).
+- Seqs: the downstream's seq of a result is ``forward_seq(route, seq)`` (the
+  route's ``seq_shift``, non-zero once a stage failed over mid-lease); a result
+  the downstream does not take (before its takeover) goes back to the requester.
 
 A forward that fails (the next executor is gone or refuses) is not retried
 here: the executor returns the outputs to the requester on the job stream
@@ -41,15 +48,19 @@ from protocols.pipeline import (
     ForwardRefused,
     StageForward,
     StageFrame,
+    StageOutput,
     StagePayload,
     StageReply,
     StageRoute,
     check_forward,
+    check_payload,
     check_route,
     decode_stage_frame,
     encode_stage_frame,
+    forward_seq,
 )
-from protocols.signed import Signed
+from protocols.receipt import content_digest
+from protocols.signed import Signed, sign_message
 
 if TYPE_CHECKING:
     from peer.market.executor import ExecutorService, _Session
@@ -64,6 +75,7 @@ MAX_HELD = 64  # forwarded outputs kept for re-routing, oldest dropped first
 MAX_HELD_BYTES = 256 * 1024 * 1024
 MAX_FORWARDS_PER_STREAM = 1 << 20  # a lease's jobs (MAX_BATCH) fit many times
 MAX_REFUSALS_KEPT = 100
+MAX_RECEIVED = 4096  # signed outputs of forwards taken, kept (oldest dropped first)
 IDLE_S = 300.0  # a kept-open forward stream with nothing on it this long is closed
 
 
@@ -137,6 +149,8 @@ class StageLinks:
         self.held: OrderedDict[bytes, _Held] = OrderedDict()
         self.held_bytes = 0
         self.refused: list[str] = []  # why forwards/routes were refused (tests, logs)
+        # (to_job, seq) -> the upstream executor's signed output for the inputs we took.
+        self.received: OrderedDict[tuple[bytes, int], Signed[StageOutput]] = OrderedDict()
         self.forwards = 0  # payloads forwarded on
         self.forwarded = trio.Event()  # set (and renewed) at each forward taken downstream
         self.sessions_changed = trio.Event()
@@ -176,8 +190,10 @@ class StageLinks:
     async def forward(self, s: _Session, seq: int, wire: Any) -> str:
         """Send job ``seq``'s outputs of ``s`` to its route's downstream; "" once taken."""
         route = s.route
-        assert route is not None and route.downstream
-        why = await self._send_forward(route, seq, wire, s.award.deadline)
+        assert route is not None and route.downstream and self.executor is not None
+        if forward_seq(route, seq) is None:
+            return f"job {seq} is before the next stage's executor took over"
+        why = await self._send_forward(route, seq, wire, s.award.deadline, self.executor.key)
         if not why:
             self._hold(s.award.requester, route, seq, wire)
             self._count_forward()
@@ -188,11 +204,32 @@ class StageLinks:
         self.forwarded.set()
         self.forwarded = trio.Event()
 
-    async def _send_forward(self, route: StageRoute, seq: int, wire: Any, until: float) -> str:
-        """One forward on the kept-open stream to the route's downstream (opened on first
-        use): the header, the payload right behind it (the receiver checks the header before
-        it reads the payload), then its answer. A failed stream is dropped, never retried."""
-        header = StageForward(route.downstream_job, route.job_id, seq, max(1, _nbytes(wire)))
+    async def _send_forward(
+        self, route: StageRoute, seq: int, wire: Any, until: float, key: Any
+    ) -> str:
+        """One forward of our job ``seq`` on the kept-open stream to the route's downstream
+        (opened on first use): the header with our signed output (``key``: ours), the
+        payload right behind it (the receiver checks the header before it reads the
+        payload), then its answer. A failed stream is dropped, never retried."""
+        to_seq = forward_seq(route, seq)
+        if to_seq is None:
+            return f"job {seq} is not forwarded on this route"
+        output = StageOutput(
+            job_id=route.job_id,
+            seq=seq,
+            requester=route.requester,
+            executor=route.executor,
+            output_digest=content_digest(wire),
+            to_job=route.downstream_job,
+            to_seq=to_seq,
+        )
+        header = StageForward(
+            route.downstream_job,
+            route.job_id,
+            to_seq,
+            max(1, _nbytes(wire)),
+            sign_message(key, output),
+        )
         key = (route.downstream, route.downstream_job)
         link = self._links.get(key)
         if link is None:
@@ -254,12 +291,16 @@ class StageLinks:
         held.route = route
         if not route.downstream:
             return "the new route has no downstream"
+        assert self.executor is not None
         for seq, wire in sorted(held.wires.items()):
-            why = await self._send_forward(route, seq, wire, route.expires)
+            if forward_seq(route, seq) is None:
+                continue  # a job the downstream's predecessor answered already
+            why = await self._send_forward(route, seq, wire, route.expires, self.executor.key)
             if why:
                 return why
             self._count_forward()
-        await self.close_links(route.job_id)  # its award is over: nothing else goes on them
+        if self.executor is None or route.job_id not in self.executor.sessions:
+            await self.close_links(route.job_id)  # its award is over: nothing else goes on them
         return ""
 
     # --- executor side: taking routes and forwards -----------------------------------------
@@ -336,10 +377,13 @@ class StageLinks:
             )
         except ForwardRefused as exc:
             return str(exc)
-        s.route = route
-        s.route_set.set()
-        if held is not None and route.downstream:  # done here already: send it on anew
-            return await self._reforward(held, route)
+        # Under the session's forward lock: no result leaves on the old route meanwhile, and
+        # none is forwarded both by the session and again here.
+        async with s.forward_lock:
+            s.route = route
+            s.route_set.set()
+            if held is not None and route.downstream:  # sent on already: send it anew
+                return await self._reforward(held, route)
         return ""
 
     async def _take_forward(self, header: StageForward, ss: StageStream) -> str:
@@ -363,5 +407,12 @@ class StageLinks:
             ss.set_max_frame(STAGE_CONTROL_MAX)
         if not isinstance(payload, StagePayload):
             return f"expected the payload, got {type(payload).__name__}"
+        try:
+            check_payload(header, content_digest(payload.tensors))
+        except ForwardRefused as exc:
+            return str(exc)
+        self.received[(header.to_job, header.seq)] = header.output
+        while len(self.received) > MAX_RECEIVED:
+            self.received.popitem(last=False)
         await self.executor.forwarded_input(s, JobInput(header.to_job, header.seq, payload.tensors))
         return ""

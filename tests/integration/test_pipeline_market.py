@@ -343,7 +343,9 @@ async def test_a_stage_takes_forwarded_inputs_only_from_the_executor_the_request
                         expires=route.expires,
                     )
                     bad = wire_of(**{manifest.cuts[0].names[0]: np.full((2, 8), 9.0, np.float32)})
-                    why = await rogue.market.links._send_forward(fake, 0, bad, route.expires)
+                    why = await rogue.market.links._send_forward(
+                        fake, 0, bad, route.expires, rogue.market.key
+                    )
                     assert "refused the forward" in why and "requester named" in why, why
                     assert session.inputs == {} and session.running == 0
                     blocking[0].release.set()

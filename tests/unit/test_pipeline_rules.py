@@ -1,5 +1,6 @@
 """Pipeline manifests (canonical, self-consistent), the chain rule over stage commitments,
-placement, and the streaming rules: who may route a stage, who may forward it inputs."""
+placement, and the streaming rules: who may route a stage, who may forward it inputs, the
+sender's signed output every forward carries, and the seq shift of a stage that failed over."""
 
 from __future__ import annotations
 
@@ -25,18 +26,21 @@ from protocols.pipeline import (
     PipelineManifest,
     Stage,
     StageForward,
+    StageOutput,
     StagePayload,
     StageReply,
     StageRoute,
     check_chain,
     check_forward,
+    check_payload,
     check_route,
     choose_placement,
     decode_stage_frame,
     encode_stage_frame,
+    forward_seq,
 )
 from protocols.receipt import ResultCommitment, content_digest
-from protocols.signed import sign_message
+from protocols.signed import Signed, sign_message
 
 
 def cid(label: str) -> str:
@@ -333,9 +337,33 @@ def test_a_route_is_taken_only_from_the_requester_that_awarded_the_job() -> None
         check_route(r, sender=REQ, award_requester=REQ, award_executor=E3)
 
 
+WIRE = {"h": {"dtype": "float32", "shape": [1], "data": b"\0" * 4}}
+
+
+def output(signer: int = 2, **kw: object) -> Signed[StageOutput]:
+    """E1's (key 2's) signed output of its job J1 seq 0, forwarded as J2 seq 0."""
+    base: dict[str, object] = {
+        "job_id": J1,
+        "seq": 0,
+        "requester": REQ,
+        "executor": pid(signer),
+        "output_digest": content_digest(WIRE),
+        "to_job": J2,
+        "to_seq": 0,
+    }
+    base.update(kw)
+    return sign_message(key(signer), StageOutput(**base))  # type: ignore[arg-type]
+
+
+def header(out: Signed[StageOutput] | None = None, **kw: object) -> StageForward:
+    base: dict[str, object] = {"to_job": J2, "from_job": J1, "seq": 0, "size": 10}
+    base.update(kw)
+    return StageForward(output=out or output(), **base)  # type: ignore[arg-type]
+
+
 def test_forwarded_inputs_are_taken_only_from_the_upstream_the_requester_named() -> None:
     r = route()
-    hdr = StageForward(to_job=J2, from_job=J1, seq=0, size=10)
+    hdr = header()
     check_forward(r, sender=E1, header=hdr)
     with pytest.raises(ForwardRefused, match="requester named"):
         check_forward(r, sender=E3, header=hdr)  # any other peer, even a real stage's
@@ -352,12 +380,72 @@ def test_forwarded_inputs_are_taken_only_from_the_upstream_the_requester_named()
         check_forward(first, sender=E1, header=hdr)
 
 
+def test_a_forward_carries_its_senders_signed_output_for_exactly_that_forward() -> None:
+    """Without it the receiver of a bad intermediate could not show who produced it."""
+    r = route()
+    # Signed by another executor than the sender (the real E3 signs, E1 sends it on).
+    with pytest.raises(ForwardRefused, match="not its sender's"):
+        check_forward(r, sender=E1, header=header(output(signer=4)))
+    # About another forward: another from-job, to-job or to-seq than the header's.
+    for edit in ({"job_id": J3}, {"to_job": J3}, {"to_seq": 1}):
+        with pytest.raises(ForwardRefused, match="another job or seq"):
+            check_forward(r, sender=E1, header=header(output(**edit)))
+    with pytest.raises(ForwardRefused, match="another requester"):
+        check_forward(r, sender=E1, header=header(output(requester=E3)))
+    # A signature that does not verify (assembled by hand, never through open_message).
+    good = output()
+    forged = Signed(dataclasses.replace(good.message, to_seq=5), good.envelope)
+    with pytest.raises(ForwardRefused, match="does not verify"):
+        check_forward(r, sender=E1, header=header(forged, seq=5))
+    # The header must carry a signed StageOutput at all.
+    with pytest.raises(ValidationError, match="signed StageOutput"):
+        StageForward(to_job=J2, from_job=J1, seq=0, size=10, output=None)  # type: ignore[arg-type]
+
+
+def test_the_payload_must_be_the_one_its_sender_signed_for() -> None:
+    hdr = header()
+    check_payload(hdr, content_digest(WIRE))
+    other = {"h": {"dtype": "float32", "shape": [1], "data": b"\1" * 4}}
+    with pytest.raises(ForwardRefused, match="not the one its sender signed"):
+        check_payload(hdr, content_digest(other))
+
+
+def test_a_signed_output_is_well_formed() -> None:
+    with pytest.raises(ValidationError):
+        output(output_digest=b"short")
+    with pytest.raises(ValidationError, match="another stage's job"):
+        output(to_job=J1)
+    with pytest.raises(ValidationError):
+        output(seq=-1)
+    out = output()
+    assert StageOutput.from_bytes(out.to_bytes()).message == out.message
+    raw = bytearray(out.to_bytes())
+    raw[-1] ^= 1
+    with pytest.raises(ProtocolError):
+        StageOutput.from_bytes(bytes(raw))
+
+
+def test_a_shifted_route_maps_seqs_onto_the_downstream_that_took_over() -> None:
+    """Stage 2's executor died and its replacement took over at job 5: its seq 0 is job 5.
+    Stage 1 (seqs = job numbers) forwards its seq 5 as seq 0, and nothing below 5."""
+    r = route(seq_shift=5)
+    assert [forward_seq(r, s) for s in (0, 4, 5, 6, 9)] == [None, None, 0, 1, 4]
+    # The replacement's own route to stage 3 (which still numbers by job): seq s is s + 5.
+    assert forward_seq(route(seq_shift=-5), 0) == 5
+    assert forward_seq(route(), 3) == 3
+    assert forward_seq(route(downstream="", downstream_job=b""), 3) is None  # the last stage
+    with pytest.raises(ValidationError, match="seq_shift without a downstream"):
+        route(downstream="", downstream_job=b"", seq_shift=1)
+    with pytest.raises(ValidationError):
+        route(seq_shift=True)
+
+
 def test_stage_frames_round_trip_and_a_route_must_be_signed_by_its_requester() -> None:
-    signed = sign_message(key(1), route())
+    signed = sign_message(key(1), route(seq_shift=-3))
     frames = [
         signed,
-        StageForward(to_job=J2, from_job=J1, seq=3, size=99),
-        StagePayload({"h": {"dtype": "float32", "shape": [1], "data": b"\0" * 4}}),
+        header(seq=0, size=99),
+        StagePayload(WIRE),
         StageReply(True),
         StageReply(False, "no"),
     ]
@@ -368,6 +456,13 @@ def test_stage_frames_round_trip_and_a_route_must_be_signed_by_its_requester() -
     m[-1] ^= 1  # a route whose signature does not verify
     with pytest.raises(ProtocolError):
         decode_stage_frame(encode({"t": "route", "m": bytes(m)}), max_size=4096)
+    o = bytearray(output().to_bytes())
+    o[-1] ^= 1  # a forward whose signed output does not verify
+    fwd = {"t": "fwd", "to": J2, "from": J1, "seq": 0, "n": 10, "o": bytes(o)}
+    with pytest.raises(ProtocolError):
+        decode_stage_frame(encode(fwd), max_size=4096)
+    with pytest.raises(DecodeError):  # a forward without its signed output
+        decode_stage_frame(encode({k: v for k, v in fwd.items() if k != "o"}), max_size=4096)
     with pytest.raises(DecodeError):
         decode_stage_frame(encode_stage_frame(StageReply(True)) + b"", max_size=3)
 
