@@ -59,7 +59,7 @@ from protocols.market_fields import (
     want_peer_id,
     want_str,
 )
-from protocols.receipt import MAX_BATCH, ResultCommitment
+from protocols.receipt import MAX_BATCH, ResultCommitment, batch_digest
 from protocols.signed import Signed, open_message
 from protocols.tensor import DTYPES as TENSOR_DTYPES
 
@@ -342,6 +342,79 @@ def check_chain(
         want_in = c.output_digest
     if output_digest is not None and want_in != output_digest:
         raise ChainError("the last stage committed to other outputs than those returned")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The jobs of a pipeline lease one executor ran at one stage, under one commitment:
+    jobs ``first`` .. ``first + commitment.count - 1`` of the lease. A stage whose executor
+    died mid-lease has a segment per executor that was paid (the dead one's last accepted
+    interim commitment, if any; its replacement's final one)."""
+
+    first: int
+    commitment: ResultCommitment
+
+    def __post_init__(self) -> None:
+        if type(self.first) is not int or not 0 <= self.first < MAX_BATCH:
+            raise ValidationError(f"a segment's first job must be in [0, {MAX_BATCH})")
+
+    @property
+    def end(self) -> int:
+        return self.first + self.commitment.count
+
+
+def check_lease_chain(
+    manifest: PipelineManifest,
+    cut_digests: Sequence[Sequence[bytes]],
+    segments: Sequence[Sequence[Segment]],
+) -> None:
+    """Raise ``ChainError`` unless the stage commitments of a pipeline lease whose stages may
+    have failed over mid-lease prove its jobs, and no job is paid twice at any stage.
+
+    ``cut_digests[0]``: per job, the digest of the inputs given to stage 1;
+    ``cut_digests[i]``: per job, of stage i's outputs (what stage i+1 took); the last: of the
+    outputs returned. ``segments[i]``: stage i+1's segments. Each commitment names its
+    stage's model and the lease's requester; a stage's segments never overlap (a job is
+    paid once per stage) and the last one ends at the last job (the executor holding the
+    stage at the end answered every job after its takeover); each commitment's input digest
+    is the batch digest of the cut before it over its jobs, its output digest that of the
+    cut after it. Jobs in no segment were answered by an executor that died unpaid.
+    """
+    n_stages = len(manifest.stages)
+    if len(cut_digests) != n_stages + 1 or len(segments) != n_stages:
+        raise ChainError(f"{n_stages} stages need {n_stages + 1} cuts and {n_stages} segment lists")
+    jobs = len(cut_digests[0])
+    if jobs == 0 or any(len(c) != jobs for c in cut_digests):
+        raise ChainError("every cut needs one digest per job of the lease")
+    requester = next((seg.commitment.requester for segs in segments for seg in segs), "")
+    for i, (stage, segs) in enumerate(zip(manifest.stages, segments, strict=True)):
+        if not segs:
+            raise ChainError(f"stage {i + 1} has no commitment")
+        end = 0
+        for seg in sorted(segs, key=lambda g: g.first):
+            c = seg.commitment
+            if c.model_cid != stage.cid:
+                raise ChainError(f"stage {i + 1}'s commitment names another model")
+            if c.requester != requester:
+                raise ChainError(f"stage {i + 1}'s commitment is for another requester")
+            if seg.first < end:
+                raise ChainError(f"stage {i + 1}: job {seg.first} is paid twice")
+            if seg.end > jobs:
+                raise ChainError(f"stage {i + 1}'s commitment covers jobs past the lease's {jobs}")
+            if c.input_digest != batch_digest(cut_digests[i][seg.first : seg.end]):
+                source = "the requester's inputs" if i == 0 else f"stage {i}'s outputs"
+                raise ChainError(
+                    f"stage {i + 1} committed to other inputs than {source} "
+                    f"(jobs {seg.first}..{seg.end - 1})"
+                )
+            if c.output_digest != batch_digest(cut_digests[i + 1][seg.first : seg.end]):
+                raise ChainError(
+                    f"stage {i + 1} committed to other outputs than it gave "
+                    f"(jobs {seg.first}..{seg.end - 1})"
+                )
+            end = seg.end
+        if end != jobs:
+            raise ChainError(f"stage {i + 1}'s last commitment ends at job {end}, not {jobs}")
 
 
 @dataclass(frozen=True)

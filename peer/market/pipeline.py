@@ -68,8 +68,10 @@ from protocols.pipeline import (
     LocalRun,
     PipelineManifest,
     Placement,
+    Segment,
     StageRoute,
     check_chain,
+    check_lease_chain,
     choose_placement,
 )
 from protocols.receipt import MAX_BATCH, Receipt, ResultCommitment, batch_digest, content_digest
@@ -359,6 +361,7 @@ class _Stage:
         self.spec = spec
         self.run = run
         self.routed: str | None = None  # the executor we gave its route
+        self.att: Attempt | None = None  # the award that route is for
         self.outcome: Outcome | None = None
         self.error: MarketFailure | None = None
 
@@ -382,6 +385,9 @@ class Streamer:
         self.stages: list[_Stage] = []
         self.forwarded_cuts = 0  # cuts whose intermediate skipped the requester
         self.returned_cuts = 0  # cuts whose forward failed: routed through the requester
+        # Per stage, the lease job its current executor's seq 0 is (a stage that failed over
+        # mid-lease starts its replacement at the first job the dead one did not answer).
+        self.base: list[int] = []
 
     def _executor(self, k: int) -> str:
         st = self.stages[k]
@@ -407,6 +413,7 @@ class Streamer:
             downstream=self._executor(k + 1) if down else "",
             downstream_job=self.stages[k + 1].job_id if down else b"",
             expires=self.until,
+            seq_shift=self.base[k + 1] - self.base[k] if down else 0,
         )
 
     async def _send(self, k: int, route: StageRoute | None) -> str:
@@ -454,6 +461,7 @@ class Streamer:
             run = market.auctions.new_run(spec, request, policy=policy)
             run.inputs_forwarded = k > 0
             self.stages.append(_Stage(k, spec, run))
+            self.base.append(0)
 
     async def drive(self, st: _Stage) -> None:
         try:
@@ -501,6 +509,7 @@ class Streamer:
         for k, att in enumerate(atts):
             assert att is not None
             self.stages[k].routed = att.executor
+            self.stages[k].att = att
 
     async def reroute(self, k: int, att: Attempt, *, fed: bool) -> None:
         """Stage k moved to ``att`` (its executor died or refused): route the new executor,
@@ -645,44 +654,149 @@ class PipelineLease:
     n+1. Intermediates stream executor to executor as for single jobs; one receipt per
     stage covers its batch, and the receipts chain (``check_chain(jobs=n)``).
 
-    A stage executor that fails mid-lease ends the streaming: the jobs not answered yet
-    (and those not sent) run on one at a time through ``run_pipeline``, which fails over
-    stage by stage (``fallback``; their stages already done are run again). The batches
-    already done are closed and paid at ``aclose``."""
+    A stage executor that dies mid-lease is replaced without stopping the stream
+    (``_take_over``): that stage's JobRun awards its next bidder (or a new auction), which
+    takes over from the first job the dead one did not answer, n0 (its seq 0 is job n0).
+    The requester routes it, points the next stage at it, registers jobs n0.. with it, and
+    re-routes the previous stage's executor, which forwards its held outputs of jobs n0..
+    again (``StageRoute.seq_shift``). No other stage runs a job twice, every job is answered
+    once, and at the dead stage the dead executor is paid at most for the jobs of its last
+    accepted interim commitment (all before n0), its replacement for jobs n0 on
+    (``check_lease_chain`` at ``aclose``). Only where that cannot hold (the dead executor
+    answered a job after one it lost; no executor left; ``MAX_STAGE_TRIES`` take-overs)
+    does the lease stop streaming: the jobs not answered then run one at a time through
+    ``run_pipeline`` (``fallback``; their stages already done run again, and are paid
+    again). The batches are closed and paid at ``aclose``."""
 
     def __init__(self, market: MarketService, entry: PipelineEntry, streamer: Streamer) -> None:
         self.market = market
         self.entry = entry
         self.s = streamer
+        n = len(streamer.stages)
         self.sent = 0  # jobs given to stage 1
-        self.done = 0  # jobs whose last stage answered
+        self.done = 0  # jobs answered (streamed or in the fallback)
+        self.streamed = 0  # jobs whose last stage answered on the stream
         self.in_digests: list[bytes] = []
         self.out_digests: list[bytes] = []
         self.results: list[InferResult] = []  # one per stage, after ``aclose``
         self.failed_from: int | None = None
         self.failure = ""  # why the lease stopped streaming, if it did
         self.fallback: list[PipelineResult] = []  # jobs run one at a time after a failure
+        self.failovers: list[str] = []  # each take-over: stage, job, old -> new executor
+        # Per cut (stage 1's inputs, each stage's outputs), job -> digest: the chain check.
+        self.cut_digests: list[dict[int, bytes]] = [{} for _ in range(n + 1)]
+        # Per stage, job -> its inputs when we hold them (None: forwarded), until answered.
+        self._given: list[dict[int, Any]] = [{} for _ in range(n)]
+        self._next: list[int] = [0] * n  # jobs given to each stage so far
+        self._waiters: list[dict[int, _Waiter]] = [{} for _ in range(n)]
+        self._locks = [trio.Lock() for _ in range(n)]
+        self._takeovers = [0] * n
+        # Per stage, what its dead executors were paid (accepted interim commitments).
+        self.paid_before: list[list[Segment]] = [[] for _ in range(n)]
+        self.interim_receipts: list[Receipt] = []
 
     def _wire(self, inputs: Mapping[str, Any]) -> Any:
         arrays = to_arrays(inputs)
         _check_inputs(self.entry, arrays)
         return encode_tensors(arrays)
 
-    async def _give(self, k: int, n: int, held: Any, digest: bytes) -> _Waiter:
+    def _failure(self, k: int, why: str) -> MarketFailure:
         st = self.s.stages[k]
+        return MarketFailure(f"stage {k + 1}: {why}", model_cid=st.spec.cid, job_id=st.job_id)
+
+    async def _give(self, k: int, n: int, held: Any, digest: bytes) -> None:
+        """Job ``n``'s inputs go to stage k (``held``: we send them; None: the previous
+        stage's executor forwards them, of ``digest``)."""
+        async with self._locks[k]:
+            att = await self._held_attempt(k)  # a take-over re-gives the jobs before n
+            self._given[k][n] = held
+            self.cut_digests[k][n] = digest
+            self._next[k] = n + 1
+            await self._send_one(k, n, att)
+
+    async def _held_attempt(self, k: int) -> Attempt:
+        """Stage k's live award (under its lock); one that moved to another executor is
+        taken over first."""
         att = await self.s.awarded(k)
-        if att.executor != st.routed:
-            raise MarketFailure(
-                f"stage {k + 1}'s executor changed mid-lease",
-                model_cid=st.spec.cid,
-                job_id=st.job_id,
+        if att is not self.s.stages[k].att:
+            await self._take_over(k, att)
+        return att
+
+    async def _send_one(self, k: int, n: int, att: Attempt) -> None:
+        st = self.s.stages[k]
+        held, digest = self._given[k][n], self.cut_digests[k][n]
+        try:
+            if held is not None:
+                seq, waiter = await st.run.send_input(att, held, digest)
+            else:
+                seq, waiter = st.run.expect_input(att, digest)
+        except JobStreamClosed:  # the award ended under us: taken over when collected
+            waiter = _Waiter(lost=True)
+            waiter.done.set()
+            self._waiters[k][n] = waiter
+            return
+        if seq != n - self.s.base[k]:  # never: every stage takes its jobs in order
+            raise self._failure(k, f"job {n} went as seq {seq}, base {self.s.base[k]}")
+        self._waiters[k][n] = waiter
+
+    async def _take_over(self, k: int, att: Attempt) -> None:
+        """Stage k's award moved to ``att`` (its executor died or was given up on): resume
+        the stream there from the first job the old one did not answer."""
+        st = self.s.stages[k]
+        self._takeovers[k] += 1
+        if self._takeovers[k] > MAX_STAGE_TRIES:
+            raise self._failure(k, f"{MAX_STAGE_TRIES} executors failed mid-lease")
+        ws = self._waiters[k]
+        lost = [n for n, w in sorted(ws.items()) if w.lost or not w.done.is_set()]
+        n0 = lost[0] if lost else self._next[k]
+        late = [n for n, w in ws.items() if n > n0 and w.done.is_set() and not w.lost]
+        if late:
+            raise self._failure(
+                k, f"its executor answered job {min(late)} but not job {n0}: cannot take over"
             )
-        if held is not None:
-            seq, waiter = await st.run.send_input(att, held, digest)
-        else:
-            seq, waiter = st.run.expect_input(att, digest)
-        assert seq == n, (seq, n)  # every stage runs job n as its seq n
-        return waiter
+        old = st.att
+        if old is not None and old.interim is not None:  # what the dead one is owed
+            self.interim_receipts.append(old.interim)
+            self.market.receipts.add(old.interim, "requester")
+            self.paid_before[k].append(Segment(self.s.base[k], old.interim.commitment.message))
+        self.s.base[k] = n0
+        st.att, st.routed = att, att.executor
+        why = await self.s._send(k, self.s._route(k))
+        if why:
+            raise self._failure(k, why)
+        if k + 1 < len(self.s.stages):  # else stage k's forwards are refused and come to us
+            why = await self.s._send(k + 1, self.s._route(k + 1))
+            if why:
+                log.info("pipeline %s: %s", self.entry.name, why)
+        for n in range(n0, self._next[k]):
+            await self._send_one(k, n, att)
+        if k > 0:  # the previous stage's executor forwards its held outputs of n0.. again
+            why = await self.s._send(k - 1, self.s._route(k - 1))
+            if why:
+                raise self._failure(k, f"its inputs cannot be forwarded again: {why}")
+        moved = f"stage {k + 1} from job {n0}: {old.executor if old else '?'} -> {att.executor}"
+        self.failovers.append(moved)
+        log.warning("pipeline %s: took over %s", self.entry.name, moved)
+
+    async def _answer(self, k: int, n: int) -> _Waiter:
+        """Stage k's answer to job ``n``, following take-overs."""
+        st = self.s.stages[k]
+        for _ in range(MAX_STAGE_TRIES + 1):
+            w = self._waiters[k][n]
+            await w.done.wait()
+            if w.error is not None:
+                raise JobFailed(w.error)
+            if not w.lost:
+                return w
+            async with self._locks[k]:
+                if self._waiters[k][n] is w:  # nobody took over since
+                    old = st.att
+                    if old is not None:
+                        with trio.move_on_after(max(1.0, self.s.until - self.market.clock())):
+                            await old.ended.wait()  # its award ends: the next one follows
+                    await self._held_attempt(k)
+        self.failed_from = n
+        raise self._failure(k, f"its executors kept failing at job {n} of the lease")
 
     async def map(
         self, inputs: Iterable[Mapping[str, Any]], *, window: int = DEFAULT_WINDOW
@@ -694,7 +808,7 @@ class PipelineLease:
         it = iter(inputs)
         pending: dict[int, Mapping[str, Any]] = {}  # jobs given and not yet answered
         slots = trio.Semaphore(window)
-        chans = [trio.open_memory_channel[tuple[int, _Waiter]](window) for _ in range(n_stages)]
+        chans = [trio.open_memory_channel[int](window) for _ in range(n_stages)]
         out_send, out_recv = trio.open_memory_channel[Arrays](window)
 
         async def feed() -> None:
@@ -709,32 +823,24 @@ class PipelineLease:
                     wire = self._wire(item)
                     digest = content_digest(wire)
                     self.in_digests.append(digest)
-                    waiter = await self._give(0, n, wire, digest)
+                    await self._give(0, n, wire, digest)
                     self.sent += 1
-                    await chans[0][0].send((n, waiter))
+                    await chans[0][0].send(n)
 
         async def collect(k: int) -> None:
             nxt = chans[k + 1][0] if k + 1 < n_stages else out_send
             async with chans[k][1], nxt:
-                async for n, waiter in chans[k][1]:
-                    await waiter.done.wait()
-                    if waiter.error is not None:
-                        raise JobFailed(waiter.error)
-                    if waiter.lost:
-                        self.failed_from = n
-                        st = self.s.stages[k]
-                        raise MarketFailure(
-                            f"stage {k + 1}'s executor failed at job {n} of the lease",
-                            model_cid=st.spec.cid,
-                            job_id=st.job_id,
-                        )
+                async for n in chans[k][1]:
+                    waiter = await self._answer(k, n)
                     if waiter.forwarded is not None:
                         held, digest = None, waiter.forwarded
                     else:
                         held, digest = waiter.wire, content_digest(waiter.wire)
                     if k + 1 < n_stages:
-                        await chans[k + 1][0].send((n, await self._give(k + 1, n, held, digest)))
+                        await self._give(k + 1, n, held, digest)
+                        await chans[k + 1][0].send(n)
                     else:
+                        self.cut_digests[n_stages][n] = digest
                         self.out_digests.append(digest)
                         arrays = decode_tensors(held, limits=self.market.settings.limits)
                         await out_send.send(arrays)
@@ -747,7 +853,11 @@ class PipelineLease:
                 async with out_recv:
                     async for arrays in out_recv:
                         pending.pop(self.done, None)
+                        for k in range(n_stages):  # answered everywhere: never given again
+                            self._given[k].pop(self.done, None)
+                            self._waiters[k].pop(self.done, None)
                         self.done += 1
+                        self.streamed += 1
                         slots.release()
                         yield arrays
         except BaseException as exc:
@@ -757,8 +867,8 @@ class PipelineLease:
             self.failure = str(failure)
         else:
             return
-        # A stage executor failed mid-lease: every job not answered yet runs on as a single
-        # pipeline job (each stage auctioned again, failing over one stage at a time).
+        # Streaming cannot go on: every job not answered yet runs on as a single pipeline
+        # job (each stage auctioned again, failing over one stage at a time).
         rest = [pending[n] for n in sorted(pending)]
         log.warning(
             "pipeline %s: %s; %d job(s) go on one at a time",
@@ -796,14 +906,24 @@ class PipelineLease:
                     attempts=o.attempts,
                 )
             )
-        if len(self.results) == len(self.s.stages) and self.done:
+        jobs = self.streamed
+        if len(self.results) != len(self.s.stages) or not jobs or self.fallback:
+            return
+        finals = [r.receipt.commitment.message for r in self.results if r.receipt is not None]
+        if not self.failovers:
             check_chain(
                 self.entry.manifest,
-                batch_digest(self.in_digests[: self.done]),
-                [r.receipt.commitment.message for r in self.results if r.receipt is not None],
-                batch_digest(self.out_digests),
-                jobs=self.done,
+                batch_digest(self.in_digests[:jobs]),
+                finals,
+                batch_digest(self.out_digests[:jobs]),
+                jobs=jobs,
             )
+            return
+        check_lease_chain(
+            self.entry.manifest,
+            [[cut[n] for n in range(jobs)] for cut in self.cut_digests],
+            [[*self.paid_before[k], Segment(self.s.base[k], c)] for k, c in enumerate(finals)],
+        )
 
     @property
     def receipts(self) -> list[Receipt]:

@@ -95,10 +95,13 @@ def hold(data_dir: Path, *paths: Path) -> None:
 
 
 class BlockingRuntime:
-    """Holds every run until released: the stage executor is busy when the test kills it."""
+    """Holds every run after the first ``after`` until released: the stage executor is busy
+    when the test kills it."""
 
-    def __init__(self, inner: ModelRuntime) -> None:
+    def __init__(self, inner: ModelRuntime, after: int = 0) -> None:
         self.inner = inner
+        self.after = after
+        self.runs = 0
         self.registry = inner.registry
         self.started = trio.Event()
         self.release = threading.Event()
@@ -108,17 +111,19 @@ class BlockingRuntime:
         return getattr(self.inner, name)
 
     def run(self, ref: str, inputs: Any, timeout: float | None = None) -> Any:
-        trio.from_thread.run_sync(self.started.set, trio_token=self._token)
-        self.release.wait(timeout=30)
+        self.runs += 1
+        if self.runs > self.after:
+            trio.from_thread.run_sync(self.started.set, trio_token=self._token)
+            self.release.wait(timeout=30)
         return self.inner.run(ref, inputs, timeout=timeout)
 
 
-def blockers() -> tuple[list[BlockingRuntime], Any]:
+def blockers(after: int = 0) -> tuple[list[BlockingRuntime], Any]:
     """The wrapped runtimes (filled as peers start) and the wrapper to start a peer with."""
     blocking: list[BlockingRuntime] = []
 
     def wrap(rt: ModelRuntime) -> BlockingRuntime:
-        blocking.append(BlockingRuntime(rt))
+        blocking.append(BlockingRuntime(rt, after))
         return blocking[-1]
 
     return blocking, wrap
@@ -420,18 +425,23 @@ async def test_a_lease_over_a_pipeline_keeps_micro_batches_in_flight(tmp_path: P
         assert len(req.market.receipts.receipts) == 3
 
 
-async def test_a_stage_executor_killed_mid_lease_the_rest_runs_on(tmp_path: Path) -> None:
-    """Stage 2's executor dies while it holds the lease's first job: streaming stops, and
-    every job not answered yet runs on as a single pipeline job, where stage 2 fails over
-    to its backup; every output still equals the full model's, in order."""
+async def test_a_stage_executor_killed_mid_lease_is_taken_over_and_streaming_goes_on(
+    tmp_path: Path,
+) -> None:
+    """Stage 2's executor dies while it runs the lease's third job (jobs 0 and 1 went on to
+    stage 3): its backup takes over from job 2 (its seq 0), stage 1's executor forwards its
+    held outputs of jobs 2.. to it again (seq shift 2) and stage 3 takes the backup's (shift
+    -2). Streaming goes on: every output equals the full model's, in order, each job is
+    answered once, stages 1 and 3 run each job once, and no job is paid twice at stage 2
+    (``check_lease_chain`` at ``aclose``)."""
     src, manifest, stages = split_mlp(tmp_path)
-    blocking, wrap = blockers()
+    blocking, wrap = blockers(after=2)
     xs = [
-        np.random.default_rng(20 + i).standard_normal((2, 8)).astype(np.float32) for i in range(4)
+        np.random.default_rng(20 + i).standard_normal((2, 8)).astype(np.float32) for i in range(6)
     ]
     async with market_swarm(tmp_path) as swarm:
         try:
-            await start_stage_peers(swarm, tmp_path, stages, wrap_last=wrap, wrap=1)
+            nodes = await start_stage_peers(swarm, tmp_path, stages, wrap_last=wrap, wrap=1)
             hold(tmp_path / "backup2", stages[1])
             backup = await swarm.start("backup2", price=9.0)
             req = await start_requester(swarm, tmp_path, manifest)
@@ -441,7 +451,10 @@ async def test_a_stage_executor_killed_mid_lease_the_rest_runs_on(tmp_path: Path
             got: list[np.ndarray] = []
 
             async def kill_when_busy() -> None:
-                await blocking[0].started.wait()  # stage 2's cheap executor runs job 0
+                await blocking[0].started.wait()  # stage 2's cheap executor runs job 2
+                links2 = nodes[1].market.links
+                while links2.forwards < 2:  # bounded by fail_after: jobs 0, 1 went on
+                    await links2.forwarded.wait()
                 await swarm.kill("stage2")
 
             with trio.fail_after(120):
@@ -450,15 +463,38 @@ async def test_a_stage_executor_killed_mid_lease_the_rest_runs_on(tmp_path: Path
                     async with pipeline_lease(
                         req.market, manifest.cid, {"x": xs[0]}, seconds=60, bid_window=0.5
                     ) as pl:
-                        async for out in pl.map([{"x": x} for x in xs], window=2):
+                        async for out in pl.map([{"x": x} for x in xs], window=3):
                             got.append(out["y"])
-            assert len(got) == len(xs), (len(got), pl.failure, len(pl.fallback))
+            assert (pl.failure, pl.fallback) == ("", []), pl.failure
+            assert len(got) == len(xs)
             for i, (x, y) in enumerate(zip(xs, got, strict=True)):
-                want = full_model(src, x)
-                assert np.allclose(y, want, atol=1e-5), (i, pl.failure, len(pl.fallback))
-            assert pl.failure.startswith("stage 2's executor"), pl.failure
-            assert len(pl.fallback) == 4  # job 0 never came back: all four ran on
-            assert all(r.stages[1].executor == backup.peer_id for r in pl.fallback)
+                assert np.allclose(y, full_model(src, x), atol=1e-5), i
+            (moved,) = pl.failovers
+            assert moved.startswith("stage 2 from job 2:"), moved
+            assert moved.endswith(backup.peer_id)
+            cs = [r.commitment.message for r in pl.receipts]
+            assert [c.executor for c in cs] == [nodes[0].peer_id, backup.peer_id, nodes[2].peer_id]
+            assert [c.count for c in cs] == [6, 4, 6]  # stages 1 and 3 ran each job once
+            # What the dead executor was paid for (an accepted interim commitment, if any)
+            # lies before job 2; the chain check at aclose proved it disjoint from the rest.
+            assert all(g.end <= 2 for g in pl.paid_before[1])
+            assert not pl.paid_before[0] and not pl.paid_before[2]
+            # Stage 3 holds a signed output for each job it ran: the dead executor's jobs 0, 1
+            # as its seqs 0, 1; the backup's seqs 0.. as jobs 2.. (shift -2).
+            got_from = {
+                (o.message.executor, o.message.seq, o.message.to_seq)
+                for o in nodes[2].market.links.received.values()
+            }
+            dead, b = nodes[1].peer_id, backup.peer_id
+            assert got_from == {(dead, 0, 0), (dead, 1, 1), *((b, j - 2, j) for j in range(2, 6))}
+            # Whatever stage 1 forwarded to the backup went as job - 2 (the rest came back to
+            # us when its forward to the dead executor failed, and we sent it on).
+            from_1 = [
+                o.message
+                for o in backup.market.links.received.values()
+                if o.message.executor == nodes[0].peer_id
+            ]
+            assert all(m.to_seq == m.seq - 2 for m in from_1), from_1
         finally:
             for b in blocking:
                 b.release.set()

@@ -24,6 +24,7 @@ from protocols.pipeline import (
     ForwardRefused,
     LocalRun,
     PipelineManifest,
+    Segment,
     Stage,
     StageForward,
     StageOutput,
@@ -32,6 +33,7 @@ from protocols.pipeline import (
     StageRoute,
     check_chain,
     check_forward,
+    check_lease_chain,
     check_payload,
     check_route,
     choose_placement,
@@ -39,7 +41,7 @@ from protocols.pipeline import (
     encode_stage_frame,
     forward_seq,
 )
-from protocols.receipt import ResultCommitment, content_digest
+from protocols.receipt import ResultCommitment, batch_digest, content_digest
 from protocols.signed import Signed, sign_message
 
 
@@ -229,6 +231,103 @@ def test_a_stage_the_requester_ran_itself_continues_the_chain_from_its_outputs()
     links[1] = LocalRun(content_digest({"other": 1}))
     with pytest.raises(ChainError, match="stage 3 committed to other inputs"):
         check_chain(m, first, links)
+
+
+# --- a pipeline lease whose stage failed over: segments --------------------------------
+
+JOBS = 6
+
+
+def cuts(m: PipelineManifest) -> list[list[bytes]]:
+    """Per cut (inputs, each stage's outputs), per job, a digest."""
+    n_cuts = len(m.stages) + 1
+    return [[content_digest({"cut": i, "job": j}) for j in range(JOBS)] for i in range(n_cuts)]
+
+
+def seg(m: PipelineManifest, ds: list[list[bytes]], i: int, first: int, end: int) -> Segment:
+    """Stage i+1's commitment over jobs first..end-1, digests as the cuts say."""
+    c = ResultCommitment(
+        job_id=bytes([i + 1]) * 16,
+        requester=pid(1),
+        executor=pid(10 + i + first),
+        model_cid=m.stages[i].cid,
+        input_digest=batch_digest(ds[i][first:end]),
+        output_digest=batch_digest(ds[i + 1][first:end]),
+        price=10 * (end - first),
+        compute_ms=1,
+        count=end - first,
+    )
+    return Segment(first, c)
+
+
+def failed_over(m: PipelineManifest, ds: list[list[bytes]]) -> list[list[Segment]]:
+    """Stage 2's first executor was paid for jobs 0, 1 (an interim acceptance), answered
+    job 2 unpaid, and died; its replacement ran jobs 3..5."""
+    return [
+        [seg(m, ds, 0, 0, JOBS)],
+        [seg(m, ds, 1, 0, 2), seg(m, ds, 1, 3, JOBS)],
+        [seg(m, ds, 2, 0, JOBS)],
+    ]
+
+
+def test_a_lease_whose_stage_failed_over_chains_segment_by_segment() -> None:
+    m = manifest()
+    ds = cuts(m)
+    check_lease_chain(m, ds, failed_over(m, ds))
+    check_lease_chain(m, ds, [[seg(m, ds, i, 0, JOBS)] for i in range(3)])  # no failover
+
+
+def test_no_job_is_paid_twice_at_a_stage() -> None:
+    """The replacement's commitment may not cover a job the dead executor was paid for."""
+    m = manifest()
+    ds = cuts(m)
+    segs = failed_over(m, ds)
+    segs[1] = [seg(m, ds, 1, 0, 2), seg(m, ds, 1, 1, JOBS)]  # job 1 in both
+    with pytest.raises(ChainError, match="job 1 is paid twice"):
+        check_lease_chain(m, ds, segs)
+    segs[1] = [seg(m, ds, 1, 1, JOBS), seg(m, ds, 1, 0, 2)]  # in any order
+    with pytest.raises(ChainError, match="paid twice"):
+        check_lease_chain(m, ds, segs)
+
+
+@pytest.mark.parametrize(
+    "where", ["inputs", "outputs", "model", "requester", "past", "short", "none", "cuts"]
+)
+def test_every_segment_link_is_checked(where: str) -> None:
+    m = manifest()
+    ds = cuts(m)
+    segs = failed_over(m, ds)
+    last = segs[1][1]
+    if where == "inputs":  # the replacement ran on other inputs than stage 1 gave
+        c = dataclasses.replace(last.commitment, input_digest=batch_digest(ds[0][3:]))
+        segs[1][1] = Segment(3, c)
+        match = "stage 2 committed to other inputs than stage 1's outputs"
+    elif where == "outputs":  # it committed to other outputs than stage 3 took
+        c = dataclasses.replace(last.commitment, output_digest=batch_digest(ds[1][3:]))
+        segs[1][1] = Segment(3, c)
+        match = "stage 2 committed to other outputs"
+    elif where == "model":
+        c = dataclasses.replace(last.commitment, model_cid=cid("elsewhere"))
+        segs[1][1] = Segment(3, c)
+        match = "another model"
+    elif where == "requester":
+        c = dataclasses.replace(segs[2][0].commitment, requester=pid(2))
+        segs[2][0] = Segment(0, c)
+        match = "another requester"
+    elif where == "past":  # a commitment over more jobs than the lease ran
+        segs[1][1] = Segment(4, last.commitment)
+        match = "past the lease"
+    elif where == "short":  # the stage's last executor did not answer the last jobs
+        segs[1][1] = seg(m, ds, 1, 3, JOBS - 1)
+        match = "ends at job 5, not 6"
+    elif where == "none":
+        segs[0] = []
+        match = "stage 1 has no commitment"
+    else:
+        ds = ds[:-1]
+        match = "cuts"
+    with pytest.raises(ChainError, match=match):
+        check_lease_chain(m, ds, segs)
 
 
 # --- placement ---------------------------------------------------------------------------
