@@ -242,9 +242,15 @@ async def run_pipeline(
     first_digest = content_digest(wire)
     stages: list[InferResult] = []
     streamed = None
-    if STREAM and spot_check == 0:  # per-stage spot checks need the intermediates here
+    if STREAM:
+        # Which stages are spot-checked is drawn now, with the probability of a plain job
+        # each: their intermediates come through here (the check needs them), the rest stream.
+        n = len(manifest.stages)
+        checked = frozenset(
+            k for k in range(n) if spot_check > 0 and market.checker.sampler.want(spot_check)
+        )
         kw = {"max_price": max_price, "bid_window": bid_window}
-        streamed = await run_streamed(market, entry, arrays, wire, until, **kw)
+        streamed = await run_streamed(market, entry, arrays, wire, until, checked=checked, **kw)
     if streamed is not None:
         stages = streamed[0]
         wire = stages[-1].wire
@@ -364,6 +370,7 @@ class _Stage:
         self.att: Attempt | None = None  # the award that route is for
         self.outcome: Outcome | None = None
         self.error: MarketFailure | None = None
+        self.result: InferResult | None = None  # a spot-checked stage's result, as checked
 
     @property
     def job_id(self) -> bytes:
@@ -378,11 +385,26 @@ class Streamer:
     """Runs every stage of a pipeline as its own market job at once; each stage executor
     forwards its outputs straight to the next one's (``peer.market.stage_link``)."""
 
-    def __init__(self, market: MarketService, entry: PipelineEntry, until: float) -> None:
+    def __init__(
+        self,
+        market: MarketService,
+        entry: PipelineEntry,
+        until: float,
+        *,
+        checked: frozenset[int] = frozenset(),
+    ) -> None:
         self.market = market
         self.entry = entry
         self.until = until
         self.stages: list[_Stage] = []
+        # Stages spot-checked this run (0-based): their inputs and outputs go through the
+        # requester (the cuts around them are not streamed), which runs the check before
+        # it sends their outputs on, as the sequential path does.
+        self.checked = checked
+        n = len(entry.manifest.stages)
+        self.via_requester = frozenset(
+            cut for k in checked for cut in (k - 1, k) if 0 <= cut < n - 1
+        )
         self.forwarded_cuts = 0  # cuts whose intermediate skipped the requester
         self.returned_cuts = 0  # cuts whose forward failed: routed through the requester
         # Per stage, the lease job its current executor's seq 0 is (a stage that failed over
@@ -400,8 +422,8 @@ class Streamer:
         st, n = self.stages[k], len(self.stages)
         if not self._executor(k):
             return None
-        up = k > 0 and upstream
-        down = k < n - 1
+        up = k > 0 and upstream and k - 1 not in self.via_requester
+        down = k < n - 1 and k not in self.via_requester
         if not up and not down:
             return None
         return StageRoute(
@@ -459,7 +481,7 @@ class Streamer:
                     market.peer_id, spec, manifest.cuts[k - 1], dims, self.until, lease
                 )
             run = market.auctions.new_run(spec, request, policy=policy)
-            run.inputs_forwarded = k > 0
+            run.inputs_forwarded = k > 0 and k - 1 not in self.via_requester
             self.stages.append(_Stage(k, spec, run))
             self.base.append(0)
 
@@ -569,13 +591,47 @@ class Streamer:
             if waiter.forwarded is not None:
                 held, digest = None, waiter.forwarded
                 self.forwarded_cuts += 1
+            elif k in self.checked:
+                held = await self.spot_check(k, held)
+                digest = content_digest(held)
             else:
                 held, digest = waiter.wire, content_digest(waiter.wire)
-                if k < n - 1:  # the forward failed: the outputs came back to us
+                if k < n - 1 and k not in self.via_requester:  # the forward failed
                     self.returned_cuts += 1
         for st in self.stages:  # every acceptance goes out
             with trio.move_on_after(max(0.1, self.until - self.market.clock())):
                 await st.run.done.wait()
+
+    async def spot_check(self, k: int, inputs: Any) -> Any:
+        """Stage k (its inputs ``inputs`` and outputs came through us) ran on another
+        executor too (``SpotChecker.check``); returns the outputs to send on: the checked
+        executor's, or the second opinion's where the referees found it cheated."""
+        st = self.stages[k]
+        with trio.move_on_after(max(0.1, self.until - self.market.clock())):
+            await st.run.done.wait()  # the acceptance went out: the receipt exists
+        if st.outcome is None:
+            raise st.error or self._failure(k, "did not complete")
+        result = _stage_result(st, st.outcome, 0.0)
+        st.result = await self.market.checker.check(result, st.spec, inputs)
+        return st.result.wire
+
+    def _failure(self, k: int, why: str) -> MarketFailure:
+        st = self.stages[k]
+        return MarketFailure(f"stage {k + 1}: {why}", model_cid=st.spec.cid, job_id=st.job_id)
+
+
+def _stage_result(st: _Stage, o: Outcome, wall_ms: float) -> InferResult:
+    assert o.receipt is not None  # a streamed stage never runs on our own executor
+    return InferResult(
+        outputs=o.outputs.get(0, {}),
+        receipt=o.receipt,
+        executor=o.executor,
+        price=o.receipt.price,
+        latency_ms=wall_ms,
+        model_cid=st.spec.cid,
+        attempts=o.attempts,
+        wire=o.wires.get(0),
+    )
 
 
 async def run_streamed(
@@ -584,11 +640,14 @@ async def run_streamed(
     arrays: Mapping[str, Any],
     wire: Any,
     until: float,
+    *,
+    checked: frozenset[int] = frozenset(),
     **kw: Any,
 ) -> tuple[list[InferResult], Streamer] | None:
-    """Run every stage at once, intermediates going executor to executor; None when the
-    stages cannot be routed (then nothing ran and nothing is owed)."""
-    s = Streamer(market, entry, until)
+    """Run every stage at once, intermediates going executor to executor (but into and out
+    of the ``checked`` stages, which are spot-checked on the way); None when the stages
+    cannot be routed (then nothing ran and nothing is owed)."""
+    s = Streamer(market, entry, until, checked=checked)
     await s.start(wire, arrays, **kw)
     wall0 = time.perf_counter()
     async with trio.open_nursery() as nursery:
@@ -614,19 +673,9 @@ async def run_streamed(
             )
         o = st.outcome
         assert o.receipt is not None  # a streamed stage never runs on our own executor
-        market.receipts.add(o.receipt, "requester")
-        results.append(
-            InferResult(
-                outputs=o.outputs.get(0, {}),
-                receipt=o.receipt,
-                executor=o.executor,
-                price=o.receipt.price,
-                latency_ms=(time.perf_counter() - wall0) * 1e3,
-                model_cid=st.spec.cid,
-                attempts=o.attempts,
-                wire=o.wires.get(0),
-            )
-        )
+        market.receipts.add(o.receipt, "requester")  # accepted: owed, checked or not
+        wall_ms = (time.perf_counter() - wall0) * 1e3
+        results.append(st.result or _stage_result(st, o, wall_ms))
     return results, s
 
 

@@ -153,7 +153,12 @@ def full_model(src: Path, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {"x": x})[0]
 
 
-async def test_a_pipeline_runs_across_peers_that_each_hold_one_stage(tmp_path: Path) -> None:
+async def test_a_pipeline_runs_across_peers_that_each_hold_one_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Streamed, then streamed with stage 3 spot-checked: the cut into it goes through the
+    requester, which has stage 3 run again on a dearer second holder (the check needs its
+    inputs); the other cut still streams."""
     src, manifest, stages = split_mlp(tmp_path)
     x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
     async with market_swarm(tmp_path) as swarm:
@@ -183,6 +188,32 @@ async def test_a_pipeline_runs_across_peers_that_each_hold_one_stage(tmp_path: P
         assert result.forwarded == 2 and result.to_dict()["pipeline"]["forwarded"] == 2
         assert [s.wire is None for s in result.stages] == [True, True, False]
         assert [n.market.links.forwards for n in nodes] == [1, 1, 0]
+
+        # Spot checks on, a second holder of stage 3 for the second opinion, and the sampler
+        # picks stage 3 only (drawn per stage, in order).
+        hold(tmp_path / "second3", stages[2])
+        second = await swarm.start("second3", price=9.0)
+        await wait_providers(req, manifest.stages[2].cid, 2)
+        picks = iter([False, False, True])
+        monkeypatch.setattr(req.market.checker.sampler, "want", lambda p, **kw: next(picks))
+        with trio.fail_after(60):
+            checked = await req.market.infer(manifest.cid, {"x": x}, deadline=30, spot_check=1.0)
+        assert isinstance(checked, PipelineResult)
+        np.testing.assert_allclose(checked.outputs["y"], full_model(src, x), atol=1e-5)
+        s1, s2, s3 = checked.stages
+        assert (s1.spot_check, s2.spot_check, s3.spot_check) == (None, None, "agree")
+        holders = {nodes[2].peer_id, second.peer_id}
+        assert s3.executor in holders  # the checked executor's result stands
+        # Cut 1 still streamed; cut 2 (into the checked stage) came through the requester.
+        assert checked.forwarded == 1
+        assert s1.wire is None and s2.wire is not None
+        cs = [r.commitment.message for r in checked.receipts]
+        assert cs[1].input_digest == cs[0].output_digest
+        assert cs[2].input_digest == cs[1].output_digest == content_digest(s2.wire)
+        # The second opinion ran stage 3 on the same inputs, on the other holder, and was paid.
+        booked = [r.commitment.message for r in req.market.receipts.receipts]
+        stage3 = [c.executor for c in booked if c.model_cid == manifest.stages[2].cid]
+        assert len(stage3) == 3 and set(stage3[1:]) == holders, stage3
 
 
 async def test_a_stage_executor_killed_mid_job_only_that_stage_reruns(tmp_path: Path) -> None:
