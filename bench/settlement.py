@@ -36,6 +36,8 @@ Prints each figure and writes bench/results/settlement.json (or --out PATH).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
 import gc
 import hashlib
 import json
@@ -48,7 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -311,7 +313,9 @@ async def _read_line(stream: Any) -> str:
     return buf.decode().strip()
 
 
-async def bench_certify(sequential: int, payers: int, per_payer: int, tmp: Path) -> dict[str, Any]:
+async def bench_certify(
+    sequential: int, payers: int, per_payer: int, one_by_one: int, tmp: Path
+) -> dict[str, Any]:
     _, pkeys, payee, rule, policy = certify_world(payers)
     config = CERTIFY_CONFIG
     procs: list[trio.Process] = []
@@ -358,15 +362,33 @@ async def bench_certify(sequential: int, payers: int, per_payer: int, tmp: Path)
                 await first.pay(r)
                 lat.append((time.perf_counter() - t0) * 1000)
 
-            async def run(i: int, svc: SettlementService) -> None:
-                for _ in range(per_payer):
+            async def one_at_a_time(i: int, svc: SettlementService) -> None:
+                for _ in range(one_by_one):
                     await svc.pay(receipt(pkeys[i], payee, 1, next(job)))
+
+            # Before batching: each payer waits for one certificate before the next payment.
+            t0 = time.perf_counter()
+            async with trio.open_nursery() as nursery:
+                for i, (_, svc) in enumerate(nodes):
+                    nursery.start_soon(one_at_a_time, i, svc)
+            one_elapsed = time.perf_counter() - t0
+
+            # Every payer owes per_payer receipts at once (a busy requester): pay() calls
+            # that arrive while a batch is in flight are certified together in the next.
+            owed = [[receipt(k, payee, 1, next(job)) for _ in range(per_payer)] for k in pkeys]
+            conc_lat: list[float] = []
+
+            async def pay_timed(svc: SettlementService, r: Receipt) -> None:
+                t0 = time.perf_counter()
+                await svc.pay(r)
+                conc_lat.append((time.perf_counter() - t0) * 1000)
 
             cpu0 = time.process_time()
             t0 = time.perf_counter()
             async with trio.open_nursery() as nursery:
                 for i, (_, svc) in enumerate(nodes):
-                    nursery.start_soon(run, i, svc)
+                    for r in owed[i]:
+                        nursery.start_soon(pay_timed, svc, r)
             elapsed = time.perf_counter() - t0
             payer_cpu = time.process_time() - cpu0
             total = payers * per_payer
@@ -396,10 +418,19 @@ async def bench_certify(sequential: int, payers: int, per_payer: int, tmp: Path)
             "mean_ms": round(statistics.fmean(lat), 2),
             "certs_per_s": round(1000 / statistics.fmean(lat), 1),
         },
+        "one_in_flight_per_payer": {
+            "payers": payers,
+            "n": payers * one_by_one,
+            "certs_per_s": round(payers * one_by_one / one_elapsed, 1),
+        },
         "concurrent": {
             "payers": payers,
             "n": total,
+            "receipts_owed_per_payer": per_payer,
             "certs_per_s": round(total / elapsed, 1),
+            # From pay() to its certificate, every receipt owed at t0 (so queueing included).
+            "p50_ms": round(statistics.median(conc_lat), 2),
+            "p99_ms": round(pct(conc_lat, 0.99), 2),
             "payer_process_cpu_ms_per_cert": round(1000 * payer_cpu / total, 2),
             # All witness commits of the run (warm-up and sequential included) per vote.
             "witness_commits_per_vote": round(
@@ -745,7 +776,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         if "certify" in only:
             print("certify ...", flush=True)
             results["certify"] = await bench_certify(
-                50 if args.quick else 300, 4 if args.quick else 8, 10 if args.quick else 40, tmp
+                50 if args.quick else 300,
+                4 if args.quick else 8,
+                200 if args.quick else 500,
+                10 if args.quick else 40,
+                tmp,
             )
             print(json.dumps(results["certify"], indent=1), flush=True)
         if "converge" in only:
@@ -767,6 +802,22 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 LOAD_AT_START = round(os.getloadavg()[0], 2)
 
 
+@contextlib.contextmanager
+def _profiled(name: str) -> Iterator[None]:
+    """With BENCH_PROFILE=DIR, write a cProfile of this process to DIR/NAME.prof."""
+    where = os.environ.get("BENCH_PROFILE")
+    if not where:
+        yield
+        return
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        yield
+    finally:
+        prof.disable()
+        prof.dump_stats(str(Path(where) / f"{name}.prof"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -778,9 +829,11 @@ def main() -> None:
     parser.add_argument("--payers", type=int, default=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.witness is not None:
-        trio.run(witness_worker, args.witness, args.dir, args.payers)
+        with _profiled(f"witness{args.witness}"):
+            trio.run(witness_worker, args.witness, args.dir, args.payers)
         return
-    results = trio.run(main_async, args)
+    with _profiled("main"):
+        results = trio.run(main_async, args)
     doc = {
         "bench": "settlement",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -352,8 +352,8 @@ class _DiskBlobs:
 @dataclass
 class _Request:
     facts: list[tuple[FactKind, Any, bytes]] = field(default_factory=list)  # kind, obj, id
-    lock: LockRecord | None = None
-    outgoing: tuple[Signed[Transfer], PayableReceipt] | None = None
+    locks: list[LockRecord] = field(default_factory=list)
+    outgoing: list[tuple[Signed[Transfer], PayableReceipt]] = field(default_factory=list)
     drop_outgoing: int | None = None
     dropped: int | None = None  # a pending transfer already forgotten in memory (add_nowait)
     # Rows of facts already verified and ingested by ``add_facts_nowait``.
@@ -548,11 +548,17 @@ class LedgerStore:
 
     async def put_lock(self, record: LockRecord, *, facts: Sequence[Any] = ()) -> None:
         """Commit a witness lock (and optional fact objects) durably; returns once fsync'd."""
-        record.transfer.verify()
-        held = self._locks.get((record.account, record.seq))
-        if held is not None and held.digest != record.digest:
-            raise StoreError(f"a different lock is stored for ({record.account}, {record.seq})")
-        req = _Request(lock=record)
+        await self.put_locks([record], facts=facts)
+
+    async def put_locks(self, records: Sequence[LockRecord], *, facts: Sequence[Any] = ()) -> None:
+        """Commit witness locks (and optional fact objects) in one transaction; returns once
+        fsync'd (a batch of pipelined transfers costs one fsync)."""
+        for record in records:
+            record.transfer.verify()
+            held = self._locks.get((record.account, record.seq))
+            if held is not None and held.digest != record.digest:
+                raise StoreError(f"a different lock is stored for ({record.account}, {record.seq})")
+        req = _Request(locks=list(records))
         for obj in facts:
             kind, data = fact_bytes(obj)
             parsed, fid = parse_fact(kind, data)
@@ -561,12 +567,20 @@ class LedgerStore:
 
     async def put_outgoing(self, transfer: Signed[Transfer], receipt: PayableReceipt) -> None:
         """Commit a transfer this peer signed, before any witness sees it (crash => resend it)."""
-        transfer.verify()
-        held = self._outgoing.get(transfer.message.seq)
-        if held is not None and held[0].digest != transfer.digest:
-            raise StoreError(f"another transfer is stored for our seq {transfer.message.seq}")
-        receipt_kind(receipt)
-        await self._submit(_Request(outgoing=(transfer, receipt)))
+        await self.put_outgoing_many([(transfer, receipt)])
+
+    async def put_outgoing_many(
+        self, pending: Sequence[tuple[Signed[Transfer], PayableReceipt]]
+    ) -> None:
+        """Commit transfers this peer signed in one transaction (one fsync), before any
+        witness sees them."""
+        for transfer, receipt in pending:
+            transfer.verify()
+            held = self._outgoing.get(transfer.message.seq)
+            if held is not None and held[0].digest != transfer.digest:
+                raise StoreError(f"another transfer is stored for our seq {transfer.message.seq}")
+            receipt_kind(receipt)
+        await self._submit(_Request(outgoing=list(pending)))
 
     async def adopt_checkpoint(
         self, cp: Checkpoint, accounts: list[AccountSummary] | None = None
@@ -633,13 +647,11 @@ class LedgerStore:
                     item = self.ledger.item(fid)
                     assert item is not None
                     fact_rows.append((fid, int(kind), item[1]))
-            if req.lock is not None:
-                r = req.lock
+            for r in req.locks:
                 if (r.account, r.seq) not in self._locks:
                     self._locks[(r.account, r.seq)] = r
                     lock_rows.append((r.account, r.seq, r.digest, r.to_bytes()))
-            if req.outgoing is not None:
-                t, receipt = req.outgoing
+            for t, receipt in req.outgoing:
                 seq = t.message.seq
                 if seq not in self._outgoing:
                     self._outgoing[seq] = (t, receipt)

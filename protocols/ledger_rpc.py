@@ -8,6 +8,10 @@ request, many requests per stream:
 op         request fields               reply fields
 =========  ===========================  ==================================
 certify    ``req``: TransferRequest     ``r``: witness reply (vote/refusal/proof)
+certify_   ``reqs``: [TransferRequest]  ``rs``: [witness reply bytes, or an error
+many       (1..MAX_BATCH, in seq          string for a member that could not be
+           order; one lock fsync for      read: it spoils no other member)]
+           all)
 push       ``items``: [ledger item]     ``new``, ``bad``: counts
 sync       ``m``: reconcile message     ``m``: reply message or null
 get        ``ids``: [32-byte fact id]   ``items``: [ledger item]
@@ -47,7 +51,9 @@ MAX_FRAME = 1 << 20
 MAX_ITEMS = 512
 MAX_ITEM_PAYLOAD = MAX_FRAME - 64 * 1024
 MAX_ERROR = 400
-OPS = ("certify", "push", "sync", "get", "ckpt", "ckpt_sign")
+OPS = ("certify", "certify_many", "push", "sync", "get", "ckpt", "ckpt_sign")
+# Transfer requests in one certify_many (a payer's pipelined seqs; see protocols.witness).
+MAX_BATCH = 64
 MAX_PAGES = 1 << 12
 
 
@@ -87,6 +93,21 @@ class Certify:
 
     def to_wire(self) -> dict[str, Any]:
         return {"v": VERSION, "op": "certify", "req": self.req}
+
+
+@dataclass(frozen=True)
+class CertifyMany:
+    """Ask a witness to vote for several transfers (encoded ``TransferRequest``s), decided
+    in order and locked with one fsync. Each member is answered on its own."""
+
+    reqs: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.reqs) <= MAX_BATCH:
+            raise ValidationError(f"certify_many carries 1..{MAX_BATCH} requests")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"v": VERSION, "op": "certify_many", "reqs": list(self.reqs)}
 
 
 @dataclass(frozen=True)
@@ -152,7 +173,7 @@ class SignCheckpoint:
         return {"v": VERSION, "op": "ckpt_sign", "h": self.header.to_body()}
 
 
-Request = Certify | Push | Sync | Get | GetCheckpoint | SignCheckpoint
+Request = Certify | CertifyMany | Push | Sync | Get | GetCheckpoint | SignCheckpoint
 
 
 def decode_request(raw: object) -> Request:
@@ -164,6 +185,13 @@ def decode_request(raw: object) -> Request:
         if type(body) is not bytes:
             raise ValidationError("certify needs 'req': TransferRequest bytes")
         return Certify(body)
+    if op == "certify_many":
+        reqs = req.get("reqs")
+        if type(reqs) is not list or not 1 <= len(reqs) <= MAX_BATCH:
+            raise ValidationError(f"certify_many needs 'reqs': a list of 1..{MAX_BATCH}")
+        if any(type(r) is not bytes for r in reqs):
+            raise ValidationError("certify_many: every one of 'reqs' must be bytes")
+        return CertifyMany(tuple(reqs))
     if op == "push":
         return Push(_bytes_list(req.get("items"), "items", "push"))
     if op == "sync":
@@ -196,6 +224,26 @@ class CertifyReply:
         if type(r) is not bytes:
             raise ValidationError("certify reply without 'r' bytes")
         return cls(r)
+
+
+@dataclass(frozen=True)
+class CertifyManyReply:
+    """One answer per member, in order: witness reply bytes, or why it could not be read."""
+
+    rs: tuple[bytes | str, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"v": VERSION, "rs": [r if isinstance(r, bytes) else r[:MAX_ERROR] for r in self.rs]}
+
+    @classmethod
+    def from_wire(cls, reply: dict[Any, Any]) -> CertifyManyReply:
+        rs = reply.get("rs")
+        if type(rs) is not list or not 1 <= len(rs) <= MAX_BATCH:
+            raise ValidationError(f"certify_many reply needs 'rs': a list of 1..{MAX_BATCH}")
+        for r in rs:
+            if type(r) is not bytes and (type(r) is not str or len(r) > MAX_ERROR):
+                raise ValidationError("certify_many reply: each answer is bytes or an error")
+        return cls(tuple(rs))
 
 
 @dataclass(frozen=True)
@@ -290,8 +338,19 @@ class ErrorReply:
         return {"v": VERSION, "err": self.err}
 
 
-Reply = CertifyReply | PushReply | SyncReply | GetReply | CheckpointReply | VoteReply | ErrorReply
-R = TypeVar("R", CertifyReply, PushReply, SyncReply, GetReply, CheckpointReply, VoteReply)
+Reply = (
+    CertifyReply
+    | CertifyManyReply
+    | PushReply
+    | SyncReply
+    | GetReply
+    | CheckpointReply
+    | VoteReply
+    | ErrorReply
+)
+R = TypeVar(
+    "R", CertifyReply, CertifyManyReply, PushReply, SyncReply, GetReply, CheckpointReply, VoteReply
+)
 
 
 def decode_reply(raw: object, expected: type[R]) -> R | ErrorReply:
@@ -305,10 +364,14 @@ def decode_reply(raw: object, expected: type[R]) -> R | ErrorReply:
 
 def reply_type(
     request: Request,
-) -> type[CertifyReply | PushReply | SyncReply | GetReply | CheckpointReply | VoteReply]:
+) -> type[
+    CertifyReply | CertifyManyReply | PushReply | SyncReply | GetReply | CheckpointReply | VoteReply
+]:
     match request:
         case Certify():
             return CertifyReply
+        case CertifyMany():
+            return CertifyManyReply
         case Push():
             return PushReply
         case Sync():
@@ -322,12 +385,15 @@ def reply_type(
 
 
 __all__ = [
+    "MAX_BATCH",
     "MAX_FRAME",
     "MAX_ITEMS",
     "MAX_ITEM_PAYLOAD",
     "OPS",
     "VERSION",
     "Certify",
+    "CertifyMany",
+    "CertifyManyReply",
     "CertifyReply",
     "CheckpointReply",
     "ErrorReply",

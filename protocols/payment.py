@@ -101,8 +101,11 @@ class PaymentSession:
         now_ms: int,
         *,
         history_for: Callable[[str, int], list[Certificate]] | None = None,
+        seq: int | None = None,
     ) -> tuple[PaymentSession, PersistTransfer]:
-        """A new transfer paying ``receipt`` with the payer's next seq."""
+        """A new transfer paying ``receipt`` with the payer's next seq, or with ``seq``: a
+        pipelining payer numbers several transfers ahead of their certificates (it must
+        never sign a seq twice: that is an equivocation)."""
         payer = peer_id_from_public_key(bytes(key.verify_key))
         if payer != receipt.requester:
             raise LocalProtocolError(f"{payer} is not the requester of this receipt")
@@ -112,7 +115,7 @@ class PaymentSession:
                 payer=payer,
                 payee=receipt.executor,
                 amount=receipt.price,
-                seq=ledger.next_seq(payer),
+                seq=ledger.next_seq(payer) if seq is None else seq,
                 receipt_id=receipt.receipt_id,
                 time_ms=now_ms,
             ),

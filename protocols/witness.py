@@ -5,13 +5,19 @@ A witness co-signs a payer's transfer only if
 1. it is a member of the payer's committee (``CommitteeRule``);
 2. it has not locked a *different* transfer for this (payer, seq) — if it
    has, the two payer signatures are an ``EquivocationProof``;
-3. ``seq == ledger.next_seq(payer)``: every earlier seq is certified here;
+3. every earlier seq is certified here, or (pipelining) the seqs from
+   ``ledger.next_seq(payer)`` up to this one are locked by this witness, at most
+   ``MAX_PIPELINE`` of them ("ahead" locks: transfers voted, not yet certified);
 4. the receipt checks out: it verifies, its id is the one the transfer
    names, payer = requester, payee = executor, amount = price, and neither it
-   nor another receipt for the same commitment is already paid;
+   nor another receipt for the same commitment is already paid, nor paid by
+   an ahead lock;
 5. the payer is not banned, owes no unpaid arbitrated receipt (unless this
-   transfer pays it), and its clock is within ``max_clock_skew_ms``;
-6. ``spendable(payer) - amount >= -credit_limit(payer)``.
+   transfer or an ahead lock pays it), and its clock is within ``max_clock_skew_ms``;
+6. ``spendable(payer) - ahead amounts - amount >= -credit_limit(payer)``.
+
+So every seq below this one is known here, certified or locked: the spend a
+witness checks is never less than what the payer can have signed before.
 
 Durability is part of the API. ``handle_transfer`` never returns a vote for a
 new lock: it returns ``PersistLock(record)``; the I/O layer must commit the
@@ -44,6 +50,8 @@ from protocols.signed import Signed, open_message
 
 REQUEST_VERSION = 1
 MAX_HISTORY = 16
+# Transfers of one payer a witness locks ahead of the payer's certified seqs (pipelining).
+MAX_PIPELINE = 64
 MAX_REQUEST_BYTES = 4096 + MAX_HISTORY * Certificate.MAX_BYTES
 
 
@@ -147,6 +155,8 @@ class Witness:
         self._durable: set[tuple[str, int]] = set()
         # The checkpoint each lock taken since start was voted under (epoch committees).
         self._lock_cp: dict[tuple[str, int], int] = {}
+        # Commitment digest of the receipt each lock taken since start pays (ahead locks).
+        self._lock_pays: dict[tuple[str, int], bytes] = {}
         for record in durable_locks:
             key_ = (record.account, record.seq)
             if key_ in self._locks and self._locks[key_].digest != record.digest:
@@ -186,26 +196,51 @@ class Witness:
         expected = ledger.next_seq(t.payer)
         if t.seq < expected:
             return Refuse(Refusal.STALE_SEQ, f"seq {t.seq} of {t.payer} is certified", expected)
-        if t.seq > expected:
+        ahead = self._ahead(t.payer, expected, t.seq)
+        if ahead is None:
             return Refuse(
                 Refusal.MISSING_HISTORY,
                 f"seq {t.seq} of {t.payer}: certificates from seq {expected} are missing here",
                 expected,
             )
 
-        refusal = self._check_receipt(t, receipt, ledger)
+        refusal = self._check_receipt(t, receipt, ledger, ahead)
         if refusal is None:
-            refusal = self._check_payer(t, receipt, ledger, now_ms)
+            refusal = self._check_payer(t, receipt, ledger, now_ms, ahead)
         if refusal is not None:
             return refusal
 
         record = LockRecord(transfer)
         self._locks[key] = record
         self._lock_cp[key] = cp
+        self._lock_pays[key] = receipt.commitment.digest
         return PersistLock(record)
 
+    def _ahead(self, account: str, expected: int, seq: int) -> list[LockRecord] | None:
+        """This witness's locks of ``account`` for seqs ``expected..seq-1`` (not certified
+        here yet), or None if one is missing or there are more than ``MAX_PIPELINE``."""
+        if seq - expected > MAX_PIPELINE:
+            return None
+        out = []
+        for s in range(expected, seq):
+            record = self._locks.get((account, s))
+            if record is None:
+                return None
+            out.append(record)
+        return out
+
+    def _pays(self, record: LockRecord, ledger: LedgerState) -> tuple[bytes | None, ...]:
+        """(receipt id, commitment digest) an ahead lock pays (the commitment from the
+        stored receipt for locks reloaded at start; None if that is not held)."""
+        rid = record.transfer.message.receipt_id
+        commitment = self._lock_pays.get((record.account, record.seq))
+        if commitment is None:
+            stored = ledger.receipt(rid)
+            commitment = None if stored is None else stored.commitment.digest
+        return rid, commitment
+
     def _check_receipt(
-        self, t: Transfer, receipt: PayableReceipt, ledger: LedgerState
+        self, t: Transfer, receipt: PayableReceipt, ledger: LedgerState, ahead: list[LockRecord]
     ) -> Refuse | None:
         try:
             verify_payable(receipt, ledger)
@@ -221,14 +256,27 @@ class Witness:
             )
         if ledger.is_paid(receipt):
             return Refuse(Refusal.ALREADY_PAID, "this receipt (or its commitment) is already paid")
+        mine = {receipt.receipt_id, receipt.commitment.digest}
+        for record in ahead:
+            if mine & set(self._pays(record, ledger)):
+                return Refuse(
+                    Refusal.ALREADY_PAID,
+                    f"seq {record.seq}, not certified yet, pays this receipt (or its commitment)",
+                )
         return None
 
     def _check_payer(
-        self, t: Transfer, receipt: PayableReceipt, ledger: LedgerState, now_ms: int
+        self,
+        t: Transfer,
+        receipt: PayableReceipt,
+        ledger: LedgerState,
+        now_ms: int,
+        ahead: list[LockRecord],
     ) -> Refuse | None:
         if ledger.is_banned(t.payer):
             return Refuse(Refusal.BANNED, f"{t.payer} is a proven cheater or equivocator")
-        debts = ledger.outstanding_debts(t.payer)
+        ahead_rids = {r.transfer.message.receipt_id for r in ahead}
+        debts = [d for d in ledger.outstanding_debts(t.payer) if d.receipt_id not in ahead_rids]
         if debts and receipt.receipt_id not in {d.receipt_id for d in debts}:
             return Refuse(
                 Refusal.OUTSTANDING_DEBT,
@@ -241,13 +289,16 @@ class Witness:
                 f"transfer time is {skew} ms from ours, "
                 f"the limit is {ledger.policy.max_clock_skew_ms}",
             )
-        spendable = ledger.spendable(t.payer, now_ms)
+        # Ahead locks are spent: the payer signed them, and they may still be certified.
+        locked = sum(r.transfer.message.amount for r in ahead)
+        spendable = ledger.spendable(t.payer, now_ms) - locked
         limit = ledger.credit_limit(t.payer, now_ms)
         if spendable - t.amount < -limit:
             return Refuse(
                 Refusal.OVER_LIMIT,
-                f"{t.payer} can spend {spendable + limit} (spendable {spendable}, credit limit "
-                f"{limit}), the transfer is {t.amount}",
+                f"{t.payer} can spend {spendable + limit} (spendable {spendable} after "
+                f"{len(ahead)} transfer(s) not certified yet, credit limit {limit}), "
+                f"the transfer is {t.amount}",
             )
         return None
 
@@ -267,6 +318,7 @@ class Witness:
         if key not in self._durable and held is not None and held.digest == record.digest:
             del self._locks[key]
             self._lock_cp.pop(key, None)
+            self._lock_pays.pop(key, None)
 
 
 # --- wire: /edgeswarm/ledger/1 certify request ------------------------------------------------
@@ -367,6 +419,7 @@ def decode_reply(data: bytes) -> Signed[WitnessVote] | Refuse | EquivocationProo
 
 
 __all__ = [
+    "MAX_PIPELINE",
     "LockRecord",
     "PersistLock",
     "Refusal",

@@ -1,7 +1,8 @@
 """The server side of ``/edgeswarm/ledger/1``: one handler per stream, typed dispatch.
 
 Requests are decoded and validated by ``protocols.ledger_rpc.decode_request``;
-``certify`` goes to the ``WitnessServer``, ``push``/``sync``/``get`` to ``FactSync``.
+``certify`` and ``certify_many`` go to the ``WitnessServer``, ``push``/``sync``/``get``
+to ``FactSync``.
 A bad request gets an error reply (the stream stays usable); an oversize or
 malformed frame gets one and closes the stream; a stream idle for
 ``stream_idle_timeout`` is closed.
@@ -28,6 +29,7 @@ from protocols.errors import ProtocolError
 from protocols.ledger_rpc import (
     MAX_FRAME,
     Certify,
+    CertifyMany,
     ErrorReply,
     Get,
     GetCheckpoint,
@@ -79,6 +81,8 @@ class LedgerServer:
             match req:
                 case Certify():
                     reply = await self.witness.certify(req)
+                case CertifyMany():
+                    reply = await self.witness.certify_many(req)
                 case Push():
                     reply = await self.fact_sync.answer_push(req, state.peer)
                 case Sync():

@@ -187,10 +187,12 @@ async def test_double_spend_split_committee_gets_no_certificate(tmp_path: Path) 
 
 
 async def test_payer_crash_after_persisting_resends_the_same_transfer(tmp_path: Path) -> None:
-    """The payer stored its signed transfer and died before any witness saw it: on restart
-    the payer task resends exactly that transfer (a new signature would be equivocation)."""
+    """The payer stored its signed transfers (three pipelined seqs) and died before any
+    witness saw them: on restart the payer task resends exactly those transfers (a new
+    signature would be equivocation). Then twenty receipts owed at once are paid in one
+    batch: consecutive seqs, one lock fsync per witness for all of them."""
     config = SettlementConfig(sync_interval=0, gossip=False, auto_pay=False)
-    r = make_receipt(PAYER, PAYEE, 1234, 1)
+    rs = [make_receipt(PAYER, PAYEE, 1234, j) for j in (1, 2, 3)]
     async with AsyncExitStack() as stack:
         witnesses = [
             await stack.enter_async_context(
@@ -199,24 +201,36 @@ async def test_payer_crash_after_persisting_resends_the_same_transfer(tmp_path: 
             for i, k in enumerate(WITNESS_KEYS)
         ]
         async with settlement_node(tmp_path / "payer", PAYER, RULE, POLICY, config) as payer:
-            await payer.svc.add(r)
-            _, persist = PaymentSession.start(PAYER, r, payer.svc.ledger, now_ms())
-            await payer.store.put_outgoing(persist.transfer, r)
-            stored = persist.transfer.digest
-        # "Restart" with the payer task on: it must finish the stored transfer.
+            stored = []
+            for seq, r in enumerate(rs, start=1):
+                await payer.svc.add(r)
+                _, persist = PaymentSession.start(PAYER, r, payer.svc.ledger, now_ms(), seq=seq)
+                await payer.store.put_outgoing(persist.transfer, r)
+                stored.append(persist.transfer.digest)
+        # "Restart" with the payer task on: it must finish the stored transfers.
         restarted = SettlementConfig(sync_interval=0, gossip=False, auto_pay=True)
         async with settlement_node(tmp_path / "payer", PAYER, RULE, POLICY, restarted) as payer:
             for w in witnesses:
                 await payer.peer.connect(w.addr)
             payer.svc.payer.wake()  # the restart found work; connected now, go
             await wait_for(
-                "the stored transfer to be certified", lambda n: n.store.outgoing() == [], [payer]
+                "the stored transfers to be certified", lambda n: n.store.outgoing() == [], [payer]
             )
-            cert = payer.store.certificate(pid(PAYER), 1)
-            assert cert is not None and cert.digest == stored
-            assert payer.svc.balances() == {pid(PAYER): -1234, pid(PAYEE): 1234}
-        for w in witnesses:
-            assert all(rec.digest == stored for rec in w.store.locks())
+            for seq, digest in enumerate(stored, start=1):
+                cert = payer.store.certificate(pid(PAYER), seq)
+                assert cert is not None and cert.digest == digest
+            assert payer.svc.balances() == {pid(PAYER): -3 * 1234, pid(PAYEE): 3 * 1234}
+            for w in witnesses:
+                assert {rec.digest for rec in w.store.locks()} <= set(stored)
+
+            owed = [make_receipt(PAYER, PAYEE, 10, 100 + j) for j in range(20)]
+            commits = [w.store.commits for w in witnesses]
+            outcomes = await payer.svc.payer.pay_all(owed)
+            assert [getattr(o, "seq", o) for o in outcomes] == list(range(4, 24))
+            # One at a time this took a lock fsync per payment on every witness; batched,
+            # a lock commit and a certificate commit or two per witness.
+            for w, before in zip(witnesses, commits, strict=True):
+                assert w.store.commits - before < 10, w.store.commits - before
 
 
 async def test_garbage_on_the_wire_gets_an_error_and_the_service_keeps_serving(

@@ -27,6 +27,7 @@ from protocols.codec import decode, encode
 from protocols.errors import ProtocolError, ValidationError
 from protocols.identity import peer_id_from_public_key
 from protocols.ledger_rpc import (
+    MAX_BATCH,
     MAX_FRAME,
     MAX_ITEM_PAYLOAD,
     MAX_ITEMS,
@@ -93,12 +94,14 @@ def _ckpt_reply(**over: object) -> dict[str, object]:
 
 
 def test_the_wire_caps_are_the_documented_ones() -> None:
-    """Frame 1 MiB, 512 items per push/get, 64 KiB of envelope room, version 1, six ops."""
+    """Frame 1 MiB, 512 items per push/get, 64 KiB of envelope room, version 1, seven ops,
+    64 transfer requests per certify_many."""
     assert VERSION == 1
     assert MAX_FRAME == 1 << 20
     assert MAX_ITEMS == 512
     assert MAX_ITEM_PAYLOAD == MAX_FRAME - 64 * 1024
-    assert OPS == ("certify", "push", "sync", "get", "ckpt", "ckpt_sign")
+    assert OPS == ("certify", "certify_many", "push", "sync", "get", "ckpt", "ckpt_sign")
+    assert MAX_BATCH == 64
 
 
 # --- envelope --------------------------------------------------------------------------------
