@@ -136,6 +136,10 @@ def test_an_id_list_threshold_that_cannot_fit_in_a_message_is_refused() -> None:
     with pytest.raises(ProtocolError):
         Reconciler([], max_message_bytes=MIN_MESSAGE, id_list_threshold=1024)
     Reconciler([], id_list_threshold=1024)  # the default cap holds 1024 ids
+    # The bound is exact: 117 ids need 117 * 34 + 128 = 4106 bytes.
+    Reconciler([], max_message_bytes=4106, id_list_threshold=117)
+    with pytest.raises(ProtocolError):
+        Reconciler([], max_message_bytes=4105, id_list_threshold=117)
 
 
 def test_the_first_message_fits_the_cap_at_the_largest_threshold_and_the_session_ends() -> None:
