@@ -177,6 +177,24 @@ async def best_p50(market: MarketService, cid: str) -> float | None:
     return min(p50s) if p50s else None
 
 
+def cached_p50(market: MarketService, cid: str) -> float | None:
+    """The lowest p50 for ``cid`` in the unexpired ads this peer already holds (the ads its
+    lookups fetched), from unbanned peers; None if none lists it."""
+    cache = getattr(getattr(market.peer, "discovery", None), "ad_cache", None)
+    entries = getattr(cache, "entries", None)
+    if not isinstance(entries, dict):
+        return None
+    now, bans = market.clock(), market.auctions.bans
+    p50s = [
+        m.p50_ms
+        for ad, _ in list(entries.values())
+        if ad.expires_at > now and ad.peer_id not in bans
+        for m in ad.models
+        if m.cid == cid
+    ]
+    return min(p50s) if p50s else None
+
+
 async def place(market: MarketService, entry: PipelineEntry, bid_window: float | None) -> Placement:
     """Split or whole (``protocols.pipeline.choose_placement``), from the p50s in the ads of
     the peers serving the whole model and each stage (looked up in parallel, bounded)."""
@@ -196,7 +214,13 @@ async def place(market: MarketService, entry: PipelineEntry, bid_window: float |
             for cid in cids:
                 nursery.start_soon(look, cid)
     window = market.settings.bid_window if bid_window is None else bid_window
-    # A lookup still running at the budget's end is "no answer in time", not "nobody".
+    # A lookup still running at the budget's end: the ads already held answer for it (a DHT
+    # slowed by load must not make a split win that a known whole-model server beats);
+    # with none, it is "no answer in time", not "nobody".
+    for cid in cids:
+        if cid not in found and (p50 := cached_p50(market, cid)) is not None:
+            log.info("pipeline %s: %s from ads held (lookup late)", entry.name, cid[:12])
+            found[cid] = p50
     late = [i for i, cid in enumerate(cids) if cid not in found]
     placement = choose_placement(
         found.get(manifest.model),
