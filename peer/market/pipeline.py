@@ -62,6 +62,7 @@ from peer.market.requester import (
     new_request,
     to_arrays,
 )
+from peer.market.stage_link import MAX_HELD_SEQS
 from protocols.market import JobRequest, LeaseTerms, TensorMeta
 from protocols.pipeline import (
     Cut,
@@ -874,9 +875,10 @@ class PipelineLease:
     async def map(
         self, inputs: Iterable[Mapping[str, Any]], *, window: int = DEFAULT_WINDOW
     ) -> AsyncIterator[Arrays]:
-        """Outputs of every job of ``inputs``, in order, ``window`` jobs in flight."""
-        if window < 1:
-            raise ValueError("window must be >= 1")
+        """Outputs of every job of ``inputs``, in order, ``window`` jobs in flight (at most
+        ``MAX_HELD_SEQS``: what a stage executor holds to re-feed a take-over)."""
+        if not 1 <= window <= MAX_HELD_SEQS:
+            raise ValueError(f"window must be in 1..{MAX_HELD_SEQS}")
         n_stages = len(self.s.stages)
         it = iter(inputs)
         pending: dict[int, Mapping[str, Any]] = {}  # jobs given and not yet answered

@@ -71,8 +71,9 @@ STAGE_PROTOCOL = STAGE_PROTOCOL_ID
 READ_CHUNK = 256 * 1024
 REPLY_WAIT_S = 10.0  # a route or forward answered within this
 SESSION_WAIT_S = 10.0  # a route may overtake the award it is for: wait this long for it
-MAX_HELD = 64  # forwarded outputs kept for re-routing, oldest dropped first
-MAX_HELD_BYTES = 256 * 1024 * 1024
+MAX_HELD = 64  # jobs whose forwarded outputs are kept for re-routing, oldest dropped first
+MAX_HELD_SEQS = 64  # per job (a lease): its latest results; a take-over re-feeds from these
+MAX_HELD_BYTES = 256 * 1024 * 1024  # in all: the oldest results are dropped first
 MAX_FORWARDS_PER_STREAM = 1 << 20  # a lease's jobs (MAX_BATCH) fit many times
 MAX_REFUSALS_KEPT = 100
 MAX_RECEIVED = 4096  # signed outputs of forwards taken, kept (oldest dropped first)
@@ -276,14 +277,25 @@ class StageLinks:
         held.nbytes += size
         self.held_bytes += size
         self.held.move_to_end(route.job_id)
+        if len(held.wires) > MAX_HELD_SEQS:  # a lease: only its latest results can be lost
+            self._drop_oldest_seq(route.job_id)
         now = self.clock()
         while self.held and (
-            len(self.held) > MAX_HELD
-            or self.held_bytes > MAX_HELD_BYTES
-            or next(iter(self.held.values())).route.expires < now
+            len(self.held) > MAX_HELD or next(iter(self.held.values())).route.expires < now
         ):
             _, old = self.held.popitem(last=False)
             self.held_bytes -= old.nbytes
+        while self.held and self.held_bytes > MAX_HELD_BYTES:  # oldest results first
+            self._drop_oldest_seq(next(iter(self.held)))
+
+    def _drop_oldest_seq(self, job_id: bytes) -> None:
+        held = self.held[job_id]
+        if held.wires:
+            size = _nbytes(held.wires.pop(min(held.wires)))
+            held.nbytes -= size
+            self.held_bytes -= size
+        if not held.wires:
+            del self.held[job_id]
 
     async def _reforward(self, held: _Held, route: StageRoute) -> str:
         """A new route for a job whose outputs went on already: send them to its new
