@@ -71,7 +71,7 @@ from protocols.committee import CommitteeRule
 from protocols.identity import peer_id_from_public_key
 from protocols.ledger import CreditPolicy, Transfer, sign_transfer
 from protocols.ledger_state import FactKind, LedgerState
-from protocols.proofs import FraudProof, sign_referee_result
+from protocols.proofs import FraudProof, referee_panel, sign_referee_result
 from protocols.receipt import Receipt, ResultCommitment, commit, content_digest
 from protocols.verification import compare_outputs, judge, outputs_digest
 from protocols.witness import PersistLock, ReplyVote, Witness
@@ -538,7 +538,7 @@ def bench_spot_check(n: int) -> dict[str, Any]:
     rule = CommitteeRule(
         beacon=BEACON, fallback=frozenset(pid(k) for k in refs), referee_panel_size=3
     )
-    panel = rule.referees_for(c.message.job_id, (pid(req), pid(ex)))
+    panel = referee_panel(rule, c, 0)
     results = tuple(
         sign_referee_result(
             k, c, output_digest=content_digest({"y": 2}), verdict="mismatch", time_ms=1

@@ -14,8 +14,8 @@ witnesses), and if that is still short it is simply smaller. A committee of
 ``n`` members tolerates ``f = (n-1)//3`` byzantine witnesses (0 for n < 4)
 and needs ``quorum = (n+f)//2 + 1`` votes, which keeps any two quorums
 overlapping in an honest member; ``Committee.degraded`` says the target size
-was not met. Referee panels use the same rule with another domain tag and
-the job id in place of the account.
+was not met. Referee panels use the same draw with another domain tag, seeded
+by the executor's signed commitment (``select_panel``) in place of the account.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from protocols.signing import signing_bytes
 
 COMMITTEE_DOMAIN = "edgeswarm/committee/v1"
 REFEREE_DOMAIN = "edgeswarm/referees/v1"
+REFEREE_PANEL_DOMAIN = "edgeswarm/referees/v2"
 MAX_COMMITTEE = 64
 
 
@@ -116,10 +117,14 @@ def require_quorum(
 
 @dataclass(frozen=True)
 class RefereePanel:
-    """The referees of one job; ``threshold`` matching verdicts decide it (a majority)."""
+    """The referees of one job; ``threshold`` matching verdicts decide it (a majority).
+
+    ``cp`` is the epoch checkpoint whose pool and beacon drew it (0: the genesis rule);
+    every verdict counted for the panel must name the same ``cp``."""
 
     job_id: bytes
     members: tuple[str, ...]
+    cp: int = 0
 
     def __contains__(self, peer_id: object) -> bool:
         return peer_id in self.members
@@ -166,6 +171,26 @@ def select_committee(
     return Committee(account=account, members=tuple(members), target_size=size)
 
 
+def _draw_referees(
+    domain: str,
+    subject: bytes,
+    parties: Iterable[str],
+    beacon: bytes,
+    pool: Iterable[str],
+    size: int,
+    fallback: Iterable[str],
+) -> tuple[str, ...]:
+    if not 1 <= size <= MAX_COMMITTEE:
+        raise LocalProtocolError(f"referee panel size must be 1..{MAX_COMMITTEE}, got {size}")
+    excluded = set(parties)
+    candidates = set(pool) - excluded
+    if len(candidates) < size:
+        candidates |= set(fallback) - excluded
+    if not candidates:
+        raise LocalProtocolError("no referee candidates: pool and fallback empty")
+    return tuple(closest(domain, subject, beacon, candidates, size))
+
+
 def select_referees(
     job_id: bytes,
     parties: Iterable[str],
@@ -175,18 +200,36 @@ def select_referees(
     size: int = 3,
     fallback: Iterable[str] = (),
 ) -> RefereePanel:
-    """``size`` referees for a job, never one of its ``parties`` (requester, executors)."""
-    if not 1 <= size <= MAX_COMMITTEE:
-        raise LocalProtocolError(f"referee panel size must be 1..{MAX_COMMITTEE}, got {size}")
-    excluded = set(parties)
-    candidates = set(pool) - excluded
-    if len(candidates) < size:
-        candidates |= set(fallback) - excluded
-    if not candidates:
-        raise LocalProtocolError("no referee candidates: pool and fallback empty")
-    return RefereePanel(
-        job_id=job_id, members=tuple(closest(REFEREE_DOMAIN, job_id, beacon, candidates, size))
-    )
+    """``size`` referees for a job id, never one of its ``parties`` (requester, executors).
+
+    Seeded by the job id alone, which the requester chooses: a requester can grind job
+    ids until the panel suits it. Verification uses ``select_panel`` (below) instead."""
+    members = _draw_referees(REFEREE_DOMAIN, job_id, parties, beacon, pool, size, fallback)
+    return RefereePanel(job_id=job_id, members=members)
+
+
+def select_panel(
+    seed: bytes,
+    job_id: bytes,
+    parties: Iterable[str],
+    beacon: bytes,
+    pool: Iterable[str],
+    *,
+    cp: int = 0,
+    size: int = 3,
+    fallback: Iterable[str] = (),
+) -> RefereePanel:
+    """The referee panel of one executor's signed claim, drawn under checkpoint ``cp``:
+    the ``size`` members of ``pool`` (the checkpoint's serving peers; ``fallback`` if
+    short) closest to ``sha256(tag || [seed, beacon])``, never one of the ``parties``.
+
+    ``seed`` is ``protocols.proofs.panel_seed(commitment)``: a digest of the executor's
+    *signed* commitment, signature included. The requester fixes the job id before that
+    signature exists and cannot compute it (it needs the executor's key), so choosing job
+    ids does not choose the panel; what is left to the party that builds the proof is the
+    choice of ``cp`` (see docs/settlement.md)."""
+    members = _draw_referees(REFEREE_PANEL_DOMAIN, seed, parties, beacon, pool, size, fallback)
+    return RefereePanel(job_id=job_id, members=members, cp=cp)
 
 
 @dataclass(frozen=True)
@@ -252,14 +295,30 @@ class CommitteeRule:
             raise UnknownCheckpoint(f"checkpoint {cp}: this rule has only the genesis")
         return self.committee_for(account)
 
-    def referees_for(self, job_id: bytes, parties: Iterable[str]) -> RefereePanel:
-        return select_referees(
+    @property
+    def panel_cp(self) -> int:
+        """The checkpoint referee panels are drawn under now (a plain rule: the genesis)."""
+        return 0
+
+    def panel_cps(self) -> frozenset[int]:
+        """The checkpoints an honest referee signs verdicts under now: the current one and
+        the one that was current an epoch ago (a plain rule: the genesis only)."""
+        return frozenset({0})
+
+    def panel_at(self, cp: int, seed: bytes, job_id: bytes, parties: Iterable[str]) -> RefereePanel:
+        """The referee panel of a claim (``seed``: ``protocols.proofs.panel_seed``) under
+        checkpoint ``cp``: that checkpoint's pool and beacon (``UnknownCheckpoint`` if it is
+        not held)."""
+        rule = self.rule_at(cp)
+        return select_panel(
+            seed,
             job_id,
             parties,
-            self.beacon,
-            self.pool,
-            size=self.referee_panel_size,
-            fallback=self.fallback,
+            rule.beacon,
+            rule.pool,
+            cp=cp,
+            size=rule.referee_panel_size,
+            fallback=rule.fallback,
         )
 
 
@@ -290,5 +349,6 @@ __all__ = [
     "quorum_size",
     "require_quorum",
     "select_committee",
+    "select_panel",
     "select_referees",
 ]

@@ -493,6 +493,17 @@ class EpochRules(CommitteeRule):
     def current_rule(self) -> CommitteeRule:
         return self.rule_at(self.current)
 
+    @property
+    def panel_cp(self) -> int:
+        """Referee panels are drawn under the current checkpoint, like committees."""
+        return self.current
+
+    def panel_cps(self) -> frozenset[int]:
+        """The current checkpoint and the one current an epoch ago: a request made just
+        before a checkpoint took over still finds its referees willing."""
+        now = self._now[0]
+        return frozenset({self.cp_for(now), self.cp_for(now - self.epoch_ms)})
+
     # --- CommitteeRule --------------------------------------------------------------------
 
     def committee_for(self, account: str) -> Committee:

@@ -369,9 +369,7 @@ class LedgerState:
 
     def ingest_arbitrated_receipt(self, receipt: ArbitratedReceipt) -> bool:
         if not self._trusted:
-            receipt.verify(
-                self.rule.referees_for(receipt.job_id, (receipt.requester, receipt.executor))
-            )
+            receipt.verify_under(self.rule)
         return self._add_receipt(receipt, FactKind.ARBITRATED_RECEIPT, receipt.to_bytes())
 
     def ingest_payable(self, receipt: PayableReceipt) -> bool:
@@ -472,9 +470,8 @@ class LedgerState:
         return Certificate.from_bytes(item[1])
 
     def ingest_fraud_proof(self, proof: FraudProof) -> bool:
-        c = proof.commitment.message
         if not self._trusted:
-            proof.verify(self.rule.referees_for(c.job_id, (c.requester, c.executor)))
+            proof.verify_under(self.rule)
         if proof.fact_id in self._ids:
             return False
         e = proof.offender
@@ -538,12 +535,11 @@ class LedgerState:
         if isinstance(fact, Receipt):
             fact.verify()
         elif isinstance(fact, ArbitratedReceipt):
-            fact.verify(self.rule.referees_for(fact.job_id, (fact.requester, fact.executor)))
+            fact.verify_under(self.rule)
         elif isinstance(fact, Certificate):
             fact.verify(self.rule.committee_at(fact.account, fact.cp, fact.time_ms))
         elif isinstance(fact, FraudProof):
-            c = fact.commitment.message
-            fact.verify(self.rule.referees_for(c.job_id, (c.requester, c.executor)))
+            fact.verify_under(self.rule)
         elif isinstance(fact, EquivocationProof):
             fact.verify()
         elif isinstance(fact, IdentityProof):

@@ -13,8 +13,10 @@
   stands in for the requester's acceptance when the requester refuses to
   sign one. The requester then owes the price like for a ``Receipt``.
 
-The referee panel is not chosen by either party: ``CommitteeRule.referees_for``
-picks it from the job id, the public beacon and the eligible pool.
+The referee panel is not chosen by the requester: ``referee_panel`` draws it from the
+pool and beacon of an epoch checkpoint (named ``cp`` in every verdict), seeded by the
+executor's signed commitment (``panel_seed``), which the requester cannot compute when
+it picks the job id. See docs/settlement.md for what each party can still choose.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import ClassVar, Literal, Protocol
 import nacl.signing
 
 from protocols.codec import decode, encode
-from protocols.committee import MAX_COMMITTEE, RefereePanel
+from protocols.committee import MAX_COMMITTEE, CommitteeRule, RefereePanel
 from protocols.errors import ValidationError
 from protocols.identity import peer_id_from_public_key
 from protocols.ledger import MAX_TIME_MS, Transfer
@@ -49,6 +51,8 @@ REFEREE_RESULT_DOMAIN = "edgeswarm/referee-result/v1"
 EQUIVOCATION_DOMAIN = "edgeswarm/equivocation/v1"
 FRAUD_DOMAIN = "edgeswarm/fraud/v1"
 ARBITRATED_DOMAIN = "edgeswarm/arbitrated-receipt/v1"
+PANEL_SEED_DOMAIN = "edgeswarm/referee-panel-seed/v1"
+MAX_CP = 2**40  # an epoch number (protocols.epochs.MAX_EPOCH)
 PROOF_VERSION = 1
 
 Verdict = Literal["match", "mismatch"]
@@ -149,9 +153,10 @@ class RefereeResult(FlatBody):
 
     DOMAIN: ClassVar[str] = REFEREE_RESULT_DOMAIN
     MAX_BYTES: ClassVar[int] = 640
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2  # 2: names the checkpoint ``cp`` its panel was drawn under
     _FIELDS: ClassVar[frozenset[str]] = frozenset(
         {
+            "cp",
             "job_id",
             "model_cid",
             "input_digest",
@@ -171,6 +176,7 @@ class RefereeResult(FlatBody):
     verdict: str
     referee: str
     time_ms: int
+    cp: int = 0  # the epoch checkpoint whose pool drew the panel (0: the genesis rule)
 
     def __post_init__(self) -> None:
         k = "RefereeResult"
@@ -186,6 +192,7 @@ class RefereeResult(FlatBody):
             )
         want_peer_id(k, "referee", self.referee)
         want_int(k, "time_ms", self.time_ms, hi=MAX_TIME_MS)
+        want_int(k, "cp", self.cp, hi=MAX_CP)
 
     @property
     def signer(self) -> str:
@@ -202,8 +209,10 @@ def sign_referee_result(
     output_digest: bytes,
     verdict: Verdict,
     time_ms: int,
+    cp: int = 0,
 ) -> Signed[RefereeResult]:
-    """Referee side: sign a verdict on ``commitment`` (see verification.judge for the verdict)."""
+    """Referee side: sign a verdict on ``commitment`` as a member of its panel under
+    checkpoint ``cp`` (see verification.judge for the verdict)."""
     c = commitment.message
     return sign_message(
         key,
@@ -216,12 +225,29 @@ def sign_referee_result(
             verdict=verdict,
             referee=peer_id_from_public_key(bytes(key.verify_key)),
             time_ms=time_ms,
+            cp=cp,
         ),
     )
 
 
 def open_referee_result(data: bytes) -> Signed[RefereeResult]:
     return open_message(RefereeResult, data)
+
+
+def panel_seed(commitment: Signed[ResultCommitment]) -> bytes:
+    """What a claim's referee panel is drawn from: sha256 over the executor's signed
+    commitment, signature included. A requester fixes its job id before the executor
+    signs and cannot make the executor's signature, so it cannot grind job ids into a
+    panel of its choice (``protocols.committee.select_panel``)."""
+    return hashlib.sha256(signing_bytes(PANEL_SEED_DOMAIN, commitment.to_bytes())).digest()
+
+
+def referee_panel(
+    rule: CommitteeRule, commitment: Signed[ResultCommitment], cp: int
+) -> RefereePanel:
+    """The referee panel of ``commitment`` under checkpoint ``cp`` of ``rule``."""
+    c = commitment.message
+    return rule.panel_at(cp, panel_seed(commitment), c.job_id, (c.requester, c.executor))
 
 
 def _check_panel_verdicts(
@@ -246,6 +272,11 @@ def _check_panel_verdicts(
             raise ValidationError(f"{kind}: {r.referee} is not on the job's referee panel")
         if r.referee in (c.requester, c.executor):
             raise ValidationError(f"{kind}: a party to the job cannot referee it")
+        if r.cp != panel.cp:
+            raise ValidationError(
+                f"{kind}: verdict of {r.referee} names checkpoint {r.cp}, the panel is "
+                f"drawn under {panel.cp}"
+            )
         if (r.job_id, r.model_cid, r.input_digest, r.commitment) != (
             c.job_id,
             c.model_cid,
@@ -303,14 +334,39 @@ def _sorted_results(
     return tuple(sorted(results, key=lambda r: r.message.referee))
 
 
+class _PanelEvidence:
+    """A commitment plus a panel majority's verdicts: what fraud proofs and arbitrated
+    receipts share (``KIND`` names it in errors, ``VERDICT`` is the majority's verdict)."""
+
+    KIND: ClassVar[str]
+    VERDICT: ClassVar[Verdict]
+    commitment: Signed[ResultCommitment]
+    results: tuple[Signed[RefereeResult], ...]
+
+    def verify(self, panel: RefereePanel) -> None:
+        _check_panel_verdicts(self.KIND, self.commitment, self.results, panel, self.VERDICT)
+
+    @property
+    def cp(self) -> int:
+        """The checkpoint its verdicts name (``verify`` checks they all name the panel's)."""
+        return self.results[0].message.cp if self.results else 0
+
+    def verify_under(self, rule: CommitteeRule) -> None:
+        """``verify`` against the panel drawn under the checkpoint the verdicts name
+        (``UnknownCheckpoint`` while this peer does not hold it)."""
+        self.verify(referee_panel(rule, self.commitment, self.cp))
+
+
 # --- fraud ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class FraudProof:
+class FraudProof(_PanelEvidence):
     """The cheater's own commitment plus a panel majority that found its output wrong."""
 
     MAX_BYTES: ClassVar[int] = 2048 + MAX_COMMITTEE * (RefereeResult.MAX_BYTES + 8)
+    KIND: ClassVar[str] = "FraudProof"
+    VERDICT: ClassVar[Verdict] = "mismatch"
 
     commitment: Signed[ResultCommitment]
     results: tuple[Signed[RefereeResult], ...]
@@ -331,9 +387,6 @@ class FraudProof:
         times = sorted(r.message.time_ms for r in self.results)
         return times[(len(times) - 1) // 2]
 
-    def verify(self, panel: RefereePanel) -> None:
-        _check_panel_verdicts("FraudProof", self.commitment, self.results, panel, "mismatch")
-
     def to_bytes(self) -> bytes:
         return _encode_with_results(self.commitment, self.results)
 
@@ -352,10 +405,12 @@ class FraudProof:
 
 
 @dataclass(frozen=True)
-class ArbitratedReceipt:
+class ArbitratedReceipt(_PanelEvidence):
     """A commitment plus a panel majority that found its output right: acceptance by referees."""
 
     MAX_BYTES: ClassVar[int] = FraudProof.MAX_BYTES
+    KIND: ClassVar[str] = "ArbitratedReceipt"
+    VERDICT: ClassVar[Verdict] = "match"
 
     commitment: Signed[ResultCommitment]
     results: tuple[Signed[RefereeResult], ...]
@@ -365,9 +420,6 @@ class ArbitratedReceipt:
         cls, commitment: Signed[ResultCommitment], results: tuple[Signed[RefereeResult], ...]
     ) -> ArbitratedReceipt:
         return cls(commitment=commitment, results=_sorted_results(results))
-
-    def verify(self, panel: RefereePanel) -> None:
-        _check_panel_verdicts("ArbitratedReceipt", self.commitment, self.results, panel, "match")
 
     def to_bytes(self) -> bytes:
         return _encode_with_results(self.commitment, self.results)
@@ -409,5 +461,7 @@ __all__ = [
     "RefereeResult",
     "Verdict",
     "open_referee_result",
+    "panel_seed",
+    "referee_panel",
     "sign_referee_result",
 ]

@@ -9,7 +9,7 @@ Flow (peer/ drives it): with probability p, and always on a lease's first
 job (``should_spot_check``), the requester also runs the job on a second
 executor outside the job's referee panel; if ``compare_outputs`` says the two
 disagree it sends both commitments and claimed outputs to the referee panel
-(``CommitteeRule.referees_for``); each referee recomputes and signs a
+(``protocols.proofs.referee_panel``); each referee recomputes and signs a
 ``RefereeResult`` using ``judge``; ``decide`` turns a majority of verdicts
 into a ``FraudProof`` (loser) or an ``ArbitratedReceipt`` (winner, also what
 an executor uses when a requester refuses to accept a correct result).
@@ -177,7 +177,7 @@ def decide(
     by_verdict: dict[str, dict[str, Signed[RefereeResult]]] = {"match": {}, "mismatch": {}}
     for signed in results:
         r = signed.message
-        if r.commitment != commitment.digest or r.referee not in panel:
+        if r.commitment != commitment.digest or r.referee not in panel or r.cp != panel.cp:
             continue
         try:
             signed.verify()

@@ -136,9 +136,7 @@ def verify_payable(receipt: PayableReceipt, ledger: LedgerState) -> None:
     if isinstance(receipt, Receipt):
         receipt.verify()
     elif isinstance(receipt, ArbitratedReceipt):
-        receipt.verify(
-            ledger.rule.referees_for(receipt.job_id, (receipt.requester, receipt.executor))
-        )
+        receipt.verify_under(ledger.rule)
     else:
         raise LocalProtocolError(f"not a receipt: {type(receipt).__name__}")
 

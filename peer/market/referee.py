@@ -2,29 +2,31 @@
 
 When a spot check disagrees (``protocols.verification.compare_outputs``) the
 requester sends both executors' signed commitments, the job's inputs and the
-outputs each one returned to the referee panel of each job
-(``CommitteeRule.referees_for``). A referee that serves the model runs it once,
-``judge``s every claim against its own outputs and signs a ``RefereeResult``
-per claim; ``decide`` turns a panel majority into a ``FraudProof`` (the loser)
-or an ``ArbitratedReceipt``.
+outputs each one returned to the referee panel of each claim
+(``protocols.proofs.referee_panel``: drawn from the serving pool of the current
+epoch checkpoint, seeded by the executor's signed commitment). A referee that
+serves the model runs it once, ``judge``s every claim against its own outputs and
+signs a ``RefereeResult`` per claim, naming the checkpoint; ``decide`` turns a
+panel majority into a ``FraudProof`` (the loser) or an ``ArbitratedReceipt``.
 
 Wire (length-prefixed canonical CBOR frames, ``protocols.codec``), one request
 per stream:
 
 1. requester -> referee, header (at most ``HEADER_MAX`` bytes):
-   ``{"v": 1, "c": [claim, 1..2]}``, a claim being ``{"c": signed ResultCommitment
+   ``{"v": 2, "c": [claim, 1..2], "cp": k}``, a claim being ``{"c": signed ResultCommitment
    bytes}`` for a single job, or for one job ``seq`` of a lease batch
    ``{"c": ..., "seq": k, "ins": [input digest per job], "outs": [output digest per
    job]}`` (at most ``MAX_REFEREE_BATCH`` jobs; the lists must hash to the
    commitment's batch digests). The referee checks the signatures and digests,
    that all claims are about one requester's job on one model and one input,
-   that it serves the model and (when it knows the committee rule) that it sits
-   on the panel of at least one claim, *before* it accepts a payload;
+   that it serves the model and (when it knows the committee rule) that ``k`` is
+   its current checkpoint or the one current an epoch ago and that it sits on the
+   panel (under ``k``) of at least one claim, *before* it accepts a payload;
 2. requester -> referee, payload (at most ``(1 + claims) x max_total_bytes +
-   64 KiB``): ``{"v": 1, "in": inputs wire, "out": [outputs wire per claim]}``;
-3. referee -> requester: ``{"v": 1, "r": [result bytes or null per claim]}``
+   64 KiB``): ``{"v": 2, "in": inputs wire, "out": [outputs wire per claim]}``;
+3. referee -> requester: ``{"v": 2, "r": [result bytes or null per claim]}``
    (null: the forwarded outputs do not hash to that commitment, so there is
-   nothing to judge) or ``{"v": 1, "err": "<what was expected, what came>"}``.
+   nothing to judge) or ``{"v": 2, "err": "<what was expected, what came>"}``.
 
 Referee runs share the executor's worker (its ``CapacityLimiter``) and at most
 ``MAX_ACTIVE`` referee requests are served at once (others get ``busy``). Per
@@ -54,13 +56,15 @@ from peer.caps import RateBudget, StreamSlot, caps_for
 from peer.host import retire_stream_handler
 from peer.worker import Worker
 from protocols.codec import FrameDecoder, decode, encode, frame
-from protocols.committee import RefereePanel
+from protocols.committee import CommitteeRule, RefereePanel
 from protocols.errors import DecodeError, ProtocolError, ValidationError
 from protocols.proofs import (
+    MAX_CP,
     ArbitratedReceipt,
     FraudProof,
     RefereeResult,
     open_referee_result,
+    referee_panel,
     sign_referee_result,
 )
 from protocols.receipt import ResultCommitment, batch_digest, content_digest
@@ -71,7 +75,7 @@ from protocols.verification import decide, judge, outputs_digest, should_spot_ch
 log = logging.getLogger(__name__)
 
 REFEREE_PROTOCOL = TProtocol("/edgeswarm/referee/1")
-VERSION = 1
+VERSION = 2  # 2: the header names the checkpoint ``cp`` the panels are drawn under
 MAX_REFEREE_BATCH = 4096  # a lease batch is refereed up to this size (checked batches are small)
 HEADER_MAX = 8192 + 2 * MAX_REFEREE_BATCH * 34
 REPLY_MAX = 8192
@@ -179,15 +183,21 @@ def _decode_claim(item: Any) -> Claim:
     return Claim(signed, seq=seq, ins=ins, outs=outs)
 
 
-def encode_header(claims: Sequence[Claim]) -> bytes:
-    return encode({"v": VERSION, "c": [c.header() for c in claims]})
+def encode_header(claims: Sequence[Claim], cp: int = 0) -> bytes:
+    return encode({"v": VERSION, "c": [c.header() for c in claims], "cp": cp})
 
 
-def decode_header(data: bytes) -> tuple[Claim, ...]:
-    """Parse and verify a request header: 1..2 claims about one requester's job input."""
+def decode_header(data: bytes) -> tuple[tuple[Claim, ...], int]:
+    """Parse and verify a request header: 1..2 claims about one requester's job input, and
+    the checkpoint their panels are drawn under."""
     body = decode(data, max_size=HEADER_MAX)
-    if not isinstance(body, dict) or set(body) != {"v", "c"} or body["v"] != VERSION:
-        raise DecodeError(f"referee header must be {{v: {VERSION}, c: [...]}}, got {body!r:.80}")
+    if not isinstance(body, dict) or set(body) != {"v", "c", "cp"} or body["v"] != VERSION:
+        raise DecodeError(
+            f"referee header must be {{v: {VERSION}, c: [...], cp}}, got {body!r:.80}"
+        )
+    cp = body["cp"]
+    if type(cp) is not int or not 0 <= cp <= MAX_CP:
+        raise DecodeError(f"referee header cp must be an epoch in [0, {MAX_CP}], got {cp!r:.40}")
     raw = body["c"]
     if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_CLAIMS:
         raise DecodeError(f"referee header needs 1..{MAX_CLAIMS} claims, got {raw!r:.80}")
@@ -203,7 +213,7 @@ def decode_header(data: bytes) -> tuple[Claim, ...]:
             raise ValidationError("the claims must be one requester's job: same model and input")
     if len({c.commitment.digest for c in out}) != len(out):
         raise ValidationError("the same commitment was sent twice")
-    return tuple(out)
+    return tuple(out), cp
 
 
 def encode_payload(inputs: Any, outputs: Sequence[Any]) -> bytes:
@@ -294,14 +304,14 @@ class RefereeService:
         host: Any,
         worker: Worker,
         limits: TensorLimits,
-        panel_for: Callable[[ResultCommitment], RefereePanel | None] = lambda c: None,
+        rule: Callable[[], CommitteeRule | None] = lambda: None,
     ) -> None:
         self.key = key
         self.peer_id = peer_id
         self.host = host
         self.worker = worker
         self.limits = limits
-        self.panel_for = panel_for  # None: committee rule unknown, answer any requester
+        self.rule = rule  # None: committee rule unknown, answer any requester
         self.active = 0
         self.active_by_peer: dict[str, int] = {}
         self.budget = RateBudget(rate=RUNS_PER_S, burst=RUNS_BURST)
@@ -373,9 +383,22 @@ class RefereeService:
             await frames.write(reply, REPLY_MAX)
         await _close(stream)
 
+    def panel_for(self, commitment: Signed[ResultCommitment], cp: int) -> RefereePanel | None:
+        """The claim's panel under checkpoint ``cp`` (None: no committee rule here). An
+        honest referee draws only under a checkpoint that is current now or was an epoch
+        ago, so the party asking cannot pick an old checkpoint whose draw suits it."""
+        rule = self.rule()
+        if rule is None:
+            return None
+        if cp not in rule.panel_cps():
+            raise ValidationError(
+                f"panels are drawn under checkpoint {sorted(rule.panel_cps())} here, not {cp}"
+            )
+        return referee_panel(rule, commitment, cp)
+
     async def _judge(self, frames: _Frames, remote: str) -> bytes:
         with trio.fail_after(READ_WAIT_S):
-            claims = decode_header(await frames.read(HEADER_MAX))
+            claims, cp = decode_header(await frames.read(HEADER_MAX))
         first = claims[0].commitment.message
         # The requester disputes; an executor whose result was never accepted may ask
         # about its own single claim (arbitration: protocols.proofs.ArbitratedReceipt).
@@ -386,7 +409,7 @@ class RefereeService:
                 f"own result) may ask, not {remote}"
             )
         self.worker.entry(first.model_cid)  # ModelNotFound: we do not serve it
-        panels = [self.panel_for(c.commitment.message) for c in claims]
+        panels = [self.panel_for(c.commitment, cp) for c in claims]
         if all(p is not None for p in panels) and not any(
             p is not None and self.peer_id in p for p in panels
         ):
@@ -419,7 +442,12 @@ class RefereeService:
                 continue
             results.append(
                 sign_referee_result(
-                    self.key, signed, output_digest=mine_digest, verdict=verdict, time_ms=now_ms
+                    self.key,
+                    signed,
+                    output_digest=mine_digest,
+                    verdict=verdict,
+                    time_ms=now_ms,
+                    cp=cp,
                 )
             )
             self.stats["judged"] += 1
@@ -439,13 +467,15 @@ async def ask_referee(
     *,
     limits: TensorLimits,
     until: float,
+    cp: int = 0,
 ) -> list[Signed[RefereeResult] | None]:
-    """One referee's verdicts on ``claims`` (results signed by someone else are dropped)."""
+    """One referee's verdicts on ``claims`` under checkpoint ``cp`` (results signed by
+    someone else, or about another commitment or checkpoint, are dropped)."""
     stream = await open_stream(referee, until)
     ok = False
     try:
         frames = _Frames(stream, REPLY_MAX)
-        await frames.write(encode_header(claims), HEADER_MAX)
+        await frames.write(encode_header(claims, cp), HEADER_MAX)
         cap = (1 + len(claims)) * limits.max_total_bytes + PAYLOAD_OVERHEAD
         await frames.write(encode_payload(inputs_wire, [c.outputs for c in claims]), cap)
         results = decode_reply(await frames.read(REPLY_MAX), len(claims))
@@ -457,6 +487,7 @@ async def ask_referee(
         if r is not None
         and r.message.referee == referee
         and r.message.commitment == c.commitment.digest
+        and r.message.cp == cp
         else None
         for r, c in zip(results, claims, strict=True)
     ]
@@ -474,6 +505,9 @@ async def arbitrate(
     """Ask every referee on the claims' panels at once; per claim, what ``decide`` makes of the
     verdicts (a ``FraudProof``, an ``ArbitratedReceipt`` or None) once all are decided or
     ``wait_s`` passes."""
+    if len({p.cp for p in panels}) > 1:
+        raise ValueError("one referee request draws every panel under one checkpoint")
+    cp = panels[0].cp if panels else 0
     verdicts: list[list[Signed[RefereeResult]]] = [[] for _ in claims]
     evidence: list[Evidence] = [None] * len(claims)
     referees = sorted({m for p in panels for m in p.members})
@@ -482,7 +516,7 @@ async def arbitrate(
     async def one(referee: str, cancel: trio.CancelScope) -> None:
         try:
             results = await ask_referee(
-                open_stream, referee, claims, inputs_wire, limits=limits, until=until
+                open_stream, referee, claims, inputs_wire, limits=limits, until=until, cp=cp
             )
         except Exception as exc:  # unreachable or refusing referee: the others may decide
             log.info("referee %s gave no verdict: %s", referee, exc)

@@ -52,7 +52,7 @@ from protocols import executor as ex
 from protocols import requester as rq
 from protocols.committee import CommitteeRule, RefereePanel
 from protocols.market import CLOCK_SKEW_S
-from protocols.proofs import ArbitratedReceipt, FraudProof
+from protocols.proofs import ArbitratedReceipt, FraudProof, referee_panel
 from protocols.receipt import ResultCommitment
 from protocols.signed import Signed
 from protocols.tensor import DEFAULT_LIMITS, TensorLimits, encode_tensors
@@ -202,7 +202,7 @@ class MarketService:
                 host=self.host,
                 worker=self.worker,
                 limits=settings.limits,
-                panel_for=self._panel_for,
+                rule=self._rule,
             )
         self._nursery: trio.Nursery | None = None
         self.arbitrated: list[ArbitratedReceipt] = []  # our refused results, arbitrated
@@ -237,16 +237,12 @@ class MarketService:
         settlement = getattr(self.peer, "settlement", None)
         return None if settlement is None else settlement.ledger.rule
 
-    def _panel_for(self, c: ResultCommitment) -> RefereePanel | None:
-        rule = self._rule()
-        return None if rule is None else rule.referees_for(c.job_id, (c.requester, c.executor))
-
     async def _open_referee(self, referee: str, until: float) -> Any:
         return await self.dialer.open_stream(referee, until, REFEREE_PROTOCOL)
 
-    def referees_for(self, job_id: bytes, executor: str) -> RefereePanel | None:
-        """The referee panel of our job run by ``executor`` (None when settlement is off)."""
-        return self.checker.referees_for(job_id, executor)
+    def referees_for(self, commitment: Signed[ResultCommitment]) -> RefereePanel | None:
+        """The referee panel of a commitment to our job (None when settlement is off)."""
+        return self.checker.referees_for(commitment)
 
     @property
     def on_receipt(self) -> list[ReceiptHook]:
@@ -271,9 +267,10 @@ class MarketService:
         """Ask the job's referee panel about our own unaccepted result; a majority saying
         it is right is an ``ArbitratedReceipt``, handed to settlement (the requester's
         witnesses then certify nothing else of it until it is paid)."""
-        panel = self._panel_for(commitment.message)
-        if panel is None:
+        rule = self._rule()
+        if rule is None:
             return None
+        panel = referee_panel(rule, commitment, rule.panel_cp)
         evidence = await arbitrate(
             self._open_referee,
             [Claim(commitment, wires[1])],

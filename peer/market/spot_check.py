@@ -21,7 +21,9 @@ from peer.market.jobspec import JobSpec
 from peer.market.referee import Claim, SpotChecks, arbitrate
 from protocols import requester as rq
 from protocols.committee import CommitteeRule, RefereePanel
-from protocols.proofs import FraudProof
+from protocols.proofs import FraudProof, referee_panel
+from protocols.receipt import ResultCommitment
+from protocols.signed import Signed
 from protocols.tensor import TensorLimits
 from protocols.verification import compare_outputs
 
@@ -59,10 +61,11 @@ class SpotChecker:
         self.on_fraud_proof = on_fraud_proof
         self.clock = clock
 
-    def referees_for(self, job_id: bytes, executor: str) -> RefereePanel | None:
-        """The referee panel of our job run by ``executor`` (None when settlement is off)."""
+    def referees_for(self, commitment: Signed[ResultCommitment]) -> RefereePanel | None:
+        """The referee panel of an executor's commitment to our job, drawn under the current
+        checkpoint (None when settlement is off)."""
         rule = self.rule()
-        return None if rule is None else rule.referees_for(job_id, (self.peer_id, executor))
+        return None if rule is None else referee_panel(rule, commitment, rule.panel_cp)
 
     async def check(self, result: InferResult, spec: JobSpec, wire: Any) -> InferResult:
         """Run the job again on another executor (not on the job's referee panel if another
@@ -71,7 +74,9 @@ class SpotChecker:
             result.spot_check = "not checked: it ran on this peer's own executor"
             return result
         c = result.receipt.commitment.message
-        check = await self.second_opinion(spec, wire, c.job_id, result.executor)
+        check = await self.second_opinion(
+            spec, wire, c.job_id, result.executor, commitment=result.receipt.commitment
+        )
         if isinstance(check, str):
             result.spot_check = check
             return result
@@ -94,13 +99,20 @@ class SpotChecker:
         return honest
 
     async def second_opinion(
-        self, spec: JobSpec, wire: Any, job_id: bytes, executor: str
+        self,
+        spec: JobSpec,
+        wire: Any,
+        job_id: bytes,
+        executor: str,
+        *,
+        commitment: Signed[ResultCommitment] | None = None,
     ) -> InferResult | str:
         """The same inputs as a fresh job on another executor: off the checked job's referee
-        panel if one of those bids, else (small swarms) any other; or why not. Never our
-        own executor: a local run has no commitment a referee could judge."""
+        panel (known from the executor's ``commitment``) if one of those bids, else (small
+        swarms, or no commitment given) any other; or why not. Never our own executor: a
+        local run has no commitment a referee could judge."""
         spec = spec.unchecked()
-        panel = self.referees_for(job_id, executor)
+        panel = None if commitment is None else self.referees_for(commitment)
         if panel is not None:
             try:
                 return await self.auctions.one_job(
@@ -123,12 +135,8 @@ class SpotChecker:
         rule = self.rule()
         if rule is None:
             return [], f"{reason}; not refereed: no committee rule (settlement is off)"
-        panels = [
-            rule.referees_for(
-                c.commitment.message.job_id, (self.peer_id, c.commitment.message.executor)
-            )
-            for c in claims
-        ]
+        cp = rule.panel_cp
+        panels = [referee_panel(rule, c.commitment, cp) for c in claims]
         budget = min(REFEREE_MAX_S, max(REFEREE_MIN_S, until - self.clock()))
         evidence = await arbitrate(
             self.open_referee, claims, wire, panels, limits=self.limits, wait_s=budget

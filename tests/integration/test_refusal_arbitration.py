@@ -2,7 +2,7 @@
 
 Swarm (real hosts on 127.0.0.1, one trio process, all through ``open_peer``): a bootstrap
 node, four serving peers that are the ledger witnesses (so the job's referee panel, drawn
-by ``CommitteeRule.referees_for``, serves the model) and a requester that gets its result
+by ``protocols.proofs.referee_panel``, serves the model) and a requester that gets its result
 but never signs the Acceptance (its Acceptance frames are dropped on the wire, and its own
 settlement never hears of the receipt it kept). The executor's refusal hook asks the panel
 about its own result; the panel's ``ArbitratedReceipt`` goes to the requester's witnesses
@@ -28,7 +28,7 @@ from edge_models.runtime import ModelRuntime
 from peer.config import Config
 from peer.job_stream import FrameStream
 from peer.node import Peer, open_peer
-from protocols.proofs import ArbitratedReceipt
+from protocols.proofs import ArbitratedReceipt, referee_panel
 from protocols.receipt import Acceptance
 from protocols.signed import Signed
 
@@ -120,7 +120,7 @@ async def test_an_unaccepted_single_job_is_arbitrated_and_paid(
         (arb,) = arbitrated()
         assert arb.commitment.message.job_id == result.receipt.commitment.message.job_id  # type: ignore[union-attr]
         assert arb.requester == requester.peer_id and arb.executor == executor.peer_id
-        panel = ledger.rule.referees_for(arb.job_id, (arb.requester, arb.executor))
+        panel = referee_panel(ledger.rule, arb.commitment, arb.cp)
         assert {r.message.referee for r in arb.results} <= set(panel.members)
         # The requester's payer pays the arbitrated debt; the executor's balance shows it.
         with trio.fail_after(90):

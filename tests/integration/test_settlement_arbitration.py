@@ -21,7 +21,7 @@ from settlement_helpers import (
 )
 
 from peer.settlement import SettlementConfig, SettlementError
-from protocols.proofs import ArbitratedReceipt, sign_referee_result
+from protocols.proofs import ArbitratedReceipt, referee_panel, sign_referee_result
 from protocols.verification import decide
 from protocols.witness import Refusal, Refuse
 
@@ -35,7 +35,7 @@ VANISHED, REFUSER, EXECUTOR, OTHER = key(1), key(2), key(3), key(4)
 def arbitrated(requester: object, price: int, job: int) -> ArbitratedReceipt:
     """The panel of the job (drawn by the rule, never a party) finds the result right."""
     c = make_receipt(requester, EXECUTOR, price, job).commitment  # type: ignore[arg-type]
-    panel = RULE.referees_for(c.message.job_id, (c.message.requester, c.message.executor))
+    panel = referee_panel(RULE, c, 0)
     verdicts = [
         sign_referee_result(
             KEY_OF[m], c, output_digest=c.message.output_digest, verdict="match", time_ms=now_ms()

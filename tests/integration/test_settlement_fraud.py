@@ -21,7 +21,7 @@ from settlement_helpers import (
 
 from peer.ledger_store import read_snapshot, verify_snapshot
 from peer.settlement import PaymentFailed, SettlementConfig
-from protocols.proofs import FraudProof, sign_referee_result
+from protocols.proofs import FraudProof, referee_panel, sign_referee_result
 from protocols.receipt import content_digest
 
 WITNESS_KEYS = [key(500 + i) for i in range(4)]
@@ -68,7 +68,7 @@ async def test_fraud_proof_spreads_reverses_payouts_and_bans(tmp_path: Path) -> 
             nodes,
         )
         # A spot check found job 2 wrong: the job's referee panel signs "mismatch".
-        panel = RULE.referees_for(faked.job_id, (pid(PAYER), pid(CHEATER)))
+        panel = referee_panel(RULE, faked.commitment, 0)
         referees = [k for k in WITNESS_KEYS if pid(k) in panel]
         results = tuple(
             sign_referee_result(

@@ -4,7 +4,7 @@ escrowed payouts on every ledger and its later bids are ignored; checks run at t
 Swarm (real hosts on 127.0.0.1, one trio process, all through ``open_peer`` so the market and
 settlement are wired as in production): a bootstrap node, a requester, a cheater that serves
 the tiny add model but adds 1.0 to its outputs and bids cheapest, four honest executors that
-are the ledger witnesses (so the referee panels, ``CommitteeRule.referees_for``, are drawn
+are the ledger witnesses (so the referee panels, ``protocols.proofs.referee_panel``, are drawn
 from them) and a fifth honest executor that is not a witness (so a spot check always finds
 an executor off the job's panel).
 """

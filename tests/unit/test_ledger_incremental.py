@@ -31,7 +31,7 @@ from protocols.ledger_state import (
     digest_of,
     state_hash_of,
 )
-from protocols.proofs import EquivocationProof, FraudProof, sign_referee_result
+from protocols.proofs import EquivocationProof, FraudProof, referee_panel, sign_referee_result
 
 A, B, C, D = key(11), key(12), key(13), key(14)
 W = 60_000  # fraud window
@@ -75,7 +75,7 @@ def facts() -> tuple[tuple[FactKind, bytes], ...]:
     out.append((FactKind.RECEIPT, receipt(B, A, 5, 902).to_bytes()))  # never paid
     # D cheated: its payouts from T - W on are reversed.
     bad = signed_commitment(A, D, 1, 903, output=b"wrong")
-    panel = rule().referees_for(bad.message.job_id, (bad.message.requester, bad.message.executor))
+    panel = referee_panel(rule(), bad, 0)
     verdicts = tuple(
         sign_referee_result(
             KEY_OF[m], bad, output_digest=b"o" * 32, verdict="mismatch", time_ms=NOW_MS - 30_000

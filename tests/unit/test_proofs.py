@@ -28,6 +28,7 @@ from protocols.proofs import (
     FraudProof,
     RefereeResult,
     Verdict,
+    referee_panel,
     sign_referee_result,
 )
 from protocols.receipt import ResultCommitment
@@ -41,7 +42,7 @@ KEY_OF = {pid(k): k for k in WITNESS_KEYS}
 
 
 def _panel_keys(c: Signed[ResultCommitment]):  # type: ignore[no-untyped-def]
-    panel = rule().referees_for(c.message.job_id, (c.message.requester, c.message.executor))
+    panel = referee_panel(rule(), c, 0)
     return panel, [KEY_OF[m] for m in panel.members]
 
 

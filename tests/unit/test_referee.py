@@ -82,7 +82,8 @@ def batch(seq: int, outputs: dict[str, np.ndarray], n: int = 3) -> Claim:
 
 def test_header_round_trip_single_and_batch() -> None:
     claims = [batch(1, BAD), single(EX2, GOOD, 2)]
-    back = decode_header(encode_header(claims))
+    back, cp = decode_header(encode_header(claims, 7))
+    assert cp == 7
     assert [c.commitment.digest for c in back] == [c.commitment.digest for c in claims]
     assert back[0].seq == 1 and back[0].ins == claims[0].ins and back[1].seq is None
     assert back[0].job_input_digest == back[1].job_input_digest
@@ -97,14 +98,18 @@ def test_batch_claim_judged_against_its_batch_digest() -> None:
         judge(honest.commitment.message, BAD, GOOD, digest=honest.output_digest_of)
 
 
-def _raw_header(*claims: object, v: int = 1) -> bytes:
-    return encode({"v": v, "c": list(claims)})
+def _raw_header(*claims: object, v: int = 2, cp: object = 0) -> bytes:
+    return encode({"v": v, "c": list(claims), "cp": cp})
 
 
 def test_bad_headers_are_refused() -> None:
     a, b = single(EX, BAD, 1), single(EX2, GOOD, 2)
     cases: list[tuple[bytes, str]] = [
-        (_raw_header(a.header(), v=2), "must be"),
+        (_raw_header(a.header(), v=1), "must be"),
+        (encode({"v": 2, "c": [a.header()]}), "must be"),
+        (_raw_header(a.header(), cp=-1), "cp must be"),
+        (_raw_header(a.header(), cp=2**41), "cp must be"),
+        (_raw_header(a.header(), cp="1"), "cp must be"),
         (_raw_header(), "1..2 claims"),
         (_raw_header(a.header(), b.header(), a.header()), "1..2 claims"),
         (_raw_header(a.header(), a.header()), "sent twice"),

@@ -23,16 +23,14 @@ from protocols.certificate import open_certificate, open_vote, sign_vote
 from protocols.committee import MAX_COMMITTEE
 from protocols.errors import RemoteProtocolError, ValidationError
 from protocols.ledger import MAX_TIME_MS
-from protocols.proofs import FraudProof, RefereeResult, sign_referee_result
+from protocols.proofs import FraudProof, RefereeResult, referee_panel, sign_referee_result
 from protocols.signed import Signed
 from protocols.signing import Envelope, seal
 
 
 def test_a_one_referee_panel_gives_a_fraud_proof_of_one_verdict() -> None:
     c = signed_commitment(REQ, EXE, 100, 7)
-    panel = committee_rule(referee_panel_size=1).referees_for(
-        c.message.job_id, (c.message.requester, c.message.executor)
-    )
+    panel = referee_panel(committee_rule(referee_panel_size=1), c, 0)
     assert panel.threshold == 1
     keys = {pid(k): k for k in WITNESS_KEYS}
     (only,) = panel.members
@@ -83,9 +81,7 @@ def test_a_fraud_proof_parses_its_shape_only_and_verify_checks_the_signatures() 
     """from_bytes needs no panel (facts are relayed and stored as bytes); verify(panel)
     refuses a forged commitment or verdict."""
     c = signed_commitment(REQ, EXE, 100, 7)
-    panel = committee_rule().referees_for(
-        c.message.job_id, (c.message.requester, c.message.executor)
-    )
+    panel = referee_panel(committee_rule(), c, 0)
     good = _verdicts(c, "mismatch")
     forged_c = Signed(message=c.message, envelope=_reseal(c))
     forged_v = (Signed(message=good[0].message, envelope=_reseal(good[0])), *good[1:])
