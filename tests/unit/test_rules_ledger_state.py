@@ -40,7 +40,13 @@ from protocols.ledger_state import (
     digest_of,
     state_hash_of,
 )
-from protocols.proofs import ArbitratedReceipt, EquivocationProof, FraudProof, sign_referee_result
+from protocols.proofs import (
+    ArbitratedReceipt,
+    EquivocationProof,
+    FraudProof,
+    referee_panel,
+    sign_referee_result,
+)
 from protocols.receipt import Receipt, ResultCommitment
 from protocols.signed import Signed
 
@@ -85,7 +91,7 @@ def pay(
 
 
 def verdicts(c: Signed[ResultCommitment], verdict: Any, time_ms: int) -> tuple[Signed[Any], ...]:
-    panel = RULE.referees_for(c.message.job_id, (c.message.requester, c.message.executor))
+    panel = referee_panel(RULE, c, 0)
     return tuple(
         sign_referee_result(KEY_OF[m], c, output_digest=b"o" * 32, verdict=verdict, time_ms=time_ms)
         for m in panel.members[:2]
