@@ -366,12 +366,19 @@ async def bench_certify(
                 for _ in range(one_by_one):
                     await svc.pay(receipt(pkeys[i], payee, 1, next(job)))
 
+            watched = [psutil.Process(p.pid) for p in procs]
+
+            def witness_cpu() -> float:
+                return sum(sum(w.cpu_times()[:2]) for w in watched)
+
             # Before batching: each payer waits for one certificate before the next payment.
+            wcpu0, cpu0 = witness_cpu(), time.process_time()
             t0 = time.perf_counter()
             async with trio.open_nursery() as nursery:
                 for i, (_, svc) in enumerate(nodes):
                     nursery.start_soon(one_at_a_time, i, svc)
             one_elapsed = time.perf_counter() - t0
+            one_wcpu, one_cpu = witness_cpu() - wcpu0, time.process_time() - cpu0
 
             # Every payer owes per_payer receipts at once (a busy requester): pay() calls
             # that arrive while a batch is in flight are certified together in the next.
@@ -383,7 +390,7 @@ async def bench_certify(
                 await svc.pay(r)
                 conc_lat.append((time.perf_counter() - t0) * 1000)
 
-            cpu0 = time.process_time()
+            wcpu0, cpu0 = witness_cpu(), time.process_time()
             t0 = time.perf_counter()
             async with trio.open_nursery() as nursery:
                 for i, (_, svc) in enumerate(nodes):
@@ -391,6 +398,7 @@ async def bench_certify(
                         nursery.start_soon(pay_timed, svc, r)
             elapsed = time.perf_counter() - t0
             payer_cpu = time.process_time() - cpu0
+            wcpu = witness_cpu() - wcpu0
             total = payers * per_payer
             witness_stats = []
             for proc in procs:
@@ -422,6 +430,9 @@ async def bench_certify(
             "payers": payers,
             "n": payers * one_by_one,
             "certs_per_s": round(payers * one_by_one / one_elapsed, 1),
+            "payer_process_cpu_ms_per_cert": round(1000 * one_cpu / (payers * one_by_one), 2),
+            # CPU of the 4 witness processes together (psutil, user + system).
+            "witness_cpu_ms_per_cert": round(1000 * one_wcpu / (payers * one_by_one), 2),
         },
         "concurrent": {
             "payers": payers,
@@ -432,6 +443,7 @@ async def bench_certify(
             "p50_ms": round(statistics.median(conc_lat), 2),
             "p99_ms": round(pct(conc_lat, 0.99), 2),
             "payer_process_cpu_ms_per_cert": round(1000 * payer_cpu / total, 2),
+            "witness_cpu_ms_per_cert": round(1000 * wcpu / total, 2),
             # All witness commits of the run (warm-up and sequential included) per vote.
             "witness_commits_per_vote": round(
                 commits / max(1, sum(w["votes"] for w in witness_stats)), 2

@@ -16,6 +16,7 @@ Money is integer micro-credits (``price``), never floats.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -231,9 +232,10 @@ class Receipt:
             receipt.verify()
         return receipt
 
-    @property
+    @functools.cached_property
     def receipt_id(self) -> bytes:
-        """sha256 of the receipt's canonical bytes: its key in ledgers and sync."""
+        """sha256 of the receipt's canonical bytes: its key in ledgers and sync (computed
+        once per object: a witness and a ledger ask for it several times per payment)."""
         return hashlib.sha256(self.to_bytes()).digest()
 
     @property
