@@ -6,10 +6,20 @@ Joins the network as a DHT client (no ad, nothing served), runs the job
 A spinner on stderr shows what it waits for. Expected failures (model nobody
 serves, no executor, bad inputs, unreachable bootstrap) end with one line on
 stderr and exit 1, never a traceback.
+
+Reach: joining a network that is not on loopback, the client listens on every
+interface (a random TCP port) instead of loopback only, so that it can punch a
+hole (DCUtR) to a NATed executor it reached through a relay. The punch starts
+in the background the moment the executor is dialed; the job does not wait for
+it (one job would pay the punch's time, up to 30 s when it fails, to save a
+relay hop). The job's stream takes the direct connection if it is up by the
+award, else the relay. The report says which (``route``: ``direct``,
+``relayed`` with the relay and why, or ``hole-punched``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +35,7 @@ if TYPE_CHECKING:
 
 DEFAULT_DEADLINE = 30.0
 PAY_WAIT_S = 20.0
+WIDE_LISTEN = "/ip4/0.0.0.0/tcp/0"
 
 
 LOCAL_PAYMENT = "none: this peer's own executor ran it (a peer owes itself nothing)"
@@ -37,6 +48,39 @@ async def _pay(peer: Any, receipt: Any) -> str:
         return LOCAL_PAYMENT
 
     return await payment_status(peer, receipt, PAY_WAIT_S)
+
+
+def client_listen(cfg: Config) -> Config:
+    """``cfg`` listening on every interface when it joins a network beyond loopback with
+    the default (loopback) listen address: a hole punch dials from the listen port."""
+    loopback = ("/ip4/127.", "/ip6/::1/")
+    if cfg.listen != Config().listen or all(b.startswith(loopback) for b in cfg.bootstrap):
+        return cfg
+    return dataclasses.replace(cfg, listen=(WIDE_LISTEN,))
+
+
+def job_route(peer: Any, routes: Any, result: Any) -> dict[str, Any] | None:
+    """How the job's stream reached its executor (``peer.reach.routes.route_of``), with a
+    ``note`` saying why when it went through a relay; None for a local or split run."""
+    from peer.caps import JOB
+    from peer.reach.routes import RELAYED, route_of
+
+    if result.receipt is None or getattr(result, "stages", None):
+        return None
+    punch = peer.reach.punch
+    tried = punch.results.get(result.executor) if punch is not None else None
+    route = route_of(routes.last(result.executor, JOB), tried.addr if tried else None)
+    if route["kind"] == RELAYED:
+        if punch is None:
+            why = "this client cannot punch holes (it listens on no TCP address)"
+        elif tried is None:
+            why = "no hole was punched before the job started"
+        elif not tried.ok:
+            why = f"the hole punch failed after {tried.seconds:.1f} s"
+        else:
+            why = "the hole was punched only after the job started"
+        route["note"] = f"the executor is behind NAT: the job went through a relay ({why})"
+    return route
 
 
 def infer_network(
@@ -58,6 +102,7 @@ def infer_network(
     from peer.logging_setup import setup_logging
     from peer.market import MarketFailure, UnknownModel
     from peer.node import open_peer
+    from peer.reach.routes import StreamRoutes
     from peer.settlement_paths import NetworkError
 
     if not cfg.bootstrap:
@@ -65,6 +110,7 @@ def infer_network(
     if not input_args:
         fail("give the model's inputs with --input NAME=FILE.npy", code=2)
     inputs = parse_input_args(input_args)
+    cfg = client_listen(cfg)
     setup_logging("ERROR")
     from rich.console import Console
 
@@ -82,6 +128,8 @@ def infer_network(
                     )
                     return
                 status.update(f"running {model} through the market (auction, award, result)...")
+                routes = StreamRoutes()
+                peer.host.get_network().register_notifee(routes)
                 try:
                     outcome["result"] = await peer.infer(
                         model,
@@ -93,6 +141,7 @@ def infer_network(
                 except (MarketFailure, UnknownModel, EdgeModelError, ValueError) as exc:
                     outcome["error"] = str(exc)
                     return
+                outcome["route"] = job_route(peer, routes, outcome["result"])
                 status.update("paying the executor (transfer certified by the witnesses)...")
                 # A pipeline owes one receipt per stage.
                 receipts = getattr(outcome["result"], "receipts", [outcome["result"].receipt])
@@ -110,7 +159,7 @@ def infer_network(
         fail(str(exc))
     if "error" in outcome:
         fail(outcome["error"])
-    _report(model, outcome["result"], outcome["payment"], out_dir, json_out, t0)
+    _report(model, outcome["result"], outcome["payment"], out_dir, json_out, t0, outcome["route"])
 
 
 def infer_through(
@@ -176,8 +225,16 @@ def infer_through(
 
 
 def _report(
-    model: str, result: Any, payment: str, out_dir: Path, json_out: bool, t0: float
+    model: str,
+    result: Any,
+    payment: str,
+    out_dir: Path,
+    json_out: bool,
+    t0: float,
+    route: dict[str, Any] | None = None,
 ) -> None:
+    """Print the outputs, payment and receipt (``route``: ``job_route``; None: unknown, e.g.
+    the running peer requested the job)."""
     from peer.cli.models_cmd import write_outputs
 
     written = write_outputs(result.outputs, out_dir)
@@ -188,6 +245,7 @@ def _report(
         out["output_specs"] = written
         out["wall_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
         out["payment"] = payment
+        out["route"] = route
         print_json(out)
         return
     r = result.receipt
@@ -207,6 +265,11 @@ def _report(
         )
     for w in written:
         typer.echo(f"  {w['name']}  {w['dtype']}{tuple(w['shape'])}  -> {w['path']}")
+    if route is not None and route["kind"] is not None:
+        via = f" through relay {route['relay']}" if route["relay"] else ""
+        typer.echo(f"route    {route['kind']}{via} ({route['connection']})")
+        if "note" in route:
+            typer.echo(f"  note: {route['note']}")
     typer.echo(f"payment  {payment}")
     if r is None:
         typer.echo("receipt none (a job run on this peer's own executor has no receipt)")

@@ -6,6 +6,15 @@ the seq the machine allocates (``JobRun.send_input``) and waits for its
 result; ``map`` keeps a window of jobs in flight and yields results in order.
 When the executor goes away the jobs in flight move to the next bidder or a
 new auction; a used-up or expiring batch is renewed transparently.
+
+A batch opened over a relay (a NATed executor) moves off it once a direct
+connection to its executor is up (a hole punch, ``peer.reach.dcutr``): the
+next job starts a new batch, whose stream the swarm puts on the direct
+connection, and the relayed batch is closed (its jobs in flight finish there,
+its receipt comes back as usual). A batch's stream cannot change connections
+mid-batch (one stream per award in the job protocol), so this costs one
+auction, which closes as soon as the held executor bids. ``route`` tells
+which connection the held batch uses.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from typing import Any
 
 import numpy.typing as npt
 import trio
+from libp2p.peer.id import ID
 
 from edge_models.spec import ModelEntry
 from peer import metrics
@@ -27,6 +37,7 @@ from peer.market.receipts import ReceiptBook
 from peer.market.referee import Claim
 from peer.market.requester import Attempt, JobFailed, JobRun, _Waiter, declared_problem, new_request
 from peer.market.spot_check import SpotChecker
+from peer.reach.dcutr import conn_addr, direct_connection, is_relayed
 from protocols import requester as rq
 from protocols.errors import ProtocolError
 from protocols.market import LeaseTerms
@@ -41,6 +52,7 @@ Arrays = dict[str, npt.NDArray[Any]]
 CheckInputs = Callable[[ModelEntry | None, Mapping[str, Any]], Arrays]
 
 DEFAULT_WINDOW = 8
+MAX_MOVES = 2  # batches moved off a relay per executor and lease (a direct one that breaks)
 
 
 class Lease:
@@ -90,12 +102,25 @@ class Lease:
         self._lock = trio.Lock()
         self._closed = False
         self._until = 0.0
+        self._direct: Attempt | None = None  # the last attempt seen on a direct connection
+        self._leaving: JobRun | None = None  # a relayed batch to end: a direct path is up
+        self.moves: dict[str, int] = {}  # executor -> batches moved off a relay
 
     @property
     def executor(self) -> str | None:
         run = self._current
         att = run.attempt if run is not None else None
         return att.executor if att is not None else None
+
+    @property
+    def route(self) -> str | None:
+        """The address of the connection the held batch's job stream is on (it holds
+        ``/p2p-circuit`` while relayed); None while no stream is held."""
+        run = self._current
+        att = run.attempt if run is not None else None
+        if att is None or att.fs is None:
+            return None
+        return conn_addr(getattr(att.fs.stream, "muxed_conn", None))
 
     async def _run(self, wire: Any) -> JobRun:
         """The batch to send on: the current one, or a new auction (``wire``: a job's
@@ -138,7 +163,37 @@ class Lease:
             and not run.done.is_set()
             and self.clock() < self._until - 0.5
             and (run.attempt is None or run.can_send(self.max_jobs))
+            and not self._off_relay(run)
         )
+
+    def _off_relay(self, run: JobRun) -> bool:
+        """Whether ``run``'s stream goes through a relay while a direct connection to its
+        executor is up: then the next job starts a new batch, which goes direct."""
+        if run is self._leaving:
+            return True
+        att = run.attempt
+        if att is None or att.fs is None or att is self._direct or not att.ready.is_set():
+            return False
+        if not is_relayed(getattr(att.fs.stream, "muxed_conn", None)):
+            self._direct = att
+            return False
+        if self.moves.get(att.executor, 0) >= MAX_MOVES:
+            return False
+        host = getattr(self.auctions.dialer, "host", None)
+        try:
+            conn = direct_connection(host, ID.from_base58(att.executor)) if host else None
+        except Exception:  # a peer id we cannot parse, a host without a swarm
+            conn = None
+        if conn is None:
+            return False
+        self.moves[att.executor] = self.moves.get(att.executor, 0) + 1
+        self._leaving = run
+        log.info(
+            "lease: %s is reachable directly at %s now: its next jobs leave the relay",
+            att.executor,
+            conn_addr(conn),
+        )
+        return True
 
     async def _drive(self, run: JobRun, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         try:

@@ -62,6 +62,18 @@ class Reach:
         if self.reservations is not None:
             self.reservations.wake.set()
 
+    def on_reachability(self, republish: Callable[[], None]) -> Callable[[], None]:
+        """What to do when AutoNAT changes its verdict: republish our ad, and wake the
+        relay reservations (a peer found private reserves at once, not at their next
+        30 s check)."""
+
+        def changed() -> None:
+            republish()
+            if self.reservations is not None:
+                self.reservations.wake.set()
+
+        return changed
+
     @property
     def status(self) -> str:
         """``public``, ``private`` or ``unknown`` (AutoNAT, or the ``reachability`` setting)."""
@@ -101,7 +113,7 @@ class Reach:
                 self.advertiser,
                 forced=forced,
                 servers=lambda: bootstrap_ids,
-                on_change=republish,
+                on_change=self.on_reachability(republish),
             )
             if role == "peer":
                 await nursery.start(self.reachability.run, lambda: self._kick)

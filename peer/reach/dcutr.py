@@ -25,6 +25,13 @@ connection is closed later (see below). What ``HolePunch`` changes:
   before the punch finished would break). Here, past those 60 s, it is closed
   once it carries no stream, checked every ``IDLE_CHECK`` seconds for at most
   ``IDLE_CHECKS`` times (the relay ends a circuit after 10 minutes anyway).
+* **A dial that wins is not torn down**: py-libp2p polls for a direct connection
+  while its punch dials run and cancels them once one shows; the swarm lists a
+  connection before it has run its "connected" notifications, and a cancel
+  landing there closes it (``ADDCONN_FAIL ... Cancelled``), after which the
+  later rounds failed (the lab saw it in about 1 punch in 4). Here each dial runs
+  in the service's own nursery (bounded by ``dial_timeout``, stopped with the
+  service): the round stops waiting for it, the dial itself finishes.
 * **Outcome**: each punch is logged (``hole punched to PEER: direct at ADDR in
   T s`` or why not) and kept in ``results`` (bench/reach.py reads the logs).
 
@@ -102,6 +109,7 @@ class HolePunch(DCUtRProtocol):
         self._punching: set[ID] = set()
         self._inbound: set[ID] = set()
         self.results: dict[str, PunchResult] = {}
+        self._dials: trio.Nursery | None = None  # where punch dials run (see the docstring)
         self.changed = trio.Event()  # set (and replaced) after each punch we initiated
 
     def request(self, peer_id: ID) -> None:
@@ -112,6 +120,7 @@ class HolePunch(DCUtRProtocol):
     async def _auto_drive_loop(self) -> None:
         # Replaces py-libp2p's 2-second poll of every relayed peer: punch on request.
         async with trio.open_nursery() as nursery:
+            self._dials = nursery
             async for peer_id in self._receive:
                 if peer_id in self._punching or len(self._punching) >= MAX_PUNCHING:
                     continue
@@ -120,6 +129,29 @@ class HolePunch(DCUtRProtocol):
 
     async def _try_unilateral_upgrade(self, peer_id: ID) -> bool:
         return False  # see the module docstring
+
+    async def _dial_peer(
+        self,
+        peer_id: ID,
+        addr: Multiaddr,
+        source: tuple[str, int] | None = None,
+        as_responder: bool = False,
+    ) -> None:
+        # Cancelling this wait leaves the dial running (see the module docstring).
+        nursery = self._dials
+        if nursery is None:
+            await super()._dial_peer(peer_id, addr, source, as_responder)
+            return
+        done = trio.Event()
+
+        async def dial() -> None:
+            try:
+                await DCUtRProtocol._dial_peer(self, peer_id, addr, source, as_responder)
+            finally:
+                done.set()
+
+        nursery.start_soon(dial)
+        await done.wait()
 
     async def _punch(self, peer_id: ID) -> None:
         t0 = trio.current_time()

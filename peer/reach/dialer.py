@@ -22,7 +22,11 @@ the market, settlement) goes through it:
 * ``/p2p-circuit`` addresses are dialed through the relay client when one is
   attached (``circuit_dial``; see ``peer.reach.relay``); when such a dial wins,
   ``on_relayed(peer)`` asks for a hole punch (``peer.reach.dcutr``);
-* a held connection that does not go through a relay is preferred to a relayed one.
+* a held connection that does not go through a relay is preferred to a relayed one,
+  for dials and for every new stream: ``install`` also makes the swarm's stream
+  placement pick among direct connections first (py-libp2p's ``best`` looks at
+  a connection type that a hole-punched TCP connection leaves ``UNKNOWN``, so it
+  ranked the relayed connection, which carried more streams, first).
 
 Failures raise ``DialError`` (a ``SwarmException``, what py-libp2p's callers
 already catch) naming every address tried and why it failed.
@@ -119,14 +123,27 @@ class Dialer:
         self._failed: dict[tuple[str, str], float] = {}  # (peer id, address) -> until
         self._inflight: dict[ID, trio.Event] = {}
         self.swarm: Any = host.get_network()
+        self._swarm_select: Callable[[list[INetConn], ID], INetConn] = lambda conns, _p: conns[0]
 
     # -- hook ---------------------------------------------------------------
 
     def install(self) -> Dialer:
-        """Make the host's swarm dial through us (an instance attribute shadows the method)."""
+        """Make the host's swarm dial through us and put new streams on a direct connection
+        when it holds one (instance attributes shadow the methods)."""
         self.swarm.dial_peer = self.dial_peer
+        select = getattr(self.swarm, "_select_connection", None)
+        if select is not None:
+            self._swarm_select = select
+            self.swarm._select_connection = self.select_connection
         self.swarm._edgeswarm_dialer = self
         return self
+
+    def select_connection(self, connections: list[INetConn], peer_id: ID) -> INetConn:
+        """The connection a new stream to ``peer_id`` goes on: the swarm's choice among the
+        direct ones if there are any, else among all (relayed)."""
+        direct = [c for c in connections if not _relayed(c)]
+        chosen: INetConn = self._swarm_select(direct or connections, peer_id)
+        return chosen
 
     @staticmethod
     def of(host: IHost) -> Dialer | None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
-from libp2p.abc import IHost, INetConn, INetStream, INotifee
+from libp2p.abc import IHost, INetConn, INetStream
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
@@ -51,6 +51,7 @@ from multiaddr import Multiaddr
 
 from peer import metrics
 from peer.reach.addresses import Advertiser
+from peer.reach.notifee import QuietNotifee
 from protocols.reach import parse_dial_addr, rank_dial_addrs
 
 log = logging.getLogger(__name__)
@@ -192,31 +193,16 @@ class HopGuard:
                 del self._open[peer]
 
 
-class _Lost(INotifee):
+class _Lost(QuietNotifee):
     """Calls ``on_lost(peer)`` when the last connection to a peer closes."""
 
     def __init__(self, on_lost: Callable[[ID], None]) -> None:
         self.on_lost = on_lost
 
-    async def opened_stream(self, network: Any, stream: INetStream) -> None:
-        pass
-
-    async def closed_stream(self, network: Any, stream: INetStream) -> None:
-        pass
-
-    async def connected(self, network: Any, conn: INetConn) -> None:
-        pass
-
     async def disconnected(self, network: Any, conn: INetConn) -> None:
         peer = conn.muxed_conn.peer_id
         if not [c for c in network.get_connections(peer) if not getattr(c, "is_closed", False)]:
             self.on_lost(peer)
-
-    async def listen(self, network: Any, multiaddr: Multiaddr) -> None:
-        pass
-
-    async def listen_close(self, network: Any, multiaddr: Multiaddr) -> None:
-        pass
 
 
 @dataclass

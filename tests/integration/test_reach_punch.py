@@ -6,6 +6,7 @@ The punch itself needs two NATs: tests/reach/test_reach_lab.py.
 from __future__ import annotations
 
 import nacl.signing
+import pytest
 import trio
 from multiaddr import Multiaddr
 
@@ -79,3 +80,27 @@ async def test_without_a_direct_connection_the_relay_is_kept(autojump_clock: obj
     punch = HolePunch(FakeHost([idle]))  # type: ignore[arg-type]
     await punch._close_relayed_conns_after_grace("peer", 60.0)  # type: ignore[arg-type]
     assert not idle.is_closed
+
+
+async def test_a_punch_round_that_stops_waiting_leaves_its_dial_to_finish(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # py-libp2p cancels a round's dials once a direct connection shows; a dial still inside
+    # the swarm's add_conn must not be cancelled with it (that closed the new connection).
+    from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+
+    finished: list[str] = []
+    go = trio.Event()
+
+    async def slow_dial(self: object, peer_id: object, addr: Multiaddr, *_a: object) -> None:
+        await go.wait()  # e.g. the swarm running its "connected" notifications
+        finished.append(str(addr))
+
+    monkeypatch.setattr(DCUtRProtocol, "_dial_peer", slow_dial)
+    punch = HolePunch(build_host(nacl.signing.SigningKey.generate()))
+    async with trio.open_nursery() as nursery:
+        punch._dials = nursery
+        with trio.move_on_after(0.05):  # the round gives up waiting
+            await punch._dial_peer("peer", Multiaddr("/ip4/10.77.0.101/tcp/4001"))  # type: ignore[arg-type]
+        go.set()
+    assert finished == ["/ip4/10.77.0.101/tcp/4001"]

@@ -1,11 +1,19 @@
-"""A requester app for the lab (run in a home): N single jobs, hole punching after the first.
+"""A requester app for the lab (run in a home): a lease whose jobs start on the relay, a hole
+punch mid-lease, the lease's later jobs, then one single job.
 
     python tests/reach/punch_client.py BOOTSTRAP[,BOOTSTRAP] DATA_DIR N
 
-It listens on TCP (a hole punch dials from the listen port). Prints JSON lines:
-``{"i", "executor", "conn"}`` per job, where ``conn`` is the address of the
-connection the job's stream went over (``/p2p-circuit`` when relayed), and
-``{"punch": {"ok", "seconds", "addr"}}`` once the punch after job 0 is done.
+It listens on TCP (a hole punch dials from the listen port) and punches only when
+told: after job N // 2 of the lease. Its automatic punch after a relayed dial
+(``HolePunch.request``, which may come while the peer starts: discovery dials
+the executor) is gated here, so the lease's first jobs surely run on the relay.
+Prints JSON lines:
+``{"i", "executor", "route"}`` per lease job (``route``: the address of the
+connection the lease's job stream is on, ``/p2p-circuit`` when relayed),
+``{"punch": {"ok", "seconds", "addr"}}`` after the punch,
+``{"receipts": [count, ...], "moves": {executor: n}}`` once the lease is closed, and
+``{"single": {"executor", "conn"}}`` for the single job (``conn``: the address of
+the connection its job stream went over).
 """
 
 from __future__ import annotations
@@ -17,47 +25,26 @@ from typing import Any
 
 import numpy as np
 import trio
-from libp2p.abc import INotifee
+from libp2p.peer.id import ID
 
 from peer.caps import JOB
 from peer.config import load_config
 from peer.logging_setup import setup_logging
 from peer.node import open_peer
+from peer.reach.dcutr import HolePunch
+from peer.reach.routes import StreamRoutes
 
 PUNCH_WAIT = 60.0
+ALLOWED: set[ID] = set()  # peers we may punch to now
+_request = HolePunch.request
 
 
-class Streams(INotifee):
-    """Every stream this host opens, with the address of the connection it is on."""
+def _gated(self: HolePunch, peer_id: ID) -> None:
+    if peer_id in ALLOWED:
+        _request(self, peer_id)
 
-    def __init__(self) -> None:
-        self.seen: list[tuple[Any, str]] = []
 
-    async def opened_stream(self, network: Any, stream: Any) -> None:
-        if len(self.seen) < 10_000:
-            addrs = stream.muxed_conn.get_transport_addresses()
-            self.seen.append((stream, str(addrs[0]) if addrs else ""))
-
-    def job_conns(self) -> list[str]:
-        """Connection addresses of the job streams opened since the last call."""
-        out = [addr for s, addr in self.seen if s.get_protocol() == JOB]
-        self.seen = [(s, a) for s, a in self.seen if s.get_protocol() is None]
-        return out
-
-    async def closed_stream(self, network: Any, stream: Any) -> None:
-        pass
-
-    async def connected(self, network: Any, conn: Any) -> None:
-        pass
-
-    async def disconnected(self, network: Any, conn: Any) -> None:
-        pass
-
-    async def listen(self, network: Any, multiaddr: Any) -> None:
-        pass
-
-    async def listen_close(self, network: Any, multiaddr: Any) -> None:
-        pass
+HolePunch.request = _gated  # type: ignore[method-assign]
 
 
 def say(**kw: Any) -> None:
@@ -70,19 +57,28 @@ async def main(boots: str, data_dir: str, n: int) -> None:
         cli={"bootstrap": boots.split(","), "data_dir": data_dir, "listen": ["/ip4/0.0.0.0/tcp/0"]}
     )
     x = np.arange(4, dtype=np.float32)
-    streams = Streams()
+    routes = StreamRoutes()
     async with open_peer(config, role="client", market=True) as peer:
-        assert peer.reach.punch is not None, "no hole punching on this peer"
-        peer.host.get_network().register_notifee(streams)
-        for i in range(n):
-            result = await peer.infer("tiny_add", {"x": x, "y": x}, max_price=5.0, deadline=30)
-            say(i=i, executor=result.executor, conn=streams.job_conns())
-            if i == 0:
-                with trio.fail_after(PUNCH_WAIT):
-                    while result.executor not in peer.reach.punch.results:
-                        await peer.reach.punch.changed.wait()
-                punch = peer.reach.punch.results[result.executor]
-                say(punch={"ok": punch.ok, "seconds": punch.seconds, "addr": punch.addr})
+        punch = peer.reach.punch
+        assert punch is not None, "no hole punching on this peer"
+        peer.host.get_network().register_notifee(routes)
+        async with peer.lease("tiny_add", max_jobs=n, seconds=300, max_price=5.0) as lease:
+            for i in range(n):
+                await lease.infer({"x": x, "y": x})
+                executor = lease.executor
+                assert executor is not None
+                say(i=i, executor=executor, route=lease.route)
+                if i == n // 2 - 1:
+                    ALLOWED.add(ID.from_base58(executor))
+                    punch.request(ID.from_base58(executor))
+                    with trio.fail_after(PUNCH_WAIT):
+                        while executor not in punch.results:
+                            await punch.changed.wait()
+                    got = punch.results[executor]
+                    say(punch={"ok": got.ok, "seconds": got.seconds, "addr": got.addr})
+        say(receipts=[r.count for r in lease.receipts], moves=lease.moves)
+        result = await peer.infer("tiny_add", {"x": x, "y": x}, max_price=5.0, deadline=30)
+        say(single={"executor": result.executor, "conn": routes.last(result.executor, JOB)})
 
 
 if __name__ == "__main__":

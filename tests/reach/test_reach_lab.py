@@ -93,7 +93,7 @@ async def test_relay_dies_mid_lease_and_the_lease_goes_on_through_the_second_rel
         assert survivor.name.startswith("boot")
 
 
-async def test_two_nated_peers_punch_a_hole_and_later_job_streams_go_direct(
+async def test_two_nated_peers_punch_a_hole_and_a_relayed_lease_moves_to_it(
     lab: Lab, tmp_path: Path
 ) -> None:
     boot_host = lab.public("boot")
@@ -101,30 +101,41 @@ async def test_two_nated_peers_punch_a_hole_and_later_job_streams_go_direct(
     ex_host, req_host = lab.home("ex", drops=True), lab.home("req", drops=True)
     async with local_swarm(tmp_path / "swarm") as swarm:
         boot = await start_bootstrap(swarm, "boot", boot_host)
+        boot_id = boot.rsplit("/p2p/", 1)[1]
         ex = await start_executor(swarm, "ex", ex_host, [boot])
         await wait_log(ex, "reserved a slot on relay")
+        # `edgeswarm infer` from a home: it reaches the executor through the relay and
+        # punches a hole in the background (it listens on every interface for that); its job
+        # takes whichever connection is up at the award, and the report says which. (Not at
+        # once with the lease client below: two requesters in one home at once left the
+        # second without bids, punch or not; see docs/reach.md.)
+        (tmp_path / "cli").mkdir()
+        report = await infer(tmp_path / "cli", req_host, [boot])
+        route = report["route"]
+        assert report["executor"] == ex.peer_id
+        if route["kind"] == "relayed":
+            assert route["relay"] == boot_id and "behind NAT" in route["note"], route
+        else:
+            assert route["kind"] == "hole-punched", route
+            assert route["connection"].startswith(f"/ip4/{ex_host.wan}/tcp/"), route
+        await wait_log(ex, f"hole punched with {report['receipt']['requester']}")
+        # A lease whose first jobs run on the relay (no punch yet), then a punch, more jobs.
         client = await LeaseClient.start(
-            req_host, [boot], tmp_path / "req", 3, script_name="punch_client.py"
+            req_host, [boot], tmp_path / "req", 6, script_name="punch_client.py"
         )
         async with client:
             lines = await client.finish()
-        await wait_log(ex, "hole punched with")
     jobs = [ln for ln in lines if "i" in ln]
-    assert [j["executor"] for j in jobs] == [ex.peer_id] * 3, lines
-    # The requester reached the NATed executor through the relay (only then does it punch),
-    # then punched a hole to the executor's NAT (its public side, listen port preserved) ...
+    assert [j["executor"] for j in jobs] == [ex.peer_id] * 6, lines
     punch = next(ln["punch"] for ln in lines if "punch" in ln)
     assert punch["ok"] and punch["addr"].startswith(f"/ip4/{ex_host.wan}/tcp/"), punch
-    # ... the first job's stream went over the relay, or already over the direct
-    # connection when the punch beat the award (it takes ~0.3 s here) ...
-    first = jobs[0]["conn"]
-    assert len(first) == 1 and ("/p2p-circuit" in first[0] or first[0] == punch["addr"]), lines
-    # ... and every job after the punch went over the direct connection: on a new stream
-    # there, or on the idle stream an earlier direct job left (relayed streams are not kept).
-    path = first[0]
-    for job in jobs[1:]:
-        if job["conn"]:
-            assert job["conn"] == [punch["addr"]], lines
-            path = job["conn"][0]
-        else:
-            assert path == punch["addr"], lines
+    # Jobs 0-2 went over the relay: the lease's job stream was on a relayed connection ...
+    for job in jobs[:3]:
+        assert job["route"].startswith(f"{boot}/p2p-circuit"), lines
+    # ... and once the hole was punched, the lease's next jobs went over the direct one.
+    assert [j["route"] for j in jobs[3:]] == [punch["addr"]] * 3, lines
+    # It took a new batch: the relayed one was closed and paid for its 3 jobs.
+    done = next(ln for ln in lines if "receipts" in ln)
+    assert sorted(done["receipts"]) == [3, 3] and done["moves"] == {ex.peer_id: 1}, lines
+    single = next(ln["single"] for ln in lines if "single" in ln)
+    assert single == {"executor": ex.peer_id, "conn": punch["addr"]}, lines
