@@ -183,7 +183,12 @@ async def test_a_pipeline_runs_across_peers_that_each_hold_one_stage(
         assert cs[2].input_digest == cs[1].output_digest
         assert [c.model_cid for c in cs] == [s.cid for s in manifest.stages]
         assert result.to_dict()["pipeline"]["cid"] == manifest.cid
-        assert result.placement == "no single peer serves the whole model"
+        # Nobody serves the whole model; a DHT slowed by load may not say so within the
+        # placement budget, which is reported as such (both run split).
+        assert result.placement in {
+            "no single peer serves the whole model",
+            "no answer in time about the whole model",
+        }, result.placement
         # Streamed: both intermediates went executor to executor, never through us.
         assert result.forwarded == 2 and result.to_dict()["pipeline"]["forwarded"] == 2
         assert [s.wire is None for s in result.stages] == [True, True, False]
