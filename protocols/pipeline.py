@@ -644,18 +644,33 @@ class StagePayload:
             raise ValidationError("StagePayload.tensors must be a map of tensors")
 
 
+MAX_TAKEN = 64  # signed outputs a route's answer reports (a lease's window is at most 64)
+STAGE_REPLY_MAX = STAGE_CONTROL_MAX + MAX_TAKEN * (StageOutput.MAX_BYTES + 256)
+
+
 @dataclass(frozen=True)
 class StageReply:
-    """The answer to a route or a forward: taken, or why not."""
+    """The answer to a route or a forward: taken, or why not. A route's answer also gives
+    ``taken``: the signed outputs of the latest forwards (at most ``MAX_TAKEN``) this
+    executor took for the route's job, from any upstream, before it took the route. From
+    then on it takes forwards only from the route's upstream, so a requester re-routing
+    around a dead upstream learns exactly which of its jobs that one delivered
+    (``answered_downstream``)."""
 
     ok: bool
     why: str = ""
+    taken: tuple[Signed[StageOutput], ...] = ()
 
     def __post_init__(self) -> None:
         if type(self.ok) is not bool:
             raise ValidationError("StageReply.ok must be a bool")
         if self.why:
             want_str("StageReply", "why", self.why, hi=512)
+        if type(self.taken) is not tuple or len(self.taken) > MAX_TAKEN:
+            raise ValidationError(f"StageReply.taken must be a tuple of at most {MAX_TAKEN}")
+        for out in self.taken:
+            if not isinstance(out, Signed) or not isinstance(out.message, StageOutput):
+                raise ValidationError("StageReply.taken holds signed StageOutputs")
 
 
 StageFrame = Signed[StageRoute] | StageForward | StagePayload | StageReply
@@ -678,6 +693,9 @@ def encode_stage_frame(item: StageFrame) -> bytes:
         )
     if isinstance(item, StagePayload):
         return encode({"t": "x", "x": item.tensors})
+    if item.taken:
+        taken = [o.to_bytes() for o in item.taken]
+        return encode({"t": "reply", "ok": item.ok, "why": item.why, "k": taken})
     return encode({"t": "reply", "ok": item.ok, "why": item.why})
 
 
@@ -701,6 +719,11 @@ def decode_stage_frame(data: bytes, *, max_size: int) -> StageFrame:
         return StagePayload(raw["x"])
     if tag == "reply" and fields == {"t", "ok", "why"}:
         return StageReply(ok=raw["ok"], why=raw["why"])
+    if tag == "reply" and fields == {"t", "ok", "why", "k"} and type(raw["k"]) is list:
+        if len(raw["k"]) > MAX_TAKEN or not all(type(o) is bytes for o in raw["k"]):
+            raise DecodeError(f"a reply reports at most {MAX_TAKEN} signed outputs")
+        taken = tuple(open_message(StageOutput, o) for o in raw["k"])
+        return StageReply(ok=raw["ok"], why=raw["why"], taken=taken)
     raise DecodeError(f"unknown stage frame {str(tag)[:40]!r} with fields {sorted(map(str, raw))}")
 
 
@@ -752,3 +775,48 @@ def check_payload(header: StageForward, payload_digest: bytes) -> None:
     """The payload read after ``header`` must be the one its sender signed for."""
     if payload_digest != header.output.message.output_digest:
         raise ForwardRefused("the forwarded payload is not the one its sender signed for")
+
+
+def answered_downstream(
+    taken: Sequence[Signed[StageOutput]],
+    *,
+    requester: str,
+    executor: str,
+    job_id: bytes,
+    to_job: bytes,
+    first: int,
+    end: int,
+    base: int,
+    to_base: int,
+) -> list[tuple[int, Signed[StageOutput]]]:
+    """The lease jobs ``first``, ``first + 1``, ... (before ``end``) that the dead ``executor``
+    of stage job ``job_id`` forwarded to the next stage (job ``to_job``) although its
+    answer to the requester was lost: the take-over must start after them, else the next
+    stage would get them twice. ``taken``: the next stage executor's report (its route's
+    answer); ``base``/``to_base``: the lease job that seq 0 of ``job_id``/``to_job`` is.
+
+    Only signed outputs the dead executor signed itself, for this requester, about its job
+    n's seq and the next stage's seq of job n count, and only in an unbroken run from
+    ``first``: the next stage executor cannot make a job look answered that was not, and a
+    job the dead one delivered is its own (unpaid past its last accepted commitment).
+    """
+    by_seq: dict[int, Signed[StageOutput]] = {}
+    for signed in taken:
+        out = signed.message
+        try:
+            signed.verify()
+        except ProtocolError:
+            continue
+        if out.executor != executor or out.requester != requester:
+            continue
+        if out.job_id != job_id or out.to_job != to_job:
+            continue
+        if out.seq + base != out.to_seq + to_base:  # not the same lease job on both sides
+            continue
+        by_seq.setdefault(out.seq + base, signed)
+    answered: list[tuple[int, Signed[StageOutput]]] = []
+    n = first
+    while n < end and n in by_seq:
+        answered.append((n, by_seq[n]))
+        n += 1
+    return answered

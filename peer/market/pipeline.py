@@ -70,14 +70,16 @@ from protocols.pipeline import (
     PipelineManifest,
     Placement,
     Segment,
+    StageOutput,
     StageRoute,
+    answered_downstream,
     check_chain,
     check_lease_chain,
     choose_placement,
 )
 from protocols.receipt import MAX_BATCH, Receipt, ResultCommitment, batch_digest, content_digest
 from protocols.requester import DeadlineExceeded, MarketFailure
-from protocols.signed import sign_message
+from protocols.signed import Signed, sign_message
 from protocols.tensor import decode_tensors, encode_tensors
 
 if TYPE_CHECKING:
@@ -768,6 +770,9 @@ class PipelineLease:
         # Per stage, what its dead executors were paid (accepted interim commitments).
         self.paid_before: list[list[Segment]] = [[] for _ in range(n)]
         self.interim_receipts: list[Receipt] = []
+        # Jobs a lost executor forwarded on before its answer reached us: its signed outputs
+        # (what the next stage ran on; that executor is unpaid for them).
+        self.delivered: list[Signed[StageOutput]] = []
 
     def _wire(self, inputs: Mapping[str, Any]) -> Any:
         arrays = to_arrays(inputs)
@@ -833,15 +838,17 @@ class PipelineLease:
             self.interim_receipts.append(old.interim)
             self.market.receipts.add(old.interim, "requester")
             self.paid_before[k].append(Segment(self.s.base[k], old.interim.commitment.message))
-        self.s.base[k] = n0
         st.att, st.routed = att, att.executor
+        if k + 1 < len(self.s.stages):  # else stage k's forwards are refused and come to us
+            # The next stage is pointed at the new executor first: from then on it takes
+            # nothing more from the old one, and its answer says which jobs the old one
+            # forwarded to it although their JobForwarded never reached us. Those are
+            # answered (by the old one, unpaid): the new one starts after them.
+            n0 = await self._point_next_stage(k, old, n0)
+        self.s.base[k] = n0
         why = await self.s._send(k, self.s._route(k))
         if why:
             raise self._failure(k, why)
-        if k + 1 < len(self.s.stages):  # else stage k's forwards are refused and come to us
-            why = await self.s._send(k + 1, self.s._route(k + 1))
-            if why:
-                log.info("pipeline %s: %s", self.entry.name, why)
         for n in range(n0, self._next[k]):
             await self._send_one(k, n, att)
         if k > 0:  # the previous stage's executor forwards its held outputs of n0.. again
@@ -851,6 +858,49 @@ class PipelineLease:
         moved = f"stage {k + 1} from job {n0}: {old.executor if old else '?'} -> {att.executor}"
         self.failovers.append(moved)
         log.warning("pipeline %s: took over %s", self.entry.name, moved)
+
+    async def _point_next_stage(self, k: int, old: Attempt | None, n0: int) -> int:
+        """Route stage k+1 to stage k's new executor (``st.routed``, set); returns the first
+        job the new executor runs: ``n0``, or after the jobs from ``n0`` on that the old
+        executor had forwarded to stage k+1 already (``answered_downstream``)."""
+        st, nxt = self.s.stages[k], self.s.stages[k + 1]
+        route = self.s._route(k + 1)
+        if route is None:
+            return n0
+        signed = sign_message(self.market.key, route)
+        why, taken = await self.market.links.route_taken(route.executor, signed, self.s.until)
+        if why:
+            log.info("pipeline %s: %s", self.entry.name, why)
+            return n0
+        if old is None or k in self.s.via_requester:
+            return n0
+        answered = answered_downstream(
+            taken,
+            requester=self.market.peer_id,
+            executor=old.executor,
+            job_id=st.job_id,
+            to_job=nxt.job_id,
+            first=n0,
+            end=self._next[k],
+            base=self.s.base[k],
+            to_base=self.s.base[k + 1],
+        )
+        for n, out in answered:
+            waiter = _Waiter(forwarded=out.message.output_digest)
+            waiter.done.set()
+            self._waiters[k][n] = waiter
+            self._given[k].pop(n, None)
+            self.delivered.append(out)
+        if answered:
+            log.warning(
+                "pipeline %s: stage %d's old executor forwarded job(s) %d..%d before it was "
+                "lost; its replacement starts after them",
+                self.entry.name,
+                k + 1,
+                answered[0][0],
+                answered[-1][0],
+            )
+        return n0 + len(answered)
 
     async def _answer(self, k: int, n: int) -> _Waiter:
         """Stage k's answer to job ``n``, following take-overs."""

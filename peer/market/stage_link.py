@@ -43,8 +43,10 @@ from protocols.codec import FrameDecoder, frame
 from protocols.errors import ProtocolError
 from protocols.market import JobInput
 from protocols.pipeline import (
+    MAX_TAKEN,
     STAGE_CONTROL_MAX,
     STAGE_PROTOCOL_ID,
+    STAGE_REPLY_MAX,
     ForwardRefused,
     StageForward,
     StageFrame,
@@ -156,6 +158,9 @@ class StageLinks:
         self.forwarded = trio.Event()  # set (and renewed) at each forward taken downstream
         self.sessions_changed = trio.Event()
         self._links: dict[tuple[str, bytes], _Link] = {}  # (downstream, its job) -> stream
+        # Per stage job: held from checking a forward to feeding it, and while a route is
+        # taken, so that a route's answer reports every forward taken before it (``taken``).
+        self._intake: dict[bytes, trio.Lock] = {}
 
     def attach(self, executor: ExecutorService) -> None:
         self.executor = executor
@@ -172,19 +177,28 @@ class StageLinks:
 
     async def send_route(self, executor: str, route: Signed[StageRoute], until: float) -> str:
         """Give ``executor`` its route; "" once it took it, else why not."""
+        why, _ = await self.route_taken(executor, route, until)
+        return why
+
+    async def route_taken(
+        self, executor: str, route: Signed[StageRoute], until: float
+    ) -> tuple[str, tuple[Signed[StageOutput], ...]]:
+        """``send_route``, and the signed outputs of the forwards the executor had taken
+        before this route, when it changes the upstream (``StageReply.taken``)."""
         try:
             with trio.fail_after(max(0.1, min(REPLY_WAIT_S, until - self.clock()))):
-                ss = StageStream(await self.dialer.open_stream(executor, until, STAGE_PROTOCOL))
+                stream = await self.dialer.open_stream(executor, until, STAGE_PROTOCOL)
+                ss = StageStream(stream, max_frame=STAGE_REPLY_MAX)
                 try:
                     await ss.send(route)
                     reply = await ss.receive()
                 finally:
                     await ss.close()
         except Exception as exc:  # dial/negotiation errors of py-libp2p have no common base
-            return f"cannot give {executor} its route: {str(exc) or type(exc).__name__}"
+            return f"cannot give {executor} its route: {str(exc) or type(exc).__name__}", ()
         if not isinstance(reply, StageReply):
-            return f"{executor} answered a route with {type(reply).__name__}"
-        return "" if reply.ok else f"{executor} refused its route: {reply.why}"
+            return f"{executor} answered a route with {type(reply).__name__}", ()
+        return ("" if reply.ok else f"{executor} refused its route: {reply.why}"), reply.taken
 
     # --- executor side: forwarding on ------------------------------------------------------
 
@@ -264,6 +278,9 @@ class StageLinks:
 
     async def close_links(self, from_job: bytes) -> None:
         """Stage job ``from_job``'s award ended: close the streams its forwards went on."""
+        lock = self._intake.get(from_job)
+        if lock is not None and not lock.locked():
+            del self._intake[from_job]
         for key in [k for k, link in self._links.items() if link.from_job == from_job]:
             await self._drop(key)
 
@@ -323,8 +340,9 @@ class StageLinks:
             with trio.fail_after(REPLY_WAIT_S):
                 first = await ss.receive()
             if isinstance(first, Signed) and isinstance(first.message, StageRoute):
-                why = await self._take_route(first.message, ss.remote_peer)
-                await self._reply(ss, why)
+                taken: list[Signed[StageOutput]] = []
+                why = await self._take_route(first.message, ss.remote_peer, taken)
+                await self._reply(ss, why, tuple(taken))
                 return
             item: StageFrame = first
             for _ in range(MAX_FORWARDS_PER_STREAM):  # one stream carries a lease's forwards
@@ -344,12 +362,35 @@ class StageLinks:
         finally:
             await ss.close()
 
-    async def _reply(self, ss: StageStream, why: str) -> None:
+    async def _reply(
+        self, ss: StageStream, why: str, taken: tuple[Signed[StageOutput], ...] = ()
+    ) -> None:
         if why:
             self.refused.append(why)
             del self.refused[:-MAX_REFUSALS_KEPT]
             log.info("stage stream from %s refused: %s", ss.remote_peer, why)
-        await ss.send(StageReply(not why, why[:512]))
+        await ss.send(StageReply(not why, why[:512], taken if not why else ()))
+
+    def intake(self, job_id: bytes) -> trio.Lock:
+        """Stage job ``job_id``'s intake lock (see ``_intake``)."""
+        lock = self._intake.get(job_id)
+        if lock is None:
+            if len(self._intake) >= MAX_RECEIVED:  # bounded: drop idle ones, oldest first
+                for old in [j for j, lk in self._intake.items() if not lk.locked()][:64]:
+                    del self._intake[old]
+            lock = self._intake[job_id] = trio.Lock()
+        return lock
+
+    def taken(self, job_id: bytes) -> tuple[Signed[StageOutput], ...]:
+        """The signed outputs of the latest forwards taken for ``job_id`` (at most
+        ``MAX_TAKEN``, oldest first)."""
+        out: list[Signed[StageOutput]] = []
+        for (to_job, _), signed in reversed(self.received.items()):
+            if to_job == job_id:
+                out.append(signed)
+                if len(out) == MAX_TAKEN:
+                    break
+        return tuple(reversed(out))
 
     async def _session(self, job_id: bytes) -> _Session | None:
         """The award session of ``job_id``, waiting a while for one still being set up."""
@@ -360,7 +401,11 @@ class StageLinks:
                 await self.sessions_changed.wait()
         return self.executor.sessions.get(job_id)
 
-    async def _take_route(self, route: StageRoute, sender: str) -> str:
+    async def _take_route(
+        self, route: StageRoute, sender: str, taken: list[Signed[StageOutput]] | None = None
+    ) -> str:
+        """Take a route; ``taken`` gets what ``StageReply.taken`` reports when the route
+        changes this stage's upstream (the requester re-routes around a dead one)."""
         if route.expires < self.clock():
             return "the route has expired"
         held = self.held.get(route.job_id)
@@ -389,13 +434,23 @@ class StageLinks:
             )
         except ForwardRefused as exc:
             return str(exc)
-        # Under the session's forward lock: no result leaves on the old route meanwhile, and
-        # none is forwarded both by the session and again here.
-        async with s.forward_lock:
-            s.route = route
-            s.route_set.set()
-            if held is not None and route.downstream:  # sent on already: send it anew
-                return await self._reforward(held, route)
+        # Under the intake lock: a forward from the old upstream is either taken before
+        # (and reported in ``taken``) or refused after. Under the session's forward lock: no
+        # result leaves on the old route meanwhile, and none is forwarded both by the
+        # session and again here.
+        async with self.intake(route.job_id):
+            if (
+                taken is not None
+                and s.route is not None
+                and s.route.upstream
+                and s.route.upstream != route.upstream
+            ):
+                taken.extend(self.taken(route.job_id))
+            async with s.forward_lock:
+                s.route = route
+                s.route_set.set()
+                if held is not None and route.downstream:  # sent on already: send it anew
+                    return await self._reforward(held, route)
         return ""
 
     async def _take_forward(self, header: StageForward, ss: StageStream) -> str:
@@ -405,12 +460,24 @@ class StageLinks:
             return f"no award for job {header.to_job.hex()[:12]}"
         with trio.move_on_after(SESSION_WAIT_S):
             await s.route_set.wait()  # the requester routes every stage before it starts
+        async with self.intake(header.to_job):  # a new route waits until this one is kept
+            why, payload = await self._take_checked(s, header, ss)
+        if payload is not None:  # fed outside the lock (it may wait for a free input slot)
+            await self.executor.forwarded_input(s, JobInput(header.to_job, header.seq, payload))
+        return why
+
+    async def _take_checked(
+        self, s: _Session, header: StageForward, ss: StageStream
+    ) -> tuple[str, Any]:
+        """Check a forward, read its payload, keep its signed output: "" and the payload, or
+        why not and None."""
+        assert self.executor is not None
         try:
             check_forward(s.route, sender=ss.remote_peer, header=header)
         except ForwardRefused as exc:
-            return str(exc)
+            return str(exc), None
         if header.size > self.executor.limits.max_total_bytes:
-            return f"a forward of {header.size} bytes is over the input limit"
+            return f"a forward of {header.size} bytes is over the input limit", None
         ss.set_max_frame(self.executor.max_frame)  # now, and only now, the payload is read
         try:
             with trio.fail_after(REPLY_WAIT_S + header.size / 1e6):
@@ -418,13 +485,12 @@ class StageLinks:
         finally:
             ss.set_max_frame(STAGE_CONTROL_MAX)
         if not isinstance(payload, StagePayload):
-            return f"expected the payload, got {type(payload).__name__}"
+            return f"expected the payload, got {type(payload).__name__}", None
         try:
             check_payload(header, content_digest(payload.tensors))
         except ForwardRefused as exc:
-            return str(exc)
+            return str(exc), None
         self.received[(header.to_job, header.seq)] = header.output
         while len(self.received) > MAX_RECEIVED:
             self.received.popitem(last=False)
-        await self.executor.forwarded_input(s, JobInput(header.to_job, header.seq, payload.tensors))
-        return ""
+        return "", payload.tensors

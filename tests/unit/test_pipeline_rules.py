@@ -31,6 +31,7 @@ from protocols.pipeline import (
     StagePayload,
     StageReply,
     StageRoute,
+    answered_downstream,
     check_chain,
     check_forward,
     check_lease_chain,
@@ -549,6 +550,7 @@ def test_stage_frames_round_trip_and_a_route_must_be_signed_by_its_requester() -
         StagePayload(WIRE),
         StageReply(True),
         StageReply(False, "no"),
+        StageReply(True, taken=(output(), output(seq=1, to_seq=1))),
     ]
     for f in frames:
         back = decode_stage_frame(encode_stage_frame(f), max_size=4096)
@@ -575,3 +577,75 @@ def test_a_forwarded_result_frame_carries_only_the_digest() -> None:
         JobForwarded(job_id=J1, seq=2, output_digest=b"d" * 31, to=E2, compute_ms=7)
     with pytest.raises(ValidationError):
         JobForwarded(job_id=J1, seq=2, output_digest=b"d" * 32, to="nobody", compute_ms=7)
+
+
+# --- a take-over after the dead executor's answer was lost but its forward went on ------
+
+
+def answered(taken: list[Signed[StageOutput]], **kw: object) -> list[int]:
+    """Lease jobs that E1 (key 2; stage job J1, its seq 0 = job 0) forwarded to stage job J2
+    (its seq 0 = job 0) from job 2 on, of jobs given up to 6."""
+    base: dict[str, object] = {
+        "requester": REQ,
+        "executor": E1,
+        "job_id": J1,
+        "to_job": J2,
+        "first": 2,
+        "end": 6,
+        "base": 0,
+        "to_base": 0,
+    }
+    base.update(kw)
+    return [n for n, _ in answered_downstream(taken, **base)]  # type: ignore[arg-type]
+
+
+def outs(*seqs: int, **kw: object) -> list[Signed[StageOutput]]:
+    return [output(**{"seq": n, "to_seq": n, **kw}) for n in seqs]
+
+
+def test_jobs_the_lost_executor_forwarded_on_are_not_run_again() -> None:
+    assert answered(outs(0, 1, 2, 3)) == [2, 3]  # before first: answered already, not asked
+    assert answered(outs(3, 2)) == [2, 3]  # any order
+    assert answered([]) == []
+    assert answered(outs(2, 3, 4, 5, 6, 7)) == [2, 3, 4, 5]  # never past the jobs given
+    assert answered(outs(2, 4)) == [2]  # an unbroken run: job 4 went on after a lost job 3?
+    assert answered(outs(3, 4)) == []
+
+
+def test_a_shifted_lease_maps_both_sides_seqs_onto_lease_jobs() -> None:
+    # E1 took over stage 1 at job 1 (its seq s is job s + 1); stage 2's executor at job 2.
+    taken = [output(seq=1, to_seq=0), output(seq=2, to_seq=1)]  # jobs 2 and 3
+    assert answered(taken, base=1, to_base=2) == [2, 3]
+    assert answered(taken, base=0, to_base=2) == []  # seq s would be job s: no match
+    assert answered(taken, base=1, to_base=0) == []
+
+
+@pytest.mark.parametrize(
+    "edit",
+    ["signature", "signer", "executor", "requester", "job_id", "to_job", "to_seq"],
+)
+def test_only_the_lost_executors_own_signed_outputs_for_exactly_that_job_count(
+    edit: str,
+) -> None:
+    """The next stage's executor reports them; it must not be able to make a job look
+    answered (the lost one then does not run it, and nobody would)."""
+    good = outs(2)
+    assert answered(good) == [2]
+    bad: Signed[StageOutput]
+    if edit == "signature":  # another message in a genuine envelope
+        msg = dataclasses.replace(good[0].message, output_digest=b"x" * 32)
+        bad = Signed(message=msg, envelope=good[0].envelope)
+    elif edit == "signer":  # signed by another peer in E1's name: cannot verify
+        msg = good[0].message
+        bad = Signed(message=msg, envelope=output(signer=3, seq=2, to_seq=2).envelope)
+    elif edit == "executor":  # a genuine signed output of another executor
+        bad = output(signer=3, seq=2, to_seq=2)
+    elif edit == "requester":
+        bad = outs(2, requester=E3)[0]
+    elif edit == "job_id":
+        bad = outs(2, job_id=J3)[0]
+    elif edit == "to_job":
+        bad = outs(2, to_job=J3)[0]
+    else:
+        bad = output(seq=2, to_seq=3)
+    assert answered([bad]) == []
