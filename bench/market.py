@@ -256,6 +256,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         job_timeout=30.0,
         max_concurrent=2,
         policy=RequesterPolicy(grace_s=10.0),
+        direct_requests=not args.no_direct_requests,
     )
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -346,11 +347,14 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 
                 pool = req.auctions.streams
                 taken, stale = pool.taken, pool.stale
+                direct_sent = req.auctions.direct.sent
                 row["b_auction"] = summary(await timed(auction, n_auction))
                 # Awards that went out on a kept job stream (no stream opened, no protocol
                 # negotiation), and kept streams found closed (a fresh one was opened).
                 row["b_auction"]["streams_reused"] = pool.taken - taken
                 row["b_auction"]["streams_stale"] = pool.stale - stale
+                # Requests that went straight to an expected server on an auction stream.
+                row["b_auction"]["requests_direct"] = req.auctions.direct.sent - direct_sent
                 async with req.lease(cid, max_jobs=100_000, seconds=300) as lease:
 
                     async def one(lease: Any = lease, feeds: dict[str, Any] = feeds) -> None:
@@ -514,6 +518,11 @@ def main() -> None:
         action="store_true",
         help="run bootstrap + executors as separate `edgeswarm` processes (requester stays here)",
     )
+    parser.add_argument(
+        "--no-direct-requests",
+        action="store_true",
+        help="requests on gossip only (no auction streams to the expected servers): the A/B",
+    )
     parser.add_argument("--out", default=None, help="result file name in bench/results/")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument(
@@ -562,6 +571,8 @@ def main() -> None:
             "quick": args.quick,
             "intra_op_threads": args.threads,
             "runs": args.runs,
+            "direct_requests": not args.no_direct_requests,
+            "keep_job_streams": MarketSettings().keep_job_streams,
             "load_average_at_start": list(os.getloadavg()),
             "pipelined": (
                 f"one more executor (price {SOLO_PRICE}, max_concurrent_jobs = 1) wins the "

@@ -239,6 +239,7 @@ class Discovery:
         self._last_crawl = -math.inf
         self.crawls = 0
         self.ad_cache = AdCache()
+        self.listed_ads = AdCache()  # what find_ads found (its answer when a GET times out)
         self.current_ad: CapabilityAd | None = None
         self.peer_id = str(host.get_id())
         # Our advertised addresses, read at every publish (peer.reach: announce, AutoNAT-
@@ -526,6 +527,10 @@ class Discovery:
         ``refresh``: first run the self-lookup and a crawl (see ``crawl``) so
         peers outside our neighbourhood are known too; skipped when the last
         one is under ``CRAWL_MIN_INTERVAL`` old, so callers may poll cheaply.
+        A peer whose ad lookup finds nothing gets the ad an earlier listing
+        found (``listed_ads``) when that was under ``AD_CACHE_S`` ago and it has
+        not expired (on a busy box a GET can time out right after the same ad
+        was listed).
         """
         if refresh and trio.current_time() - self._last_crawl >= CRAWL_MIN_INTERVAL:
             await self.self_lookup()
@@ -539,6 +544,11 @@ class Discovery:
         async def one(pid: str) -> None:
             async with limiter:
                 ad = await self.find_ad(pid, walk=False)
+            now_mono = trio.current_time()
+            if ad is not None:
+                self.listed_ads.put(ad, now_mono)
+            else:  # no answer in time (a busy box): its ad listed under AD_CACHE_S ago
+                ad = self.listed_ads.get(pid, now_mono, self._clock())
             if ad is not None:
                 results[pid] = ad
 

@@ -75,21 +75,37 @@ class FrameStream:
             except Exception as exc:
                 raise JobStreamClosed(f"cannot write to the job stream: {_why(exc)}") from None
 
+    async def send_bytes(self, payload: bytes) -> None:
+        """One frame of already-encoded bytes (e.g. a signed message's ``to_bytes()``)."""
+        await self.send_raw(frame(payload, max_size=self.max_frame))
+
+    async def receive_bytes(self) -> bytes:
+        """The next frame's bytes, undecoded (within ``max_frame``); ``JobStreamClosed`` at
+        the end."""
+        while True:
+            raw = self._decoder.next_frame()
+            if raw is not None:
+                return raw
+            await self._fill()
+
     async def receive(self) -> JobFrame:
         """The next frame; ``JobStreamClosed`` at the end, ``ProtocolError`` on bad bytes."""
         while True:
             raw = self._decoder.next_frame()
             if raw is not None:
                 return decode_frame(raw, max_size=self.max_frame)
-            try:
-                chunk = await self.stream.read(READ_CHUNK)
-            except trio.Cancelled:
-                raise
-            except Exception as exc:
-                raise JobStreamClosed(f"job stream ended: {_why(exc)}") from None
-            if not chunk:
-                raise JobStreamClosed("job stream ended")
-            self._decoder.feed(chunk)  # FrameTooLarge before the body is buffered
+            await self._fill()
+
+    async def _fill(self) -> None:
+        try:
+            chunk = await self.stream.read(READ_CHUNK)
+        except trio.Cancelled:
+            raise
+        except Exception as exc:
+            raise JobStreamClosed(f"job stream ended: {_why(exc)}") from None
+        if not chunk:
+            raise JobStreamClosed("job stream ended")
+        self._decoder.feed(chunk)  # FrameTooLarge before the body is buffered
 
     async def close(self) -> None:
         """Close gracefully (bounded, shielded: also runs while being cancelled)."""

@@ -50,6 +50,9 @@ BID_DOMAIN = "edgeswarm/bid/v1"
 AWARD_DOMAIN = "edgeswarm/award/v1"
 JOB_ERROR_DOMAIN = "edgeswarm/job-error/v1"
 JOB_PROTOCOL_ID = "/edgeswarm/job/1"
+# Requester -> known server: signed JobRequests straight to the servers an auction
+# expects (no gossip mesh hop); the server's signed Bid comes back on the same stream.
+AUCTION_PROTOCOL_ID = "/edgeswarm/auction/1"
 
 # A job or lease may not reach further ahead than this (bounds garbage deadlines).
 MAX_HORIZON_S = 24 * 3600.0

@@ -24,6 +24,7 @@ from libp2p.peer.id import ID
 from peer.job_stream import JOB_PROTOCOL, FrameStream
 from peer.market.clock import Clock, system_clock
 from peer.market.dialer import Dialer
+from peer.market.direct import DirectRequests
 from peer.market.gossip import MarketGossip
 from peer.market.jobspec import JobSpec
 from peer.market.receipts import ReceiptBook
@@ -142,6 +143,7 @@ class Auctions:
         policy: rq.RequesterPolicy,
         clock: Clock = system_clock,
         keep_streams: bool = True,
+        direct_requests: bool = True,
     ) -> None:
         self.key = key
         self.peer_id = peer_id
@@ -160,6 +162,13 @@ class Auctions:
         # Job streams kept open after a single job, one per executor: the next award to it
         # skips opening a stream (and its protocol negotiation).
         self.streams = StreamPool(clock=clock, keep=keep_streams)
+        # Auction streams to the servers we expect: requests straight to them, bids back
+        # (``run`` must be running for them to open; without it, gossip alone carries them).
+        self.direct = DirectRequests(
+            open_stream=dialer.open_stream,
+            deliver=getattr(gossip, "deliver_direct", None) if direct_requests else None,
+            clock=clock,
+        )
 
     async def prepare(self, cid: str, until: float) -> None:
         """Join the cid's topic and get executors of it into our gossip mesh.
@@ -177,12 +186,14 @@ class Auctions:
             if not fresh:
                 found = await self.dialer.servers(cid)
                 found.pop(self.peer_id, None)
-                connected = await self.dialer.connect(found)
                 # Who is expected to bid: every server found (kept across lookups, which can
                 # miss records); one that stops bidding is dropped by ``record``.
                 self._servers.setdefault(cid, set()).update(found)
+                connected = await self.dialer.connect(found)
+                self.direct.warm(connected, until)  # ready for this or the next auction
                 candidates |= connected
                 self._discovered[cid] = self.clock()
+            self._expect_topic_peers(cid)
             ids = [ID.from_base58(c) for c in candidates]
             await self.gossip.wait_for_mesh(cid, ids, limit=budget)
             # Give the other servers just dialed a moment to graft too (event-driven).
@@ -192,6 +203,16 @@ class Auctions:
                     if len(self.gossip.mesh_peers(cid)) >= want:
                         break
                     await trio.sleep(0.01)
+        self._expect_topic_peers(cid)
+
+    def _expect_topic_peers(self, cid: str) -> None:
+        """No server found by the lookup (a slow DHT on a busy box, or it timed out): the
+        peers on the model's topic are who may bid; one that never does stops being
+        expected after ``MAX_MISSES`` auctions (``record``). An auction that expects
+        bidders keeps re-auctioning while none has bid, instead of failing after
+        ``max_rounds`` short windows (``RequesterJob``)."""
+        if not self._servers.get(cid):
+            self._servers[cid] = set(self.gossip.topic_peers(cid)) - {self.peer_id}
 
     def rediscover(self, cid: str) -> None:
         """Look the cid's servers up again at the next ``prepare`` (e.g. a new one joined)."""
@@ -250,6 +271,9 @@ class Auctions:
         cid = spec.cid
 
         async def publish(signed: Any) -> None:
+            # Straight to the servers we expect (their bids come back on those streams),
+            # and on gossip for any server we do not know yet.
+            await self.direct.send(signed, self.expected_bidders(cid))
             await self.gossip.publish(cid, signed)
 
         return JobRun(

@@ -23,6 +23,7 @@ from peer.market.clock import Clock, system_clock
 log = logging.getLogger(__name__)
 
 DIAL_TIMEOUT = 5.0
+PROVIDERS_TIMEOUT = 2.5  # a provider-record walk; the ads already found are kept past it
 MAX_DIALS = 8
 ADDR_TTL_S = 600
 
@@ -42,14 +43,12 @@ class Dialer:
         self.clock = clock
 
     async def servers(self, cid: str) -> dict[str, tuple[str, ...]]:
-        """Peers serving ``cid`` and their addresses: DHT provider records and ads (a lookup
-        can miss some records; the auction waits for every server found)."""
+        """Peers serving ``cid`` and their addresses: ads of the peers we know (no crawl),
+        then DHT provider records for at most ``PROVIDERS_TIMEOUT`` (a lookup can miss
+        some records, and on a busy box a provider walk can outlast the caller's budget:
+        the ads found first are kept; the auction waits for every server found)."""
         found: dict[str, tuple[str, ...]] = {}
-        try:
-            for p in await self.directory.find_providers(cid):
-                found.setdefault(p.peer_id, tuple(p.addrs))
-        except Exception as exc:  # DHT errors: the ads still tell
-            log.debug("find_providers failed: %s", exc)
+        ads_failed: Exception | None = None
         try:
             # Ads of the peers we already know: no crawl per job (issue 15); the crawl
             # stays for listing (`edgeswarm peers`) and resolving model names.
@@ -57,9 +56,16 @@ class Dialer:
                 if any(m.cid == cid for m in ad.models):
                     found.setdefault(ad.peer_id, tuple(ad.addrs))
         except Exception as exc:
-            if not found:
-                raise
+            ads_failed = exc
             log.debug("find_ads failed: %s", exc)
+        try:
+            with trio.move_on_after(PROVIDERS_TIMEOUT):
+                for p in await self.directory.find_providers(cid):
+                    found.setdefault(p.peer_id, tuple(p.addrs))
+        except Exception as exc:  # DHT errors: the ads still tell
+            log.debug("find_providers failed: %s", exc)
+        if not found and ads_failed is not None:
+            raise ads_failed
         return found
 
     async def connect(self, found: dict[str, tuple[str, ...]]) -> set[str]:

@@ -32,6 +32,7 @@ from peer import metrics
 from peer.caps import StreamSlot, caps_for
 from peer.job_stream import CONTROL_FRAME_MAX, JOB_PROTOCOL, FrameStream, JobStreamClosed
 from peer.market.clock import Clock, system_clock
+from peer.market.direct import AUCTION_PROTOCOL, FRAME_MAX, MAX_FRAMES
 from peer.market.gossip import MarketGossip
 from peer.market.receipts import ReceiptBook
 from peer.worker import Arrays, Worker
@@ -57,6 +58,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+Reply = Callable[[Signed[Any]], Awaitable[None]]  # sends our bid back where the request came
+
+AUCTION_IDLE_S = 120.0  # an auction stream with no request for this long is closed
 AWARD_WAIT_S = 10.0  # first frame of a new job stream (or the next award on a kept one)
 MAX_AWARDS_PER_STREAM = 10_000  # a kept stream is closed after this many awards
 ACCEPT_WAIT_S = 10.0  # requester's Acceptance after our commitment
@@ -120,6 +124,7 @@ class ExecutorService:
         self.award_wait_s = AWARD_WAIT_S
         self.stats: dict[str, int] = {
             "bids": 0,
+            "bids_direct": 0,  # of those, sent back on the auction stream they came on
             "awards": 0,
             "rejected": 0,
             "jobs": 0,
@@ -160,6 +165,7 @@ class ExecutorService:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self.host.set_stream_handler(JOB_PROTOCOL, self._on_stream)
+            self.host.set_stream_handler(AUCTION_PROTOCOL, self._on_auction_stream)
             task_status.started()
             try:
                 for tick in itertools.count(1):
@@ -173,13 +179,15 @@ class ExecutorService:
 
     # --- gossip ------------------------------------------------------------------
 
-    def on_request(self, request: JobRequest) -> None:
+    def on_request(self, request: JobRequest, reply: Reply | None = None) -> None:
+        """A JobRequest for a model we serve: bid if the machine says so, on gossip, or
+        with ``reply`` on the auction stream it came on (``peer.market.direct``)."""
         for a in self.state.handle(ex.RequestSeen(request, self.clock())):
             if isinstance(a, ex.PublishBid) and self._nursery is not None:
                 self.stats["bids"] += 1
                 metrics.BIDS.labels("sent").inc()
                 bid = sign_message(self.key, a.bid)
-                self._nursery.start_soon(self._publish_bid, request.model_cid, bid)
+                self._nursery.start_soon(self._publish_bid, request.model_cid, bid, reply)
             else:
                 self._do_sync([a])
 
@@ -193,11 +201,53 @@ class ExecutorService:
             elif isinstance(a, ex.Declined):
                 log.debug("no bid for job %s: %s", a.job_id.hex()[:12], a.reason)
 
-    async def _publish_bid(self, cid: str, bid: Signed[Any]) -> None:
+    async def _publish_bid(self, cid: str, bid: Signed[Any], reply: Reply | None = None) -> None:
+        if reply is not None:
+            try:
+                await reply(bid)
+                self.stats["bids_direct"] += 1
+                return
+            except JobStreamClosed:  # the auction stream went away: gossip still carries it
+                pass
         try:
             await self.gossip.publish(cid, bid)
         except Exception as exc:  # a lost bid only loses this auction
             log.warning("could not publish bid: %s", exc)
+
+    # --- auction streams (requests straight from a requester) -----------------------
+
+    async def _on_auction_stream(self, stream: Any) -> None:
+        if self._nursery is None:
+            await stream.reset()
+            return
+        slot = await caps_for(self.host).admit(AUCTION_PROTOCOL, stream)  # over the cap: reset
+        if slot is None:
+            return
+        self._nursery.start_soon(
+            self._serve_requests, FrameStream(stream, max_frame=FRAME_MAX), slot
+        )
+
+    async def _serve_requests(self, fs: FrameStream, slot: StreamSlot) -> None:
+        """Signed JobRequests from the stream's peer, checked by the gossip guard's rules
+        (the signer must be that peer); our bids go back on the stream. Bounded: closed
+        after ``AUCTION_IDLE_S`` without a request or ``MAX_FRAMES`` requests."""
+        origin = fs.remote_peer
+
+        async def reply(bid: Signed[Any]) -> None:
+            await fs.send_bytes(bid.to_bytes())
+
+        try:
+            for _ in range(MAX_FRAMES):
+                with trio.move_on_after(AUCTION_IDLE_S) as idle:
+                    data = await fs.receive_bytes()
+                if idle.cancelled_caught:
+                    return
+                self.gossip.deliver_direct(origin, data, reply)
+        except (JobStreamClosed, ProtocolError) as exc:
+            log.debug("auction stream from %s ended: %s", origin, exc)
+        finally:
+            await fs.close()
+            slot.release()
 
     # --- our own jobs (self-award) --------------------------------------------------
 

@@ -56,6 +56,10 @@ def parse_market_message(data: bytes, now: float) -> MarketMessage:
     raise ProtocolError(f"expected a job request or a bid on a market topic, got {domain!r:.60}")
 
 
+_GOSSIP = "gossip"
+_DIRECT = "direct"
+
+
 @dataclass
 class _Bucket:
     tokens: float
@@ -101,7 +105,7 @@ class GossipGuard:
         self.burst = burst
         self.max_seen = max_seen
         self.max_peers = max_peers
-        self._seen: OrderedDict[tuple[Any, ...], None] = OrderedDict()
+        self._seen: OrderedDict[tuple[Any, ...], str] = OrderedDict()  # key -> path
         self._buckets: OrderedDict[tuple[str, str], _Bucket] = OrderedDict()
         self.stats = GuardStats()
         # Called with (topic, message) for every message that passes. Routing here,
@@ -137,19 +141,57 @@ class GossipGuard:
         else:
             kind = "bid"
             key = ("b", m.job_id, m.executor, m.price, m.eta_ms, m.expires_at)
+        if self._seen.get(key, False) == _DIRECT:
+            # It came straight to us first (``admit_direct``) and was handled then: the
+            # gossip copy is the same valid message (forwarded as usual), not a replay.
+            self._seen[key] = _GOSSIP
+            return True
         if key in self._seen:
             self.stats.drop("duplicate")
             return False
         if not self._take(origin, kind, now):
             self.stats.drop("rate")
             return False
-        self._seen[key] = None
-        if len(self._seen) > self.max_seen:
-            self._seen.popitem(last=False)
+        self._remember(key, _GOSSIP)
         self.stats.accepted += 1
         if self.on_valid is not None:
             self.on_valid(topics[0], parsed)
         return True
+
+    def admit_direct(self, origin: str, data: bytes) -> MarketMessage | None:
+        """A signed JobRequest or Bid that came straight from ``origin`` on an auction
+        stream (``peer.market.direct``), under the rules gossip gets: size cap, strict
+        CBOR, signature, signer = the stream's authenticated peer, not expired, not seen
+        before (on either path), within the signer's rate. The message, or None (dropped)."""
+        now = self.clock()
+        try:
+            parsed = parse_market_message(data, now)
+        except ProtocolError as exc:
+            self.stats.drop(type(exc).__name__)
+            return None
+        m = parsed.message
+        if m.signer != origin:
+            self.stats.drop("signer-not-origin")
+            return None
+        if isinstance(m, JobRequest):
+            kind = "request"
+            key: tuple[Any, ...] = ("r", m.job_id, m.round)
+        else:
+            kind = "bid"
+            key = ("b", m.job_id, m.executor, m.price, m.eta_ms, m.expires_at)
+        if key in self._seen:
+            return None  # already had it (the gossip copy came first): not an offence
+        if not self._take(origin, kind, now):
+            self.stats.drop("rate")
+            return None
+        self._remember(key, _DIRECT)
+        self.stats.accepted += 1
+        return parsed
+
+    def _remember(self, key: tuple[Any, ...], path: str) -> None:
+        self._seen[key] = path
+        if len(self._seen) > self.max_seen:
+            self._seen.popitem(last=False)
 
     def _take(self, peer: str, kind: str, now: float) -> bool:
         rate = self.rates[kind]
@@ -180,7 +222,7 @@ class MarketGossip:
         pubsub: Any,
         *,
         guard: GossipGuard | None = None,
-        on_request: Callable[[JobRequest], None] | None = None,
+        on_request: Callable[[JobRequest, Any], None] | None = None,
         max_topics: int = 64,
     ) -> None:
         self.pubsub = pubsub
@@ -269,7 +311,25 @@ class MarketGossip:
             and topic == topic_for(m.model_cid)
             and m.model_cid in self.served
         ):
-            self.on_request(m)
+            self.on_request(m, None)
+
+    def deliver_direct(
+        self, origin: str, data: bytes, reply: Callable[[Any], Any] | None = None
+    ) -> bool:
+        """A market message that came straight from ``origin`` (an auction stream): checked
+        by the guard, then routed like gossip (a request to our executor, with ``reply``
+        to send its bid back on that stream; a bid to its job). False: dropped."""
+        parsed = self.guard.admit_direct(origin, data)
+        if parsed is None:
+            return False
+        m = parsed.message
+        if isinstance(m, Bid):
+            sink = self.bid_sinks.get(m.job_id)
+            if sink is not None:
+                sink(m)
+        elif self.on_request is not None and m.model_cid in self.served:
+            self.on_request(m, reply)
+        return True
 
     async def publish(self, cid: str, signed: MarketMessage) -> None:
         await self.pubsub.publish(topic_for(cid), signed.to_bytes())

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from peer.job_stream import JOB_PROTOCOL
 from peer.market.auction import MICRO, Arrays, Auctions, Bans, InferResult
 from peer.market.clock import Clock, system_clock
 from peer.market.dialer import Dialer
+from peer.market.direct import AUCTION_PROTOCOL
 from peer.market.executor import ExecutorService
 from peer.market.gossip import GossipGuard, MarketGossip
 from peer.market.jobspec import JobSpec
@@ -60,6 +62,9 @@ from protocols.tensor import DEFAULT_LIMITS, TensorLimits, encode_tensors
 log = logging.getLogger(__name__)
 
 RESOLVE_TIMEOUT = 3.0  # at least this long; up to a third of the job's deadline (slow DHT)
+# A name resolved through ads is remembered this long: one lookup, not one per job.
+NAME_TTL_S = 60.0
+MAX_NAMES = 256
 _CID_RE = re.compile(r"[0-9a-f]{64}")
 
 __all__ = [
@@ -102,6 +107,9 @@ class MarketSettings:
     # Off by default: with it on, `edgeswarm demo` failed 3 runs in 9 at load 3-4 (awards
     # could not open a stream: TooSlowError), 0 in 6 with it off; cause not yet found.
     keep_job_streams: bool = False
+    # Send each JobRequest straight to the servers the auction expects, on an auction stream
+    # (``peer.market.direct``), as well as on gossip: their bids skip the gossip mesh.
+    direct_requests: bool = True
     # Served models whose measured p50 is under this run on the loop thread (0: never).
     inline_p50_ms: float = INLINE_P50_MS
 
@@ -154,6 +162,7 @@ class MarketService:
             policy=settings.policy,
             clock=clock,
             keep_streams=settings.keep_job_streams,
+            direct_requests=settings.direct_requests,
         )
         self.checker = SpotChecker(
             peer_id=self.peer_id,
@@ -168,6 +177,8 @@ class MarketService:
         )
         self.executor: ExecutorService | None = None
         self.referee: RefereeService | None = None
+        # Names resolved through ads: name -> (cid, clock time), LRU-bounded.
+        self._names: OrderedDict[str, tuple[str, float]] = OrderedDict()
         if runtime is not None:
             self.worker = Worker(
                 runtime,
@@ -298,6 +309,7 @@ class MarketService:
                 self.executor.on_refusal = self._on_refusal
             self.receipts.attach(nursery)
             await nursery.start(self.gossip.run)
+            await nursery.start(self.auctions.direct.run)
             if self.executor is not None:
                 await nursery.start(self.executor.run)
                 self.links.attach(self.executor)
@@ -311,14 +323,18 @@ class MarketService:
                 self._nursery = None
                 if self.executor is not None:
                     retire_stream_handler(self.host, JOB_PROTOCOL)
+                    retire_stream_handler(self.host, AUCTION_PROTOCOL)
                     retire_stream_handler(self.host, STAGE_PROTOCOL)
                 nursery.cancel_scope.cancel()
 
     # --- executor side -----------------------------------------------------------------
 
-    def _on_request(self, request: Any) -> None:
+    def _on_request(self, request: Any, reply: Any = None) -> None:
         if self.executor is not None:
-            self.executor.on_request(request)
+            if reply is None:
+                self.executor.on_request(request)
+            else:  # it came on an auction stream: the bid goes back on it
+                self.executor.on_request(request, reply)
 
     async def serve(
         self, refs: Iterable[str] | None = None, *, price: float | None = None
@@ -364,23 +380,33 @@ class MarketService:
                 pass
         if _CID_RE.fullmatch(model):
             return model, None
-        # A fresh peer's ad may not list its models yet: look again for a short while.
-        ads: list[Any] = []
+        held = self._names.get(model)
+        if held is not None and self.clock() - held[1] < NAME_TTL_S:
+            return held[0], None
+        # A fresh peer's ad may not list its models yet: look again for a short while. What
+        # every look found counts (on a busy box one look can miss ads another found).
+        ads: dict[str, Any] = {}
         with trio.move_on_after(max(RESOLVE_TIMEOUT, (within or 0.0) / 3)):
             for attempt in range(50):
                 # First the peers we know (quick); then crawl for more. A first call that
                 # crawled could outlast the whole window on a busy box and find nothing.
-                ads = await self.peer.find_ads(refresh=attempt > 0)
-                cids = {m.cid for ad in ads for m in ad.models if m.name == model}
+                for ad in await self.peer.find_ads(refresh=attempt > 0):
+                    ads[ad.peer_id] = ad
+                cids = {m.cid for ad in ads.values() for m in ad.models if m.name == model}
                 if len(cids) == 1:
-                    return cids.pop(), None
+                    cid = cids.pop()
+                    self._names[model] = (cid, self.clock())
+                    self._names.move_to_end(model)
+                    while len(self._names) > MAX_NAMES:
+                        self._names.popitem(last=False)
+                    return cid, None
                 if len(cids) > 1:
                     raise UnknownModel(
                         f"model name {model!r} is ambiguous: peers serve it as {sorted(cids)}; "
                         "give a cid"
                     )
                 await trio.sleep(0.3)
-        served = sorted({m.name for ad in ads for m in ad.models if m.name})
+        served = sorted({m.name for ad in ads.values() for m in ad.models if m.name})
         raise UnknownModel(
             f"no peer serves a model named {model!r} ({len(ads)} peers found; "
             f"models served: {', '.join(served) or 'none'})"
@@ -457,7 +483,11 @@ class MarketService:
             bid_window=bid_window,
             spot_check=spot_check,
         )
-        result = await self.auctions.one_job(spec, wire)
+        try:
+            result = await self.auctions.one_job(spec, wire)
+        except rq.NoExecutors:
+            self._names.pop(model, None)  # look the name up again next time
+            raise
         if spot_check > 0 and self.checker.sampler.want(spot_check):
             result = await self.checker.check(result, spec, wire)
         result.latency_ms = (self.clock() - t0) * 1e3

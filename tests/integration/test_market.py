@@ -440,9 +440,18 @@ async def test_an_auction_closes_when_every_expected_server_has_bid(tmp_path: Pa
         with trio.fail_after(30):
             await req.market.infer(cid, {"x": x, "y": x}, deadline=25, bid_window=10.0)
             assert req.market.auctions.expected_bidders(cid) == {a.peer_id, b.peer_id}
+            # Auction streams to both servers (opened in the background after the lookup).
+            direct = req.market.auctions.direct
+            await direct.wait_linked({a.peer_id, b.peer_id})
+            sent, bids = direct.sent, [n.market.executor.stats["bids_direct"] for n in (a, b)]
             t0 = trio.current_time()
             result = await req.market.infer(cid, {"x": x, "y": x}, deadline=25, bid_window=10.0)
             took = trio.current_time() - t0
         # Both servers bid, so the 10 s window closed early; the cheaper one still won.
         assert took < 5.0
         assert result.executor == b.peer_id
+        # The request went straight to both, and both bids came back on those streams
+        # (each bid once: the gossip copy of the request was not bid on again).
+        assert direct.sent == sent + 2
+        assert [n.market.executor.stats["bids_direct"] for n in (a, b)] == [c + 1 for c in bids]
+        assert [n.market.executor.stats["bids"] for n in (a, b)] == [2, 2]

@@ -24,9 +24,9 @@ async def test_requests_never_announce_the_spot_check(tmp_path: Path) -> None:
             executor = ex.market.executor
             original = executor.on_request
 
-            def spy(request: JobRequest, original=original) -> None:  # type: ignore[no-untyped-def]
+            def spy(request: JobRequest, *rest, original=original) -> None:  # type: ignore[no-untyped-def]
                 seen.append(request)
-                original(request)
+                original(request, *rest)  # (a reply path when it came on an auction stream)
 
             executor.on_request = spy  # type: ignore[method-assign]
         await wait_providers(req, cid, 2)

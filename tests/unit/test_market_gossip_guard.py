@@ -101,3 +101,41 @@ def test_per_signer_rate_limit() -> None:
     assert passed == [True, True, True, False, False, False]
     assert g.stats.dropped["rate"] == 3
     assert g(ID(b"x"), msg(other, bid(other, n=1)))  # another signer has its own budget
+
+
+def test_a_message_straight_from_its_signer_is_admitted_once_across_both_paths() -> None:
+    """Auction streams (``peer.market.direct``): a request or bid that came straight from
+    its signer passes the same rules; its gossip copy is then valid (forwarded, not scored
+    down) but not routed again; a copy seen on gossip first is not admitted again."""
+    g = guard()
+    routed: list[object] = []
+    g.on_valid = lambda topic, parsed: routed.append(parsed.message)
+    req_key, ex_key = key(1), key(2)
+    direct = g.admit_direct(pid(req_key), request(req_key))
+    assert direct is not None and isinstance(direct.message, JobRequest)
+    assert g(ID(b"x"), msg(req_key, request(req_key)))  # valid, forwarded...
+    assert routed == [] and g.stats.total_dropped == 0  # ...but not handled twice
+    assert not g(ID(b"x"), msg(req_key, request(req_key), seq=2))  # a third copy: a replay
+    assert g.stats.dropped == {"duplicate": 1}
+    # Gossip first: the stream's copy is ignored, with no offence counted.
+    assert g(ID(b"x"), msg(ex_key, bid(ex_key), seq=3))
+    assert g.admit_direct(pid(ex_key), bid(ex_key)) is None
+    assert len(routed) == 1 and g.stats.dropped == {"duplicate": 1}
+
+
+def test_a_direct_message_must_be_signed_by_the_streams_peer() -> None:
+    g = guard()
+    req_key, other = key(1), key(3)
+    assert g.admit_direct(pid(other), request(req_key)) is None  # relayed by someone else
+    assert g.admit_direct(pid(req_key), b"\xa0") is None  # not a market message
+    assert g.stats.dropped["signer-not-origin"] == 1 and g.stats.total_dropped == 2
+    # It was not remembered: the signer's own copy still gets in.
+    assert g.admit_direct(pid(req_key), request(req_key)) is not None
+
+
+def test_direct_messages_share_the_signers_rate() -> None:
+    g = guard(requests_per_s=0.0, burst=2.0)
+    k = key(1)
+    got = [g.admit_direct(pid(k), request(k, n=i)) for i in range(1, 4)]
+    assert [m is not None for m in got] == [True, True, False]
+    assert g.stats.dropped == {"rate": 1}

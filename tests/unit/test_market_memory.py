@@ -479,3 +479,29 @@ async def test_a_lone_serving_peer_runs_its_own_job_without_waiting_out_the_wind
         result = await m.auctions.one_job(m.spec(bid_window=2.0), wire(5))
         took = trio.current_time() - t0
     assert result.local and 2.0 <= took < 3.0  # (+ up to 0.5 s waiting for its mesh)
+
+
+async def test_a_lookup_that_finds_no_server_expects_the_topics_peers_and_waits_for_a_bid(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """On a busy box the DHT lookup can find no server while the executors are on the
+    model's topic, and their bids take longer than the bid window to come back. The topic's
+    peers are then the expected bidders: the auction keeps re-auctioning until a bid comes
+    (the deadline bounds it) instead of failing after ``max_rounds`` short windows."""
+    async with memory_market() as m:
+        await m.executor(2, 100)
+
+        async def nobody(cid: str) -> dict[str, tuple[str, ...]]:
+            return {}
+
+        m.auctions.dialer.servers = nobody  # type: ignore[method-assign]
+        publish = m.gossip.publish
+
+        async def slow_bids(cid: str, signed: Signed[Any]) -> None:
+            if isinstance(signed.message, Bid):
+                await trio.sleep(1.0)  # 3 rounds of 0.2 s are over before it arrives
+            await publish(cid, signed)
+
+        m.gossip.publish = slow_bids  # type: ignore[method-assign]
+        result = await m.auctions.one_job(m.spec(bid_window=0.2), wire(3))
+    assert result.outputs["z"].tolist() == [6.0] * 4
