@@ -31,6 +31,12 @@ Pure rules, no I/O:
   has that digest; the receiver keeps it, so a bad intermediate is provably
   its signer's (the next stage and a referee can hold it against the signer),
   not the receiver's or a relay's.
+- Referees: ``StageDispute`` holds a forwarded intermediate against its producer (its
+  signed ``StageOutput`` and its signed commitment for the same job);
+  ``check_stage_dispute`` says whether the evidence holds together (so that a re-run of
+  that stage on the committed input judges the signed output), ``stage_fraud`` turns a
+  panel majority of "mismatch" verdicts on that commitment into a ``FraudProof`` against
+  the producer, never against the stage that ran on it.
 - Failover mid-lease: a route's ``seq_shift`` maps the sender's job seqs onto
   its downstream's (``forward_seq``): when one stage's executor dies and the
   next bidder takes over from job n, its seq 0 is job n, so its upstream
@@ -48,6 +54,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from protocols.codec import decode, encode
+from protocols.committee import RefereePanel
 from protocols.errors import DecodeError, ProtocolError, ValidationError
 from protocols.market_fields import (
     FlatBody,
@@ -59,6 +66,7 @@ from protocols.market_fields import (
     want_peer_id,
     want_str,
 )
+from protocols.proofs import FraudProof, RefereeResult
 from protocols.receipt import MAX_BATCH, ResultCommitment, batch_digest
 from protocols.signed import Signed, open_message
 from protocols.tensor import DTYPES as TENSOR_DTYPES
@@ -820,3 +828,126 @@ def answered_downstream(
         answered.append((n, by_seq[n]))
         n += 1
     return answered
+
+
+# --- referees: a bad intermediate is its producer's --------------------------------------
+
+
+class AttributionError(ValidationError):
+    """Evidence about a forwarded intermediate that does not hold together."""
+
+
+@dataclass(frozen=True)
+class StageDispute:
+    """A forwarded intermediate held against the stage executor that produced it: its
+    signed ``output`` (what it sent on, kept by the next stage's executor) and its signed
+    ``commitment`` for the same job (what it was paid for: its input and output digests).
+    For a lease batch, ``ins``/``outs`` are the per-job digests the commitment's batch
+    digests cover (the output's ``seq`` indexes them); for a single job both are empty.
+    A re-run of the stage model on the job's committed input (``input_digest``) judges
+    the signed output (``output_digest``)."""
+
+    output: Signed[StageOutput]
+    commitment: Signed[ResultCommitment]
+    ins: tuple[bytes, ...] = ()
+    outs: tuple[bytes, ...] = ()
+
+    @property
+    def offender(self) -> str:
+        return self.output.message.executor
+
+    @property
+    def seq(self) -> int | None:
+        """The disputed job's index in the commitment's batch (None: a single job)."""
+        return self.output.message.seq if self.ins else None
+
+    @property
+    def model_cid(self) -> str:
+        return self.commitment.message.model_cid
+
+    @property
+    def input_digest(self) -> bytes:
+        seq = self.seq
+        return self.commitment.message.input_digest if seq is None else self.ins[seq]
+
+    @property
+    def output_digest(self) -> bytes:
+        return self.output.message.output_digest
+
+
+def check_stage_dispute(dispute: StageDispute, payload_digest: bytes) -> None:
+    """Raise ``AttributionError`` unless ``dispute`` pins the intermediate of digest
+    ``payload_digest`` on one stage executor: both its signed output and its commitment
+    verify and are its own, for the same job and requester; the intermediate is the one it
+    signed for; and its commitment covers that very output for the job's seq (so the
+    input a re-run takes is the one it committed to for the job that gave it)."""
+    out, c = dispute.output.message, dispute.commitment.message
+    for signed in (dispute.output, dispute.commitment):
+        try:
+            signed.verify()
+        except ProtocolError as exc:
+            raise AttributionError(f"a stage dispute's signature does not verify: {exc}") from None
+    if out.executor != c.executor:
+        raise AttributionError("the signed output and the commitment are not one executor's")
+    if (out.job_id, out.requester) != (c.job_id, c.requester):
+        raise AttributionError("the signed output is about another job than the commitment")
+    if payload_digest != out.output_digest:
+        raise AttributionError("the intermediate held is not the one its producer signed for")
+    if not dispute.ins and not dispute.outs:
+        if c.count != 1 or out.seq != 0:
+            raise AttributionError("a batch commitment needs the per-job digests it covers")
+        if c.output_digest != out.output_digest:
+            raise AttributionError("the commitment names another output than the one sent on")
+        return
+    if not len(dispute.ins) == len(dispute.outs) == c.count:
+        raise AttributionError(f"the commitment covers {c.count} jobs: one digest per job")
+    if batch_digest(dispute.ins) != c.input_digest:
+        raise AttributionError("the per-job input digests are not the commitment's")
+    if batch_digest(dispute.outs) != c.output_digest:
+        raise AttributionError("the per-job output digests are not the commitment's")
+    if out.seq >= c.count:
+        raise AttributionError(f"job {out.seq} is past the commitment's {c.count} jobs")
+    if dispute.outs[out.seq] != out.output_digest:
+        raise AttributionError("the commitment names another output than the one sent on")
+
+
+def stage_fraud(
+    dispute: StageDispute,
+    payload_digest: bytes,
+    results: Sequence[Signed[RefereeResult]],
+    panel: RefereePanel,
+) -> FraudProof | None:
+    """The referees' verdicts on the producer's commitment (each re-ran its stage on the
+    committed input and compared with the signed intermediate): a ``FraudProof`` against
+    the producer once a panel majority says "mismatch"; None otherwise (no majority, or a
+    majority "match": the intermediate was right). Verdicts about another commitment,
+    input or model, off the panel, or that do not verify are not counted."""
+    check_stage_dispute(dispute, payload_digest)
+    c = dispute.commitment
+    counted: dict[str, Signed[RefereeResult]] = {}
+    for signed in results:
+        r = signed.message
+        if r.verdict != "mismatch" or r.referee not in panel or r.cp != panel.cp:
+            continue
+        if (r.commitment, r.job_id, r.model_cid, r.input_digest) != (
+            c.digest,
+            c.message.job_id,
+            c.message.model_cid,
+            c.message.input_digest,
+        ):
+            continue
+        if r.referee in (c.message.requester, c.message.executor):
+            continue
+        try:
+            signed.verify()
+        except ProtocolError:
+            continue
+        counted[r.referee] = signed
+    if len(counted) < panel.threshold:
+        return None
+    chosen = tuple(counted[k] for k in sorted(counted)[: panel.threshold])
+    proof = FraudProof.of(c, chosen)
+    proof.verify(panel)
+    if proof.offender != dispute.offender:  # never: the dispute checked one executor signed both
+        raise AttributionError("the proof would blame another executor than the producer")
+    return proof
