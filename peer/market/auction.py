@@ -43,6 +43,7 @@ PREPARE_TIMEOUT = 5.0
 REDISCOVER_S = 60.0
 MESH_TARGET = 4  # GossipSub's degree_low: more are grafted by heartbeats
 MESH_SETTLE_S = 0.5
+DIRECT_OPEN_S = 10.0  # budget to open an auction stream (in the background)
 MAX_MISSES = 2  # auctions in a row without a bid before a server is no longer waited for
 
 Arrays = dict[str, npt.NDArray[Any]]
@@ -190,7 +191,6 @@ class Auctions:
                 # miss records); one that stops bidding is dropped by ``record``.
                 self._servers.setdefault(cid, set()).update(found)
                 connected = await self.dialer.connect(found)
-                self.direct.warm(connected, until)  # ready for this or the next auction
                 candidates |= connected
                 self._discovered[cid] = self.clock()
             self._expect_topic_peers(cid)
@@ -225,6 +225,10 @@ class Auctions:
         misses = self._misses.setdefault(cid, {})
         servers = self._servers.setdefault(cid, set())
         servers.update(bidders)
+        # Auction streams to every server that bid, for the next auctions: opened once this
+        # one is over, so they never compete with its award (a busy server answers a
+        # stream's protocol negotiation slowly).
+        self.direct.warm(bidders - {self.peer_id}, self.clock() + DIRECT_OPEN_S)
         for pid in bidders:
             misses.pop(pid, None)
         for pid in expected - bidders:

@@ -12,9 +12,10 @@ guard's rules (``GossipGuard.admit_direct``: signature, signer = the stream's
 peer, expiry, duplicates on either path, rate), so a request that arrives both
 ways is bid on once.
 
-A stream is opened in the background the first time a server is expected
-(``warm``), so the auction that finds a server never waits on a stream open;
-it and its successors use the stream once it is there. Bounded: ``MAX_LINKS``
+A stream is opened in the background to each server that bid, once that
+auction is over (``Auctions.record`` calls ``warm``): an auction never waits
+on a stream open, and the opens never compete with its award on a busy server;
+the next auctions use the streams once they are there. Bounded: ``MAX_LINKS``
 streams (the least recently used goes), each closed after ``IDLE_S`` without a
 request; a stream that fails is dropped and opened again when next needed.
 """
@@ -102,8 +103,8 @@ class DirectRequests:
                 self._nursery.start_soon(self._open, peer, until)
 
     async def send(self, signed: Signed[JobRequest], peers: Iterable[str]) -> set[str]:
-        """``signed`` on the stream of each of ``peers`` that has one; streams for the others
-        are opened for the next auction. Returns who it went to."""
+        """``signed`` on the stream of each of ``peers`` that has one (``warm`` opens them).
+        Returns who it went to."""
         peers = list(peers)
         data = signed.to_bytes()
         reached: set[str] = set()
@@ -128,7 +129,6 @@ class DirectRequests:
                 if link is not None:
                     nursery.start_soon(one, peer, link)
         self.sent += len(reached)
-        self.warm(peers, signed.message.deadline)
         await self._expire()
         return reached
 
