@@ -715,6 +715,7 @@ async def bench_growth_checkpointed(total: int, every: int, tmp: Path) -> dict[s
     proc = psutil.Process()
     write_cpu: list[tuple[int, float]] = []
     adopt_ms: list[float] = []
+    stall_ms: list[float] = []  # longest event-loop stall during each adoption
     rss_after: list[float] = []  # RSS growth (MB) after each checkpoint: a plateau = bounded
     async with open_ledger_store(tmp / "growth-cp", rule, policy) as store:
         gc.collect()
@@ -731,9 +732,25 @@ async def bench_growth_checkpointed(total: int, every: int, tmp: Path) -> dict[s
                 since = 0
                 header, _ = store.ledger.checkpoint_draft(now_ms() + 10**9, rule_id(rule))
                 cp = make_checkpoint(header, [sign_checkpoint(wkey, header)])
-                t0 = time.perf_counter()
-                await store.adopt_checkpoint(cp)
-                adopt_ms.append((time.perf_counter() - t0) * 1000)
+                gaps: list[float] = []
+                adopted = trio.Event()
+
+                async def tick(gaps: list[float] = gaps, adopted: trio.Event = adopted) -> None:
+                    # How long the event loop is kept from other tasks while adopting.
+                    last = time.perf_counter()
+                    while not adopted.is_set():
+                        await trio.sleep(0.002)
+                        now = time.perf_counter()
+                        gaps.append(now - last)
+                        last = now
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(tick)
+                    t0 = time.perf_counter()
+                    await store.adopt_checkpoint(cp)
+                    adopt_ms.append((time.perf_counter() - t0) * 1000)
+                    adopted.set()
+                stall_ms.append(1000 * max(gaps, default=0.0))
                 rss_after.append(round((proc.memory_info().rss - rss0) / 2**20, 1))
         gc.collect()
         rss1 = proc.memory_info().rss
@@ -755,6 +772,9 @@ async def bench_growth_checkpointed(total: int, every: int, tmp: Path) -> dict[s
         "accounts": accounts,
         "adopt_ms_p50": round(statistics.median(adopt_ms), 1) if adopt_ms else None,
         "adopt_ms_max": round(max(adopt_ms), 1) if adopt_ms else None,
+        # The longest time other tasks waited for the event loop during an adoption.
+        "adopt_loop_stall_ms_p50": round(statistics.median(stall_ms), 1) if stall_ms else None,
+        "adopt_loop_stall_ms_max": round(max(stall_ms), 1) if stall_ms else None,
         "write_us_first_decile": tenth_us(0),
         "write_us_last_decile": tenth_us(9),
         "rss_mb_per_100k_facts": round((rss1 - rss0) / 2**20 / (total / 100_000), 2),
@@ -778,7 +798,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         if "growth_checkpointed" in only:
             print("growth with checkpoints ...", flush=True)
             results["growth_checkpointed"] = await bench_growth_checkpointed(
-                100_000 if args.quick else 1_000_000, 10_000, tmp
+                args.growth_facts or (100_000 if args.quick else 1_000_000), 10_000, tmp
             )
             print(json.dumps(results["growth_checkpointed"], indent=1), flush=True)
         if "verify" in only:
@@ -835,6 +855,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
+    parser.add_argument(
+        "--growth-facts", type=int, help="facts for growth_checkpointed (default 100k/1M)"
+    )
     # Internal: one witness of the certify benchmark, in its own process.
     parser.add_argument("--witness", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)

@@ -293,6 +293,7 @@ class _DiskBlobs:
     and sees every committed row); each is a primary-key lookup (~10 µs)."""
 
     def __init__(self, path: Path) -> None:
+        self.path = path
         self.pending: dict[bytes, tuple[FactKind, bytes]] = {}
         self.pending_paid: set[bytes] = set()
         self.loading = False  # replaying rows that are already on disk
@@ -346,6 +347,83 @@ class _DiskBlobs:
         self._conn.close()
 
 
+class _ShadowBlobs(_DiskBlobs):
+    """The blobs of a copy of the ledger that adopts a checkpoint in a worker thread: the
+    same database (its own read-only connection, made and used in that thread), the live
+    ledger's uncommitted facts as they were when the copy started, and a record of what
+    the copy forgot, marked paid and put, to hand over to the live blobs afterwards."""
+
+    def __init__(self, path: Path, pending: dict[bytes, tuple[FactKind, bytes]]) -> None:
+        super().__init__(path)
+        self.pending = dict(pending)
+        self.put_new: dict[bytes, tuple[FactKind, bytes]] = {}
+        self.forgotten: set[bytes] = set()
+        self.paid_new: set[bytes] = set()
+
+    def put(self, fact_id: bytes, kind: FactKind, data: bytes) -> None:
+        super().put(fact_id, kind, data)
+        self.put_new[fact_id] = (kind, data)
+
+    def forget(self, fact_ids: Iterable[bytes]) -> None:
+        ids = set(fact_ids)
+        super().forget(ids)
+        self.forgotten |= ids
+
+    def mark_paid(self, keys: Iterable[bytes]) -> None:
+        keys = set(keys)
+        super().mark_paid(keys)
+        self.paid_new |= keys
+
+    def hand_over(self, live: _DiskBlobs) -> None:
+        for fid, (kind, data) in self.put_new.items():
+            live.put(fid, kind, data)
+        live.forget(self.forgotten)
+        live.mark_paid(self.paid_new)
+
+
+@dataclass
+class _Shadow:
+    """A copy of the ledger with a checkpoint adopted (or the error that refused it)."""
+
+    ledger: LedgerState
+    blobs: _ShadowBlobs
+    adoption: Adoption | ProtocolError
+    checkpoint_is_new: bool
+
+
+def _adopt_in_copy(
+    live: LedgerState,
+    path: Path,
+    pending: dict[bytes, tuple[FactKind, bytes]],
+    paid: set[bytes],
+    cp: Checkpoint,
+    accounts: list[AccountSummary] | None,
+) -> _Shadow:
+    """(Worker thread.) Rebuild the ledger from its stored rows and ``pending`` facts onto
+    its adopted checkpoint, then adopt ``cp`` there. Reads of ``live``: its rule, policy,
+    adopted checkpoint and rows (replaced, never mutated, on the event loop)."""
+    blobs = _ShadowBlobs(path, pending)
+    blobs.pending_paid = set(paid)
+    try:
+        copy = LedgerState(live.rule, live.policy, blobs=blobs)
+        base = live.checkpoint
+        if base is not None:
+            copy.restore_checkpoint(base, live.checkpoint_accounts())
+        stored = ((FactKind(kind), data) for _fid, kind, data in blobs.rows())
+        copy.replay_verified(stored)
+        copy.replay_verified(pending.values())
+        copy.take_changes()
+        blobs.put_new.clear()  # nothing replayed is new
+        try:
+            is_new = not copy.has(cp.digest) and copy.ingest_checkpoint(cp)
+            adoption: Adoption | ProtocolError = copy.adopt_checkpoint(cp, accounts)
+        except ProtocolError as exc:
+            return _Shadow(copy, blobs, exc, False)
+        return _Shadow(copy, blobs, adoption, is_new)
+    finally:
+        blobs.close()
+
+
 # --- the writer's requests -----------------------------------------------------------------
 
 
@@ -364,6 +442,8 @@ class _Request:
     # Adopt this checkpoint (with its account rows, if given) after the facts above.
     adopt: tuple[Checkpoint, list[AccountSummary] | None] | None = None
     adoption: Adoption | None = None
+    # The ledger copy that adopted ``adopt`` in a worker thread (see ``_adopt_off_loop``).
+    shadow: _Shadow | None = None
     done: trio.Event = field(default_factory=trio.Event)
     results: list[bool | ProtocolError] = field(default_factory=list)
     error: BaseException | None = None
@@ -392,6 +472,8 @@ class LedgerStore:
         self._outgoing: dict[int, tuple[Signed[Transfer], PayableReceipt]] = {}
         self._closed = False
         self.commits = 0  # transactions committed (for tests and benchmarks)
+        # Where a checkpoint is adopted (a worker thread; tests wrap it to act meanwhile).
+        self._to_thread: Any = trio.to_thread.run_sync
 
     @property
     def rule(self) -> CommitteeRule:
@@ -628,7 +710,9 @@ class LedgerStore:
         out_rows: list[tuple[Any, ...]] = []
         drop_rows: list[tuple[Any, ...]] = []
         for req in batch:
-            fact_rows.extend(req.ready)
+            # A fact ingested by a nowait write may be gone by its commit: covered by a
+            # checkpoint adopted since (pruned, or taken as known). It gets no row.
+            fact_rows.extend(r for r in req.ready if self.ledger.has(r[0]))
             for kind, obj, fid in req.facts:
                 if self.ledger.has(fid):
                     # Known id: nothing will be written, so skip the signature checks
@@ -664,7 +748,9 @@ class LedgerStore:
             if seq_done is not None and seq_done in self._outgoing:
                 del self._outgoing[seq_done]
                 drop_rows.append((seq_done,))
-            if req.adopt is not None:
+            if req.adopt is not None and req.shadow is not None:
+                self._take_shadow(req, req.shadow, fact_rows, adoptions)
+            elif req.adopt is not None:
                 cp, accounts = req.adopt
                 try:
                     if not self.ledger.has(cp.digest) and self.ledger.ingest_checkpoint(cp):
@@ -680,9 +766,62 @@ class LedgerStore:
                         del self._locks[k]
         return fact_rows, lock_rows, out_rows, drop_rows
 
+    async def _adopt_off_loop(self, req: _Request) -> None:
+        """Adopt ``req.adopt`` in a copy of the ledger built in a worker thread (re-indexing
+        every fact held is seconds of CPU for a large ledger), while the event loop keeps
+        serving from the live ledger. Facts the live ledger adds meanwhile (nowait writes:
+        a witness's history, a payer's certificates) are journaled and replayed into the
+        copy before it takes the live ledger's place (``_take_shadow``, in ``_apply``)."""
+        assert req.adopt is not None
+        cp, accounts = req.adopt
+        live = self.ledger
+        pending, paid = dict(self._blobs.pending), set(self._blobs.pending_paid)
+        live.journal = []
+        try:
+            req.shadow = await self._to_thread(
+                _adopt_in_copy, live, self._blobs.path, pending, paid, cp, accounts
+            )
+        except BaseException:
+            live.journal = None
+            raise
+
+    def _take_shadow(
+        self, req: _Request, shadow: _Shadow, fact_rows: list[Any], adoptions: list[Adoption]
+    ) -> None:
+        """(In ``_apply``.) Replay what the live ledger added since the copy started, then
+        make the copy the live ledger, or keep the live one if the checkpoint was refused."""
+        live = self.ledger
+        journal, live.journal = live.journal or [], None
+        if isinstance(shadow.adoption, ProtocolError):
+            req.results.append(shadow.adoption)
+            return
+        copy = shadow.ledger
+        copy.blobs = self._blobs  # reads on the event loop from now on
+        shadow.blobs.hand_over(self._blobs)
+        copy.replay_verified(journal)
+        cp = shadow.adoption.checkpoint
+        if shadow.checkpoint_is_new:
+            fact_rows.append((cp.digest, int(FactKind.CHECKPOINT), cp.to_bytes()))
+        live.take_state(copy)
+        req.adoption = shadow.adoption
+        adoptions.append(req.adoption)
+        upto = {a.account: a.next_seq for a in req.adoption.accounts}
+        for k in [k for k in self._locks if k[1] < upto.get(k[0], 1)]:
+            del self._locks[k]
+
     async def _commit(self, batch: list[_Request]) -> None:
+        first_adopt = next((req for req in batch if req.adopt is not None), None)
+        if first_adopt is not None:
+            await self._adopt_off_loop(first_adopt)
         adoptions: list[Adoption] = []
         fact_rows, lock_rows, out_rows, drop_rows = self._apply(batch, adoptions)
+        if adoptions:
+            # Facts that came earlier in this batch and that the checkpoint covers: no row,
+            # and no bytes kept for them.
+            unheld = {r[0] for r in fact_rows if not self.ledger.has(r[0])}
+            if unheld:
+                fact_rows = [r for r in fact_rows if r[0] not in unheld]
+        self._blobs.forget(r[0] for req in batch for r in req.ready if not self.ledger.has(r[0]))
         # Only the accounts these facts moved (O(facts in the batch), not O(accounts)).
         changes = self.ledger.take_changes()
         balance_rows = [(a, b) for a, b in changes.items() if b]

@@ -305,6 +305,9 @@ class LedgerState:
         self._base_rows: list[AccountSummary] = []  # the same, sorted by account
         self._checkpoints: dict[int, bytes] = {}
         self._trusted = False  # re-ingesting facts verified before (adopting a checkpoint)
+        # Facts added while a copy of this ledger adopts a checkpoint elsewhere (a thread):
+        # replayed into the copy before it takes this one's place (``take_state``).
+        self.journal: list[tuple[FactKind, bytes]] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -344,7 +347,30 @@ class LedgerState:
         self._acc = (self._acc + digest_element(fact_id)) % _DIGEST_MOD
         if not self._trusted:  # (re-ingesting held facts: their bytes are stored already)
             self.blobs.put(fact_id, kind, data)
+            if self.journal is not None:
+                self.journal.append((kind, data))
         return True
+
+    def replay_verified(self, items: Iterable[tuple[FactKind, bytes]]) -> None:
+        """Add facts this ledger's owner verified before (a copy rebuilt from the stored
+        rows): their signatures are not checked again, nor their bytes stored again."""
+        self._trusted = True
+        try:
+            for kind, data in items:
+                self.ingest_bytes(kind, data)
+        finally:
+            self._trusted = False
+
+    def take_state(self, other: LedgerState) -> None:
+        """Become ``other`` (same rule and policy), keeping this object's identity and
+        blobs: every holder of this ledger sees the state ``other`` built. For a copy that
+        adopted a checkpoint off the event loop (``peer.ledger_store``)."""
+        if other.rule != self.rule or other.policy != self.policy:
+            raise LocalProtocolError("take_state needs a ledger of the same rule and policy")
+        blobs = self.blobs
+        self.__dict__.update(other.__dict__)
+        self.blobs = blobs
+        self.journal = None
 
     def _add_receipt(self, receipt: PayableReceipt, kind: FactKind, data: bytes) -> bool:
         rid = receipt.receipt_id
@@ -516,7 +542,9 @@ class LedgerState:
         if len(data) > _MAX_ITEM_BYTES[kind]:
             raise DecodeError(f"{kind.name} is {len(data)} bytes, cap {_MAX_ITEM_BYTES[kind]}")
         if kind is FactKind.RECEIPT:
-            return self.ingest_receipt(Receipt.from_bytes(data))
+            # Re-ingesting held facts (trusted, adopting a checkpoint): their signatures
+            # were checked when they came.
+            return self.ingest_receipt(Receipt.from_bytes(data, verify=not self._trusted))
         if kind is FactKind.ARBITRATED_RECEIPT:
             return self.ingest_arbitrated_receipt(ArbitratedReceipt.from_bytes(data))
         if kind is FactKind.CERTIFICATE:
