@@ -652,6 +652,21 @@ class StagePayload:
             raise ValidationError("StagePayload.tensors must be a map of tensors")
 
 
+@dataclass(frozen=True)
+class StageFetch:
+    """The requester asks a stage executor for the outputs of its job ``seq`` of stage job
+    ``job_id`` that it forwarded on and still holds (a spot check needs the tensors): the
+    answer is a ``StagePayload`` (checked against the digest the requester recorded) or a
+    ``StageReply`` saying why not. Only the job's requester may ask."""
+
+    job_id: bytes
+    seq: int
+
+    def __post_init__(self) -> None:
+        want_job_id("StageFetch", self.job_id)
+        want_int("StageFetch", "seq", self.seq, hi=MAX_BATCH - 1)
+
+
 MAX_TAKEN = 64  # signed outputs a route's answer reports (a lease's window is at most 64)
 STAGE_REPLY_MAX = STAGE_CONTROL_MAX + MAX_TAKEN * (StageOutput.MAX_BYTES + 256)
 
@@ -681,7 +696,7 @@ class StageReply:
                 raise ValidationError("StageReply.taken holds signed StageOutputs")
 
 
-StageFrame = Signed[StageRoute] | StageForward | StagePayload | StageReply
+StageFrame = Signed[StageRoute] | StageForward | StagePayload | StageReply | StageFetch
 
 
 def encode_stage_frame(item: StageFrame) -> bytes:
@@ -701,6 +716,8 @@ def encode_stage_frame(item: StageFrame) -> bytes:
         )
     if isinstance(item, StagePayload):
         return encode({"t": "x", "x": item.tensors})
+    if isinstance(item, StageFetch):
+        return encode({"t": "get", "j": item.job_id, "s": item.seq})
     if item.taken:
         taken = [o.to_bytes() for o in item.taken]
         return encode({"t": "reply", "ok": item.ok, "why": item.why, "k": taken})
@@ -723,6 +740,8 @@ def decode_stage_frame(data: bytes, *, max_size: int) -> StageFrame:
             size=raw["n"],
             output=open_message(StageOutput, raw["o"]),
         )
+    if tag == "get" and fields == {"t", "j", "s"}:
+        return StageFetch(job_id=raw["j"], seq=raw["s"])
     if tag == "x" and fields == {"t", "x"}:
         return StagePayload(raw["x"])
     if tag == "reply" and fields == {"t", "ok", "why"}:

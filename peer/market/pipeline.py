@@ -53,6 +53,7 @@ from peer.job_stream import JobStreamClosed
 from peer.logging_setup import exception_leaves
 from peer.market.auction import Arrays, InferResult
 from peer.market.jobspec import JobSpec
+from peer.market.referee import Claim
 from peer.market.requester import (
     Attempt,
     JobFailed,
@@ -77,10 +78,12 @@ from protocols.pipeline import (
     check_lease_chain,
     choose_placement,
 )
+from protocols.proofs import FraudProof
 from protocols.receipt import MAX_BATCH, Receipt, ResultCommitment, batch_digest, content_digest
 from protocols.requester import DeadlineExceeded, MarketFailure
 from protocols.signed import Signed, sign_message
 from protocols.tensor import decode_tensors, encode_tensors
+from protocols.verification import compare_outputs
 
 if TYPE_CHECKING:
     from peer.market.service import MarketService
@@ -738,16 +741,29 @@ class PipelineLease:
     again (``StageRoute.seq_shift``). No other stage runs a job twice, every job is answered
     once, and at the dead stage the dead executor is paid at most for the jobs of its last
     accepted interim commitment (all before n0), its replacement for jobs n0 on
-    (``check_lease_chain`` at ``aclose``). Only where that cannot hold (the dead executor
+    (``check_lease_chain`` at ``aclose``). Jobs the dead executor forwarded on although
+    its answers never reached us count as answered and the new one starts after them
+    (``_point_next_stage``: the next stage's new route fences the old executor off and
+    reports what it took). Only where that cannot hold (the dead executor
     answered a job after one it lost; no executor left; ``MAX_STAGE_TRIES`` take-overs)
     does the lease stop streaming: the jobs not answered then run one at a time through
     ``run_pipeline`` (``fallback``; their stages already done run again, and are paid
     again). The batches are closed and paid at ``aclose``."""
 
-    def __init__(self, market: MarketService, entry: PipelineEntry, streamer: Streamer) -> None:
+    def __init__(
+        self,
+        market: MarketService,
+        entry: PipelineEntry,
+        streamer: Streamer,
+        *,
+        spot_check: float | None = None,
+    ) -> None:
         self.market = market
         self.entry = entry
         self.s = streamer
+        self.spot_check = spot_check  # as a single-model lease's: every stage's job 0, then p
+        self.spot_checks: list[str] = []  # each check: "stage k job n: agree" or what happened
+        self.fraud_proofs: list[FraudProof] = []
         n = len(streamer.stages)
         self.sent = 0  # jobs given to stage 1
         self.done = 0  # jobs answered (streamed or in the fallback)
@@ -922,6 +938,82 @@ class PipelineLease:
         self.failed_from = n
         raise self._failure(k, f"its executors kept failing at job {n} of the lease")
 
+    async def _fetch(self, k: int, n: int, digest: bytes) -> Any:
+        """Stage k's outputs of job ``n`` from its executor, which forwarded them on and holds
+        them (``StageLinks.fetch``); they must have the digest recorded. Or why not (str)."""
+        st = self.s.stages[k]
+        if st.att is None:
+            return f"stage {k + 1} has no executor"
+        seq = n - self.s.base[k]
+        if seq < 0:
+            return f"stage {k + 1}'s job {n} was answered by an executor that was lost"
+        limit = self.market.settings.limits.max_total_bytes
+        got = await self.market.links.fetch(st.att.executor, st.job_id, seq, self.s.until, limit)
+        if isinstance(got, str):
+            return got
+        if content_digest(got) != digest:
+            return f"{st.att.executor} gave other outputs of job {n} than it forwarded"
+        return got
+
+    async def _spot_check(self, k: int, n: int, waiter: _Waiter) -> None:
+        """Job ``n`` of stage k runs again on another executor, on the same inputs (ours or
+        fetched from the previous stage's executor), as a single-model lease's job does.
+        Agreement: it goes on. Disagreement: stage k's batch is closed (its commitment is
+        the evidence), the referees judge its claim for job n, and the lease stops
+        streaming (job n and the rest run on one at a time)."""
+        st = self.s.stages[k]
+        att, seq = st.att, n - self.s.base[k]
+        where = f"stage {k + 1} job {n}"
+        if att is None or seq < 0 or att.waiters.get(seq) is not waiter:
+            self.spot_checks.append(f"{where}: not checked: its executor was lost")
+            return
+        ins = self._given[k].get(n)
+        if ins is None:  # the previous stage's executor forwarded them
+            ins = await self._fetch(k - 1, n, self.cut_digests[k][n])
+        outs = (
+            waiter.wire if waiter.forwarded is None else await self._fetch(k, n, waiter.forwarded)
+        )
+        why = next((x for x in (ins, outs) if isinstance(x, str)), None)
+        if why is not None:
+            self.spot_checks.append(f"{where}: not checked: {why}")
+            return
+        checker = self.market.checker
+        check = await checker.second_opinion(st.spec, ins, st.job_id, att.executor)
+        if isinstance(check, str):
+            self.spot_checks.append(f"{where}: {check}")
+            return
+        outputs = decode_tensors(outs, limits=self.market.settings.limits)
+        verdict = compare_outputs(outputs, check.outputs)
+        if verdict.agree:
+            self.spot_checks.append(f"{where}: agree")
+            return
+        log.warning("pipeline %s: %s: %s", self.entry.name, where, verdict.reason)
+        # Stop sending to it, and get its signed commitment for what it ran: the evidence.
+        await st.run.close_batch()
+        with trio.move_on_after(max(1.0, self.s.until - self.market.clock())):
+            await st.run.done.wait()
+        outcome = st.run.outcome
+        if outcome is None or outcome.receipt is None or check.receipt is None:
+            why = f"{verdict.reason}; the executor did not commit"
+        else:
+            c = outcome.receipt.commitment
+            count = c.message.count
+            claim = Claim(
+                c,
+                outs,
+                seq=seq,
+                ins=tuple(att.inputs[s] for s in range(count)),
+                outs=tuple(
+                    att.forwarded[s] if s in att.forwarded else content_digest(att.outputs[s])
+                    for s in range(count)
+                ),
+            )
+            claims = [claim, Claim(check.receipt.commitment, check.wire)]
+            proofs, why = await checker.referee(claims, ins, verdict.reason, self.s.until)
+            self.fraud_proofs += proofs
+        self.spot_checks.append(f"{where}: {why}")
+        raise self._failure(k, f"spot check of job {n}: {why}")
+
     async def map(
         self, inputs: Iterable[Mapping[str, Any]], *, window: int = DEFAULT_WINDOW
     ) -> AsyncIterator[Arrays]:
@@ -957,6 +1049,10 @@ class PipelineLease:
             async with chans[k][1], nxt:
                 async for n in chans[k][1]:
                     waiter = await self._answer(k, n)
+                    if self.spot_check is not None and self.market.checker.sampler.want(
+                        self.spot_check, first_lease_job=n == 0
+                    ):  # before job n goes on from here: nobody gets unchecked outputs of it
+                        await self._spot_check(k, n, waiter)
                     if waiter.forwarded is not None:
                         held, digest = None, waiter.forwarded
                     else:
@@ -1065,9 +1161,11 @@ async def pipeline_lease(
     seconds: float = 60.0,
     max_price: float | None = None,
     bid_window: float | None = None,
+    spot_check: float | None = None,
 ) -> AsyncIterator[PipelineLease]:
     """Lease every stage of pipeline ``ref`` (``example``: one job's inputs, which fix the
-    shapes the stages' requests announce) and route them; ``lease.map(inputs)``."""
+    shapes the stages' requests announce) and route them; ``lease.map(inputs)``.
+    ``spot_check``: as for a single-model lease (``PipelineLease._spot_check``)."""
     entry = find_pipeline(market, ref)
     if entry is None:
         raise ModelNotFound(f"no pipeline {ref!r} is registered on this peer")
@@ -1083,7 +1181,7 @@ async def pipeline_lease(
         for st in s.stages:
             nursery.start_soon(s.drive, st)
         await s.route_all()
-        lease = PipelineLease(market, entry, s)
+        lease = PipelineLease(market, entry, s, spot_check=spot_check)
         try:
             yield lease
         finally:

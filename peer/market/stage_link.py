@@ -48,6 +48,7 @@ from protocols.pipeline import (
     STAGE_PROTOCOL_ID,
     STAGE_REPLY_MAX,
     ForwardRefused,
+    StageFetch,
     StageForward,
     StageFrame,
     StageOutput,
@@ -200,6 +201,43 @@ class StageLinks:
             return f"{executor} answered a route with {type(reply).__name__}", ()
         return ("" if reply.ok else f"{executor} refused its route: {reply.why}"), reply.taken
 
+    async def fetch(
+        self, executor: str, job_id: bytes, seq: int, until: float, max_bytes: int
+    ) -> Any:
+        """The outputs of ``executor``'s job ``seq`` of stage job ``job_id`` that it forwarded
+        on and holds (a spot check needs them), or why not (a str). The caller checks them
+        against the digest it recorded."""
+        try:
+            with trio.fail_after(
+                max(0.1, min(REPLY_WAIT_S + max_bytes / 1e6, until - self.clock()))
+            ):
+                stream = await self.dialer.open_stream(executor, until, STAGE_PROTOCOL)
+                ss = StageStream(stream, max_frame=max_bytes + STAGE_CONTROL_MAX)
+                try:
+                    await ss.send(StageFetch(job_id, seq))
+                    reply = await ss.receive()
+                finally:
+                    await ss.close()
+        except Exception as exc:  # dial/negotiation errors of py-libp2p have no common base
+            return f"cannot fetch job {seq} from {executor}: {str(exc) or type(exc).__name__}"
+        if isinstance(reply, StagePayload):
+            return reply.tensors
+        if isinstance(reply, StageReply):
+            return f"{executor} has no outputs of job {seq} to give: {reply.why}"
+        return f"{executor} answered a fetch with {type(reply).__name__}"
+
+    async def _give_held(self, ask: StageFetch, ss: StageStream) -> None:
+        """A fetch: the held outputs, only to the requester of the job they belong to."""
+        held = self.held.get(ask.job_id)
+        if held is None or held.requester != ss.remote_peer:
+            await self._reply(ss, f"no held outputs of job {ask.job_id.hex()[:12]} for you")
+            return
+        wire = held.wires.get(ask.seq)
+        if wire is None:
+            await self._reply(ss, f"job {ask.seq}'s outputs are not held")
+            return
+        await ss.send(StagePayload(wire))
+
     # --- executor side: forwarding on ------------------------------------------------------
 
     async def forward(self, s: _Session, seq: int, wire: Any) -> str:
@@ -343,6 +381,9 @@ class StageLinks:
                 taken: list[Signed[StageOutput]] = []
                 why = await self._take_route(first.message, ss.remote_peer, taken)
                 await self._reply(ss, why, tuple(taken))
+                return
+            if isinstance(first, StageFetch):
+                await self._give_held(first, ss)
                 return
             item: StageFrame = first
             for _ in range(MAX_FORWARDS_PER_STREAM):  # one stream carries a lease's forwards

@@ -26,6 +26,7 @@ from protocols.pipeline import (
     PipelineManifest,
     Segment,
     Stage,
+    StageFetch,
     StageForward,
     StageOutput,
     StagePayload,
@@ -551,6 +552,7 @@ def test_stage_frames_round_trip_and_a_route_must_be_signed_by_its_requester() -
         StageReply(True),
         StageReply(False, "no"),
         StageReply(True, taken=(output(), output(seq=1, to_seq=1))),
+        StageFetch(J1, 7),
     ]
     for f in frames:
         back = decode_stage_frame(encode_stage_frame(f), max_size=4096)
@@ -568,6 +570,15 @@ def test_stage_frames_round_trip_and_a_route_must_be_signed_by_its_requester() -
         decode_stage_frame(encode({k: v for k, v in fwd.items() if k != "o"}), max_size=4096)
     with pytest.raises(DecodeError):
         decode_stage_frame(encode_stage_frame(StageReply(True)) + b"", max_size=3)
+
+
+def test_a_fetch_names_a_real_job_and_seq() -> None:
+    with pytest.raises(ValidationError):
+        StageFetch(b"short", 0)
+    with pytest.raises(ValidationError):
+        StageFetch(J1, -1)
+    with pytest.raises(DecodeError):  # a fetch with an extra field
+        decode_stage_frame(encode({"t": "get", "j": J1, "s": 0, "x": 1}), max_size=4096)
 
 
 def test_a_forwarded_result_frame_carries_only_the_digest() -> None:
