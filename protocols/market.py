@@ -57,6 +57,7 @@ AUCTION_PROTOCOL_ID = "/edgeswarm/auction/1"
 # A job or lease may not reach further ahead than this (bounds garbage deadlines).
 MAX_HORIZON_S = 24 * 3600.0
 MAX_BID_WINDOW_S = 60.0
+MAX_ROUND = 1000  # auctions for one job_id (a cold mesh re-auctions until the deadline)
 # A bid may be valid for at most this long after now.
 MAX_BID_VALIDITY_S = 3600.0
 # How far apart two peers' wall clocks may be (edge boxes without NTP) for jobs to still
@@ -218,7 +219,7 @@ class JobRequest:
         )
         object.__setattr__(self, "spot_check", want_float(k, "spot_check", self.spot_check, hi=1.0))
         want_bytes(k, "nonce", self.nonce, lo=8, hi=32)
-        want_int(k, "round", self.round, hi=1000)
+        want_int(k, "round", self.round, hi=MAX_ROUND)
         if self.lease is not None and not isinstance(self.lease, LeaseTerms):
             raise ValidationError(f"{k}.lease must be LeaseTerms or None")
         if self.lease is not None and self.lease.until > self.deadline:

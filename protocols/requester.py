@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, replace
 from typing import assert_never
 
 from protocols.errors import LocalProtocolError, ProtocolError
-from protocols.market import Award, Bid, JobRequest
+from protocols.market import MAX_ROUND, Award, Bid, JobRequest
 from protocols.receipt import ResultCommitment, batch_digest
 from protocols.selection import DEFAULT_WEIGHTS, Weights, rank_bids
 from protocols.signed import Signed
@@ -425,6 +425,7 @@ class RequesterJob:
     # and the same whatever order the bids arrived in.
     _bids: dict[str, list[Bid]] = field(default_factory=dict, init=False)
     _bids_seen: int = field(default=0, init=False)
+    _cold_rounds: int = field(default=0, init=False)  # re-auctions before any bid or attempt
     _tried: set[str] = field(default_factory=set, init=False)
     _current: _Current | None = field(default=None, init=False)
 
@@ -771,13 +772,19 @@ class RequesterJob:
         # Servers we expect to bid exist but none has bid yet (a cold gossip mesh right
         # after start): keep auctioning while the deadline allows instead of failing
         # after ``max_rounds``; the deadline bounds the rounds.
+        # Rounds that only waited for a cold mesh do not count against ``max_rounds``: a job
+        # whose first bids came late still gets its re-auctions after failed awards.
         cold = bool(self.expected) and self._bids_seen == 0 and not self.attempts
+        counted = self.request.round - self._cold_rounds
         if (
-            self.request.round + 1 < self.policy.max_rounds or cold
-        ) and self.now + window < self.request.deadline:
-            nonce = hashlib.sha256(self.request.nonce + bytes([self.request.round + 1])).digest()[
-                :16
-            ]
+            (counted + 1 < self.policy.max_rounds or cold)
+            and self.request.round < MAX_ROUND
+            and self.now + window < self.request.deadline
+        ):
+            self._cold_rounds += cold
+            # Chained from the previous nonce, so the low byte of the round is enough.
+            step = bytes([(self.request.round + 1) & 0xFF])
+            nonce = hashlib.sha256(self.request.nonce + step).digest()[:16]
             self.request = replace(self.request, round=self.request.round + 1, nonce=nonce)
             self._bids = {e: b for e, b in self._bids.items() if e not in self._tried}
             return self._open_auction()

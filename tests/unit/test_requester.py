@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from protocols.errors import LocalProtocolError
 from protocols.identity import peer_id_from_public_key
-from protocols.market import Bid, JobRequest, LeaseTerms, TensorMeta
+from protocols.market import MAX_ROUND, Bid, JobRequest, LeaseTerms, TensorMeta
 from protocols.receipt import Receipt, ResultCommitment, batch_digest, commit, content_digest
 from protocols.requester import (
     AwardFailed,
@@ -40,7 +40,7 @@ from protocols.requester import (
     StartTimer,
     TimerFired,
 )
-from protocols.signed import Signed
+from protocols.signed import Signed, sign_message
 
 KEYS = [nacl.signing.SigningKey(bytes([i]) * 32) for i in range(1, 6)]
 IDS = [peer_id_from_public_key(bytes(k.verify_key)) for k in KEYS]
@@ -663,3 +663,48 @@ def test_a_cold_mesh_with_expected_servers_keeps_auctioning_until_the_deadline()
     # Every expected server has bid: the adaptive window closes on that bid.
     actions = job.handle(BidReceived(bid(E1, 100), now=T0 + 2.1))
     assert isinstance(actions[0], SendAward) and actions[0].executor == E1
+
+
+def test_rounds_spent_waiting_for_a_cold_mesh_do_not_use_up_the_re_auctions() -> None:
+    """The first bids came only in round 3 (a busy box): both bidders then fail their
+    awards, and the job still re-auctions (``max_rounds`` counts rounds after the first
+    bid), instead of failing with 20 s left."""
+    job = RequesterJob(
+        request(deadline=T0 + 30.0),
+        now=T0,
+        input_digest=INPUT_DIGEST,
+        expected=frozenset({E1, E2}),
+    )
+    job.start()
+    for i in (1, 2):
+        actions = job.handle(TimerFired(now=T0 + 0.5 * i))
+        assert isinstance(actions[0], Publish) and actions[0].request.round == i
+    job.handle(BidReceived(bid(E1, 100, expires_at=T0 + 20), now=T0 + 1.1))
+    actions = job.handle(BidReceived(bid(E2, 200, expires_at=T0 + 20), now=T0 + 1.2))
+    assert isinstance(actions[0], SendAward) and actions[0].executor == E1
+    actions = job.handle(AwardFailed(E1, "cannot reach the executor", now=T0 + 6))
+    assert isinstance(actions[0], SendAward) and actions[0].executor == E2
+    actions = job.handle(AwardFailed(E2, "no result", now=T0 + 11))
+    assert isinstance(actions[0], Publish) and actions[0].request.round == 3
+
+
+def test_a_cold_mesh_re_auctions_at_most_up_to_the_wires_last_round() -> None:
+    """A short window and a long deadline: hundreds of cold rounds, each with a fresh
+    nonce, never a round the wire refuses (``MAX_ROUND``); then the job fails."""
+    job = RequesterJob(
+        request(deadline=T0 + 600.0, bid_window=0.1),
+        now=T0,
+        input_digest=INPUT_DIGEST,
+        expected=frozenset({E1}),
+    )
+    job.start()
+    nonces, now, actions = set(), T0, []
+    for _ in range(MAX_ROUND + 5):
+        now += 0.1
+        actions = job.handle(TimerFired(now=now))
+        if not isinstance(actions[0], Publish):
+            break
+        nonces.add(actions[0].request.nonce)
+        JobRequest.from_bytes(sign_message(REQ_KEY, actions[0].request).to_bytes(), now=now)
+    assert job.round == MAX_ROUND and len(nonces) == MAX_ROUND
+    assert isinstance(actions[0], Fail) and isinstance(actions[0].error, NoExecutors)
