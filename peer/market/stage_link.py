@@ -487,11 +487,14 @@ class StageLinks:
                 and s.route.upstream != route.upstream
             ):
                 taken.extend(self.taken(route.job_id))
-            async with s.forward_lock:
-                s.route = route
-                s.route_set.set()
-                if held is not None and route.downstream:  # sent on already: send it anew
-                    return await self._reforward(held, route)
+            await s.forward_lock.acquire()
+            s.route = route
+            s.route_set.set()
+        try:  # forwards in may go on while held outputs are sent anew (not under intake)
+            if held is not None and route.downstream:  # sent on already: send it anew
+                return await self._reforward(held, route)
+        finally:
+            s.forward_lock.release()
         return ""
 
     async def _take_forward(self, header: StageForward, ss: StageStream) -> str:
