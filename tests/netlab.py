@@ -14,7 +14,12 @@ forwards only packets of connections made from inside). A router refuses an
 unsolicited connection (TCP reset), or with ``drops=True`` drops it silently,
 as most home routers and carrier NATs do. Hole punching (DCUtR) needs the
 second kind here: the lab has no latency (this kernel has no ``netem``), so the
-two sides' SYNs never cross in flight, and a reset kills the first one. A public host may
+two sides' SYNs never cross in flight, and a reset kills the first one. A
+router keeps a connection's source port when it is free (so the public port of
+a listen port is predictable, as with most home routers), or with
+``random_ports=True`` gives each connection a random public port
+(``MASQUERADE --random-fully``: a symmetric NAT, like many carrier NATs), which
+defeats hole punching. A public host may
 get an extra, unreachable address first (``dead_first=True``), so it lists
 two addresses of which only the second works.
 
@@ -147,9 +152,10 @@ class Lab:
         self.hosts[name] = host
         return host
 
-    def home(self, name: str, *, drops: bool = False) -> Host:
+    def home(self, name: str, *, drops: bool = False, random_ports: bool = False) -> Host:
         """A host behind its own masquerading NAT router (no port forwards); ``drops``: the
-        router drops unsolicited packets instead of refusing them."""
+        router drops unsolicited packets instead of refusing them; ``random_ports``: each
+        connection gets a random public port (symmetric NAT)."""
         self._homes_n += 1
         i = self._homes_n
         lan = f"192.168.{60 + i}"
@@ -162,7 +168,9 @@ class Lab:
         self.exec(router, "ip", "route", "add", "default", "via", f"{PUBLIC_NET}.1")
         self.exec(router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         ipt = ["iptables", "-w", "5"]
-        self.exec(router, *ipt, "-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-j", "MASQUERADE")
+        rand = ["--random-fully"] if random_ports else []
+        self.exec(router, *ipt, "-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-j", "MASQUERADE",
+                  *rand)  # fmt: skip
         self.exec(router, *ipt, "-A", "FORWARD", "-i", "eth0", "-m", "conntrack", "--ctstate",
                   "ESTABLISHED,RELATED", "-j", "ACCEPT")  # fmt: skip
         self.exec(router, *ipt, "-A", "FORWARD", "-i", "eth0", "-j", "DROP")

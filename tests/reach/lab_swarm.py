@@ -156,6 +156,8 @@ class LeaseClient:
         line, self._buf = self._buf.split(b"\n", 1)
         parsed: dict[str, Any] = json.loads(line)
         self.lines.append(parsed)
+        with self.log_path.with_suffix(".jsonl").open("ab") as out:  # kept for a post-mortem
+            out.write(line + b"\n")
         return parsed
 
     def _tail(self) -> str:
