@@ -358,6 +358,11 @@ class Payer:
         results: list[Certificate | PaymentFailed] = []
         certs: list[Certificate] = []
         for session, out, errs in zip(sessions, outcome, errors, strict=True):
+            for witness, refusal in session.refusals.items():
+                if refusal.reason is Refusal.OVER_LIMIT:
+                    # It may have lost our identity proof (or never got it): introduce us
+                    # again next time, also when the others certified this one.
+                    self.client.forget_introduction(witness)
             if session.equivocation is not None:
                 await self.facts.add(session.equivocation)
                 self.spread([fact_bytes(session.equivocation)], ())
@@ -389,9 +394,6 @@ class Payer:
     ) -> PaymentFailed:
         t = session.transfer.message
         refusals = failed.refusals if failed is not None else dict(session.refusals)
-        for witness, refusal in refusals.items():
-            if refusal.reason is Refusal.OVER_LIMIT:
-                self.client.forget_introduction(witness)  # it may have lost our identity proof
         why = "; ".join(
             [f"{w[-8:]}: {r.reason} ({r.message})" for w, r in refusals.items()]
             + [f"{w[-8:]}: {e}" for w, e in errors.items()]
