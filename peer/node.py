@@ -356,7 +356,10 @@ async def _start_settlement(peer: Peer, stack: AsyncExitStack) -> None:
         return
     peer.settlement = service
     if service is not None and peer.market is not None:
-        peer.market.on_receipt.append(service.on_market_receipt)
+        market = peer.market
+        market.on_receipt.append(service.on_market_receipt)
+        if service.epochs is not None:  # a standing peer names what it serves (referee panels)
+            service.epochs.models = lambda: tuple(market.served)
 
 
 @asynccontextmanager

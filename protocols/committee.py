@@ -15,7 +15,10 @@ witnesses), and if that is still short it is simply smaller. A committee of
 and needs ``quorum = (n+f)//2 + 1`` votes, which keeps any two quorums
 overlapping in an honest member; ``Committee.degraded`` says the target size
 was not met. Referee panels use the same draw with another domain tag, seeded
-by the executor's signed commitment (``select_panel``) in place of the account.
+by the executor's signed commitment (``select_panel``) in place of the account,
+and only among the pool members that serve the claim's model (``serving``, from
+the epoch checkpoint that every ledger holds); the fallback tops a panel up only
+when fewer than its size serve the model.
 """
 
 from __future__ import annotations
@@ -220,8 +223,9 @@ def select_panel(
     fallback: Iterable[str] = (),
 ) -> RefereePanel:
     """The referee panel of one executor's signed claim, drawn under checkpoint ``cp``:
-    the ``size`` members of ``pool`` (the checkpoint's serving peers; ``fallback`` if
-    short) closest to ``sha256(tag || [seed, beacon])``, never one of the ``parties``.
+    the ``size`` members of ``pool`` (the checkpoint's peers that serve the claim's
+    model, ``CommitteeRule.servers``; ``fallback`` if short) closest to
+    ``sha256(tag || [seed, beacon])``, never one of the ``parties``.
 
     ``seed`` is ``protocols.proofs.panel_seed(commitment)``: a digest of the executor's
     *signed* commitment, signature included. The requester fixes the job id before that
@@ -264,6 +268,9 @@ class CommitteeRule:
     fallback: frozenset[str] = frozenset()
     f: int = 1
     referee_panel_size: int = 3
+    # model cid -> the pool members that serve it (from an epoch checkpoint); None: no
+    # such record (a configured or genesis pool), every pool member counts as serving.
+    serving: Mapping[str, frozenset[str]] | None = field(default=None, compare=False)
     _cache: dict[str, Committee] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -305,17 +312,27 @@ class CommitteeRule:
         the one that was current an epoch ago (a plain rule: the genesis only)."""
         return frozenset({0})
 
-    def panel_at(self, cp: int, seed: bytes, job_id: bytes, parties: Iterable[str]) -> RefereePanel:
-        """The referee panel of a claim (``seed``: ``protocols.proofs.panel_seed``) under
-        checkpoint ``cp``: that checkpoint's pool and beacon (``UnknownCheckpoint`` if it is
-        not held)."""
+    def servers(self, model_cid: str) -> frozenset[str]:
+        """The pool members a claim on ``model_cid`` may be refereed by: those that serve
+        it (every pool member when the rule has no ``serving`` record)."""
+        if self.serving is None:
+            return self.pool
+        return self.pool & self.serving.get(model_cid, frozenset())
+
+    def panel_at(
+        self, cp: int, seed: bytes, job_id: bytes, parties: Iterable[str], *, model_cid: str
+    ) -> RefereePanel:
+        """The referee panel of a claim on ``model_cid`` (``seed``:
+        ``protocols.proofs.panel_seed``) under checkpoint ``cp``: that checkpoint's beacon
+        and its pool members that serve the model, the fallback only if too few do
+        (``UnknownCheckpoint`` if the checkpoint is not held)."""
         rule = self.rule_at(cp)
         return select_panel(
             seed,
             job_id,
             parties,
             rule.beacon,
-            rule.pool,
+            rule.servers(model_cid),
             cp=cp,
             size=rule.referee_panel_size,
             fallback=rule.fallback,

@@ -9,6 +9,9 @@ committees without agreeing on the order facts reached them:
 
 * ``pool(age)``: the members with ``since <= epoch - age`` (aged identities);
 * its digest is the **beacon** of the committees drawn from it;
+* ``models``: which model cids each member serves (what it said when asked to
+  ``stand``); referee panels for a claim on a model are drawn only from the pool
+  members that serve it (``serving``), so every ledger draws the same panel;
 * it is used **lagged**: a transfer made in epoch ``e`` is witnessed by the
   committee drawn under the newest checkpoint with epoch ``<= e - lag``, so the
   checkpoint (and its beacon) is known to every peer for a whole epoch before
@@ -54,6 +57,7 @@ from protocols.market_fields import (
     FlatBody,
     check_body,
     want_bytes,
+    want_cid,
     want_digest,
     want_int,
     want_peer_id,
@@ -69,6 +73,11 @@ CHECKPOINT_SUBJECT = "edgeswarm:checkpoint"
 CHECKPOINT_VERSION = 1
 MAX_MEMBERS = 512
 MAX_EPOCH = 2**40
+MAX_MODELS = 64  # distinct model cids one checkpoint records
+MAX_MEMBER_MODELS = 8  # model cids recorded per member (and in one stand reply)
+
+# model cid -> sorted indexes into ``members`` of the members that serve it
+ModelTable = tuple[tuple[str, tuple[int, ...]], ...]
 
 
 def epoch_of(time_ms: int, epoch_ms: int) -> int:
@@ -80,9 +89,12 @@ def epoch_of(time_ms: int, epoch_ms: int) -> int:
 
 @dataclass(frozen=True)
 class PoolCheckpoint:
-    """One epoch's pool: members (sorted by peer id) and the epoch each joined."""
+    """One epoch's pool: members (sorted by peer id), the epoch each joined and the
+    models each serves (``models``: cid -> member indexes, sorted by cid)."""
 
-    MAX_BYTES: ClassVar[int] = 512 + MAX_MEMBERS * 72
+    MAX_BYTES: ClassVar[int] = (
+        512 + MAX_MEMBERS * 72 + MAX_MODELS * 80 + MAX_MEMBERS * MAX_MEMBER_MODELS * 3
+    )
     _FIELDS: ClassVar[frozenset[str]] = frozenset(
         {"network", "epoch", "prev_epoch", "prev", "members"}
     )
@@ -92,6 +104,7 @@ class PoolCheckpoint:
     prev_epoch: int  # 0: the genesis
     prev: bytes  # digest of the previous checkpoint, or the genesis digest
     members: tuple[tuple[str, int], ...]
+    models: ModelTable = ()
 
     def __post_init__(self) -> None:
         k = "PoolCheckpoint"
@@ -109,23 +122,28 @@ class PoolCheckpoint:
         ids = [m[0] for m in self.members]
         if ids != sorted(set(ids)):
             raise ValidationError(f"{k}.members must be sorted by peer id and distinct")
+        _check_models(self.models, len(self.members))
 
     def to_bytes(self) -> bytes:
-        return encode(
-            {
-                "v": CHECKPOINT_VERSION,
-                "network": self.network,
-                "epoch": self.epoch,
-                "prev_epoch": self.prev_epoch,
-                "prev": self.prev,
-                "members": [list(m) for m in self.members],
-            }
-        )
+        body: dict[str, Any] = {
+            "v": CHECKPOINT_VERSION,
+            "network": self.network,
+            "epoch": self.epoch,
+            "prev_epoch": self.prev_epoch,
+            "prev": self.prev,
+            "members": [list(m) for m in self.members],
+        }
+        if self.models:  # left out when empty: such checkpoints keep their digest
+            body["models"] = [[cid, list(ix)] for cid, ix in self.models]
+        return encode(body)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> PoolCheckpoint:
         raw = decode(data, max_size=cls.MAX_BYTES)
-        b = check_body(raw, kind="PoolCheckpoint", version=CHECKPOINT_VERSION, fields=cls._FIELDS)
+        fields = cls._FIELDS | {"models"} if isinstance(raw, dict) and "models" in raw else None
+        b = check_body(
+            raw, kind="PoolCheckpoint", version=CHECKPOINT_VERSION, fields=fields or cls._FIELDS
+        )
         if type(b["members"]) is not list:
             raise ValidationError("PoolCheckpoint.members must be a list")
         members = []
@@ -133,7 +151,19 @@ class PoolCheckpoint:
             if type(m) is not list or len(m) != 2:
                 raise ValidationError("PoolCheckpoint.members[] must be [peer id, since]")
             members.append((m[0], m[1]))
-        return cls(b["network"], b["epoch"], b["prev_epoch"], b["prev"], tuple(members))
+        models: list[tuple[str, tuple[int, ...]]] = []
+        if fields is not None:
+            if type(b["models"]) is not list or not 1 <= len(b["models"]) <= MAX_MODELS:
+                raise ValidationError(
+                    f"PoolCheckpoint.models must list 1..{MAX_MODELS} models (or be left out)"
+                )
+            for m in b["models"]:
+                if type(m) is not list or len(m) != 2 or type(m[1]) is not list:
+                    raise ValidationError("PoolCheckpoint.models[] must be [cid, [member index]]")
+                models.append((m[0], tuple(m[1])))
+        return cls(
+            b["network"], b["epoch"], b["prev_epoch"], b["prev"], tuple(members), tuple(models)
+        )
 
     @property
     def digest(self) -> bytes:
@@ -147,6 +177,63 @@ class PoolCheckpoint:
     def pool(self, age: int) -> frozenset[str]:
         """Members that joined at least ``age`` epochs before this checkpoint."""
         return frozenset(p for p, since in self.members if since <= self.epoch - age)
+
+    def serving(self) -> dict[str, frozenset[str]]:
+        """model cid -> the members recorded as serving it (a member not listed for a
+        model does not serve it; ``CommitteeRule.servers`` intersects with the pool)."""
+        return {cid: frozenset(self.members[i][0] for i in ix) for cid, ix in self.models}
+
+
+def _check_models(models: ModelTable, n_members: int) -> None:
+    """Shape of ``PoolCheckpoint.models``: at most ``MAX_MODELS`` distinct cids sorted,
+    each with a non-empty sorted list of distinct member indexes, and no member recorded
+    for more than ``MAX_MEMBER_MODELS`` models."""
+    k = "PoolCheckpoint.models"
+    if type(models) is not tuple or len(models) > MAX_MODELS:
+        raise ValidationError(f"{k} must hold at most {MAX_MODELS} models")
+    per_member = [0] * n_members
+    cids = []
+    for entry in models:
+        if type(entry) is not tuple or len(entry) != 2 or type(entry[1]) is not tuple:
+            raise ValidationError(f"{k}[] must be (cid, member indexes)")
+        cids.append(want_cid(k, "cid", entry[0]))
+        ix = entry[1]
+        if not ix or list(ix) != sorted(set(ix)):
+            raise ValidationError(f"{k}[] member indexes must be non-empty, sorted, distinct")
+        for i in ix:
+            want_int(k, "index", i, lo=0, hi=n_members - 1)
+            per_member[i] += 1
+            if per_member[i] > MAX_MEMBER_MODELS:
+                raise ValidationError(f"{k}: a member is recorded for over {MAX_MEMBER_MODELS}")
+    if cids != sorted(set(cids)):
+        raise ValidationError(f"{k} must be sorted by cid, each once")
+
+
+def propose_models(
+    members: tuple[tuple[str, int], ...], reported: Mapping[str, Iterable[str]]
+) -> ModelTable:
+    """The proposer's ``models`` table: what each member said it serves when asked to
+    stand (its first ``MAX_MEMBER_MODELS`` valid cids, sorted); past ``MAX_MODELS``
+    cids, those served by the most members are kept (ties: by cid)."""
+    index = {peer: i for i, (peer, _) in enumerate(members)}
+    served: dict[str, list[int]] = {}
+    for peer, cids in reported.items():
+        i = index.get(peer)
+        if i is None:
+            continue
+        valid = sorted({c for c in cids if _is_cid(c)})[:MAX_MEMBER_MODELS]
+        for cid in valid:
+            served.setdefault(cid, []).append(i)
+    kept = sorted(served, key=lambda c: (-len(served[c]), c))[:MAX_MODELS]
+    return tuple((cid, tuple(sorted(served[cid]))) for cid in sorted(kept))
+
+
+def _is_cid(value: object) -> bool:
+    try:
+        want_cid("stand", "models[]", value)
+    except ValidationError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -421,6 +508,7 @@ class EpochRules(CommitteeRule):
                 fallback=self.fallback,
                 f=self.f,
                 referee_panel_size=self.referee_panel_size,
+                serving=self.serving,
             )
         else:
             held = self._book.get(cp)
@@ -432,6 +520,7 @@ class EpochRules(CommitteeRule):
                 fallback=self.fallback,
                 f=self.f,
                 referee_panel_size=self.referee_panel_size,
+                serving=held.checkpoint.serving(),
             )
         self._rules[cp] = rule
         return rule
@@ -518,6 +607,7 @@ class EpochRules(CommitteeRule):
 
     def describe(self) -> dict[str, Any]:
         latest = self.latest
+        rule = self.current_rule
         return {
             "epoch_ms": self.epoch_ms,
             "lag": self.lag,
@@ -527,6 +617,8 @@ class EpochRules(CommitteeRule):
             "latest_checkpoint": latest.epoch if latest is not None else 0,
             "checkpoints": len(self._book),
             "pool": sorted(self.current_rule.pool),
+            # model cid -> how many pool members serve it (its referee panels come from them)
+            "serving": {cid: len(rule.servers(cid)) for cid in sorted(rule.serving or {})},
         }
 
 
@@ -658,16 +750,36 @@ def decode_checkpoints(data: bytes) -> list[CertifiedCheckpoint]:
     ]
 
 
-def encode_stand(stand: bool) -> bytes:
-    return encode({"v": WIRE_VERSION, "stand": stand})
+MAX_STAND_REPLY = 64 + MAX_MEMBER_MODELS * 70
+
+
+def encode_stand(stand: bool, models: Iterable[str] = ()) -> bytes:
+    """Whether this peer stands for the pool and, if it does, the model cids it serves
+    (at most ``MAX_MEMBER_MODELS``; left out when none)."""
+    body: dict[str, Any] = {"v": WIRE_VERSION, "stand": stand}
+    cids = sorted(set(models))[:MAX_MEMBER_MODELS] if stand else []
+    if cids:
+        body["models"] = cids
+    return encode(body)
+
+
+def decode_stand_reply(data: bytes) -> tuple[bool, tuple[str, ...]]:
+    """(stands, the model cids it says it serves)."""
+    raw = decode(data, max_size=MAX_STAND_REPLY)
+    names = {"stand", "models"} if isinstance(raw, dict) and "models" in raw else {"stand"}
+    b = check_body(raw, kind="Epochs.stand", version=WIRE_VERSION, fields=frozenset(names))
+    if type(b["stand"]) is not bool:
+        raise ValidationError("Epochs.stand must be a boolean")
+    models: tuple[str, ...] = ()
+    if "models" in b:
+        if type(b["models"]) is not list or not 1 <= len(b["models"]) <= MAX_MEMBER_MODELS:
+            raise ValidationError(f"Epochs.stand.models must list 1..{MAX_MEMBER_MODELS} cids")
+        models = tuple(want_cid("Epochs.stand", "models[]", c) for c in b["models"])
+    return bool(b["stand"]), models
 
 
 def decode_stand(data: bytes) -> bool:
-    raw = decode(data, max_size=64)
-    b = check_body(raw, kind="Epochs.stand", version=WIRE_VERSION, fields=frozenset({"stand"}))
-    if type(b["stand"]) is not bool:
-        raise ValidationError("Epochs.stand must be a boolean")
-    return bool(b["stand"])
+    return decode_stand_reply(data)[0]
 
 
 def encode_vote_reply(answer: Signed[PoolVote] | str) -> bytes:
@@ -705,6 +817,7 @@ __all__ = [
     "decode_checkpoints",
     "decode_request",
     "decode_stand",
+    "decode_stand_reply",
     "decode_vote_reply",
     "encode_checkpoints",
     "encode_request",
@@ -714,6 +827,7 @@ __all__ = [
     "ledger_eligibility",
     "open_pool_vote",
     "propose_members",
+    "propose_models",
     "rules_from",
     "sign_pool_vote",
 ]

@@ -245,9 +245,12 @@ def panel_seed(commitment: Signed[ResultCommitment]) -> bytes:
 def referee_panel(
     rule: CommitteeRule, commitment: Signed[ResultCommitment], cp: int
 ) -> RefereePanel:
-    """The referee panel of ``commitment`` under checkpoint ``cp`` of ``rule``."""
+    """The referee panel of ``commitment`` under checkpoint ``cp`` of ``rule``: drawn from
+    the checkpoint's pool members that serve the claim's model."""
     c = commitment.message
-    return rule.panel_at(cp, panel_seed(commitment), c.job_id, (c.requester, c.executor))
+    return rule.panel_at(
+        cp, panel_seed(commitment), c.job_id, (c.requester, c.executor), model_cid=c.model_cid
+    )
 
 
 def _check_panel_verdicts(
@@ -268,15 +271,15 @@ def _check_panel_verdicts(
         raise ValidationError(f"{kind}: verdicts must be sorted by referee")
     for signed in results:
         r = signed.message
-        if r.referee not in panel:
-            raise ValidationError(f"{kind}: {r.referee} is not on the job's referee panel")
-        if r.referee in (c.requester, c.executor):
-            raise ValidationError(f"{kind}: a party to the job cannot referee it")
         if r.cp != panel.cp:
             raise ValidationError(
                 f"{kind}: verdict of {r.referee} names checkpoint {r.cp}, the panel is "
                 f"drawn under {panel.cp}"
             )
+        if r.referee not in panel:
+            raise ValidationError(f"{kind}: {r.referee} is not on the job's referee panel")
+        if r.referee in (c.requester, c.executor):
+            raise ValidationError(f"{kind}: a party to the job cannot referee it")
         if (r.job_id, r.model_cid, r.input_digest, r.commitment) != (
             c.job_id,
             c.model_cid,

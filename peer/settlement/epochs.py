@@ -4,8 +4,9 @@
 
 * serves ``/edgeswarm/epochs/1``: ``get`` (certified checkpoints after an epoch),
   ``stand`` (is this peer live and standing for the pool: serving peers do,
-  bootstrap nodes and one-shot clients do not) and ``propose`` (a checkpoint
-  committee member's vote, persisted before it is sent: one per epoch);
+  bootstrap nodes and one-shot clients do not; a standing peer also names the
+  model cids it serves, which the checkpoint records for referee panels) and
+  ``propose`` (a checkpoint committee member's vote, persisted before it is sent: one per epoch);
 * at each epoch, if this peer sits on the checkpoint committee of the newest
   checkpoint, proposes the next one (members in committee order take turns, so a
   dead first member delays the checkpoint, it does not stop it): asks the live
@@ -23,7 +24,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from protocols.epochs import (
     MAX_GET,
     MAX_REPLY,
     MAX_REQUEST,
+    MAX_STAND_REPLY,
     CertifiedCheckpoint,
     CheckpointVoter,
     EpochRules,
@@ -56,7 +58,7 @@ from protocols.epochs import (
     certify_checkpoint,
     decode_checkpoints,
     decode_request,
-    decode_stand,
+    decode_stand_reply,
     decode_vote_reply,
     encode_checkpoints,
     encode_request,
@@ -64,6 +66,7 @@ from protocols.epochs import (
     encode_vote_reply,
     ledger_eligibility,
     propose_members,
+    propose_models,
     rules_from,
 )
 from protocols.errors import ProtocolError
@@ -211,6 +214,7 @@ class EpochService:
         stand: bool,
         sync_interval: float,
         clock: Callable[[], float] = time.time,
+        models: Callable[[], Iterable[str]] = tuple,
     ) -> None:
         self.host = host
         self.peer_id = peer_id_from_public_key(bytes(key.verify_key))
@@ -219,6 +223,7 @@ class EpochService:
         self.files = files
         self.min_earned = min_earned
         self.stand = stand
+        self.models = models  # the model cids this peer serves now (named when it stands)
         self.sync_interval = sync_interval
         self.clock = clock
         self.voter = CheckpointVoter(key, files.votes())
@@ -287,7 +292,7 @@ class EpochService:
         if isinstance(request, GetCheckpoints):
             return encode_checkpoints(self.rules.after(request.after, MAX_GET))
         if isinstance(request, Stand):
-            return encode_stand(self.stand)
+            return encode_stand(self.stand, self._served())
         if isinstance(request, Offer):
             await self.keep(request.certified)
             return encode_stand(True)
@@ -340,25 +345,35 @@ class EpochService:
 
     # --- proposing ------------------------------------------------------------------------
 
-    async def _stands(self, peer_id: str) -> bool:
-        if peer_id == self.peer_id:
-            return self.stand
+    def _served(self) -> tuple[str, ...]:
         try:
-            return decode_stand(await ask(self.host, peer_id, encode_request(Stand()), 64))
+            return tuple(self.models()) if self.stand else ()
+        except Exception as exc:  # a registry being changed: name none this time
+            log.debug("cannot list the served models: %r", exc)
+            return ()
+
+    async def _stands(self, peer_id: str) -> tuple[bool, tuple[str, ...]]:
+        if peer_id == self.peer_id:
+            return self.stand, self._served()
+        try:
+            reply = await ask(self.host, peer_id, encode_request(Stand()), MAX_STAND_REPLY)
+            return decode_stand_reply(reply)
         except Exception as exc:  # unreachable or not a settlement peer: not a candidate
             log.debug("%s does not stand: %r", peer_id[-8:], exc)
-            return False
+            return False, ()
 
-    async def _candidates(self, prev: PoolCheckpoint | None) -> list[str]:
+    async def _candidates(self, prev: PoolCheckpoint | None) -> dict[str, tuple[str, ...]]:
+        """The live candidates that stand, with the model cids each says it serves."""
         asked = [self.peer_id, *(str(p) for p in self.host.get_connected_peers())]
         if prev is not None:
             asked += [m for m, _ in prev.members]
         asked = list(dict.fromkeys(asked))[:MAX_CANDIDATES]
-        live: list[str] = []
+        live: dict[str, tuple[str, ...]] = {}
 
         async def check(peer_id: str) -> None:
-            if await self._stands(peer_id):
-                live.append(peer_id)
+            stands, models = await self._stands(peer_id)
+            if stands:
+                live[peer_id] = models
 
         async with trio.open_nursery() as nursery:
             for peer_id in asked:
@@ -372,12 +387,14 @@ class EpochService:
         committee = self.rules.checkpoint_committee(prev.epoch if prev else 0)
         live = await self._candidates(prev)
         view = ledger_eligibility(self.facts.ledger, self.now_ms(), self.min_earned)
+        members = propose_members(prev, epoch, live, view)
         proposal = PoolCheckpoint(
             network=self.rules.network,
             epoch=epoch,
             prev_epoch=prev.epoch if prev else 0,
             prev=prev.digest if prev else self.rules.network,
-            members=propose_members(prev, epoch, live, view),
+            members=members,
+            models=propose_models(members, live),
         )
         votes: dict[str, Signed[PoolVote]] = {}
         refusals: dict[str, str] = {}

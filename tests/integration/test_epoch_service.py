@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from settlement_helpers import key, pid, policy
 
+import peer.settlement.epochs as epochs_io
 from peer.settlement.budget import PeerBudget
 from peer.settlement.epochs import REQUESTS_BURST, REQUESTS_PER_S, EpochFiles, EpochService
 from protocols.codec import frame
@@ -21,11 +22,13 @@ from protocols.epochs import (
     GetCheckpoints,
     PoolCheckpoint,
     Propose,
+    Stand,
     certify_checkpoint,
     decode_checkpoints,
     decode_request,
     decode_vote_reply,
     encode_request,
+    encode_stand,
     rules_from,
     sign_pool_vote,
 )
@@ -49,7 +52,13 @@ def new_rules() -> EpochRules:
     )
 
 
-def service(tmp_path: Path, rules: EpochRules | None = None) -> EpochService:
+def service(
+    tmp_path: Path,
+    rules: EpochRules | None = None,
+    *,
+    stand: bool = False,
+    models: tuple[str, ...] = (),
+) -> EpochService:
     rules = rules or new_rules()
     facts: Any = SimpleNamespace(ledger=LedgerState(rules, policy(genesis=frozenset(MEMBERS))))
     return EpochService(
@@ -59,9 +68,10 @@ def service(tmp_path: Path, rules: EpochRules | None = None) -> EpochService:
         rules,
         EpochFiles(tmp_path),
         min_earned=0,
-        stand=False,
+        stand=stand,
         sync_interval=0,
         clock=lambda: NOW,
+        models=lambda: models,
     )
 
 
@@ -170,3 +180,32 @@ async def test_a_peer_over_its_request_budget_is_not_answered(tmp_path: Path) ->
     other = FakeStream(MEMBERS[1], request)  # another peer has its own budget
     await svc.handle_stream(other)  # type: ignore[arg-type]
     assert other.written
+
+
+async def test_a_proposal_records_the_models_its_standing_members_serve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What each candidate names when asked to stand goes into the checkpoint's models
+    table (referee panels per model are drawn from it); one that does not stand is out."""
+    mine, theirs = hashlib.sha256(b"a").hexdigest(), hashlib.sha256(b"b").hexdigest()
+    svc = service(tmp_path, stand=True, models=(mine,))
+    assert epochs_io.decode_stand_reply(await svc.answer(encode_request(Stand()))) == (
+        True,
+        (mine,),
+    )
+    svc.host = SimpleNamespace(get_connected_peers=lambda: MEMBERS[:2])  # type: ignore[assignment]
+
+    async def fake_ask(host: object, peer_id: str, data: bytes, limit: int) -> bytes:
+        if isinstance(decode_request(data), Stand):
+            return encode_stand(peer_id == MEMBERS[0], [theirs, mine])
+        return encode_stand(True)  # an offer's answer
+
+    monkeypatch.setattr(epochs_io, "ask", fake_ask)
+    made = await svc.propose(int(NOW) - 1)
+    assert made is not None
+    c = made.checkpoint
+    assert MEMBERS[0] in c.pool(0) and MEMBERS[1] not in c.pool(0)
+    serving = c.serving()
+    assert MEMBERS[0] in serving[mine] and MEMBERS[0] in serving[theirs]
+    assert (GENESIS in c.pool(0)) == (GENESIS in serving[mine])
+    assert GENESIS not in serving[theirs]

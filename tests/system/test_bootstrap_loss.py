@@ -39,16 +39,20 @@ async def cli_json(env: dict[str, str], *args: str) -> dict[str, object]:
     return report
 
 
-async def wait_for_pool(env: dict[str, str], data_dir: Path, boot: str, size: int) -> dict:
+async def wait_for_pool(
+    env: dict[str, str], data_dir: Path, boot: str, size: int, model: str
+) -> dict:
     """Poll the peer's ``ledger status`` (bounded) until committees are drawn from a pool of
-    ``size`` members that does not hold the bootstrap node."""
+    ``size`` members that does not hold the bootstrap node, all recorded as serving
+    ``model`` (its referee panels are drawn from them)."""
     epochs: dict = {}
     with trio.fail_after(120):
         for _ in range(200):  # bounded; each status call is a CLI process (~1 s)
             status = await cli_json(env, "ledger", "status", "--data-dir", str(data_dir))
             epochs = status.get("epochs") or {}  # type: ignore[assignment]
             pool = epochs.get("pool") or []
-            if len(pool) >= size and boot not in pool:
+            serving = (epochs.get("serving") or {}).get(model, 0)
+            if len(pool) >= size and boot not in pool and serving >= size:
                 return epochs
             await trio.sleep(0.5)  # polling a separate process's files: nothing to wait on
     raise AssertionError(f"the pool never reached {size}: {epochs}")
@@ -89,7 +93,7 @@ async def test_payments_are_certified_after_the_only_bootstrap_node_is_killed(
         # The genesis names only the bootstrap node; committees move to the pool.
         genesis = await cli_json(full, "ledger", "status", "--data-dir", str(peers[0].data_dir))
         assert genesis["genesis"]["witnesses"] == [boot.peer_id]  # type: ignore[index]
-        epochs = await wait_for_pool(full, peers[0].data_dir, boot.peer_id, SERVING)
+        epochs = await wait_for_pool(full, peers[0].data_dir, boot.peer_id, SERVING, cid)
         print(f"pool before the kill: {epochs}")
         common = ["--input", f"x={tmp_path / 'x.npy'}", "--input", f"y={tmp_path / 'x.npy'}"]
         common += ["--data-dir", str(tmp_path / "app"), "--output-dir", str(tmp_path / "out")]

@@ -8,6 +8,7 @@ the checkpoint quorum, the chain, one vote per epoch, newcomers' eligibility, ke
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Mapping
 
 import pytest
 from hypothesis import given, settings
@@ -35,6 +36,7 @@ from protocols.epochs import (
     encode_request,
     encode_vote_reply,
     propose_members,
+    propose_models,
     rules_from,
     sign_pool_vote,
 )
@@ -68,15 +70,20 @@ def everyone(min_earned: int = 0, banned: frozenset[str] = frozenset()) -> Eligi
 
 
 def checkpoint(
-    rules: EpochRules, epoch: int, members: dict[str, int] | None = None
+    rules: EpochRules,
+    epoch: int,
+    members: dict[str, int] | None = None,
+    serves: Mapping[str, Iterable[str]] | None = None,
 ) -> PoolCheckpoint:
     latest = rules.latest
+    listed = tuple(sorted((members or {}).items()))
     return PoolCheckpoint(
         network=NETWORK,
         epoch=epoch,
         prev_epoch=latest.epoch if latest else 0,
         prev=latest.digest if latest else NETWORK,
-        members=tuple(sorted((members or {}).items())),
+        members=listed,
+        models=propose_models(listed, serves or {}),
     )
 
 
@@ -86,12 +93,17 @@ def certify(rules: EpochRules, c: PoolCheckpoint) -> CertifiedCheckpoint:
     return certify_checkpoint(c, votes)
 
 
-def grow(rules: EpochRules, upto: int, members: dict[str, int]) -> None:
-    """Checkpoints 1..upto, each listing ``members`` (since as given)."""
+def grow(
+    rules: EpochRules,
+    upto: int,
+    members: dict[str, int],
+    serves: Mapping[str, Iterable[str]] | None = None,
+) -> None:
+    """Checkpoints 1..upto, each listing ``members`` (since as given) and the models each
+    serves (``serves``: member -> cids)."""
     for e in range(1, upto + 1):
-        rules.add(
-            certify(rules, checkpoint(rules, e, {m: s for m, s in members.items() if s <= e}))
-        )
+        listed = {m: s for m, s in members.items() if s <= e}
+        rules.add(certify(rules, checkpoint(rules, e, listed, serves)))
 
 
 # --- the checkpoint chain -------------------------------------------------------------------

@@ -32,16 +32,17 @@ POOL = [pid(k) for k in POOL_KEYS]
 KEY_OF = {pid(k): k for k in [*POOL_KEYS, *MEMBER_KEYS]}
 COLLUDERS = frozenset(POOL[:6])  # 20 % of the pool works for the requester
 REQ, EXE = key(1), key(2)
+SERVE_CID = {m: (CID,) for m in MEMBERS}  # every checkpoint member serves the claims' model
 
 
-def claim(job_id: bytes, executor: object = EXE) -> Signed[ResultCommitment]:
+def claim(job_id: bytes, executor: object = EXE, model: str = CID) -> Signed[ResultCommitment]:
     return commit(
         executor,  # type: ignore[arg-type]
         ResultCommitment(
             job_id=job_id,
             requester=pid(REQ),
             executor=pid(executor),  # type: ignore[arg-type]
-            model_cid=CID,
+            model_cid=model,
             input_digest=content_digest({"x": job_id}),
             output_digest=content_digest({"y": b"right"}),
             price=100,
@@ -108,7 +109,8 @@ def test_grinding_job_ids_does_not_choose_the_panel() -> None:
     def predicted_body(jid: bytes) -> bool:
         """It knows the whole commitment body (outputs, price, even compute_ms here)."""
         body = claim(jid).message
-        return colluders_decide(rule.panel_at(0, message_digest(body), jid, parties))
+        seed = message_digest(body)
+        return colluders_decide(rule.panel_at(0, seed, jid, parties, model_cid=body.model_cid))
 
     base = [colluders_decide(referee_panel(rule, claim(job_id(i)), 0)) for i in range(300)]
     assert 0.03 <= sum(base) / len(base) <= 0.2
@@ -151,7 +153,7 @@ def _verdicts(c: Signed[ResultCommitment], members: tuple[str, ...], cp: int, ve
 
 def test_panels_come_from_the_current_checkpoints_serving_pool_and_verify_under_it() -> None:
     rules = new_rules(lag=1, age=1)
-    grow(rules, 4, {m: 1 for m in MEMBERS})
+    grow(rules, 4, {m: 1 for m in MEMBERS}, SERVE_CID)
     rules.tick(5 * EPOCH_MS)
     cp = rules.panel_cp
     assert cp == 4 and rules.panel_cps() == frozenset({3, 4})
@@ -166,14 +168,14 @@ def test_panels_come_from_the_current_checkpoints_serving_pool_and_verify_under_
     ArbitratedReceipt.from_bytes(arbitrated.to_bytes()).verify_under(rules)
     # A peer that lacks checkpoint 4 cannot check it yet (sync, then retry).
     behind = new_rules(lag=1, age=1)
-    grow(behind, 3, {m: 1 for m in MEMBERS})
+    grow(behind, 3, {m: 1 for m in MEMBERS}, SERVE_CID)
     with pytest.raises(UnknownCheckpoint):
         proof.verify_under(behind)
 
 
 def test_every_verdict_must_name_the_checkpoint_of_the_panel() -> None:
     rules = new_rules(lag=1, age=1)
-    grow(rules, 4, {m: 1 for m in MEMBERS})
+    grow(rules, 4, {m: 1 for m in MEMBERS}, SERVE_CID)
     c = claim(job_id(8))
     panel = referee_panel(rules, c, 4)
     # The same referees signing under another checkpoint do not make a proof for this panel,
@@ -186,17 +188,20 @@ def test_every_verdict_must_name_the_checkpoint_of_the_panel() -> None:
     if set(p3.members) != set(panel.members):
         with pytest.raises(ValidationError):
             FraudProof.of(c, tuple(verdicts)).verify_under(rules)
-    # A proof whose verdicts name two checkpoints is refused.
-    mixed = (*_verdicts(c, panel.members[:1], 4, "mismatch"), *verdicts[1:])
+    # A proof whose verdicts name two checkpoints is refused (under either checkpoint's
+    # panel: the one its first verdict names is the one it is checked against).
+    mixed = FraudProof.of(c, (*_verdicts(c, panel.members[:1], 4, "mismatch"), *verdicts[1:]))
     with pytest.raises(ValidationError, match="names checkpoint"):
-        FraudProof.of(c, mixed).verify_under(rules)
+        mixed.verify(panel)
+    with pytest.raises(ValidationError):
+        mixed.verify_under(rules)
 
 
 def test_the_genesis_draw_of_a_claim_is_not_its_pool_draw() -> None:
     """Verdicts of pool members named under the genesis rule (cp 0: the genesis witness
     alone) are off its panel: a proof cannot pick the genesis rule to dodge the pool."""
     rules = new_rules(lag=1, age=1)
-    grow(rules, 4, {m: 1 for m in MEMBERS})
+    grow(rules, 4, {m: 1 for m in MEMBERS}, SERVE_CID)
     c = claim(job_id(9))
     panel = referee_panel(rules, c, 4)
     assert referee_panel(rules, c, 0).members == (GENESIS,)
@@ -207,7 +212,7 @@ def test_the_genesis_draw_of_a_claim_is_not_its_pool_draw() -> None:
 
 def test_an_honest_referee_signs_only_under_a_recent_checkpoint() -> None:
     rules = new_rules(lag=1, age=1)
-    grow(rules, 6, {m: 1 for m in MEMBERS})
+    grow(rules, 6, {m: 1 for m in MEMBERS}, SERVE_CID)
     rules.tick(7 * EPOCH_MS)
     assert rules.panel_cps() == frozenset({5, 6})
     service = RefereeService(

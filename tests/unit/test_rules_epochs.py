@@ -260,6 +260,7 @@ def test_describe_names_the_epoch_state() -> None:
         "latest_checkpoint": 2,
         "checkpoints": 2,
         "pool": sorted(rules.rule_at(1).pool),
+        "serving": {},
     }
 
 
