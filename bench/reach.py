@@ -70,16 +70,13 @@ async def client(args: argparse.Namespace) -> None:
 
     from peer.config import load_config
     from peer.node import open_peer
-    from tests.reach.punch_client import Streams
 
     listen = ["/ip4/0.0.0.0/tcp/0"] if args.punch else []  # a punch dials from its listen port
     config = load_config(
         cli={"bootstrap": args.boots.split(","), "data_dir": args.data_dir, "listen": listen}
     )
     out: dict[str, Any] = {}
-    streams = Streams()
     async with open_peer(config, role="client", market=True) as peer:
-        peer.host.get_network().register_notifee(streams)
         punch: dict[str, Any] = {}
         if args.punch:  # one job through the relay (its dial asks for the punch), then wait
             x = np.arange(16, dtype=np.float32)
@@ -89,7 +86,6 @@ async def client(args: argparse.Namespace) -> None:
                     await peer.reach.punch.changed.wait()
             p = peer.reach.punch.results[first.executor]
             punch = {"ok": p.ok, "seconds": round(p.seconds, 3), "addr": p.addr}
-            streams.job_conns()
         if args.punch_only:
             out = {"punch": punch}
         elif args.first_job_since:
@@ -118,14 +114,13 @@ async def client(args: argparse.Namespace) -> None:
                     t = time.perf_counter()
                     await lease.infer({"x": big, "y": big})
                     big_lat.append((time.perf_counter() - t) * 1000)
-            # The connection the lease's job stream went over.
-            addrs = streams.job_conns()
+                route = lease.route or ""  # the connection the lease's job stream is on
             out = {
                 "tiny": summary(lat),
                 "mib_in": summary(big_lat),
                 "mib_per_s_in": round(1000 / statistics.median(big_lat), 2),
-                "relayed": any("p2p-circuit" in a for a in addrs),
-                "job_conn": addrs[0] if addrs else None,
+                "relayed": "p2p-circuit" in route,
+                "job_conn": route or None,
             }
             if punch:
                 out["punch"] = punch
