@@ -104,8 +104,9 @@ class MarketSettings:
         default_factory=lambda: rq.RequesterPolicy(grace_s=2.0, patience=0.25)
     )
     # Keep a single job's stream for the next award to that executor (peer.market.stream_pool).
-    # Off by default: with it on, `edgeswarm demo` failed 3 runs in 9 at load 3-4 (awards
-    # could not open a stream: TooSlowError), 0 in 6 with it off; cause not yet found.
+    # Off by default: the README demo under load has not passed 6 runs in 6 with it on. Its
+    # failures (job streams that do not open in time) happen with it off too, on the
+    # first awards to starved executors (docs/market-peer.md, issue 16).
     keep_job_streams: bool = False
     # Send each JobRequest straight to the servers the auction expects, on an auction stream
     # (``peer.market.direct``), as well as on gossip: their bids skip the gossip mesh.
