@@ -137,7 +137,10 @@ class LedgerClient:
         self.identity: IdentityProof | None = None
         self._pool: dict[str, Channel] = {}
         self._opening: dict[str, trio.Lock] = {}
+        # Peers that acknowledged our identity proof, and one introducer per peer (others
+        # calling it meanwhile wait, so no request of ours reaches it before the proof).
         self._introduced: set[str] = set()
+        self._introducing: dict[str, trio.Lock] = {}
         self._lookups: dict[str, float] = {}  # peer id -> when we last asked the DHT
 
     async def open(self, peer_id: str) -> Channel:
@@ -206,17 +209,21 @@ class LedgerClient:
         raise SettlementError(f"{peer_id} did not answer within {self.request_timeout} s")
 
     async def _introduce(self, peer_id: str) -> None:
-        """Send our identity proof once per peer (witnesses need it to grant credit)."""
+        """Send our identity proof to a peer before anything else (witnesses need it to
+        grant credit). A peer counts as introduced only once it answered the push: a failed
+        dial, a lost stream or a timeout (a cancel) leaves the introduction to the next call."""
         if self.identity is None or peer_id in self._introduced:
             return
-        self._introduced.add(peer_id)
-        ch = await self._pooled(peer_id)
-        item = encode_item(FactKind.IDENTITY_PROOF, self.identity.to_bytes())
-        try:
-            await ch.call(Push((item,)), PushReply)
-        except SettlementError:
-            self._introduced.discard(peer_id)
-            raise
+        lock = self._introducing.setdefault(peer_id, trio.Lock())
+        async with lock:
+            if peer_id in self._introduced:
+                return
+            ch = await self._pooled(peer_id)
+            item = encode_item(FactKind.IDENTITY_PROOF, self.identity.to_bytes())
+            reply = await ch.call(Push((item,)), PushReply)
+            if reply.bad:  # the same bytes would be refused again: say so once
+                log.warning("%s refused our identity proof: it will refuse us credit", peer_id)
+            self._introduced.add(peer_id)
 
     def forget_introduction(self, peer_id: str) -> None:
         """Introduce ourselves again next time (the peer may have lost our proof)."""

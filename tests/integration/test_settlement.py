@@ -190,8 +190,10 @@ async def test_double_spend_split_committee_gets_no_certificate(tmp_path: Path) 
 async def test_payer_crash_after_persisting_resends_the_same_transfer(tmp_path: Path) -> None:
     """The payer stored its signed transfers (three pipelined seqs) and died before any
     witness saw them: on restart the payer task resends exactly those transfers (a new
-    signature would be equivocation). Then twenty receipts owed at once are paid in one
-    batch: consecutive seqs, one lock fsync per witness for all of them."""
+    signature would be equivocation), and every witness, not only a quorum, learns the
+    payer's identity and votes for them (the restarted payer first tried before it was
+    connected). Then twenty receipts owed at once are paid in one batch: consecutive
+    seqs, one lock fsync per witness for all of them."""
     config = SettlementConfig(sync_interval=0, gossip=False, auto_pay=False)
     rs = [make_receipt(PAYER, PAYEE, 1234, j) for j in (1, 2, 3)]
     async with AsyncExitStack() as stack:
@@ -209,6 +211,14 @@ async def test_payer_crash_after_persisting_resends_the_same_transfer(tmp_path: 
                 await payer.store.put_outgoing(persist.transfer, r)
                 stored.append(persist.transfer.digest)
         # "Restart" with the payer task on: it must finish the stored transfers.
+        for w in witnesses:  # a lock is no fact: wake wait_for when one is committed
+            put_locks = w.store.put_locks
+
+            async def put_and_notify(records, *, facts=(), put=put_locks, w=w):  # type: ignore[no-untyped-def]
+                await put(records, facts=facts)
+                w.svc.facts.notify()
+
+            w.store.put_locks = put_and_notify  # type: ignore[method-assign]
         restarted = SettlementConfig(sync_interval=0, gossip=False, auto_pay=True)
         async with settlement_node(tmp_path / "payer", PAYER, RULE, POLICY, restarted) as payer:
             for w in witnesses:
@@ -221,8 +231,17 @@ async def test_payer_crash_after_persisting_resends_the_same_transfer(tmp_path: 
                 cert = payer.store.certificate(pid(PAYER), seq)
                 assert cert is not None and cert.digest == digest
             assert payer.svc.balances() == {pid(PAYER): -3 * 1234, pid(PAYEE): 3 * 1234}
-            for w in witnesses:
-                assert {rec.digest for rec in w.store.locks()} <= set(stored)
+            # The requests still in flight after a quorum finish on their own: a witness
+            # that never got the payer's identity proof would refuse them all (over-limit,
+            # credit 0), hidden by the quorum, and the committee would tolerate no fault.
+            await wait_for(
+                "every witness to learn the payer's identity and vote for all three",
+                lambda n: (
+                    n.svc.ledger.has_identity(pid(PAYER))
+                    and {rec.digest for rec in n.store.locks()} == set(stored)
+                ),
+                witnesses,
+            )
 
             # Witness 3 is from before batches: it answers certify_many "unknown op", and
             # the payer asks it one transfer at a time instead.
