@@ -668,3 +668,59 @@ def test_memory_blobs_forget_ids_they_never_held() -> None:
     blobs.put(b"a" * 32, FactKind.RECEIPT, b"x")
     blobs.forget([b"a" * 32, b"b" * 32])
     assert blobs.get(b"a" * 32) is None
+
+
+# --- adopting in a copy (peer.ledger_store adopts off the event loop) -----------------------
+
+
+def test_a_journal_records_each_new_fact_and_nothing_a_copy_re_indexes() -> None:
+    led = ledger()
+    assert led.journal is None
+    led.journal = []
+    r, c = pay(led, P, B, 10, 1, NOW_MS)
+    pay(led, P, B, 10, 2, CUT + 10)
+    assert led.journal[:2] == [
+        (FactKind.RECEIPT, r.to_bytes()),
+        (FactKind.CERTIFICATE, c.to_bytes()),
+    ]
+    assert len(led.journal) == 4
+    cp, _ = checkpoint_at(led, CUT)
+    led.ingest_checkpoint(cp)
+    led.journal = []
+    led.adopt_checkpoint(cp)  # re-ingests the kept facts: not new, not journaled
+    assert led.journal == []
+
+
+def test_replayed_facts_are_neither_verified_nor_stored_again() -> None:
+    puts: list[bytes] = []
+
+    class Recording(MemoryBlobs):
+        def put(self, fact_id: bytes, kind: FactKind, data: bytes) -> None:
+            puts.append(fact_id)
+            super().put(fact_id, kind, data)
+
+    forged = forged_receipt()  # its signatures were "checked" by the owner before
+    led = LedgerState(RULE, POL, blobs=Recording())
+    led.replay_verified([(FactKind.RECEIPT, forged.to_bytes())])
+    assert led.has(forged.receipt_id) and puts == []
+    # Back to untrusted afterwards, also when a replayed item fails.
+    with pytest.raises(ProtocolError):
+        led.replay_verified([(FactKind.RECEIPT, b"\xff")])
+    with pytest.raises(ProtocolError):
+        led.ingest_receipt(forged_receipt())
+    r = receipt(P, B, 10, next(_jobs))
+    assert led.ingest_receipt(r) and puts == [r.receipt_id]
+
+
+def test_a_ledger_takes_the_state_of_a_copy_of_the_same_rule_and_policy_only() -> None:
+    live_blobs = MemoryBlobs()
+    live = LedgerState(RULE, POL, blobs=live_blobs)
+    live.journal = []
+    copy = ledger()
+    pay(copy, P, B, 10, 1, NOW_MS)
+    for other in (LedgerState(rule(referee_panel_size=5), POL), ledger(policy())):
+        with pytest.raises(LocalProtocolError):
+            live.take_state(other)
+    live.take_state(copy)
+    assert live.balances() == {pid(P): -10, pid(B): 10}
+    assert live.blobs is live_blobs and live.journal is None

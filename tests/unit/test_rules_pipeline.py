@@ -13,13 +13,24 @@ import json
 
 import cbor2
 import pytest
+from test_pipeline_attribution import (
+    INS,
+    PRODUCER,
+    REFEREES,
+    D,
+    dispute,
+    single,
+    verdict,
+)
 from test_pipeline_rules import (
     E1,
     E2,
     E3,
     J1,
     J2,
+    J3,
     REQ,
+    answered,
     chain,
     cid,
     cuts,
@@ -27,12 +38,14 @@ from test_pipeline_rules import (
     key,
     manifest,
     output,
+    outs,
     route,
     seg,
     t,
 )
 
 from protocols.codec import encode
+from protocols.committee import RefereePanel
 from protocols.errors import DecodeError, ProtocolError, ValidationError
 from protocols.pipeline import (
     MAX_DIM,
@@ -40,7 +53,10 @@ from protocols.pipeline import (
     MAX_NAME_CHARS,
     MAX_RANK,
     MAX_STAGES,
+    MAX_TAKEN,
     MAX_TENSORS,
+    STAGE_REPLY_MAX,
+    AttributionError,
     ChainError,
     CrossingTensor,
     Cut,
@@ -48,18 +64,23 @@ from protocols.pipeline import (
     PipelineManifest,
     Segment,
     Stage,
+    StageDispute,
+    StageFetch,
     StageForward,
     StagePayload,
     StageReply,
     StageRoute,
     check_chain,
     check_lease_chain,
+    check_stage_dispute,
     choose_placement,
     decode_stage_frame,
+    encode_stage_frame,
     forward_seq,
+    stage_fraud,
 )
 from protocols.receipt import MAX_BATCH, content_digest
-from protocols.signed import sign_message
+from protocols.signed import Signed, sign_message
 
 KW = {"bytes_per_ms": 100_000.0, "hop_ms": 10.0}
 
@@ -252,6 +273,17 @@ def test_a_shift_never_maps_a_job_past_the_downstreams_batch() -> None:
     assert forward_seq(r, MAX_BATCH - 1) is None
 
 
+def test_a_fetch_asks_for_a_job_of_a_batch() -> None:
+    assert StageFetch(J1, MAX_BATCH - 1).seq == MAX_BATCH - 1
+    with pytest.raises(ValidationError):
+        StageFetch(J1, MAX_BATCH)
+    frame = {"t": "get", "j": J1, "s": 3}
+    assert decode_stage_frame(encode(frame), max_size=4096) == StageFetch(J1, 3)
+    for bad in ({**frame, "extra": 1}, {**frame, "t": "other"}):
+        with pytest.raises(ProtocolError):
+            decode_stage_frame(encode(bad), max_size=4096)
+
+
 def test_a_reply_says_why_in_at_most_512_characters() -> None:
     assert StageReply(False, "w" * 512).why == "w" * 512
     with pytest.raises(ValidationError):
@@ -316,3 +348,52 @@ def test_stage_frames_with_other_fields_or_shapes_are_decode_errors() -> None:
     assert decode_stage_frame(encode({"t": "x", "x": {}}), max_size=4096) == StagePayload({})
     assert isinstance(decode_stage_frame(encode(fwd), max_size=4096), StageForward)
     assert REQ and E1  # the fixture's parties
+
+
+# --- take-overs and referee attribution (#18's newest rules) -----------------------------------
+
+
+def test_unusable_reported_outputs_before_good_ones_do_not_hide_them() -> None:
+    """answered_downstream skips each unusable signed output and reads on: the next stage's
+    executor cannot hide the jobs the dead one forwarded by reporting junk first."""
+    good = outs(2)
+    forged = Signed(
+        message=dataclasses.replace(good[0].message, output_digest=b"x" * 32),
+        envelope=good[0].envelope,
+    )
+    for junk in (forged, output(signer=3, seq=2, to_seq=2), outs(2, to_job=J3)[0]):
+        assert answered([junk, *good]) == [2]
+    assert answered([output(seq=2, to_seq=3), *good]) == [2]
+
+
+def test_a_reply_reports_up_to_64_signed_outputs_and_keeps_its_why() -> None:
+    taken = tuple(output(seq=n, to_seq=n) for n in range(MAX_TAKEN))
+    reply = StageReply(False, "no", taken=taken)
+    back = decode_stage_frame(encode_stage_frame(reply), max_size=STAGE_REPLY_MAX)
+    assert isinstance(back, StageReply) and back.why == "no" and len(back.taken) == MAX_TAKEN
+    with pytest.raises(ValidationError):
+        StageReply(True, taken=(*taken, output(seq=99, to_seq=99)))
+    with pytest.raises(ValidationError):  # a tuple, not a list
+        StageReply(True, taken=list(taken[:1]))  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):  # signed outputs only
+        StageReply(True, taken=(sign_message(key(1), route()),))  # type: ignore[arg-type]
+    for k in ([5], [output().to_bytes()] * (MAX_TAKEN + 1)):
+        with pytest.raises(ProtocolError):
+            decode_stage_frame(
+                encode({"t": "reply", "ok": True, "why": "", "k": k}), max_size=STAGE_REPLY_MAX
+            )
+
+
+def test_a_dispute_gives_per_job_digests_on_both_sides_or_on_neither() -> None:
+    s = single()
+    check_stage_dispute(s, D)
+    for ins, outs_ in (((), (D,)), ((INS[0],), ())):
+        with pytest.raises(AttributionError):
+            check_stage_dispute(StageDispute(s.output, s.commitment, ins, outs_), D)
+
+
+def test_a_verdict_by_a_party_does_not_stop_the_count() -> None:
+    d = dispute()
+    c = d.commitment
+    panel = RefereePanel(job_id=J1, members=(*REFEREES[:2], PRODUCER))
+    assert stage_fraud(d, D, [verdict(2, c), verdict(10, c), verdict(11, c)], panel) is not None
