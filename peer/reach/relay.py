@@ -12,6 +12,12 @@ they lack is added here:
   RESERVE that names another peer than the sender (py-libp2p 0.8.1 would book
   the slot for whatever peer id the message carries). Over a limit the
   stream is reset.
+* **Circuits to one peer stay apart** (``CircuitProtocol``): py-libp2p 0.8.1 files
+  each circuit under the destination peer's id, so a second circuit to the same
+  peer (two requesters relayed to one executor at once) replaced the first's
+  entry, and the end of the first closed the second's streams: the second
+  requester lost its relayed connection mid-job. Each circuit now closes only its
+  own streams.
 * **Dialing** ``.../p2p/RELAY/p2p-circuit/p2p/PEER``: the swarm skips circuit
   addresses, so ``peer.reach.dialer`` calls ``RelayService.dial`` for them.
 * **Reservations** (``Reservations``): while AutoNAT says we are private (or
@@ -111,6 +117,42 @@ def _remote_ip(stream: INetStream) -> str | None:
         if remote:
             return str(remote[0])
     return None
+
+
+class _Circuits(dict[ID, tuple[INetStream, INetStream | None]]):
+    """py-libp2p's ``_active_relays`` (its ``stop`` closes what is here). Keyed by peer, an
+    entry can belong to a newer circuit to that peer; ``in`` answers False so that
+    py-libp2p's per-peer cleanup (which closed that newer circuit) never runs."""
+
+    def __contains__(self, key: object) -> bool:
+        return False
+
+
+class CircuitProtocol(CircuitV2Protocol):
+    """``CircuitV2Protocol`` whose circuits each close their own streams when they end."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._active_relays = _Circuits()
+        self.relays_ended = 0  # relay directions ended (two per circuit)
+        self.relay_ended = trio.Event()  # set (and replaced) when one ends
+
+    async def _relay_data(
+        self, src_stream: INetStream, dst_stream: INetStream, peer_id: ID, *args: Any
+    ) -> None:
+        try:
+            await super()._relay_data(src_stream, dst_stream, peer_id, *args)
+        finally:
+            try:
+                entry = dict.get(self._active_relays, peer_id)
+                if entry is not None and src_stream in entry:  # ours, not a newer circuit's
+                    dict.pop(self._active_relays, peer_id, None)
+                await self._close_stream(src_stream)
+                await self._close_stream(dst_stream)
+            finally:
+                self.relays_ended += 1
+                self.relay_ended.set()
+                self.relay_ended = trio.Event()
 
 
 class HopGuard:
@@ -227,7 +269,7 @@ class RelayService:
         self.host = host
         self.hop = hop
         self.limits = limits or HopLimits()
-        self.protocol = CircuitV2Protocol(host, limits=self.limits.relay_limits(), allow_hop=hop)
+        self.protocol = CircuitProtocol(host, limits=self.limits.relay_limits(), allow_hop=hop)
         roles = RelayRole.STOP | RelayRole.CLIENT | (RelayRole.HOP if hop else RelayRole(0))
         config = RelayConfig(roles=roles, limits=self.limits.relay_limits())
         self.transport = CircuitV2Transport(host, self.protocol, config)

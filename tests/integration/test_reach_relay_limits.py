@@ -6,6 +6,7 @@ resource they can make it hold is bounded.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -189,3 +190,44 @@ async def test_reservations_are_renewed_before_they_expire() -> None:
             assert held.held[rid].expires > first
             assert str(client.host.get_id()) in reserved(relay)
             nursery.cancel_scope.cancel()
+
+
+ECHO = "/edgeswarm-test/echo/1"
+
+
+async def _echo(stream: INetStream) -> None:
+    with contextlib.suppress(Exception):
+        while chunk := await stream.read(4096):
+            await stream.write(chunk)
+        await stream.close()
+
+
+async def _relayed_echo(dialer: Node, target: Node) -> bytes:
+    with trio.fail_after(10):
+        stream = await dialer.host.new_stream(target.host.get_id(), [ECHO])  # type: ignore[list-item]
+        await stream.write(b"ping")
+        return bytes(await stream.read(4))
+
+
+async def test_the_end_of_one_circuit_leaves_another_to_the_same_peer_open() -> None:
+    # Two requesters relayed to one executor at once (py-libp2p filed both circuits under
+    # the executor's id: the end of the first closed the second's streams).
+    async with relay_and_clients(HopLimits(), 3) as (relay, (target, first, second)):
+        assert await reserve_ok(target, relay)
+        target.host.set_stream_handler(ECHO, _echo)  # type: ignore[arg-type]
+        tid = target.host.get_id()
+        circuit = Multiaddr(f"{relay.addr}/p2p-circuit/p2p/{tid}")
+        for dialer in (first, second):
+            with trio.fail_after(10):
+                await reach_of(dialer.host).connect(tid, [circuit], deadline=10)
+            assert await _relayed_echo(dialer, target) == b"ping"
+        protocol = relay.relay.protocol
+        ended = protocol.relays_ended
+        # The first circuit ends at both of its ends.
+        for host, peer in ((first.host, tid), (target.host, first.host.get_id())):
+            for conn in list(host.get_network().get_connections(peer)):
+                await conn.close()
+        with trio.fail_after(10):
+            while protocol.relays_ended < ended + 2:  # its two relay directions
+                await protocol.relay_ended.wait()
+        assert await _relayed_echo(second, target) == b"ping"
