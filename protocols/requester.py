@@ -144,6 +144,18 @@ class AwardFailed:
 
 
 @dataclass(frozen=True)
+class AwardUndelivered:
+    """No stream to ``executor`` could be opened, so no byte of the award reached it (a dial
+    or protocol negotiation that timed out on a busy peer). Not the executor's fault: the
+    same award is sent again while ``policy.max_opens`` and the deadline allow, else it
+    counts as ``AwardFailed``. Report ``AwardFailed`` instead once anything was written."""
+
+    executor: str
+    reason: str
+    now: float
+
+
+@dataclass(frozen=True)
 class ExecutorGone:
     """The awarded executor disconnected."""
 
@@ -235,6 +247,7 @@ Event = (
     BidReceived
     | TimerFired
     | AwardFailed
+    | AwardUndelivered
     | ExecutorGone
     | ResultReceived
     | DeadlineReached
@@ -359,6 +372,9 @@ class RequesterPolicy:
     # (micro-credits per job; None: no such rule). The window's end stays the fallback.
     close_early: bool = True
     good_enough_price: int | None = None
+    # Stream opens per executor per job: an award that never left (``AwardUndelivered``)
+    # goes to the same executor again, up to this many opens in all.
+    max_opens: int = 2
 
     def __post_init__(self) -> None:
         if (
@@ -367,11 +383,12 @@ class RequesterPolicy:
             or self.grace_s < 0.0
             or not 0.0 <= self.patience < 1.0
             or self.max_bidders < 1
+            or self.max_opens < 1
             or (self.good_enough_price is not None and self.good_enough_price < 0)
         ):
             raise LocalProtocolError(
                 "RequesterPolicy needs max_rounds>=1, eta_slack>=1, grace_s>=0, "
-                "0<=patience<1, max_bidders>=1"
+                "0<=patience<1, max_bidders>=1, max_opens>=1"
             )
 
 
@@ -387,6 +404,7 @@ class _Current:
     sent: dict[int, bytes] = field(default_factory=dict)  # seq -> input digest
     arrived: dict[int, bytes] = field(default_factory=dict)  # seq -> output digest
     accepted: int = 0  # results our last cumulative Acceptance covers
+    opens: int = 1  # streams opened (or tried) for this award
 
 
 @dataclass
@@ -483,6 +501,8 @@ class RequesterJob:
                 return self._on_timer()
             case AwardFailed(executor=executor, reason=reason):
                 return self._on_award_failed(executor, reason)
+            case AwardUndelivered(executor=executor, reason=reason):
+                return self._on_award_undelivered(executor, reason)
             case ExecutorGone(executor=executor):
                 return self._on_award_failed(executor, "executor went away")
             case ResultReceived():
@@ -621,6 +641,26 @@ class RequesterJob:
             return []
         return self._after_failure(executor, reason)
 
+    def _on_award_undelivered(self, executor: str, reason: str) -> list[Action]:
+        """The award never reached ``executor``: send it again while opens, the bid and the
+        deadline allow (a fresh result timer: the executor has not started), else a failure."""
+        cur = self._current
+        if self.phase is not Phase.AWARDED or cur is None or cur.bid.executor != executor:
+            return []
+        why = f"award undelivered: {reason}"
+        if (
+            cur.award is None  # a local run opens no stream
+            or cur.opens >= self.policy.max_opens
+            or cur.sent  # inputs were reported sent: not undelivered after all
+            or self.now >= min(self.request.deadline, cur.bid.expires_at)
+        ):
+            return self._after_failure(executor, why)
+        self.attempts.append((executor, why))
+        cur.opens += 1
+        cur.awarded_at = self.now
+        cur.result_by = self._result_by(cur.bid)
+        return [SendAward(executor, cur.award, cur.bid), StartTimer(cur.result_by)]
+
     def _on_result(self, event: ResultReceived) -> list[Action]:
         c = event.commitment.message
         if (
@@ -737,14 +777,7 @@ class RequesterJob:
             return [] if early else self._reauction_or_fail()
         bid = ranked[0]
         self._tried.add(bid.executor)
-        # A lease commits after its last job, sent by lease.until at the latest.
-        start = self.now if self.request.lease is None else max(self.now, self.request.lease.until)
-        p = self.policy
-        left = max(0.0, self.request.deadline - start)
-        result_by = min(
-            self.request.deadline,
-            start + bid.eta_ms / 1000.0 * p.eta_slack + p.grace_s + p.patience * left,
-        )
+        result_by = self._result_by(bid)
         self.phase = Phase.AWARDED
         if bid.executor == self.request.requester:  # our own bid won: no Award to sign
             self._current = _Current(bid=bid, award=None, awarded_at=self.now, result_by=result_by)
@@ -760,6 +793,17 @@ class RequesterJob:
         )
         self._current = _Current(bid=bid, award=award, awarded_at=self.now, result_by=result_by)
         return [SendAward(bid.executor, award, bid), StartTimer(result_by)]
+
+    def _result_by(self, bid: Bid) -> float:
+        """When an award made now must have delivered: eta x slack + grace + patience x left."""
+        # A lease commits after its last job, sent by lease.until at the latest.
+        start = self.now if self.request.lease is None else max(self.now, self.request.lease.until)
+        p = self.policy
+        left = max(0.0, self.request.deadline - start)
+        return min(
+            self.request.deadline,
+            start + bid.eta_ms / 1000.0 * p.eta_slack + p.grace_s + p.patience * left,
+        )
 
     def _after_failure(self, executor: str, reason: str) -> list[Action]:
         self.attempts.append((executor, reason))

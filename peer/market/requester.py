@@ -195,6 +195,10 @@ class Attempt:
     failure: str = ""
 
 
+class _Undelivered(Exception):
+    """No job stream could be opened: no byte of the award left (``rq.AwardUndelivered``)."""
+
+
 @dataclass
 class _Waiter:
     done: trio.Event = field(default_factory=trio.Event)
@@ -456,9 +460,13 @@ class JobRun:
 
     async def _award_task(self, att: Attempt) -> None:
         reason = ""
+        undelivered = False
         try:
             with att.scope:
-                reason = await self._award(att)
+                try:
+                    reason = await self._award(att)
+                except _Undelivered as exc:
+                    reason, undelivered = f"cannot open a job stream: {exc}", True
         finally:
             att.ended.set()
             self._fail_waiters(att)
@@ -469,7 +477,9 @@ class JobRun:
                     await self.pool.give(att.executor, att.fs)  # the next award reuses it
                 else:
                     await att.fs.close()
-        if reason:
+        if undelivered:  # the machine may send the same award again
+            await self._send.send(rq.AwardUndelivered(att.executor, reason, self.clock()))
+        elif reason:
             await self._send.send(rq.AwardFailed(att.executor, reason, self.clock()))
 
     async def _award(self, att: Attempt) -> str:
@@ -531,6 +541,8 @@ class JobRun:
                     return f"{err.code}: {err.message}"
                 else:
                     return f"unexpected frame {type(item).__name__} from the executor"
+        except _Undelivered:
+            raise
         except JobStreamClosed as exc:
             return str(exc)
         except ProtocolError as exc:
@@ -546,13 +558,19 @@ class JobRun:
         came back on it (the executor let it go idle), the same frames go out on a fresh
         stream. Returns the first frame already read from a pooled stream, or None."""
         frames: list[JobFrame] = [sign_message(self.key, att.award)]
+        pooled = await self.pool.take(att.executor) if self.pool is not None else None
+        if pooled is None:
+            # Nothing written yet: a stream that cannot be opened never carried the award.
+            try:
+                att.fs = await self.open_stream(att.executor, self.request.deadline)
+            except Exception as exc:  # dial/negotiation errors have no common base
+                raise _Undelivered(str(exc) or type(exc).__name__) from exc
         if self.single_input is not None:
             assert self._input_digest is not None
             self.job.handle(rq.InputSent(att.executor, 0, self._input_digest, self.clock()))
             att.inputs[0] = self._input_digest
             att.waiters[0] = _Waiter()
             frames.append(JobInput(att.award.job_id, 0, self.single_input))
-        pooled = await self.pool.take(att.executor) if self.pool is not None else None
         if pooled is not None:
             att.fs = pooled
             try:
@@ -562,7 +580,8 @@ class JobRun:
                 assert self.pool is not None
                 self.pool.stale += 1
                 await pooled.reset()
-        att.fs = await self.open_stream(att.executor, self.request.deadline)
+            att.fs = await self.open_stream(att.executor, self.request.deadline)
+        assert att.fs is not None
         await att.fs.send_many(frames)
         return None
 

@@ -505,3 +505,38 @@ async def test_a_lookup_that_finds_no_server_expects_the_topics_peers_and_waits_
         m.gossip.publish = slow_bids  # type: ignore[method-assign]
         result = await m.auctions.one_job(m.spec(bid_window=0.2), wire(3))
     assert result.outputs["z"].tolist() == [6.0] * 4
+
+
+class _GiveUpOnce(MemoryDialer):
+    """The first job stream opens on the executor's side, but the requester gives up
+    before writing (a negotiation that outlived its budget): ``TooSlowError``."""
+
+    silent: Any = None
+
+    async def open_stream(self, peer_id: str, until: float, protocol: str) -> Any:
+        stream = await super().open_stream(peer_id, until, protocol)
+        if protocol == JOB_PROTOCOL and self.silent is None:
+            self.silent = stream  # nothing written on it; the executor sees a silent stream
+            raise trio.TooSlowError
+        return stream
+
+
+async def test_an_award_whose_stream_open_timed_out_is_sent_again_and_runs_once(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    async with memory_market() as m:
+        dialer = _GiveUpOnce(m.net, REQ, m.gossip)
+        m.auctions.dialer = dialer  # type: ignore[assignment]
+        worker = DoublingWorker()
+        only = await m.executor(2, 100, worker=worker)
+        result = await m.auctions.one_job(m.spec(bid_window=2.0), wire(4))
+        with trio.fail_after(60):  # the executor drops the silent stream (award_wait_s)
+            assert await dialer.silent.read(1) == b""
+    assert m.net.streams_opened == 2
+    # The same executor got the award on the second stream: run once, paid once.
+    assert result.executor == only.peer_id and result.outputs["z"].tolist() == [8.0] * 4
+    assert [why for _e, why in result.attempts] == [
+        "award undelivered: cannot open a job stream: TooSlowError"
+    ]
+    assert worker.ran == 1 and only.stats["awards"] == 1
+    assert [r.receipt_id for r in only.receipts.receipts] == [result.receipt.receipt_id]

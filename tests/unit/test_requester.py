@@ -16,6 +16,7 @@ from protocols.market import MAX_ROUND, Bid, JobRequest, LeaseTerms, TensorMeta
 from protocols.receipt import Receipt, ResultCommitment, batch_digest, commit, content_digest
 from protocols.requester import (
     AwardFailed,
+    AwardUndelivered,
     BidReceived,
     CancelAward,
     Complete,
@@ -170,6 +171,72 @@ def test_award_failure_falls_back_to_next_bidder() -> None:
     job.handle(BidReceived(bid(E3, 300), now=T0 + 0.8))
     actions = job.handle(TimerFired(now=T0 + 1.2))
     assert isinstance(actions[0], SendAward) and actions[0].executor == E3
+
+
+def test_an_undelivered_award_goes_to_the_same_executor_again_once() -> None:
+    job, _ = started()
+    awarded(job, bid(E1, 100), bid(E2, 200))
+    assert job.handle(AwardUndelivered(E2, "?", now=T0 + 3.0)) == []  # not the awarded one
+    actions = job.handle(AwardUndelivered(E1, "TooSlowError", now=T0 + 3.0))
+    # The same award again (no byte of it left), with a fresh result timer from now.
+    assert actions == [SendAward(E1, actions[0].award, actions[0].bid), StartTimer(T0 + 4.2)]  # type: ignore[union-attr]
+    assert job.awarded_to == E1 and job.phase is Phase.AWARDED
+    assert job.attempts == [(E1, "award undelivered: TooSlowError")]
+    # Second open failed too: max_opens (2) spent, the next bidder gets it.
+    actions = job.handle(AwardUndelivered(E1, "TooSlowError", now=T0 + 4.0))
+    assert isinstance(actions[0], SendAward) and actions[0].executor == E2
+    # Paid once, to the one that delivered; E1's late result is never accepted.
+    assert job.handle(ResultReceived(commitment(E1), outputs_ok=True, now=T0 + 4.1)) == []
+    done = job.handle(ResultReceived(commitment(E2, price=200), outputs_ok=True, now=T0 + 4.2))
+    assert isinstance(done[0], Complete) and done[0].commitment.message.executor == E2
+    assert job.handle(AwardUndelivered(E2, "late", now=T0 + 4.3)) == []
+
+
+def test_an_undelivered_award_then_a_result_completes_once() -> None:
+    job, _ = started()
+    first = awarded(job, bid(E1, 100))[0]
+    again = job.handle(AwardUndelivered(E1, "TooSlowError", now=T0 + 2.0))[0]
+    assert isinstance(first, SendAward) and again == first  # the same award, same price
+    job.handle(InputSent(E1, 0, INPUT_DIGEST, now=T0 + 2.1))
+    c = commitment(E1, output_digest=content_digest({"y": b"out"}))
+    job.handle(ResultArrived(E1, 0, content_digest({"y": b"out"}), now=T0 + 2.2))
+    done = job.handle(ResultReceived(c, outputs_ok=True, now=T0 + 2.3))
+    assert done == [Complete(commitment=c, award=first.award)]
+    assert job.handle(ResultReceived(c, outputs_ok=True, now=T0 + 2.4)) == []
+
+
+@pytest.mark.parametrize(
+    ("policy", "sent", "now", "expires"),
+    [
+        (RequesterPolicy(max_opens=1), False, T0 + 2.0, T0 + 5),  # no second open allowed
+        (RequesterPolicy(), True, T0 + 2.0, T0 + 5),  # inputs went out: not undelivered
+        (RequesterPolicy(), False, T0 + 2.0, T0 + 1.9),  # the bid expired meanwhile
+    ],
+)
+def test_an_undelivered_award_counts_as_a_failure_when_it_cannot_be_resent(
+    policy: RequesterPolicy, sent: bool, now: float, expires: float
+) -> None:
+    job = RequesterJob(request(), now=T0, input_digest=INPUT_DIGEST, policy=policy)
+    job.start()
+    awarded(job, bid(E1, 100, expires_at=expires), bid(E2, 200))
+    if sent:
+        job.handle(InputSent(E1, 0, INPUT_DIGEST, now=T0 + 1.0))
+    actions = job.handle(AwardUndelivered(E1, "TooSlowError", now=now))
+    assert isinstance(actions[0], SendAward) and actions[0].executor == E2
+    assert job.attempts == [(E1, "award undelivered: TooSlowError")]
+
+
+def test_an_undelivered_award_at_the_deadline_is_not_sent_again() -> None:
+    job, _ = started()
+    awarded(job, bid(E1, 100, expires_at=T0 + 20))
+    actions = job.handle(AwardUndelivered(E1, "TooSlowError", now=T0 + 10.0))
+    assert isinstance(actions[-1], Fail) and isinstance(actions[-1].error, DeadlineExceeded)
+    assert not any(isinstance(a, SendAward) for a in actions)
+
+
+def test_max_opens_under_one_is_refused() -> None:
+    with pytest.raises(LocalProtocolError):
+        RequesterPolicy(max_opens=0)
 
 
 def test_slow_executor_is_cancelled_and_replaced() -> None:
