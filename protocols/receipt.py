@@ -210,6 +210,12 @@ class Receipt:
             )
 
     def to_bytes(self) -> bytes:
+        return self._wire
+
+    @functools.cached_property
+    def _wire(self) -> bytes:
+        """Encoded once per object (frozen: its bytes cannot change); a receipt is stored,
+        hashed and sent several times on its way."""
         return encode(
             {"v": RECEIPT_VERSION, "c": self.commitment.to_bytes(), "a": self.acceptance.to_bytes()}
         )

@@ -27,6 +27,7 @@ from protocols.signing import (
     PUBLIC_KEY_SIZE,
     SIGNATURE_SIZE,
     Envelope,
+    parsed_from,
     seal,
     signing_bytes,
     verify,
@@ -84,8 +85,13 @@ class Signed(Generic[M]):
         """Check the signature, the signer, and that the envelope carries this message.
 
         ``open_message`` already did this; call it for objects assembled by hand
-        or parsed with ``verify=False``.
+        or parsed with ``verify=False``. The signature is checked over the envelope's
+        bytes, and the message must re-encode to exactly those bytes (one message, one
+        digest: ``message_digest`` and ``digest`` never disagree). Once this passed, a
+        repeat is free: both fields are frozen, so the outcome cannot change.
         """
+        if self.__dict__.get("_verified"):
+            return
         kind = type(self.message).__name__
         if self.envelope.domain != self.message.DOMAIN:
             raise SignatureError(
@@ -101,6 +107,7 @@ class Signed(Generic[M]):
             )
         if encode(self.message.to_body()) != self.envelope.body:
             raise ValidationError(f"{kind} does not match the bytes its envelope signs")
+        self.__dict__["_verified"] = True
 
 
 def sign_message(key: nacl.signing.SigningKey, message: M) -> Signed[M]:
@@ -138,7 +145,8 @@ def parse_envelope(data: bytes, *, domain: str, max_size: int) -> Envelope:
             f"{domain} envelope key must be {PUBLIC_KEY_SIZE} bytes and signature "
             f"{SIGNATURE_SIZE}, got {len(signer)} and {len(sig)}"
         )
-    return Envelope(domain=domain, signer=signer, body=body, signature=sig)
+    # ``data`` decoded strictly (canonical) to exactly these typed fields: it is their encoding.
+    return parsed_from(Envelope(domain=domain, signer=signer, body=body, signature=sig), data)
 
 
 def open_message(
