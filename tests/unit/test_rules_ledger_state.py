@@ -138,6 +138,18 @@ def rows(*rs: AccountSummary) -> list[AccountSummary]:
     return sorted(rs, key=lambda r: r.account)
 
 
+class RecordingBlobs(MemoryBlobs):
+    """MemoryBlobs that lists the ids it was asked to store."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.puts: list[bytes] = []
+
+    def put(self, fact_id: bytes, kind: FactKind, data: bytes) -> None:
+        self.puts.append(fact_id)
+        super().put(fact_id, kind, data)
+
+
 def ledger(pol: object = POL) -> LedgerState:
     return LedgerState(RULE, pol)  # type: ignore[arg-type]
 
@@ -238,14 +250,9 @@ def test_an_adopted_checkpoint_is_the_base_of_every_view() -> None:
 
 
 def test_adoption_re_indexes_held_facts_without_storing_them_again() -> None:
-    puts: list[bytes] = []
-
-    class Recording(MemoryBlobs):
-        def put(self, fact_id: bytes, kind: FactKind, data: bytes) -> None:
-            puts.append(fact_id)
-            super().put(fact_id, kind, data)
-
-    led = LedgerState(RULE, POL, blobs=Recording())
+    blobs = RecordingBlobs()
+    puts = blobs.puts
+    led = LedgerState(RULE, POL, blobs=blobs)
     pay(led, P, B, 10, 1, NOW_MS)
     pay(led, P, B, 10, 2, CUT + 10)
     cp, _ = checkpoint_at(led, CUT)
@@ -692,15 +699,10 @@ def test_a_journal_records_each_new_fact_and_nothing_a_copy_re_indexes() -> None
 
 
 def test_replayed_facts_are_neither_verified_nor_stored_again() -> None:
-    puts: list[bytes] = []
-
-    class Recording(MemoryBlobs):
-        def put(self, fact_id: bytes, kind: FactKind, data: bytes) -> None:
-            puts.append(fact_id)
-            super().put(fact_id, kind, data)
-
     forged = forged_receipt()  # its signatures were "checked" by the owner before
-    led = LedgerState(RULE, POL, blobs=Recording())
+    blobs = RecordingBlobs()
+    puts = blobs.puts
+    led = LedgerState(RULE, POL, blobs=blobs)
     led.replay_verified([(FactKind.RECEIPT, forged.to_bytes())])
     assert led.has(forged.receipt_id) and puts == []
     # Back to untrusted afterwards, also when a replayed item fails.
