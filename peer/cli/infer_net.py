@@ -69,7 +69,11 @@ def job_route(peer: Any, routes: Any, result: Any) -> dict[str, Any] | None:
         return None
     punch = peer.reach.punch
     tried = punch.results.get(result.executor) if punch is not None else None
-    route = route_of(routes.last(result.executor, JOB), tried.addr if tried else None)
+    route = route_of(
+        routes.last(result.executor, JOB),
+        tried.addr if tried else None,
+        relayed_first=punch is not None and result.executor in punch.relayed_first,
+    )
     if route["kind"] == RELAYED:
         if punch is None:
             why = "this client cannot punch holes (it listens on no TCP address)"

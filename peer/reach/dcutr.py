@@ -109,13 +109,22 @@ class HolePunch(DCUtRProtocol):
         self._punching: set[ID] = set()
         self._inbound: set[ID] = set()
         self.results: dict[str, PunchResult] = {}
+        # Peers first reached through a relay (``request``): a direct connection to one of
+        # them later can only be a punched one, ours or theirs (DCUtR lets either side start).
+        self.relayed_first: dict[str, None] = {}
         self._dials: trio.Nursery | None = None  # where punch dials run (see the docstring)
         self.changed = trio.Event()  # set (and replaced) after each punch we initiated
 
     def request(self, peer_id: ID) -> None:
         """Punch a hole to ``peer_id`` soon (we just dialed it through a relay)."""
+        self._mark_relayed_first(peer_id)
         with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
             self._send.send_nowait(peer_id)
+
+    def _mark_relayed_first(self, peer_id: ID) -> None:
+        self.relayed_first[str(peer_id)] = None
+        while len(self.relayed_first) > MAX_RESULTS:
+            self.relayed_first.pop(next(iter(self.relayed_first)))
 
     async def _auto_drive_loop(self) -> None:
         # Replaces py-libp2p's 2-second poll of every relayed peer: punch on request.
@@ -216,6 +225,7 @@ class HolePunch(DCUtRProtocol):
                 await stream.reset()
             return
         self._inbound.add(peer_id)
+        self._mark_relayed_first(peer_id)  # it asks over the relayed connection we share
         t0 = trio.current_time()
         try:
             await super()._handle_dcutr_stream(stream)

@@ -58,13 +58,18 @@ def relay_of(addr: str) -> str | None:
     return head.rsplit("/p2p/", 1)[1] if "/p2p/" in head else None
 
 
-def route_of(addr: str | None, punched_addr: str | None = None) -> dict[str, Any]:
+def route_of(
+    addr: str | None, punched_addr: str | None = None, *, relayed_first: bool = False
+) -> dict[str, Any]:
     """``{"kind", "connection", "relay"}`` for a stream on ``addr``: kind ``relayed``
     (through ``relay``), ``hole-punched`` (on the direct connection a punch opened, whose
-    address is ``punched_addr``), ``direct``, or None when no stream was seen."""
+    address is ``punched_addr``, or any direct connection to a peer this host could first
+    reach only through a relay: ``relayed_first``; the punch that opened it may still be
+    finishing, or the other side started it), ``direct``, or None when no stream was seen."""
     if not addr:
         return {"kind": None, "connection": None, "relay": None}
     if "/p2p-circuit" in addr:
         return {"kind": RELAYED, "connection": addr, "relay": relay_of(addr)}
-    kind = PUNCHED if punched_addr is not None and addr == punched_addr else DIRECT
+    punched = relayed_first or (punched_addr is not None and addr == punched_addr)
+    kind = PUNCHED if punched else DIRECT
     return {"kind": kind, "connection": addr, "relay": None}

@@ -115,6 +115,10 @@ def test_route_of_a_stream() -> None:
     assert route_of(DIRECT)["kind"] == "direct"
     assert route_of(DIRECT, DIRECT)["kind"] == "hole-punched"
     assert route_of(DIRECT, "/ip4/10.77.0.101/tcp/4002")["kind"] == "direct"
+    # A peer first reached only through a relay: a direct connection to it is a punched one,
+    # even before our punch recorded its address (or when the other side punched).
+    assert route_of(DIRECT, None, relayed_first=True)["kind"] == "hole-punched"
+    assert route_of(CIRCUIT, None, relayed_first=True)["kind"] == "relayed"
 
 
 def test_the_cli_listens_wide_only_to_punch_beyond_loopback() -> None:
