@@ -89,13 +89,30 @@ def peer_info_from_addr(text: str) -> PeerInfo:
         raise AddressError(f"{text!r} does not name a peer: {exc}") from None
 
 
-def connection_config(*, one_connection_per_peer: bool = True) -> ConnectionConfig:
-    """Connection limits for an edge peer.
+# A bootstrap node is every new peer's first contact (DHT, gossip, relay): py-libp2p refuses
+# inbound connections past ``max_connections - min_connections`` (it closes them before
+# multistream), so with an edge peer's 128 a 200-peer swarm lost ~80 peers at the door.
+BOOTSTRAP_MAX_CONNECTIONS = 4096
+
+
+def connection_config(
+    *, one_connection_per_peer: bool = True, bootstrap: bool = False
+) -> ConnectionConfig:
+    """Connection limits for an edge peer, or a bootstrap node (``bootstrap``).
 
     py-libp2p's defaults (from a server-class go-libp2p) make every node dial
     known peers until it holds 50-150 connections; an edge box needs a handful
     for the DHT and the gossip mesh (degree 6), and jobs dial executors anyway.
+    A bootstrap node dials no one but must accept every peer that joins.
     """
+    if bootstrap:
+        return ConnectionConfig(
+            max_connections_per_peer=1 if one_connection_per_peer else 3,
+            min_connections=8,
+            low_watermark=16,
+            high_watermark=BOOTSTRAP_MAX_CONNECTIONS - 256,
+            max_connections=BOOTSTRAP_MAX_CONNECTIONS,
+        )
     return ConnectionConfig(
         max_connections_per_peer=1 if one_connection_per_peer else 3,
         min_connections=8,
@@ -111,12 +128,16 @@ def build_host(
     one_connection_per_peer: bool = True,
     mdns: bool = False,
     announce: Sequence[str] = (),
+    bootstrap: bool = False,
 ) -> IHost:
-    """A host that dials and advertises through ``peer.reach`` (``announce``: ``--announce``)."""
+    """A host that dials and advertises through ``peer.reach`` (``announce``: ``--announce``;
+    ``bootstrap``: a bootstrap node's connection limits)."""
     advertiser = Advertiser(announce)
     host = new_host(
         key_pair=libp2p_key_pair(key),
-        connection_config=connection_config(one_connection_per_peer=one_connection_per_peer),
+        connection_config=connection_config(
+            one_connection_per_peer=one_connection_per_peer, bootstrap=bootstrap
+        ),
         enable_mDNS=mdns,
         addrs_factory=advertiser.factory,
         # py-libp2p's events for /metrics: ``running_host`` drains the channel (unread, it

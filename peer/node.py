@@ -442,6 +442,7 @@ async def open_peer(
             one_connection_per_peer=one_connection_per_peer,
             mdns=config.mdns,
             announce=config.announce,
+            bootstrap=role == "bootstrap",
         )
         install_libp2p_filter()
         body_error: BaseException | None = None
