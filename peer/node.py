@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import nacl.signing
 import trio
-from libp2p.abc import IHost, INetConn, INetStream, INotifee
+from libp2p.abc import IHost, INetConn
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import (
@@ -45,7 +45,6 @@ from libp2p.pubsub.gossipsub import (
 )
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
-from multiaddr import Multiaddr
 
 from peer.caps import PubsubIntake, StreamCaps, caps_for, intake_for
 from peer.config import Config, ConfigError
@@ -72,6 +71,7 @@ from peer.logging_setup import (
     without_teardown_races,
 )
 from peer.reach import reach_of
+from peer.reach.notifee import QuietNotifee
 from protocols.ad import AD_MAX_TTL, AD_NAMESPACE, MAX_ADDRS, CapabilityAd, Device
 
 if TYPE_CHECKING:
@@ -132,32 +132,17 @@ def _devices_of(hardware: Any) -> tuple[Device, ...]:
     return tuple(out[:16])
 
 
-class _LinkWatcher(INotifee):
+class _LinkWatcher(QuietNotifee):
     """Sets an event when the connection to a watched peer goes away."""
 
     def __init__(self) -> None:
         self.lost: dict[ID, trio.Event] = {}
-
-    async def opened_stream(self, network: Any, stream: INetStream) -> None:
-        pass
-
-    async def closed_stream(self, network: Any, stream: INetStream) -> None:
-        pass
-
-    async def connected(self, network: Any, conn: INetConn) -> None:
-        pass
 
     async def disconnected(self, network: Any, conn: INetConn) -> None:
         peer = conn.muxed_conn.peer_id
         event = self.lost.get(peer)
         if event is not None and peer not in network.connections:
             event.set()
-
-    async def listen(self, network: Any, multiaddr: Multiaddr) -> None:
-        pass
-
-    async def listen_close(self, network: Any, multiaddr: Multiaddr) -> None:
-        pass
 
 
 class BootstrapLink:
